@@ -1,15 +1,30 @@
-"""pyro_stein: amortized Stein variational inference for Pyro."""
+"""pyro_stein: amortized Stein variational inference for Pyro.
 
+Wang & Liu (2016), "Learning to Draw Samples": a neural sampler trained with the Stein
+variational gradient, as a Pyro guide (:class:`AmortizedSteinGuide`) with an Infer-style driver
+(:class:`AmortizedSVGD`), amortized across datasets, and SteinGAN (:mod:`pyro_stein.ebm`).
+"""
+
+from .data import Dataset, PriorPredictiveStream
+from .guide import AmortizedSteinGuide
+from .infer import AmortizedSVGD, refine
 from .kernels import IMQKernel, RadialKernel, RBFKernel
+from .logjoint import NonFiniteLogJointError
 from .stein import ksd, stein_direction
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AmortizedSVGD",
+    "AmortizedSteinGuide",
+    "Dataset",
     "IMQKernel",
+    "NonFiniteLogJointError",
+    "PriorPredictiveStream",
     "RBFKernel",
     "RadialKernel",
     "__version__",
     "ksd",
+    "refine",
     "stein_direction",
 ]

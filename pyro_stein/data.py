@@ -1,0 +1,217 @@
+"""Datasets for amortized guides: containers, per-observation features, collation with masks."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+
+import pyro.poutine as poutine
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Dataset",
+    "DatasetFeatures",
+    "PriorPredictiveStream",
+    "as_dataset",
+    "collate_features",
+    "default_dataset_fn",
+]
+
+
+class Dataset:
+    """The arguments of one call of the model: ``Dataset(*args, **kwargs)``.
+
+    Example: ``Dataset(X, y=y)`` for ``model(X, y=None)``.
+    """
+
+    __slots__ = ("args", "kwargs")
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs)
+
+    def __repr__(self) -> str:
+        def fmt(v):
+            return f"Tensor{tuple(v.shape)}" if isinstance(v, Tensor) else repr(v)
+
+        parts = [fmt(a) for a in self.args] + [f"{k}={fmt(v)}" for k, v in self.kwargs.items()]
+        return f"Dataset({', '.join(parts)})"
+
+    def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> "Dataset":
+        """A copy with ``fn`` applied to every tensor argument (e.g. ``lambda t: t.to('cuda')``)."""
+        conv = lambda v: fn(v) if isinstance(v, Tensor) else v  # noqa: E731
+        return Dataset(*[conv(a) for a in self.args], **{k: conv(v) for k, v in self.kwargs.items()})
+
+
+def as_dataset(obj: Any) -> Dataset:
+    """Coerce a :class:`Dataset`, a tuple of positional arguments, or a dict of keyword arguments."""
+    if isinstance(obj, Dataset):
+        return obj
+    if isinstance(obj, dict):
+        return Dataset(**obj)
+    if isinstance(obj, (tuple, list)):
+        return Dataset(*obj)
+    raise TypeError(
+        f"a dataset must be a pyro_stein.Dataset(*args, **kwargs), a tuple of the model's positional arguments "
+        f"or a dict of its keyword arguments; got {type(obj).__name__}"
+    )
+
+
+class DatasetFeatures(NamedTuple):
+    """Padded per-observation features ``(B, N_max, F)`` and a boolean mask ``(B, N_max)``."""
+
+    features: Tensor
+    mask: Tensor
+
+
+def collate_features(items: Sequence[Tensor]) -> DatasetFeatures:
+    """Pad per-dataset feature matrices ``(N_b, F)`` to a batch with a mask (no NaN padding)."""
+    if len(items) == 0:
+        raise ValueError("no datasets to collate")
+    mats = []
+    for i, f in enumerate(items):
+        if not isinstance(f, Tensor):
+            raise TypeError(f"dataset features must be a Tensor[num_observations, num_features], got {type(f).__name__} (dataset {i})")
+        if f.dim() == 1:
+            f = f.unsqueeze(-1)
+        if f.dim() != 2:
+            raise ValueError(f"dataset features must have shape (num_observations, num_features), got {tuple(f.shape)} (dataset {i})")
+        if f.shape[0] == 0:
+            raise ValueError(f"dataset {i} is empty (0 observations); every dataset needs at least one observation")
+        if f.shape[1] != mats[0].shape[1] if mats else False:
+            raise ValueError(
+                f"dataset {i} has {f.shape[1]} features per observation but dataset 0 has {mats[0].shape[1]}; "
+                "all datasets must have the same feature width"
+            )
+        if not torch.isfinite(f).all():
+            raise ValueError(f"dataset {i} has non-finite features (NaN/inf); use fewer observations instead of NaN padding")
+        mats.append(f)
+    n_max = max(f.shape[0] for f in mats)
+    ref = mats[0]
+    dtype = ref.dtype if ref.is_floating_point() else torch.get_default_dtype()
+    feats = torch.zeros(len(mats), n_max, ref.shape[1], dtype=dtype, device=ref.device)
+    mask = torch.zeros(len(mats), n_max, dtype=torch.bool, device=ref.device)
+    for b, f in enumerate(mats):
+        feats[b, : f.shape[0]] = f.to(dtype)
+        mask[b, : f.shape[0]] = True
+    return DatasetFeatures(feats, mask)
+
+
+def _observed_sites(trace) -> list[dict]:
+    out = []
+    for site in trace.nodes.values():
+        if site["type"] != "sample" or not site["is_observed"] or site["infer"].get("_deterministic"):
+            continue
+        if type(site["fn"]).__name__ == "Unit":  # pyro.factor
+            continue
+        out.append(site)
+    return out
+
+
+def default_dataset_fn(model: Callable, latent_values: dict, args: tuple, kwargs: dict) -> Tensor:
+    """Per-observation features read from the model: the default ``dataset_fn``.
+
+    The model is run once with its latent sites fixed at ``latent_values``. Every observed site
+    (not ``pyro.deterministic``, not ``pyro.factor``) contributes its value, one row per element
+    of its outermost plate (a site outside any plate is one observation). Floating-point tensor
+    arguments with one row per observation (first dim equal to the number of observations, which
+    must exceed 1) are appended as covariates, so ``model(X, y)`` gives rows ``[x_i, y_i]``.
+
+    :raises ValueError: when observed sites disagree on the number of observations or there
+        is no observed site; pass ``dataset_fn`` to the guide instead.
+    """
+    tr = poutine.block(poutine.trace(poutine.condition(model, latent_values)).get_trace)(*args, **kwargs)
+    sites = _observed_sites(tr)
+    if not sites:
+        raise ValueError(
+            "the model has no observed sites in these arguments, so the default dataset_fn has no data to encode; "
+            "pass the observations to the model, or give the guide a dataset_fn(*args, **kwargs) -> Tensor[N, F]"
+        )
+    cols, n_obs, observed = [], None, []
+    for site in sites:
+        value = site["value"]
+        observed.append(value)
+        frames = [f for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
+        if frames and value.dim() >= -min(f.dim for f in frames):
+            outer = min(frames, key=lambda f: f.dim)
+            d = value.dim() + outer.dim
+            v = value.movedim(d, 0)
+            v = v.reshape(v.shape[0], -1)
+        else:
+            v = value.reshape(1, -1)
+        if n_obs is not None and v.shape[0] != n_obs:
+            raise ValueError(
+                f"observed site {site['name']!r} has {v.shape[0]} observations but another observed site has {n_obs}; "
+                "the default dataset_fn cannot line them up: give the guide a dataset_fn(*args, **kwargs) -> Tensor[N, F]"
+            )
+        n_obs = v.shape[0]
+        cols.append(v)
+    if n_obs > 1:
+        for a in list(args) + list(kwargs.values()):
+            if isinstance(a, Tensor) and a.is_floating_point() and a.dim() >= 1 and a.shape[0] == n_obs:
+                if any(a is o for o in observed):
+                    continue
+                cols.append(a.reshape(n_obs, -1))
+    dtype = next((c.dtype for c in cols if c.is_floating_point()), torch.get_default_dtype())
+    return torch.cat([c.to(dtype) for c in cols], -1)
+
+
+class PriorPredictiveStream:
+    """An endless stream of datasets simulated from the model's prior predictive.
+
+    Each dataset is made by ``make_args()`` (returning the model's arguments with the
+    observations left out: a :class:`Dataset`, tuple or dict; it may randomise sizes and
+    covariates), running the model forward and putting the simulated observed values back in
+    as keyword arguments named by ``obs_kwargs`` (``{site_name: keyword}``).
+
+    Example::
+
+        def make_args():
+            n = int(torch.randint(20, 501, ()))
+            return Dataset(torch.randn(n, 5))
+        stream = PriorPredictiveStream(model, make_args, obs_kwargs={"obs": "y"})
+
+    :param callable model: the Pyro model.
+    :param callable make_args: ``() -> Dataset`` of the unobserved arguments.
+    :param dict obs_kwargs: maps observed site names to the model keyword that holds them.
+    """
+
+    def __init__(self, model: Callable, make_args: Callable[[], Any], obs_kwargs: dict[str, str]):
+        if not callable(make_args):
+            raise TypeError("make_args must be a callable returning the model's arguments for one dataset")
+        if not obs_kwargs:
+            raise ValueError("obs_kwargs must map at least one observed site name to a model keyword")
+        self.model = model
+        self.make_args = make_args
+        self.obs_kwargs = dict(obs_kwargs)
+
+    def sample(self) -> Dataset:
+        """One simulated dataset."""
+        d = as_dataset(self.make_args())
+        tr = poutine.trace(self.model).get_trace(*d.args, **d.kwargs)
+        kwargs = dict(d.kwargs)
+        for site, kw in self.obs_kwargs.items():
+            if site not in tr.nodes:
+                raise ValueError(f"obs_kwargs names site {site!r}, which the model does not have")
+            kwargs[kw] = tr.nodes[site]["value"].detach()
+        return Dataset(*d.args, **kwargs)
+
+    def batches(self, batch_size: int) -> Iterator[list[Dataset]]:
+        """Endless batches of ``batch_size`` datasets."""
+        while True:
+            yield [self.sample() for _ in range(batch_size)]
+
+    def __iter__(self) -> Iterator[Dataset]:
+        while True:
+            yield self.sample()
+
+
+def iterate_batches(datasets: Iterable, batch_size: int) -> Iterator[list[Dataset]]:
+    """Cycle endlessly over a finite collection in shuffled batches of ``batch_size``."""
+    items = [as_dataset(d) for d in datasets]
+    if not items:
+        raise ValueError("the dataset collection is empty")
+    while True:
+        perm = torch.randperm(len(items)).tolist()
+        for i in range(0, len(items), batch_size):
+            yield [items[j] for j in perm[i : i + batch_size]]

@@ -1,0 +1,413 @@
+"""The amortized Stein guide: a Pyro autoguide whose draws come from a neural sampler."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Callable, Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions.util import sum_rightmost
+from pyro.infer.autoguide import AutoContinuous
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor, nn
+from torch.distributions import biject_to, constraints
+
+from .data import DatasetFeatures, collate_features, default_dataset_fn
+from .logjoint import LatentSite, ModelLogDensity
+from .nn import DeepSetEncoder, GaussianResidualSampler
+
+__all__ = ["AmortizedSteinGuide", "SamplerDistribution", "init_to_mean_or_feasible"]
+
+
+def _first_tensor(obj) -> Tensor | None:
+    if isinstance(obj, Tensor) and obj.is_floating_point():
+        return obj
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for o in obj:
+            t = _first_tensor(o)
+            if t is not None:
+                return t
+    return None
+
+
+class init_to_mean_or_feasible:
+    """Initialise a site at its prior mean where that is finite and in the support, else at the
+    image of zero under ``biject_to(support)``. Never calls ``.sample()``, so sites with an
+    :class:`~pyro.distributions.ImproperUniform` prior initialise.
+
+    The feasible point takes its dtype and device from the distribution's parameters, or else
+    from :attr:`like` (the guide sets it to a tensor from the model's arguments).
+    """
+
+    def __init__(self):
+        self.like: Tensor | None = None
+
+    def __call__(self, site: dict) -> Tensor:
+        fn = site["fn"]
+        try:
+            value = fn.mean.detach()
+            if value.shape == fn.shape() and torch.isfinite(value).all() and fn.support.check(value).all():
+                return value
+        except (NotImplementedError, AttributeError, RuntimeError, ValueError):
+            pass
+        like = _first_tensor([getattr(fn, k, None) for k in getattr(fn, "arg_constraints", {})]) or self.like
+        kw = {"dtype": torch.get_default_dtype()} if like is None else {"dtype": like.dtype, "device": like.device}
+        transform = biject_to(fn.support)
+        return transform(torch.zeros(transform.inverse_shape(fn.shape()), **kw)).detach()
+
+
+class SamplerDistribution(dist.TorchDistribution):
+    """An implicit distribution: draws ``sampler(noise, context)``; it has no tractable density.
+
+    Used for the guide's auxiliary latent site so that the guide works under plates added by
+    :class:`~pyro.infer.Predictive` (``parallel=True``): each batch element gets its own draw.
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(self, sampler: nn.Module, context: Tensor | None, like: Tensor, batch_shape=torch.Size()):
+        self.sampler = sampler
+        self.context = context
+        self.like = like
+        super().__init__(torch.Size(batch_shape), torch.Size([sampler.latent_dim]), validate_args=False)
+
+    def expand(self, batch_shape, _instance=None):
+        return SamplerDistribution(self.sampler, self.context, self.like, batch_shape)
+
+    def rsample(self, sample_shape=torch.Size()) -> Tensor:
+        shape = torch.Size(sample_shape) + self.batch_shape
+        noise = torch.randn(shape + (self.sampler.noise_dim,), dtype=self.like.dtype, device=self.like.device)
+        return self.sampler(noise, self.context)
+
+    def log_prob(self, value):
+        raise NotImplementedError(
+            "AmortizedSteinGuide's sampler has no tractable density, so it cannot be trained with SVI/ELBO "
+            "losses; train it with pyro_stein.AmortizedSVGD"
+        )
+
+
+class AmortizedSteinGuide(AutoContinuous):
+    """A Pyro guide whose posterior draws come from a neural sampler ``z = f(noise [, dataset encoding])``.
+
+    All continuous latent sites are packed into one unconstrained vector per draw (one row per
+    particle); each site is mapped to its support with ``biject_to(support)``. The guide is
+    trained with :class:`~pyro_stein.AmortizedSVGD` (amortized Stein variational gradient
+    descent, Wang & Liu 2016), which needs only the model's unnormalized log joint, so the
+    posterior need not be Gaussian. It can replace :class:`~pyro.infer.autoguide.AutoNormal`
+    in existing code: it works with :class:`~pyro.infer.Predictive` (``parallel`` or not),
+    ``poutine.trace`` and ``poutine.replay``.
+
+    **Amortized mode** (``amortized=True``): the sampler is conditioned on a permutation-invariant
+    encoding of the dataset in the model's arguments, so one trained guide gives a posterior for
+    a new dataset in one forward pass. What "the dataset" is comes from ``dataset_fn(*args,
+    **kwargs) -> Tensor[num_observations, num_features]``; the default reads the model's observed
+    sites and any tensor argument with one row per observation (see
+    :func:`pyro_stein.data.default_dataset_fn`).
+
+    Example::
+
+        guide = AmortizedSteinGuide(model)
+        svgd = AmortizedSVGD(model, guide, pyro.optim.Adam({"lr": 3e-3}), num_particles=64)
+        svgd.run(2000, X, y)
+        samples = guide.sample_posterior(1000, X, y)
+
+    :param callable model: a Pyro model with continuous latent sites.
+    :param nn.Module sampler: a custom sampler mapping noise ``(..., noise_dim)`` (and a context
+        ``(..., context_dim)`` in amortized mode) to ``(..., latent_dim)``; it must expose
+        ``noise_dim`` and ``latent_dim``. Default: :class:`~pyro_stein.nn.GaussianResidualSampler`.
+    :param callable init_loc_fn: per-site initialisation (default: prior mean if finite, else a
+        feasible point; never samples).
+    :param float init_scale: initial spread of the default sampler in unconstrained space.
+    :param bool amortized: condition the sampler on a dataset encoding.
+    :param callable dataset_fn: ``(*args, **kwargs) -> Tensor[N, F]`` per-observation features.
+    :param nn.Module encoder: a custom set encoder ``(features (B, N, F), mask (B, N)) -> (B, C)``
+        exposing ``output_dim``. Default: :class:`~pyro_stein.nn.DeepSetEncoder`.
+    :param int context_dim: dataset encoding width for the default encoder.
+    :param str vectorize: how the model's log joint is evaluated over particles, see
+        :class:`~pyro_stein.logjoint.ModelLogDensity`.
+    :param int num_summary_samples: draws used by :meth:`median` and :meth:`quantiles`.
+
+    References:
+
+    [1] D. Wang, Q. Liu, "Learning to Draw Samples: With Application to Amortized MLE for
+        Generative Adversarial Learning", arXiv:1611.01722, 2016.
+    [2] Q. Liu, D. Wang, "Stein Variational Gradient Descent", NeurIPS 2016.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        *,
+        sampler: nn.Module | None = None,
+        init_loc_fn: Callable | None = None,
+        init_scale: float = 0.1,
+        amortized: bool = False,
+        dataset_fn: Callable | None = None,
+        encoder: nn.Module | None = None,
+        context_dim: int = 32,
+        vectorize: str = "auto",
+        num_summary_samples: int = 1000,
+        create_plates: Callable | None = None,
+    ):
+        if sampler is not None and not isinstance(sampler, nn.Module):
+            raise TypeError(f"sampler must be a torch.nn.Module, got {type(sampler).__name__}")
+        if encoder is not None and not amortized:
+            raise ValueError("an encoder was given but amortized=False; pass amortized=True to use it")
+        if dataset_fn is not None and not callable(dataset_fn):
+            raise TypeError("dataset_fn must be a callable (*args, **kwargs) -> Tensor[num_observations, num_features]")
+        if not init_scale > 0:
+            raise ValueError(f"init_scale must be positive, got {init_scale!r}")
+        self._init_fn = init_to_mean_or_feasible() if init_loc_fn is None else init_loc_fn
+        super().__init__(model, init_loc_fn=self._init_fn)
+        self._raw_model = (model,)
+        if create_plates is not None:
+            self.create_plates = create_plates
+        self.init_scale = float(init_scale)
+        self.amortized = bool(amortized)
+        self.dataset_fn = dataset_fn
+        self.context_dim = int(context_dim)
+        self.vectorize = vectorize
+        self.num_summary_samples = int(num_summary_samples)
+        self._user_sampler = sampler
+        self._user_encoder = encoder
+        self.sampler: nn.Module | None = None
+        self.encoder: nn.Module | None = None
+        self.sites: list[LatentSite] = []
+        self.subsample_plates: dict[str, tuple[int, int]] = {}
+        self.deterministic_names: list[str] = []
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, *args, **kwargs) -> "AmortizedSteinGuide":
+        """Trace the model once with example arguments and build the networks.
+
+        Calling the guide, :meth:`sample_posterior` or a training step does this automatically;
+        call it yourself to create the parameters eagerly, e.g. before :meth:`load_state_dict`::
+
+            guide = AmortizedSteinGuide(model).setup(*example_args)
+            guide.load_state_dict(state)
+        """
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        return self
+
+    def _setup_prototype(self, *args, **kwargs):
+        if isinstance(self._init_fn, init_to_mean_or_feasible):
+            self._init_fn.like = _first_tensor([args, kwargs])
+        # AutoGuide: trace the model (with init values) and collect plate frames.
+        super(AutoContinuous, self)._setup_prototype(*args, **kwargs)
+        trace = self.prototype_trace
+        self._check_sites(trace)
+        self._unconstrained_shapes = {}
+        self._cond_indep_stacks = {}
+        offset = 0
+        parts = []
+        self.sites = []
+        for name, site in trace.iter_stochastic_nodes():
+            transform = biject_to(site["fn"].support)
+            uval = transform.inv(site["value"].detach())
+            self._unconstrained_shapes[name] = uval.shape
+            self._cond_indep_stacks[name] = site["cond_indep_stack"]
+            s = LatentSite(name, site["value"].shape, uval.shape, transform, offset, site["fn"].event_dim, site["cond_indep_stack"])
+            self.sites.append(s)
+            offset += s.size
+            parts.append(uval.reshape(-1))
+        self.latent_dim = offset
+        if self.latent_dim == 0:
+            raise ValueError("the model has no latent sample sites; there is nothing to infer")
+        self.subsample_plates = {
+            name: (site["fn"].size, site["fn"].subsample_size)
+            for name, site in trace.nodes.items()
+            if site_is_subsample(site) and site["fn"].subsample_size is not None and site["fn"].subsample_size < site["fn"].size
+        }
+        self.deterministic_names = [n for n, s in trace.nodes.items() if s["type"] == "sample" and s["infer"].get("_deterministic")]
+        self.log_density = ModelLogDensity(self._raw_model[0], self.sites, self.vectorize)
+        init_loc = torch.cat(parts)
+        if not torch.isfinite(init_loc).all():
+            bad = [s.name for s in self.sites if not torch.isfinite(init_loc[s.offset : s.offset + s.size]).all()]
+            raise ValueError(f"the initial value of site(s) {bad} is not finite in unconstrained space; pass a different init_loc_fn")
+        self._build_networks(init_loc, args, kwargs)
+
+    def _check_sites(self, trace) -> None:
+        for name, site in trace.iter_stochastic_nodes():
+            fn = site["fn"]
+            if fn.support.is_discrete:
+                raise ValueError(
+                    f"latent site {name!r} is discrete ({type(fn).__name__}); AmortizedSteinGuide handles continuous "
+                    "latents only. Marginalise it out in the model (e.g. with @pyro.infer.config_enumerate and "
+                    "pyro.infer.TraceEnum_ELBO-style enumeration, or by summing it out by hand), or make it observed."
+                )
+            for frame in site["cond_indep_stack"]:
+                if frame.vectorized and frame.full_size is not None and frame.size < frame.full_size:
+                    raise ValueError(
+                        f"latent site {name!r} sits in the subsampled plate {frame.name!r} (size {frame.size} of "
+                        f"{frame.full_size}); AmortizedSteinGuide supports subsampling of observations only. "
+                        "Move local latents out of subsampled plates or do not subsample that plate."
+                    )
+            try:
+                biject_to(fn.support)
+            except NotImplementedError as e:
+                raise ValueError(f"latent site {name!r} has support {fn.support} with no bijection to real space: {e}") from e
+
+    def _build_networks(self, init_loc: Tensor, args, kwargs) -> None:
+        context_dim = 0
+        if self.amortized:
+            feats = self.dataset_features(*args, **kwargs)
+            encoder = self._user_encoder
+            if encoder is None:
+                encoder = DeepSetEncoder(feats.features.shape[-1], output_dim=self.context_dim)
+                encoder.to(dtype=init_loc.dtype, device=init_loc.device)
+                encoder.set_standardization(feats.features, feats.mask)
+            self.encoder = encoder
+            self.feature_dim = feats.features.shape[-1]
+            context_dim = int(getattr(encoder, "output_dim", self.context_dim))
+        sampler = self._user_sampler
+        if sampler is None:
+            sampler = GaussianResidualSampler(self.latent_dim, context_dim=context_dim, init_loc=init_loc, init_scale=self.init_scale)
+        else:
+            for attr in ("noise_dim", "latent_dim"):
+                if not isinstance(getattr(sampler, attr, None), int):
+                    raise TypeError(f"a custom sampler must expose an int attribute {attr!r}")
+            if sampler.latent_dim != self.latent_dim:
+                raise ValueError(
+                    f"the sampler outputs {sampler.latent_dim} dims but the model's latent sites pack into "
+                    f"{self.latent_dim} unconstrained dims ({[(s.name, tuple(s.unconstrained_shape)) for s in self.sites]})"
+                )
+        self.sampler = sampler
+
+    # ------------------------------------------------------------------ datasets
+    def dataset_features(self, *args, **kwargs) -> DatasetFeatures:
+        """Per-observation features of the dataset in ``(*args, **kwargs)``, shape ``(1, N, F)`` with a mask."""
+        fn = self.dataset_fn or (lambda *a, **k: default_dataset_fn(self._raw_model[0], self._init_values(), a, k))
+        feats = fn(*args, **kwargs)
+        out = collate_features([feats])
+        if getattr(self, "feature_dim", None) is not None and out.features.shape[-1] != self.feature_dim:
+            raise ValueError(
+                f"the dataset's per-observation features have width {out.features.shape[-1]}, but the guide was set up "
+                f"with width {self.feature_dim}; pass a dataset of the same form as the training datasets"
+            )
+        return out
+
+    def _init_values(self) -> dict:
+        if self.prototype_trace is None:
+            return {}
+        return {n: s["value"].detach() for n, s in self.prototype_trace.iter_stochastic_nodes()}
+
+    def encode(self, features: DatasetFeatures) -> Tensor:
+        """Dataset encodings ``(B, context_dim)`` of collated datasets."""
+        return self.encoder(features.features, features.mask)
+
+    def context(self, *args, **kwargs) -> Tensor | None:
+        """The sampler's context for one dataset (``None`` for a non-amortized guide)."""
+        if not self.amortized:
+            return None
+        return self.encode(self.dataset_features(*args, **kwargs))[0]
+
+    # ------------------------------------------------------------------ sampling
+    def _like(self) -> Tensor:
+        return next(self.sampler.parameters())
+
+    def draw(self, num_samples: int, context: Tensor | None = None) -> Tensor:
+        """Unconstrained draws ``(num_samples, D)``, or ``(B, num_samples, D)`` for a batch of contexts ``(B, C)``.
+
+        Differentiable with respect to the sampler's (and encoder's) parameters.
+        """
+        like = self._like()
+        if context is not None and context.dim() == 2:
+            noise = torch.randn(context.shape[0], num_samples, self.sampler.noise_dim, dtype=like.dtype, device=like.device)
+            return self.sampler(noise, context.unsqueeze(-2))
+        noise = torch.randn(num_samples, self.sampler.noise_dim, dtype=like.dtype, device=like.device)
+        return self.sampler(noise, context)
+
+    def get_posterior(self, *args, **kwargs) -> SamplerDistribution:
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        return SamplerDistribution(self.sampler, self.context(*args, **kwargs), self._like())
+
+    def _unpack_constrained(self, z: Tensor) -> dict[str, Tensor]:
+        batch = z.shape[:-1]
+        out = {}
+        for s in self.sites:
+            u = z[..., s.offset : s.offset + s.size].reshape(batch + s.unconstrained_shape)
+            out[s.name] = s.transform(u)
+        return out
+
+    @torch.no_grad()
+    def sample_posterior(self, num_samples: int, *args, **kwargs) -> dict[str, Tensor]:
+        """Draw ``num_samples`` posterior samples of every latent and ``pyro.deterministic`` site.
+
+        :returns: ``{site: Tensor[num_samples, *site_shape]}`` in constrained space.
+        """
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        self.setup(*args, **kwargs)
+        z = self.draw(num_samples, self.context(*args, **kwargs))
+        out = self._unpack_constrained(z)
+        out.update(self.log_density.deterministic(z, self.deterministic_names, args, kwargs))
+        return out
+
+    @torch.no_grad()
+    def sample_posterior_batch(self, num_samples: int, datasets: Sequence) -> dict[str, Tensor]:
+        """Posterior draws for many datasets in one forward pass (amortized guides).
+
+        :param datasets: a sequence of :class:`~pyro_stein.data.Dataset` (or argument tuples).
+        :returns: ``{site: Tensor[num_datasets, num_samples, *site_shape]}`` for latent sites.
+        """
+        from .data import as_dataset
+
+        if not self.amortized:
+            raise ValueError("sample_posterior_batch needs an amortized guide (amortized=True)")
+        datasets = [as_dataset(d) for d in datasets]
+        if not datasets:
+            raise ValueError("datasets is empty")
+        self.setup(*datasets[0].args, **datasets[0].kwargs)
+        feats = collate_features([self._features_of(d) for d in datasets])
+        z = self.draw(num_samples, self.encode(feats))
+        return self._unpack_constrained(z)
+
+    def _features_of(self, dataset) -> Tensor:
+        f = self.dataset_features(*dataset.args, **dataset.kwargs)
+        return f.features[0, : int(f.mask[0].sum())]
+
+    def sample_latent(self, *args, **kwargs):
+        return pyro.sample(f"_{self._pyro_name}_latent", self.get_posterior(*args, **kwargs), infer={"is_auxiliary": True})
+
+    def forward(self, *args, **kwargs):
+        """Sample every latent site (constrained) under the model's plates; returns ``{site: value}``."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        latent = self.sample_latent(*args, **kwargs)
+        plates = self._create_plates(*args, **kwargs)
+        result = {}
+        for site, unconstrained_value in self._unpack_latent(latent):
+            name = site["name"]
+            transform = biject_to(site["fn"].support)
+            value = transform(unconstrained_value)
+            log_density = transform.inv.log_abs_det_jacobian(value, unconstrained_value)
+            log_density = sum_rightmost(log_density, log_density.dim() - value.dim() + site["fn"].event_dim)
+            delta = dist.Delta(value, log_density=log_density, event_dim=site["fn"].event_dim)
+            with ExitStack() as stack:
+                for frame in self._cond_indep_stacks[name]:
+                    stack.enter_context(plates[frame.name])
+                result[name] = pyro.sample(name, delta)
+        return result
+
+    @torch.no_grad()
+    def median(self, *args, **kwargs) -> dict[str, Tensor]:
+        """Empirical posterior median of each latent site (from ``num_summary_samples`` draws)."""
+        return {k: v[0] for k, v in self.quantiles([0.5], *args, **kwargs).items()}
+
+    @torch.no_grad()
+    def quantiles(self, quantiles, *args, **kwargs) -> dict[str, Tensor]:
+        """Empirical posterior quantiles: ``{site: Tensor[len(quantiles), *site_shape]}``."""
+        samples = self.sample_posterior(self.num_summary_samples, *args, **kwargs)
+        like = self._like()
+        q = torch.as_tensor(quantiles, dtype=like.dtype, device=like.device).reshape(-1)
+        if ((q < 0) | (q > 1)).any():
+            raise ValueError(f"quantiles must lie in [0, 1], got {quantiles!r}")
+        return {k: torch.quantile(v.to(like.dtype), q, dim=0) for k, v in samples.items() if k not in self.deterministic_names}

@@ -1,0 +1,235 @@
+"""From a Pyro model to a batched log density (and score) on one unconstrained vector per particle.
+
+The model is written for *one* draw of its latent variables, in ordinary Pyro style (it may use
+``X @ beta``). :class:`ModelLogDensity` evaluates its log joint at many unconstrained points at
+once with :func:`torch.func.vmap` (distribution validation off for that call), and falls back to
+a loop over particles when the model cannot be vectorized (Python control flow on values,
+``.item()``, in-place ops vmap rejects). Each particle is one row ``u`` of length ``D``: all latent
+sites packed side by side, each mapped to its support by ``biject_to(site.support)``, and the log
+density includes each bijection's ``log|det J|`` so that it is the density of ``u`` itself.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from torch import Tensor
+from torch.distributions import Transform
+
+__all__ = ["LatentSite", "ModelLogDensity", "NonFiniteLogJointError", "VectorizationWarning"]
+
+
+class NonFiniteLogJointError(ValueError):
+    """The model's log joint (or its gradient) is not finite at some particle."""
+
+
+class VectorizationWarning(UserWarning):
+    """The model could not be evaluated for all particles at once; a slower loop is used."""
+
+
+@dataclass
+class LatentSite:
+    """One latent sample site and its slice of the packed unconstrained vector.
+
+    :ivar str name: site name.
+    :ivar torch.Size shape: constrained value shape (plates included).
+    :ivar torch.Size unconstrained_shape: shape of the unconstrained value.
+    :ivar Transform transform: ``biject_to(support)``: unconstrained -> constrained.
+    :ivar int offset: start of the site's slice in the packed vector.
+    :ivar int event_dim: the site distribution's event dim.
+    """
+
+    name: str
+    shape: torch.Size
+    unconstrained_shape: torch.Size
+    transform: Transform
+    offset: int
+    event_dim: int
+    cond_indep_stack: tuple = field(default=(), repr=False)
+
+    @property
+    def size(self) -> int:
+        return int(torch.Size(self.unconstrained_shape).numel())
+
+
+def unpack(u: Tensor, sites: Sequence[LatentSite]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Split packed unconstrained vectors ``u`` of shape ``(..., D)`` into per-site values.
+
+    :returns: ``{name: (unconstrained, constrained)}`` with shapes ``batch + site shape``.
+    """
+    batch = u.shape[:-1]
+    out = {}
+    for s in sites:
+        uu = u[..., s.offset : s.offset + s.size].reshape(batch + s.unconstrained_shape)
+        out[s.name] = (uu, s.transform(uu))
+    return out
+
+
+def _is_deterministic(site: dict) -> bool:
+    return site["type"] == "sample" and bool(site["infer"].get("_deterministic", False))
+
+
+class ModelLogDensity:
+    """Batched unnormalized log density of a Pyro model in unconstrained space.
+
+    :param callable model: a Pyro model.
+    :param sites: the latent sites and their packing (see :class:`LatentSite`).
+    :param str vectorize: ``"auto"`` (try :func:`torch.func.vmap`, check it once against a loop,
+        fall back to the loop with a :class:`VectorizationWarning`), ``"vmap"`` (vmap or fail) or
+        ``"loop"`` (one particle at a time: slow, always correct).
+    """
+
+    def __init__(self, model: Callable, sites: Sequence[LatentSite], vectorize: str = "auto"):
+        if vectorize not in ("auto", "vmap", "loop"):
+            raise ValueError(f"vectorize must be 'auto', 'vmap' or 'loop', got {vectorize!r}")
+        self.model = model
+        self.sites = list(sites)
+        self.vectorize = vectorize
+        self._mode: str | None = None if vectorize == "auto" else vectorize
+        self.dim = sum(s.size for s in self.sites)
+        self._by_name = {s.name: s for s in self.sites}
+
+    # ---- one particle --------------------------------------------------------------------
+    def _condition_data(self, u: Tensor, plates: dict[str, Tensor]) -> tuple[dict, Tensor]:
+        data = dict(plates)
+        ladj = u.new_zeros(())
+        for name, (uu, x) in unpack(u, self.sites).items():
+            ladj = ladj + self._by_name[name].transform.log_abs_det_jacobian(uu, x).sum()
+            data[name] = x
+        return data, ladj
+
+    def _trace(self, data: dict, args: tuple, kwargs: dict):
+        return poutine.trace(poutine.condition(self.model, data)).get_trace(*args, **kwargs)
+
+    def _single_log_density(self, u: Tensor, args: tuple, kwargs: dict, plates: dict) -> Tensor:
+        data, ladj = self._condition_data(u, plates)
+        return self._trace(data, args, kwargs).log_prob_sum() + ladj
+
+    # ---- many particles ------------------------------------------------------------------
+    def _map(self, fn: Callable[[Tensor], Any], u: Tensor) -> Any:
+        """Apply a one-particle function to every row of ``u`` (shape ``(P, D)``)."""
+        if self._mode is None:
+            self._mode = self._choose_mode(fn, u)
+        if self._mode == "vmap":
+            with pyro.validation_enabled(False):
+                return torch.func.vmap(fn, randomness="same")(u)
+        outs = [fn(row) for row in u.unbind(0)]
+        if isinstance(outs[0], tuple):
+            return tuple(torch.stack(o) for o in zip(*outs))
+        return torch.stack(outs)
+
+    def _choose_mode(self, fn: Callable, u: Tensor) -> str:
+        probe = u[:2].detach()
+        try:
+            with pyro.validation_enabled(False):
+                got = torch.func.vmap(fn, randomness="same")(probe)
+        except Exception as e:  # noqa: BLE001 - any failure means: not vmappable
+            if self.vectorize == "vmap":
+                raise
+            warnings.warn(
+                f"the model could not be evaluated for all particles at once with torch.func.vmap "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); falling back to a "
+                "loop over particles, which is correct but slower. Pass vectorize='loop' to silence this.",
+                VectorizationWarning,
+                stacklevel=4,
+            )
+            return "loop"
+        want = [fn(row) for row in probe.unbind(0)]
+        got = got if isinstance(got, tuple) else (got,)
+        want = list(zip(*[w if isinstance(w, tuple) else (w,) for w in want]))
+        for g, w in zip(got, want):
+            w = torch.stack(w)
+            if not torch.allclose(g, w, rtol=1e-4, atol=1e-6, equal_nan=True):
+                warnings.warn(
+                    "torch.func.vmap gave different values than a loop over particles for this model; "
+                    "falling back to the loop. Pass vectorize='loop' to silence this.",
+                    VectorizationWarning,
+                    stacklevel=4,
+                )
+                return "loop"
+        return "vmap"
+
+    def log_density(self, u: Tensor, args: tuple = (), kwargs: dict | None = None, plates: dict | None = None) -> Tensor:
+        """Log joint + ``log|det J|`` at each row of ``u`` (shape ``(P, D)``) -> ``(P,)``.
+
+        :param dict plates: subsample indices per subsampled plate name, fixed for all particles.
+        """
+        kwargs = kwargs or {}
+        plates = plates or {}
+        return self._map(lambda row: self._single_log_density(row, args, kwargs, plates), u)
+
+    def log_density_and_score(
+        self, u: Tensor, args: tuple = (), kwargs: dict | None = None, plates: dict | None = None, check: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """Log density and its gradient (the score) at each row of ``u``; both detached.
+
+        :param bool check: raise :class:`NonFiniteLogJointError` naming the offending sites when a
+            value or gradient is not finite.
+        """
+        u = u.detach().requires_grad_(True)
+        with torch.enable_grad():
+            lp = self.log_density(u, args, kwargs, plates)
+            (score,) = torch.autograd.grad(lp.sum(), u)
+        lp = lp.detach()
+        if check:
+            bad = ~(torch.isfinite(lp) & torch.isfinite(score).all(-1))
+            if bad.any():
+                row = int(bad.nonzero()[0, 0])
+                raise NonFiniteLogJointError(self.describe_nonfinite(u[row].detach(), args, kwargs or {}, plates or {}, lp[row], score[row]))
+        return lp, score
+
+    def describe_nonfinite(self, u: Tensor, args: tuple, kwargs: dict, plates: dict, lp: Tensor, score: Tensor) -> str:
+        """A message naming the sites whose log density or gradient is not finite at ``u``."""
+        culprits = []
+        with pyro.validation_enabled(False), torch.enable_grad():
+            u = u.clone().requires_grad_(True)
+            data, _ = self._condition_data(u, plates)
+            tr = self._trace(data, args, kwargs)
+            for name, site in tr.nodes.items():
+                if site["type"] != "sample" or _is_deterministic(site):
+                    continue
+                try:
+                    term = site["fn"].log_prob(site["value"])
+                    term = poutine.util.scale_and_mask(term, site["scale"], site["mask"]).sum()
+                except Exception as e:  # noqa: BLE001
+                    culprits.append(f"{name!r} (log_prob raised {type(e).__name__}: {e})")
+                    continue
+                if not torch.isfinite(term):
+                    culprits.append(f"{name!r} (log_prob = {term.item()})")
+                    continue
+                (grad,) = torch.autograd.grad(term, u, retain_graph=True, allow_unused=True)
+                if grad is not None and not torch.isfinite(grad).all():
+                    culprits.append(f"{name!r} (gradient not finite)")
+            for name, (uu, x) in unpack(u, self.sites).items():
+                s = self._by_name[name]
+                if not torch.isfinite(x).all():
+                    culprits.append(f"{name!r} (constrained value not finite: unconstrained value too large)")
+                elif not torch.isfinite(s.transform.log_abs_det_jacobian(uu, x).sum()):
+                    culprits.append(f"{name!r} (log|det J| of {type(s.transform).__name__} not finite)")
+        where = ", ".join(culprits) if culprits else "no single site (check pyro.factor terms and custom code)"
+        return (
+            f"the model's log joint is not finite (log density = {lp.item()}, "
+            f"score finite = {bool(torch.isfinite(score).all())}) at a particle; offending site(s): {where}. "
+            "Check the model's supports and data, start from a better init_loc_fn, or lower the learning rate."
+        )
+
+    def deterministic(
+        self, u: Tensor, names: Sequence[str], args: tuple = (), kwargs: dict | None = None
+    ) -> dict[str, Tensor]:
+        """Values of the named ``pyro.deterministic`` sites at each row of ``u``."""
+        if not names:
+            return {}
+        kwargs = kwargs or {}
+
+        def fn(row):
+            data, _ = self._condition_data(row, {})
+            tr = self._trace(data, args, kwargs)
+            return tuple(tr.nodes[n]["value"] for n in names)
+
+        out = self._map(fn, u)
+        return dict(zip(names, out))
