@@ -323,22 +323,23 @@ def _export(
     all_dims.update(dims or {})
     all_attrs = {
         "inference_library": "pyro",
-        "inference_library_version": pyro.__version__,
+        "inference_library_version": str(pyro.__version__),
         "inference_method": type(guide).__name__,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "pyro_stein_version": _pyro_stein_version(),
         "num_chains": num_chains,
         "num_draws_per_chain": num_samples,
         **(attrs or {}),
     }
-    options = dict(coords=coords, dims=all_dims, attrs=all_attrs)
+    # Like ArviZ's own converters, the attributes go on every group (and on the root).
     if "posterior" in inspect.signature(az.from_dict).parameters:  # ArviZ < 1.0
-        idata = az.from_dict(**groups, **options)
-    else:  # ArviZ >= 1.0: dict of groups -> DataTree
-        idata = az.from_dict(groups, **options)
-    for group in groups:  # like ArviZ's own converters, also tag every group
-        idata[group].attrs.update(all_attrs)
-    return idata
+        idata = az.from_dict(**groups, coords=coords, dims=all_dims, attrs=all_attrs)
+        for group in groups:
+            idata[group].attrs.update(all_attrs)
+        return idata
+    # ArviZ >= 1.0: from_dict takes a dict of groups, attrs per group ("/" = root): a DataTree
+    group_attrs = {"/": all_attrs, **{group: dict(all_attrs) for group in groups}}
+    return az.from_dict(groups, coords=coords, dims=all_dims, attrs=group_attrs)
 
 
 def to_inference_data(

@@ -97,10 +97,12 @@ def collate_features(items: Sequence[Tensor]) -> DatasetFeatures:
     return DatasetFeatures(feats, mask)
 
 
-def _observed_sites(trace) -> list[dict]:
+def _observed_sites(trace, latent_names=()) -> list[dict]:
     out = []
     for site in trace.nodes.values():
         if site["type"] != "sample" or not site["is_observed"] or site["infer"].get("_deterministic"):
+            continue
+        if site["name"] in latent_names:  # conditioned latent, not data
             continue
         if type(site["fn"]).__name__ == "Unit":  # pyro.factor
             continue
@@ -121,7 +123,7 @@ def default_dataset_fn(model: Callable, latent_values: dict, args: tuple, kwargs
         is no observed site; pass ``dataset_fn`` to the guide instead.
     """
     tr = poutine.block(poutine.trace(poutine.condition(model, latent_values)).get_trace)(*args, **kwargs)
-    sites = _observed_sites(tr)
+    sites = _observed_sites(tr, latent_values)
     if not sites:
         raise ValueError(
             "the model has no observed sites in these arguments, so the default dataset_fn has no data to encode; "

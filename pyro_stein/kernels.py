@@ -73,6 +73,7 @@ def pairwise_sqdist(z: Tensor) -> Tensor:
 def median_bandwidth(sqdist: Tensor, exclude_diagonal: bool = True) -> Tensor:
     """The median heuristic ``h = median(r^2) / log(n + 1)`` (Liu & Wang, 2016).
 
+    The median is ``torch.median``'s (the lower of the two middle values for an even count).
     Edge cases: with one particle there is no pair, and when all particles coincide the
     median is zero; in both cases ``h = 1`` (any positive value gives the same direction,
     since the repulsive term vanishes when all distances are zero).
@@ -89,7 +90,7 @@ def median_bandwidth(sqdist: Tensor, exclude_diagonal: bool = True) -> Tensor:
         off = ~torch.eye(n, dtype=torch.bool, device=sqdist.device)
         values = sqdist[..., off]
     else:
-        values = sqdist.reshape(sqdist.shape[:-2] + (n * n,))
+        values = sqdist.reshape(sqdist.shape[:-2] + (sqdist.shape[-2] * n,))
     med = values.median(-1).values
     h = med / math.log(n + 1)
     return torch.where(h > 0, h, torch.ones_like(h))
@@ -139,12 +140,17 @@ class RadialKernel:
     def __call__(self, x: Tensor, y: Tensor | None = None, bandwidth: Tensor | float | None = None) -> Tensor:
         """Evaluate ``k(x_i, y_j)``; ``y`` defaults to ``x``.
 
-        :param bandwidth: overrides the kernel's own bandwidth rule.
+        :param bandwidth: overrides the kernel's own bandwidth rule (``bandwidth_factor`` is not applied to it).
         """
         y = x if y is None else y
         sqdist = (x.unsqueeze(-2) - y.unsqueeze(-3)).pow(2).sum(-1)
         if bandwidth is None:
-            bandwidth = self.bandwidth(pairwise_sqdist(x)) if y is x else self.bandwidth(sqdist)
+            if y is x:
+                bandwidth = self.bandwidth(pairwise_sqdist(x))
+            elif self.fixed_bandwidth is not None:
+                bandwidth = self.fixed_bandwidth * self.bandwidth_factor
+            else:  # cross pairs: every (x_i, y_j) is a genuine pair, none is a self-pair
+                bandwidth = median_bandwidth(sqdist, exclude_diagonal=False) * self.bandwidth_factor
         h = torch.as_tensor(bandwidth, dtype=x.dtype, device=x.device)
         if h.dim() > 0:
             h = h[..., None, None]

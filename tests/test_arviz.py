@@ -1,0 +1,321 @@
+"""Tests for the ArviZ export (pyro_stein.arviz)."""
+
+import sys
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from .conftest import DEVICE, DTYPE
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoNormal
+
+from pyro_stein.arviz import to_inference_data, to_inference_data_batch
+
+az = pytest.importorskip("arviz")
+
+J, K = 8, 4
+SIGMA = [15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0]
+Y = [28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0]
+Z = [[1.2, 0.4], [2.0, 1.1], [0.3, 1.9], [1.5, 0.8]]
+
+
+def model(sigma, y=None, z=None):
+    """Eight schools plus a second observed site with an event dimension."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfNormal(5.0))
+    with pyro.plate("school", J):
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        pyro.deterministic("delta", theta - mu)
+        pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+    with pyro.plate("extra", K):
+        loc = mu[..., None].expand(mu.shape + (2,))
+        pyro.sample("z", dist.Normal(loc, 1.0).to_event(1), obs=z)
+
+
+def unvectorizable_model(sigma, y=None, z=None):
+    """Same density, but ``.expand([2])`` breaks an extra outer batch dimension."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfNormal(5.0))
+    with pyro.plate("school", J):
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+    with pyro.plate("extra", K):
+        pyro.sample("z", dist.Normal(mu, 1.0).expand([2]).to_event(1), obs=z)
+
+
+def _t(x):
+    return torch.tensor(x, dtype=DTYPE, device=DEVICE)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """AutoNormal fitted once per module (its parameters live in the module, so they survive
+    the per-test param-store reset)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPE)
+    try:
+        pyro.set_rng_seed(0)
+        pyro.clear_param_store()
+        data = dict(sigma=_t(SIGMA), y=_t(Y), z=_t(Z))
+        guide = AutoNormal(model, init_scale=0.1)
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+        for _ in range(150):
+            svi.step(**data)
+    finally:
+        torch.set_default_dtype(old)
+    return guide, data
+
+
+def _export(fitted, **kw):
+    guide, data = fitted
+    kw.setdefault("num_samples", 40)
+    return to_inference_data(guide, model, data["sigma"], y=data["y"], z=data["z"], **kw)
+
+
+def _groups(idata):
+    return set(idata.groups()) if hasattr(idata, "groups") else set(idata.children)
+
+
+def _attrs(idata):
+    return dict(idata["posterior"].attrs)
+
+
+def test_groups_shapes_and_plate_dims(fitted):
+    idata = _export(fitted, num_chains=2)
+    assert _groups(idata) == {
+        "posterior",
+        "posterior_predictive",
+        "log_likelihood",
+        "sample_stats",
+        "observed_data",
+    }
+    post = idata["posterior"]
+    assert set(post.data_vars) == {"mu", "tau", "theta", "delta"}
+    assert post["mu"].dims == ("chain", "draw") and post["mu"].shape == (2, 40)
+    assert post["theta"].dims == ("chain", "draw", "school") and post["theta"].shape == (2, 40, 8)
+    assert post["delta"].dims == ("chain", "draw", "school")
+    np.testing.assert_allclose(post["delta"], post["theta"] - post["mu"], rtol=1e-6)
+    assert (post["tau"] > 0).all()
+
+    pp, ll = idata["posterior_predictive"], idata["log_likelihood"]
+    assert set(pp.data_vars) == set(ll.data_vars) == {"y", "z"}
+    assert pp["y"].dims == ("chain", "draw", "school")
+    assert pp["z"].dims == ("chain", "draw", "extra", "z_dim_1") and pp["z"].shape == (2, 40, 4, 2)
+    assert ll["y"].shape == (2, 40, 8) and ll["z"].dims == ("chain", "draw", "extra")
+    assert np.isfinite(ll["y"]).all() and np.isfinite(ll["z"]).all()
+    # simulated data differ from draw to draw (they are not the observations)
+    assert float(pp["y"].std(("chain", "draw")).min()) > 1.0
+
+    obs = idata["observed_data"]
+    np.testing.assert_array_equal(obs["y"], Y)
+    np.testing.assert_array_equal(obs["z"], Z)
+    assert obs["z"].dims == ("extra", "z_dim_1")
+    assert idata["sample_stats"]["lp"].shape == (2, 40)
+
+    attrs = _attrs(idata)
+    assert attrs["inference_library"] == "pyro"
+    assert attrs["inference_library_version"] == pyro.__version__
+    assert attrs["inference_method"] == "AutoNormal"
+    assert attrs["torch_version"] == torch.__version__
+    assert isinstance(attrs["pyro_stein_version"], str) and attrs["pyro_stein_version"]
+
+
+def test_log_likelihood_and_lp_match_hand_computation(fitted):
+    idata = _export(fitted, num_chains=2, num_samples=10)
+    _, data = fitted
+    post = idata["posterior"]
+    for c, d in [(0, 0), (1, 7)]:
+        mu = _t(post["mu"].values[c, d])
+        tau = _t(post["tau"].values[c, d])
+        theta = _t(post["theta"].values[c, d])
+        ll_y = dist.Normal(theta, data["sigma"]).log_prob(data["y"])
+        ll_z = dist.Normal(mu, 1.0).log_prob(data["z"]).sum(-1)
+        np.testing.assert_allclose(idata["log_likelihood"]["y"].values[c, d], ll_y, rtol=1e-6)
+        np.testing.assert_allclose(idata["log_likelihood"]["z"].values[c, d], ll_z, rtol=1e-6)
+        lp = (
+            dist.Normal(0.0, 5.0).log_prob(mu)
+            + dist.HalfNormal(5.0).log_prob(tau)
+            + dist.Normal(mu, tau).log_prob(theta).sum()
+            + ll_y.sum()
+            + ll_z.sum()
+        )
+        np.testing.assert_allclose(idata["sample_stats"]["lp"].values[c, d], lp, rtol=1e-6)
+
+
+def test_user_coords_and_dims_override(fitted):
+    names = [f"s{i}" for i in range(J)]
+    idata = _export(
+        fitted,
+        coords={"school": names, "pair": ["a", "b", "c", "d"]},
+        dims={"z": ["pair", "component"], "delta": ["school_delta"]},
+        constant_data={"sigma": fitted[1]["sigma"]},
+    )
+    assert list(idata["posterior"]["theta"].coords["school"].values) == names
+    assert idata["posterior"]["delta"].dims == ("chain", "draw", "school_delta")
+    assert idata["observed_data"]["z"].dims == ("pair", "component")
+    assert idata["log_likelihood"]["z"].dims == ("chain", "draw", "pair")
+    assert list(idata["log_likelihood"]["z"].coords["pair"].values) == ["a", "b", "c", "d"]
+    np.testing.assert_array_equal(idata["constant_data"]["sigma"], SIGMA)
+
+
+# A briefly trained AutoNormal can give loo/waic reliability warnings; they are not at issue.
+@pytest.mark.filterwarnings("ignore:Estimated shape parameter of Pareto:UserWarning")
+@pytest.mark.filterwarnings("ignore:For one or more samples the posterior variance:UserWarning")
+def test_summary_loo_waic_run(fitted):
+    idata = _export(fitted, num_chains=2, num_samples=100)
+    summary = az.summary(idata)
+    assert {"mu", "tau", "theta[0]", "delta[7]"} <= set(summary.index)
+    assert np.isfinite(summary["r_hat"]).all()
+    loo = az.loo(idata, var_name="y")
+    assert np.isfinite(loo["elpd_loo"]) and loo["n_data_points"] == J
+    if hasattr(az, "waic"):  # ArviZ 1.x dropped WAIC
+        waic = az.waic(idata, var_name="z")
+        assert np.isfinite(waic["elpd_waic"]) and waic["n_data_points"] == K
+
+
+def test_netcdf_round_trip(fitted, tmp_path):
+    pytest.importorskip("h5netcdf")
+    idata = _export(fitted, num_chains=2, coords={"school": list("abcdefgh")})
+    path = tmp_path / "idata.nc"
+    idata.to_netcdf(str(path), engine="h5netcdf")
+    back = az.from_netcdf(str(path), engine="h5netcdf")
+    assert _groups(back) == _groups(idata)
+    for group in _groups(idata):
+        for name, var in idata[group].data_vars.items():
+            np.testing.assert_array_equal(back[group][name].values, var.values)
+            assert back[group][name].dims == var.dims
+    assert list(back["posterior"]["theta"].coords["school"].values) == list("abcdefgh")
+    assert _attrs(back)["inference_method"] == "AutoNormal"
+
+
+def test_num_chains_are_independent_batches(fitted):
+    pyro.set_rng_seed(1)
+    idata = _export(fitted, num_chains=3, num_samples=200)
+    post = idata["posterior"]
+    assert post.sizes["chain"] == 3 and post.sizes["draw"] == 200
+    assert not np.allclose(post["mu"].values[0], post["mu"].values[1])
+    # i.i.d. draws: R-hat ~ 1 and bulk ESS ~ number of draws
+    assert float(az.rhat(post)["mu"]) < 1.05
+    assert float(az.ess(post)["mu"]) > 300
+
+
+def test_fallback_to_loop_for_unvectorizable_model(fitted):
+    guide, data = fitted
+    args = (data["sigma"],)
+    kwargs = dict(y=data["y"], z=data["z"], num_samples=5, num_chains=2)
+    with pytest.raises(RuntimeError):
+        to_inference_data(guide, unvectorizable_model, *args, parallel=True, **kwargs)
+    for parallel in (None, False):
+        idata = to_inference_data(guide, unvectorizable_model, *args, parallel=parallel, **kwargs)
+        post, ll = idata["posterior"], idata["log_likelihood"]
+        assert post["theta"].shape == (2, 5, 8)
+        assert idata["posterior_predictive"]["z"].shape == (2, 5, 4, 2)
+        mu = _t(post["mu"].values[1, 3])
+        expected = dist.Normal(mu, 1.0).log_prob(data["z"]).sum(-1)
+        np.testing.assert_allclose(ll["z"].values[1, 3], expected, rtol=1e-6)
+
+
+def test_optional_groups_and_no_observations(fitted):
+    idata = _export(fitted, log_likelihood=False, posterior_predictive=False)
+    assert _groups(idata) == {"posterior", "sample_stats", "observed_data"}
+    guide, data = fitted
+    prior_only = to_inference_data(guide, model, data["sigma"], num_samples=5)
+    assert _groups(prior_only) == {"posterior", "sample_stats"}
+
+
+class _FakeAmortizedGuide:
+    """A guide whose ``sample_posterior`` draws depend on the dataset (like an amortized
+    guide); it has no ``__call__`` body usable by Predictive, so the fast path must be used."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):  # pragma: no cover - never called by the export
+        raise AssertionError("the export should use sample_posterior")
+
+    def sample_posterior(self, num_samples, sigma, y=None, z=None):
+        self.calls += 1
+        mu = y.mean() + 0.01 * torch.randn(num_samples, dtype=y.dtype, device=y.device)
+        tau = torch.ones(num_samples, dtype=y.dtype, device=y.device)
+        theta = mu[:, None] + 0.1 * torch.randn(num_samples, J, dtype=y.dtype, device=y.device)
+        return {"mu": mu, "tau": tau, "theta": theta}
+
+
+def test_batch_export_with_sample_posterior_fast_path():
+    guide = _FakeAmortizedGuide()
+    sigma = _t(SIGMA)
+    datasets = [((sigma,), {"y": _t(Y), "z": _t(Z)}), ((sigma,), {"y": _t(Y) + 100.0, "z": _t(Z)})]
+    out = to_inference_data_batch(
+        guide,
+        model,
+        datasets,
+        num_samples=10,
+        num_chains=2,
+        constant_data=[{"shift": np.array(0.0)}, {"shift": np.array(100.0)}],
+    )
+    assert isinstance(out, list) and len(out) == 2
+    assert guide.calls == 4  # one sampler call per chain per dataset
+    for i, idata in enumerate(out):
+        assert _attrs(idata)["dataset_index"] == i
+        assert _attrs(idata)["inference_method"] == "_FakeAmortizedGuide"
+        assert idata["posterior"]["theta"].shape == (2, 10, 8)
+        mean_y = float(np.mean(idata["observed_data"]["y"]))
+        np.testing.assert_allclose(idata["posterior"]["mu"].mean(), mean_y, atol=0.1)
+        np.testing.assert_allclose(idata["posterior"]["delta"].std(), 0.1, atol=0.05)
+        assert idata["constant_data"]["shift"].values.ravel()[0] == 100.0 * i
+
+
+def test_missing_arviz_raises_clear_import_error(fitted, monkeypatch):
+    monkeypatch.setitem(sys.modules, "arviz", None)
+    with pytest.raises(ImportError, match=r'pip install "pyro_stein\[arviz\]"'):
+        _export(fitted)
+
+
+def test_argument_validation(fitted):
+    guide, data = fitted
+    with pytest.raises(ValueError, match="num_samples"):
+        _export(fitted, num_samples=0)
+    with pytest.raises(TypeError, match="num_chains"):
+        _export(fitted, num_chains=1.5)
+    with pytest.raises(TypeError, match="dims"):
+        _export(fitted, dims=["school"])
+    with pytest.raises(TypeError, match="guide"):
+        to_inference_data(None, model, data["sigma"])
+    with pytest.raises(TypeError, match=r"datasets\[0\]"):
+        to_inference_data_batch(guide, model, [(data["sigma"],)])
+    with pytest.raises(TypeError, match="datasets"):
+        to_inference_data_batch(guide, model, {"a": 1})
+    with pytest.raises(TypeError, match="unknown option"):
+        to_inference_data_batch(guide, model, [], num_sample=3)
+
+
+def test_arviz_1x_calling_convention(fitted, monkeypatch):
+    """ArviZ >= 1.0 takes ``from_dict(data: {group: {var: array}}, ..., attrs={group: {...}})``
+    and returns a DataTree; check that branch with a stub module (ArviZ 1.x needs Python 3.12)."""
+    calls = {}
+
+    def from_dict(data, *, coords=None, dims=None, attrs=None, **kwargs):
+        calls.update(data=data, coords=coords, dims=dims, attrs=attrs)
+        return "datatree"
+
+    stub = type(sys)("arviz")
+    stub.from_dict = from_dict
+    monkeypatch.setitem(sys.modules, "arviz", stub)
+    assert _export(fitted, num_chains=2, coords={"school": list("abcdefgh")}) == "datatree"
+    data = calls["data"]
+    assert set(data) == {
+        "posterior",
+        "posterior_predictive",
+        "log_likelihood",
+        "sample_stats",
+        "observed_data",
+    }
+    assert data["posterior"]["theta"].shape == (2, 40, 8)
+    assert data["log_likelihood"]["z"].shape == (2, 40, 4)
+    assert calls["dims"]["theta"] == ["school"]
+    assert calls["coords"] == {"school": list("abcdefgh")}
+    assert set(calls["attrs"]) == set(data) | {"/"}
+    assert calls["attrs"]["/"]["inference_library"] == "pyro"
+    assert calls["attrs"]["posterior"]["inference_method"] == "AutoNormal"

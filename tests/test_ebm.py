@@ -1,0 +1,296 @@
+"""Tests of pyro_stein.ebm: exact RBM likelihood, feature-map Stein direction, the SteinGAN
+driver (toy recovery and error messages)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pyro_stein.ebm import (
+    AmortizedMLE,
+    AutoencoderEnergy,
+    ContrastiveDivergence,
+    GaussianBernoulliRBM,
+    MLPEnergy,
+    MLPSampler,
+    feature_stein_direction,
+    sample_toy_2d,
+)
+from pyro_stein.kernels import RBFKernel
+from pyro_stein.stein import stein_direction
+
+
+def _rbm(D, H, sigma=0.8, num_classes=None, seed=0, device="cpu"):
+    torch.manual_seed(seed)
+    rbm = GaussianBernoulliRBM(D, H, sigma=sigma, num_classes=num_classes, init_scale=0.5).to(device)
+    with torch.no_grad():
+        for p in rbm.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return rbm
+
+
+def _mmd2(x, y, h):
+    def k(a, b):
+        return torch.exp(-torch.cdist(a, b).pow(2) / h)
+
+    n, m = x.shape[0], y.shape[0]
+    kxx, kyy = k(x, x), k(y, y)
+    return (
+        (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+        + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+        - 2 * k(x, y).mean()
+    )
+
+
+# ------------------------------------------------------------------------------ RBM exactness
+@pytest.mark.parametrize("D", [1, 2])
+def test_log_partition_matches_numerical_integral(D, device):
+    rbm = _rbm(D, 3, device=device)
+    g = torch.linspace(-12, 12, 1201 if D == 2 else 20001, device=device)
+    if D == 1:
+        pts, w = g.unsqueeze(-1), torch.full_like(g, float(g[1] - g[0]))
+    else:
+        gx, gy = torch.meshgrid(g, g, indexing="ij")
+        pts = torch.stack([gx.reshape(-1), gy.reshape(-1)], -1)
+        w = torch.full((pts.shape[0],), float(g[1] - g[0]) ** 2, device=device)
+    with torch.no_grad():
+        logz_num = torch.logsumexp(-rbm(pts) + w.log(), 0)
+        logz = rbm.log_partition()
+    assert abs(float(logz - logz_num)) < 1e-6, (float(logz), float(logz_num))
+
+
+def test_joint_rbm_partition_sums_over_labels(device):
+    rbm = _rbm(2, 3, num_classes=3, device=device)
+    g = torch.linspace(-12, 12, 801, device=device)
+    gx, gy = torch.meshgrid(g, g, indexing="ij")
+    pts = torch.stack([gx.reshape(-1), gy.reshape(-1)], -1)
+    dx2 = float(g[1] - g[0]) ** 2
+    with torch.no_grad():
+        logz_num = torch.logsumexp(-rbm(pts), 0) + math.log(dx2)  # y=None: label summed out
+        per_label = torch.stack(
+            [torch.logsumexp(-rbm(pts, torch.full((pts.shape[0],), k, device=device)), 0) for k in range(3)]
+        )
+        assert abs(float(rbm.log_partition() - logz_num)) < 1e-6
+        assert abs(float(torch.logsumexp(per_label, 0) + math.log(dx2) - logz_num)) < 1e-9
+
+
+def test_contrastive_gradient_with_exact_expectations_equals_autograd(device):
+    """grad_theta mean log p(x) = -mean grad F(data) + E_{p(x, h)}[grad E(x, h)], the model
+    expectation computed exactly from the enumerated p(h), equals autograd of the exact LL."""
+    D, H, s = 3, 4, 0.8
+    rbm = _rbm(D, H, sigma=s, device=device)
+    x = torch.randn(7, D, device=device)
+    ll = rbm.log_likelihood(x).mean()
+    auto = dict(zip(["W", "b", "c"], torch.autograd.grad(ll, [rbm.W, rbm.b, rbm.c])))
+    with torch.no_grad():
+        h = rbm.hidden_states()
+        ph = torch.softmax(rbm.log_joint_hidden(), 0)  # exact p(h)
+        mean_x = rbm.b + h @ rbm.W.T  # E[x | h]
+        # E(x, h) = |x-b|^2/2s^2 - c.h - x.Wh/s^2 ;  grads: W: -x h^T/s^2, b: -(x-b)/s^2, c: -h
+        model = {
+            "W": -(ph[:, None, None] * mean_x[:, :, None] * h[:, None, :]).sum(0) / s**2,
+            "b": -(ph[:, None] * (mean_x - rbm.b)).sum(0) / s**2,
+            "c": -(ph[:, None] * h).sum(0),
+        }
+    xr = x.clone()
+    fe = rbm(xr).mean()
+    data = dict(zip(["W", "b", "c"], torch.autograd.grad(fe, [rbm.W, rbm.b, rbm.c])))
+    for k in auto:
+        torch.testing.assert_close(auto[k], -data[k] + model[k], rtol=1e-9, atol=1e-10)
+
+
+def test_log_likelihood_normalized_and_gradcheck(device):
+    rbm = _rbm(2, 3, num_classes=2, device=device)
+    x = torch.randn(4, 2, device=device, requires_grad=True)
+    y = torch.tensor([0, 1, 1, 0], device=device)
+    assert torch.autograd.gradcheck(lambda x: rbm(x), (x,))
+    assert torch.autograd.gradcheck(lambda x: rbm(x, y), (x,))
+    rbm2 = _rbm(2, 3, device=device)
+
+    def fe_params(W, b, c):
+        quad = (x.detach() - b).pow(2).sum(-1) / (2 * rbm2.sigma**2)
+        return quad - nn.functional.softplus(c + x.detach() @ W / rbm2.sigma**2).sum(-1)
+
+    params = [p.detach().clone().requires_grad_(True) for p in (rbm2.W, rbm2.b, rbm2.c)]
+    torch.testing.assert_close(fe_params(*params), rbm2(x.detach()))
+    assert torch.autograd.gradcheck(fe_params, params)
+    assert torch.isfinite(rbm.log_likelihood(x.detach(), y)).all()
+
+
+def test_rbm_errors():
+    with pytest.raises(ValueError, match="num_hidden <= 20"):
+        GaussianBernoulliRBM(2, 21).log_partition()
+    with pytest.raises(ValueError, match=r"shape \(batch, 3\)"):
+        GaussianBernoulliRBM(3, 2)(torch.zeros(4, 2))
+    with pytest.raises(TypeError, match="num_classes"):
+        GaussianBernoulliRBM(3, 2)(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------ Stein directions
+def test_feature_direction_identity_matches_stein_direction(device):
+    torch.manual_seed(1)
+    x, s = torch.randn(9, 3, device=device), torch.randn(9, 3, device=device)
+    k = RBFKernel()
+    ref = stein_direction(x, s, k)
+    torch.testing.assert_close(feature_stein_direction(x, s, None, k), ref)
+    torch.testing.assert_close(feature_stein_direction(x, s, lambda z: z * 1.0, k), ref)
+    # no repulsion: kernel-smoothed scores only
+    kk = k.matrices(x).k.masked_fill(torch.eye(9, dtype=torch.bool, device=device), 0.0)
+    torch.testing.assert_close(feature_stein_direction(x, s, None, k, repulsive=False), kk @ s / 8)
+
+
+def test_feature_direction_chain_rule_brute_force(device):
+    """Repulsive term sum_j grad_{x_j} k_h(h(x_j), h(x_i)) against per-i autograd."""
+    torch.manual_seed(2)
+    n, D, Fdim = 6, 3, 4
+    lin = nn.Linear(D, Fdim).to(device)
+    h = lambda z: torch.tanh(lin(z)) + z[:, :1] ** 2  # noqa: E731  nonlinear per-example map
+    x, s = torch.randn(n, D, device=device), torch.randn(n, D, device=device)
+    labels = torch.tensor([0, 1, 0, 1, 0, 0], device=device)
+    k = RBFKernel(bandwidth=1.7)
+    for lab in (None, labels):
+        phi = feature_stein_direction(x, s, h, k, labels=lab)
+        with torch.no_grad():
+            hx = h(x)
+            kmat = k(hx)
+        ref = torch.zeros_like(x)
+        for i in range(n):
+            js = [j for j in range(n) if j != i and (lab is None or lab[j] == lab[i])]
+            xj = x[js].clone().requires_grad_(True)
+            kv = k(h(xj), hx[i : i + 1], bandwidth=1.7).sum()
+            (g,) = torch.autograd.grad(kv, xj)
+            ref[i] = (kmat[i, js].unsqueeze(-1) * s[js] + g).sum(0) / len(js)
+        torch.testing.assert_close(phi, ref)
+
+
+# ------------------------------------------------------------------------------ driver
+def _toy_driver(seed, dim=2, steps=1):
+    torch.manual_seed(seed)
+    energy = MLPEnergy(dim, hidden=(64, 64))
+    sampler = MLPSampler(4, dim, hidden=(64, 64))
+    return AmortizedMLE(
+        energy,
+        sampler,
+        torch.optim.Adam(energy.parameters(), 1e-3, betas=(0.5, 0.9)),
+        torch.optim.Adam(sampler.parameters(), 2e-3, betas=(0.5, 0.9)),
+        noise_dim=4,
+        sampler_steps=steps,
+    )
+
+
+@pytest.mark.parametrize("name", ["mixture", "rings"])
+def test_toy_2d_recovery(name, device, dtype):
+    """Sampler and energy recover a 2-D toy distribution: MMD^2 below a bound derived from
+    the MMD^2 between two independent held-out data samples of the same size."""
+    gen = torch.Generator().manual_seed(0)
+    train = sample_toy_2d(name, 4000, gen, dtype=dtype, device=device)
+    ref1 = sample_toy_2d(name, 1000, gen, dtype=dtype, device=device)
+    ref2 = sample_toy_2d(name, 1000, gen, dtype=dtype, device=device)
+    driver = _toy_driver(0, steps=2)
+    driver.energy.to(device=device, dtype=dtype)
+    driver.sampler.to(device=device, dtype=dtype)
+    hist = driver.run(train, num_steps=1500, batch_size=128, progress_bar=False, generator=gen)
+    assert all(math.isfinite(d["contrastive_loss"]) for d in hist)
+    bw = 0.5  # Gaussian MMD kernel exp(-r^2 / 0.5): resolves modes 0.77 apart
+    base = abs(float(_mmd2(ref1, ref2, bw)))
+    bound = 10 * max(base, 1e-4)
+    samples = driver.sample(1000)
+    mmd_s = float(_mmd2(samples, ref1, bw))
+    assert mmd_s < bound, (
+        f"{name}: sampler MMD^2 {mmd_s:.2e} exceeds 10 x (MMD^2 of two held-out data sets = {base:.2e})"
+    )
+    # the energy itself: normalise exp(-E) on a grid and draw from it
+    g = torch.linspace(-4, 4, 161, dtype=dtype, device=device)
+    gx, gy = torch.meshgrid(g, g, indexing="ij")
+    pts = torch.stack([gx.reshape(-1), gy.reshape(-1)], -1)
+    with torch.no_grad():
+        logp = -driver.energy(pts)
+    idx = torch.multinomial(torch.softmax(logp, 0).float(), 1000, replacement=True, generator=gen)
+    grid_draws = pts[idx.to(device)] + (g[1] - g[0]) * (torch.rand(1000, 2, generator=gen, dtype=dtype).to(device) - 0.5)
+    mmd_e = float(_mmd2(grid_draws, ref1, bw))
+    assert mmd_e < bound, (
+        f"{name}: energy MMD^2 {mmd_e:.2e} exceeds 10 x (MMD^2 of two held-out data sets = {base:.2e})"
+    )
+
+
+def test_driver_conditional_and_features_run(device, dtype):
+    torch.manual_seed(0)
+    energy = AutoencoderEnergy((1, 8, 8), channels=4, code_dim=6, num_classes=3).to(device=device, dtype=dtype)
+    sampler = MLPSampler(5, 64, hidden=(32,), num_classes=3).to(device=device, dtype=dtype)
+    driver = AmortizedMLE(
+        energy, sampler, torch.optim.Adam(energy.parameters(), 1e-3), torch.optim.Adam(sampler.parameters(), 1e-3),
+        noise_dim=5, feature_fn=energy.features, num_samples=12,
+    )
+    x = torch.randn(30, 64, device=device, dtype=dtype)
+    y = torch.arange(30, device=device) % 3
+    hist = driver.run(x, num_steps=3, batch_size=10, labels=y, progress_bar=True)
+    assert set(hist[0]) == {"contrastive_loss", "energy_data", "energy_samples", "energy_gap", "phi_norm", "ksd"}
+    assert all(math.isfinite(v) for d in hist for v in d.values())
+    out = driver.sample(4, labels=torch.tensor([0, 1, 2, 0], device=device))
+    assert out.shape == (4, 64) and out.dtype == dtype and out.device.type == torch.device(device).type
+
+
+def test_cd_baselines_improve_likelihood(device, dtype):
+    torch.manual_seed(0)
+    data = (torch.randn(400, 2) @ torch.tensor([[1.0, 0.8], [0.0, 0.5]]) + 1.0).to(device=device, dtype=dtype)
+    for persistent in (False, True):
+        torch.manual_seed(1)
+        rbm = GaussianBernoulliRBM(2, 4).to(device=device, dtype=dtype)
+        before = float(rbm.log_likelihood(data).mean())
+        cd = ContrastiveDivergence(rbm, torch.optim.Adam(rbm.parameters(), 1e-2), k=2, persistent=persistent)
+        cd.run(data, num_steps=200, batch_size=50, progress_bar=False)
+        assert float(rbm.log_likelihood(data).mean()) > before + 0.5
+
+
+# ------------------------------------------------------------------------------ error messages
+class _BadEnergy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 1)
+
+    def forward(self, x):
+        return self.lin(x)  # (batch, 1): wrong
+
+
+def _driver(energy=None, sampler=None, noise_dim=3):
+    energy = energy or MLPEnergy(2)
+    sampler = sampler or MLPSampler(noise_dim, 2)
+    return AmortizedMLE(
+        energy, sampler, torch.optim.SGD(energy.parameters(), 0.1), torch.optim.SGD(sampler.parameters(), 0.1),
+        noise_dim=noise_dim,
+    )
+
+
+def test_error_energy_wrong_shape():
+    with pytest.raises(ValueError, match=r"energy must return .*shape \(batch,\) = \(8,\).*\(8, 1\).*squeeze"):
+        _driver(energy=_BadEnergy()).step(torch.randn(8, 2))
+
+
+def test_error_sampler_dim_mismatch():
+    with pytest.raises(ValueError, match=r"sampler output shape \(8, 3\).*expected .*\(8, 2\).*data_dim=2"):
+        _driver(sampler=MLPSampler(3, 3)).step(torch.randn(8, 2))
+
+
+def test_error_labels_to_unconditional_sampler():
+    with pytest.raises(TypeError, match="labels were given but the sampler is unconditional.*labels=None"):
+        _driver().step(torch.randn(8, 2), torch.zeros(8, dtype=torch.long))
+    cond = _driver(sampler=MLPSampler(3, 2, num_classes=2), energy=MLPEnergy(2, num_classes=2))
+    with pytest.raises(TypeError, match="class-conditional.*no labels"):
+        cond.step(torch.randn(8, 2))
+    with pytest.raises(TypeError, match="integer tensor"):
+        cond.step(torch.randn(8, 2), torch.zeros(8))
+    with pytest.raises(ValueError, match=r"labels must have shape \(batch,\) = \(8,\)"):
+        cond.step(torch.randn(8, 2), torch.zeros(7, dtype=torch.long))
+
+
+def test_error_constructor_and_data():
+    e, s = MLPEnergy(2), MLPSampler(3, 2)
+    with pytest.raises(TypeError, match="energy_optimizer must be a torch.optim.Optimizer"):
+        AmortizedMLE(e, s, None, torch.optim.SGD(s.parameters(), 0.1), noise_dim=3)
+    with pytest.raises(ValueError, match="noise_dim"):
+        AmortizedMLE(e, s, torch.optim.SGD(e.parameters(), 0.1), torch.optim.SGD(s.parameters(), 0.1), noise_dim=0)
+    with pytest.raises(ValueError, match=r"data_batch must have shape \(batch, \*event_shape\)"):
+        _driver().step(torch.randn(2))
+    with pytest.raises(ValueError, match="batch_size"):
+        _driver().run(torch.randn(8, 2), num_steps=1, batch_size=9, progress_bar=False)

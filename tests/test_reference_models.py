@@ -1,0 +1,155 @@
+"""Reference posterior zoo (benchmarks.models) and accuracy metrics (benchmarks.metrics)."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from pyro import poutine
+
+# benchmarks/ is not part of the installed package: import it from the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.metrics import c2st, mmd_rbf, sd_ratio, standardized_mean_error
+from benchmarks.models import (
+    POSTERIORDB_NAMES,
+    SBIBM_TASKS,
+    bernoulli_glm_summary,
+    data_dir,
+    gaussian_linear_posterior,
+    load_posteriordb,
+    load_sbibm,
+    sbibm_model,
+)
+
+EXPECTED_NAMES = {
+    "eight_schools-eight_schools_noncentered": [f"theta[{i}]" for i in range(1, 9)] + ["mu", "tau"],
+    "sblrc-blr": [f"beta[{i}]" for i in range(1, 6)] + ["sigma"],
+    "kidiq-kidscore_interaction": [f"beta[{i}]" for i in range(1, 5)] + ["sigma"],
+    "arK-arK": ["alpha"] + [f"beta[{i}]" for i in range(1, 6)] + ["sigma"],
+    "gp_pois_regr-gp_regr": ["rho", "alpha", "sigma"],
+}
+
+
+def _log_joint(rp, i):
+    draw = {k: v[i] for k, v in rp.draws.items()}
+    trace = poutine.trace(poutine.condition(rp.model, data=draw)).get_trace(*rp.args, **rp.kwargs)
+    return trace.log_prob_sum()
+
+
+@pytest.fixture(autouse=True)
+def _point_at_shared_data(shared_data, monkeypatch):
+    monkeypatch.setenv("PYRO_STEIN_SHARED_DATA", str(shared_data))
+
+
+@pytest.mark.parametrize("name", POSTERIORDB_NAMES)
+def test_posteriordb_loads_and_log_joint_finite(name):
+    rp = load_posteriordb(name)
+    assert rp.param_names == EXPECTED_NAMES[name]
+    flat = rp.flat_draws()
+    assert flat.shape == (10000, len(EXPECTED_NAMES[name]))
+    assert flat.dtype == torch.float64
+    for i in (0, 1234, 5000, 9999):
+        assert torch.isfinite(_log_joint(rp, i)), f"{name}: log joint not finite at reference draw {i}"
+    # the model's sites have exactly the reference draws' shapes
+    trace = poutine.trace(poutine.condition(rp.model, data={k: v[0] for k, v in rp.draws.items()})).get_trace(
+        *rp.args, **rp.kwargs
+    )
+    for site, value in rp.draws.items():
+        assert trace.nodes[site]["value"].shape == value.shape[1:], site
+
+
+def test_flatten_column_order():
+    rp = load_posteriordb("eight_schools-eight_schools_noncentered")
+    flat = rp.flat_draws()
+    assert torch.equal(flat[:, :8], rp.draws["theta"])
+    assert torch.equal(flat[:, 8], rp.draws["mu"]) and torch.equal(flat[:, 9], rp.draws["tau"])
+    # theta_trans is the latent site; theta = mu + tau * theta_trans is recovered exactly
+    rebuilt = rp.draws["mu"][:, None] + rp.draws["tau"][:, None] * rp.draws["theta_trans"]
+    assert torch.allclose(rebuilt, rp.draws["theta"])
+    with pytest.raises(ValueError, match="lack sites"):
+        rp.flatten({"mu": rp.draws["mu"]})
+
+
+def test_bad_names():
+    with pytest.raises(ValueError, match="valid names"):
+        load_posteriordb("nope")
+    with pytest.raises(ValueError, match="valid tasks"):
+        sbibm_model("nope")
+    with pytest.raises(ValueError, match="1..10"):
+        load_sbibm("gaussian_linear", 11)
+
+
+def test_data_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("PYRO_STEIN_SHARED_DATA", str(tmp_path))
+    assert data_dir() == tmp_path
+
+
+@pytest.mark.parametrize("task", SBIBM_TASKS)
+@pytest.mark.parametrize("num_observation", [1, 10])
+def test_sbibm_loads_and_log_joint_finite(task, num_observation):
+    rp = load_sbibm(task, num_observation)
+    assert rp.param_names == [f"theta[{i}]" for i in range(1, 11)]
+    assert rp.flat_draws().shape == (10000, 10)
+    assert rp.kwargs["obs"].shape == ((10,) if task == "gaussian_linear" else (100,))
+    for i in (0, 4321, 9999):
+        assert torch.isfinite(_log_joint(rp, i))
+
+
+@pytest.mark.parametrize("task", SBIBM_TASKS)
+def test_sbibm_simulator(task):
+    model = sbibm_model(task)
+    trace = poutine.trace(model).get_trace()
+    assert trace.nodes["theta"]["value"].shape == (10,)
+    x = trace.nodes["x"]["value"]
+    assert x.shape == ((10,) if task == "gaussian_linear" else (100,))
+    if task == "bernoulli_glm":
+        assert set(x.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_bernoulli_glm_summary_matches_observation(shared_data):
+    import numpy as np
+
+    folder = shared_data / "sbibm" / "bernoulli_glm" / "num_observation_1"
+    stats = torch.as_tensor(np.loadtxt(folder / "observation.csv", delimiter=",", skiprows=1))
+    y = load_sbibm("bernoulli_glm", 1).kwargs["obs"]
+    assert torch.allclose(bernoulli_glm_summary(y), stats, atol=1e-4)
+
+
+@pytest.mark.parametrize("num_observation", [1, 5, 10])
+def test_gaussian_linear_analytic_posterior(num_observation):
+    rp = load_sbibm("gaussian_linear", num_observation)
+    mean, cov = gaussian_linear_posterior(rp.kwargs["obs"])
+    draws = rp.draws["theta"]
+    n = draws.shape[0]
+    sd = cov.diagonal().sqrt()
+    # mean: standard error sd/sqrt(n) per coordinate
+    z_mean = (draws.mean(0) - mean) / (sd / math.sqrt(n))
+    assert z_mean.abs().max() < 5, f"sample mean off by {z_mean.abs().max():.2f} > 5 standard errors (n={n})"
+    # covariance entries: for Gaussian draws se(cov_ij) = sqrt((s_ii s_jj + s_ij^2) / n)
+    se_cov = ((cov.diagonal()[:, None] * cov.diagonal()[None, :] + cov**2) / n).sqrt()
+    z_cov = (torch.cov(draws.T) - cov) / se_cov
+    assert z_cov.abs().max() < 5, f"sample covariance off by {z_cov.abs().max():.2f} > 5 standard errors (n={n})"
+
+
+def test_c2st_same_and_different():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(500, 2, generator=g), torch.randn(500, 2, generator=g)
+    same = c2st(a, b)
+    assert 0.4 < same < 0.6, same
+    different = c2st(a, b + 4.0)
+    assert different > 0.95, different
+
+
+def test_moment_metrics_and_mmd():
+    g = torch.Generator().manual_seed(1)
+    ref = torch.randn(4000, 2, generator=g)
+    approx = 2.0 * torch.randn(4000, 2, generator=g) + torch.tensor([1.0, 0.0])
+    sme, ratio = standardized_mean_error(ref, approx), sd_ratio(ref, approx)
+    assert sme.shape == ratio.shape == (2,)
+    assert abs(sme[0] - 1.0) < 0.1 and sme[1] < 0.1
+    assert torch.allclose(ratio, torch.full((2,), 2.0), atol=0.1)
+    x, y = torch.randn(300, 2, generator=g), torch.randn(300, 2, generator=g)
+    assert abs(mmd_rbf(x, y)) < 0.02
+    assert mmd_rbf(x, y + 2.0) > 0.3
