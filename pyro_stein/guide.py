@@ -7,16 +7,18 @@ from typing import Callable, Sequence
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoContinuous
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
-from torch.distributions import biject_to, constraints
+from torch.distributions import constraints
 
 from .data import DatasetFeatures, collate_features, default_dataset_fn
 from .logjoint import LatentSite, ModelLogDensity
 from .nn import DeepSetEncoder, GaussianResidualSampler
+from .transforms import support_bijection
 
 __all__ = ["AmortizedSteinGuide", "SamplerDistribution", "init_to_mean_or_feasible"]
 
@@ -34,9 +36,17 @@ def _first_tensor(obj) -> Tensor | None:
     return None
 
 
+def _discrete_site_error(name: str, fn) -> ValueError:
+    return ValueError(
+        f"latent site {name!r} is discrete ({type(fn).__name__}); AmortizedSteinGuide handles continuous latents "
+        "only. Marginalise it out of the model (enumerate it with @pyro.infer.config_enumerate and sum it out, "
+        "e.g. with pyro.ops / a logsumexp over its values), or make it observed."
+    )
+
+
 class init_to_mean_or_feasible:
     """Initialise a site at its prior mean where that is finite and in the support, else at the
-    image of zero under ``biject_to(support)``. Never calls ``.sample()``, so sites with an
+    image of zero under ``support_bijection(support)``. Never calls ``.sample()``, so sites with an
     :class:`~pyro.distributions.ImproperUniform` prior initialise.
 
     The feasible point takes its dtype and device from the distribution's parameters, or else
@@ -48,15 +58,24 @@ class init_to_mean_or_feasible:
 
     def __call__(self, site: dict) -> Tensor:
         fn = site["fn"]
+        if fn.support.is_discrete:
+            raise _discrete_site_error(site["name"], fn)
         try:
             value = fn.mean.detach()
             if value.shape == fn.shape() and torch.isfinite(value).all() and fn.support.check(value).all():
                 return value
         except (NotImplementedError, AttributeError, RuntimeError, ValueError):
             pass
-        like = _first_tensor([getattr(fn, k, None) for k in getattr(fn, "arg_constraints", {})]) or self.like
+        like = _first_tensor([getattr(fn, k, None) for k in getattr(fn, "arg_constraints", {})])
+        like = self.like if like is None else like
         kw = {"dtype": torch.get_default_dtype()} if like is None else {"dtype": like.dtype, "device": like.device}
-        transform = biject_to(fn.support)
+        try:
+            transform = support_bijection(fn.support)
+        except NotImplementedError as e:
+            raise ValueError(
+                f"latent site {site['name']!r} has support {fn.support}, which has no bijection to real space ({e}); "
+                "reparametrise it (e.g. sample a lower-Cholesky factor instead of a positive-definite matrix)"
+            ) from None
         return transform(torch.zeros(transform.inverse_shape(fn.shape()), **kw)).detach()
 
 
@@ -96,7 +115,7 @@ class AmortizedSteinGuide(AutoContinuous):
     """A Pyro guide whose posterior draws come from a neural sampler ``z = f(noise [, dataset encoding])``.
 
     All continuous latent sites are packed into one unconstrained vector per draw (one row per
-    particle); each site is mapped to its support with ``biject_to(support)``. The guide is
+    particle); each site is mapped to its support with ``support_bijection(support)``. The guide is
     trained with :class:`~pyro_stein.AmortizedSVGD` (amortized Stein variational gradient
     descent, Wang & Liu 2016), which needs only the model's unnormalized log joint, so the
     posterior need not be Gaussian. It can replace :class:`~pyro.infer.autoguide.AutoNormal`
@@ -209,7 +228,7 @@ class AmortizedSteinGuide(AutoContinuous):
         parts = []
         self.sites = []
         for name, site in trace.iter_stochastic_nodes():
-            transform = biject_to(site["fn"].support)
+            transform = support_bijection(site["fn"].support)
             uval = transform.inv(site["value"].detach())
             self._unconstrained_shapes[name] = uval.shape
             self._cond_indep_stacks[name] = site["cond_indep_stack"]
@@ -220,12 +239,14 @@ class AmortizedSteinGuide(AutoContinuous):
         self.latent_dim = offset
         if self.latent_dim == 0:
             raise ValueError("the model has no latent sample sites; there is nothing to infer")
+        # the prototype trace hides observed and subsample sites (pyro.deterministic sites are observed): trace again
+        full = poutine.block(poutine.trace(poutine.condition(self._raw_model[0], self._init_values())).get_trace)(*args, **kwargs)
         self.subsample_plates = {
             name: (site["fn"].size, site["fn"].subsample_size)
-            for name, site in trace.nodes.items()
+            for name, site in full.nodes.items()
             if site_is_subsample(site) and site["fn"].subsample_size is not None and site["fn"].subsample_size < site["fn"].size
         }
-        self.deterministic_names = [n for n, s in trace.nodes.items() if s["type"] == "sample" and s["infer"].get("_deterministic")]
+        self.deterministic_names = [n for n, s in full.nodes.items() if s["type"] == "sample" and s["infer"].get("_deterministic")]
         self.log_density = ModelLogDensity(self._raw_model[0], self.sites, self.vectorize)
         init_loc = torch.cat(parts)
         if not torch.isfinite(init_loc).all():
@@ -237,11 +258,7 @@ class AmortizedSteinGuide(AutoContinuous):
         for name, site in trace.iter_stochastic_nodes():
             fn = site["fn"]
             if fn.support.is_discrete:
-                raise ValueError(
-                    f"latent site {name!r} is discrete ({type(fn).__name__}); AmortizedSteinGuide handles continuous "
-                    "latents only. Marginalise it out in the model (e.g. with @pyro.infer.config_enumerate and "
-                    "pyro.infer.TraceEnum_ELBO-style enumeration, or by summing it out by hand), or make it observed."
-                )
+                raise _discrete_site_error(name, fn)
             for frame in site["cond_indep_stack"]:
                 if frame.vectorized and frame.full_size is not None and frame.size < frame.full_size:
                     raise ValueError(
@@ -250,7 +267,7 @@ class AmortizedSteinGuide(AutoContinuous):
                         "Move local latents out of subsampled plates or do not subsample that plate."
                     )
             try:
-                biject_to(fn.support)
+                support_bijection(fn.support)
             except NotImplementedError as e:
                 raise ValueError(f"latent site {name!r} has support {fn.support} with no bijection to real space: {e}") from e
 
@@ -386,7 +403,7 @@ class AmortizedSteinGuide(AutoContinuous):
         result = {}
         for site, unconstrained_value in self._unpack_latent(latent):
             name = site["name"]
-            transform = biject_to(site["fn"].support)
+            transform = support_bijection(site["fn"].support)
             value = transform(unconstrained_value)
             log_density = transform.inv.log_abs_det_jacobian(value, unconstrained_value)
             log_density = sum_rightmost(log_density, log_density.dim() - value.dim() + site["fn"].event_dim)

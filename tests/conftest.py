@@ -12,6 +12,10 @@ import pyro
 import pytest
 import torch
 
+# The suite's tensors are small: intra-op threading only adds synchronisation cost (and on a loaded
+# 2-core machine OpenMP oversubscription made steps ~30x slower), so tests run single-threaded.
+torch.set_num_threads(1)
+
 DEVICE = torch.device(os.environ.get("PYRO_STEIN_DEVICE", "cpu"))
 DTYPE = getattr(torch, os.environ.get("PYRO_STEIN_DTYPE", "float64"))
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -1,0 +1,304 @@
+"""AmortizedSteinGuide and AmortizedSVGD: Pyro integration, supports, plates and error handling."""
+
+import math
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import pytest
+import torch
+from pyro.infer import Predictive
+from pyro.distributions import constraints
+
+from pyro_stein import AmortizedSteinGuide, AmortizedSVGD, NonFiniteLogJointError, RBFKernel
+from pyro_stein.logjoint import VectorizationWarning
+
+from .conftest import tensor
+
+
+def regression_model(X, y=None):
+    D = X.shape[-1]
+    scale = pyro.sample("scale", dist.HalfNormal(tensor(1.0)))
+    beta = pyro.sample("beta", dist.Normal(X.new_zeros(D), scale).to_event(1))
+    pyro.deterministic("norm", beta.pow(2).sum(-1).sqrt())
+    with pyro.plate("data", X.shape[0]):
+        return pyro.sample("y", dist.Bernoulli(logits=X @ beta), obs=y)
+
+
+def data(n=30, d=3):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64).to(tensor(0.0))
+    y = (X.sum(-1) > 0).to(X)
+    return X, y
+
+
+def trained(model, *args, steps=50, **kw):
+    guide = AmortizedSteinGuide(model, **kw)
+    svgd = AmortizedSVGD(model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=16)
+    svgd.run(steps, *args, progress_bar=False)
+    return guide, svgd
+
+
+def broadcasting_model(X, y=None):
+    """The same model written to broadcast over leading sample dims (needed for parallel=True)."""
+    D = X.shape[-1]
+    scale = pyro.sample("scale", dist.HalfNormal(tensor(1.0)))
+    beta = pyro.sample("beta", dist.Normal(X.new_zeros(D), scale.unsqueeze(-1)).to_event(1))
+    pyro.deterministic("norm", beta.pow(2).sum(-1).sqrt())
+    with pyro.plate("data", X.shape[0]):
+        return pyro.sample("y", dist.Bernoulli(logits=(X * beta.unsqueeze(-2)).sum(-1)), obs=y)
+
+
+@pytest.mark.parametrize("model, parallel", [(regression_model, False), (broadcasting_model, False), (broadcasting_model, True)])
+def test_predictive_shapes_match_autonormal(model, parallel):
+    """Predictive(model, guide=...) gives the same site shapes as with Pyro's AutoNormal."""
+    from pyro.infer import SVI, Trace_ELBO
+    from pyro.infer.autoguide import AutoNormal
+
+    X, y = data()
+    guide, _ = trained(model, X, y)
+    auto = AutoNormal(model)
+    SVI(model, auto, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO()).step(X, y)
+    ours = Predictive(model, guide=guide, num_samples=7, parallel=parallel)(X)
+    theirs = Predictive(model, guide=auto, num_samples=7, parallel=parallel)(X)
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    beta = ours["beta"].reshape(7, 3)
+    assert torch.allclose(ours["norm"].reshape(7), beta.pow(2).sum(-1).sqrt())
+    assert ours["y"].shape == (7, 30)
+
+
+def test_trace_and_replay_work_as_with_autoguides():
+    X, y = data()
+    guide, _ = trained(regression_model, X, y)
+    tr = poutine.trace(guide).get_trace(X, y)
+    assert {"scale", "beta"} <= set(tr.stochastic_nodes)
+    model_tr = poutine.trace(poutine.replay(regression_model, trace=tr)).get_trace(X, y)
+    assert torch.equal(model_tr.nodes["beta"]["value"], tr.nodes["beta"]["value"])
+    assert torch.isfinite(model_tr.log_prob_sum())
+
+
+def test_sample_posterior_median_quantiles():
+    X, y = data()
+    guide, _ = trained(regression_model, X, y)
+    s = guide.sample_posterior(100, X, y)
+    assert set(s) == {"scale", "beta", "norm"}
+    assert s["beta"].shape == (100, 3) and s["scale"].shape == (100,) and s["norm"].shape == (100,)
+    assert (s["scale"] > 0).all()
+    q = guide.quantiles([0.1, 0.5, 0.9], X, y)
+    assert q["beta"].shape == (3, 3) and (q["beta"][0] <= q["beta"][2]).all()
+    assert guide.median(X, y)["scale"].shape == ()
+    with pytest.raises(ValueError, match="num_samples"):
+        guide.sample_posterior(0, X, y)
+
+
+def test_default_sampler_starts_gaussian_at_init():
+    X, y = data()
+    guide = AmortizedSteinGuide(regression_model, init_scale=0.1).setup(X, y)
+    z = guide.draw(20_000)
+    # At step 0 the sampler is loc + 0.1 * noise exactly (the residual MLP's last layer is zero).
+    assert torch.allclose(z.std(0), torch.full_like(z[0], 0.1), rtol=0.05)
+
+
+@pytest.mark.parametrize(
+    "prior",
+    [
+        lambda: dist.LogNormal(tensor(0.0), tensor(1.0)),
+        lambda: dist.Beta(tensor(2.0), tensor(3.0)),
+        lambda: dist.Dirichlet(tensor([1.0, 2.0, 3.0])),
+        lambda: dist.LKJCholesky(3, tensor(2.0)),
+        lambda: dist.Uniform(tensor(-1.0), tensor(2.0)),
+        lambda: dist.ImproperUniform(constraints.ordered_vector, (), (3,)),
+        lambda: dist.ImproperUniform(constraints.lower_cholesky, (), (2, 2)),
+        lambda: dist.ImproperUniform(constraints.positive_definite, (), (2, 2)),
+    ],
+)
+def test_constrained_supports_train_and_stay_in_support(prior):
+    def model():
+        x = pyro.sample("x", prior())
+        pyro.factor("soft", -0.5 * x.pow(2).sum())  # makes improper priors proper
+
+    guide, _ = trained(model, steps=30)
+    s = guide.sample_posterior(200)["x"]
+    support = prior().support
+    assert torch.isfinite(s).all()
+    assert support.check(s).all()
+
+
+def test_improper_uniform_regression_trains_without_nans():
+    """Flat prior on beta: Pyro's autoguides cannot initialise this (their init samples the prior)."""
+    X, _ = data(50, 2)
+    yc = X @ tensor([1.0, -2.0]) + 0.3 * torch.randn(50, dtype=X.dtype, device=X.device)
+
+    def model(X, y):
+        beta = pyro.sample("beta", dist.ImproperUniform(constraints.real, (), (2,)))
+        sigma = pyro.sample("sigma", dist.HalfCauchy(tensor(2.5)))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(X @ beta, sigma), obs=y)
+
+    guide, _ = trained(model, X, yc, steps=400)
+    beta = guide.sample_posterior(2000, X, yc)["beta"]
+    ols = torch.linalg.lstsq(X, yc.unsqueeze(-1)).solution.squeeze(-1)
+    assert torch.isfinite(beta).all()
+    assert (beta.mean(0) - ols).abs().max() < 0.2, "posterior mean under a flat prior should be near OLS"
+
+
+def test_eight_schools_funnel_trains_without_nans():
+    y = tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
+    sigma = tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+
+    def model(sigma, y):
+        mu = pyro.sample("mu", dist.Normal(tensor(0.0), tensor(5.0)))
+        tau = pyro.sample("tau", dist.HalfCauchy(tensor(5.0)))
+        with pyro.plate("school", len(y)):
+            theta_trans = pyro.sample("theta_trans", dist.Normal(tensor(0.0), tensor(1.0)))
+            theta = pyro.deterministic("theta", mu + tau * theta_trans)
+            pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+    guide, _ = trained(model, sigma, y, steps=300)
+    s = guide.sample_posterior(500, sigma, y)
+    assert all(torch.isfinite(v).all() for v in s.values())
+    assert s["theta"].shape == (500, 8)
+
+
+def test_subsampled_plate_is_scaled_and_shared_by_particles():
+    """With subsample_size the log joint is the unbiased, scaled minibatch estimate, and every
+    particle of a step sees the same minibatch."""
+    y = torch.arange(10).to(tensor(0.0))
+
+    def model(y, subsample_size=None):
+        mu = pyro.sample("mu", dist.Normal(tensor(0.0), tensor(10.0)))
+        with pyro.plate("data", len(y), subsample_size=subsample_size) as idx:
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y[idx])
+
+    guide = AmortizedSteinGuide(model).setup(y, 5)
+    assert guide.subsample_plates == {"data": (10, 5)}
+    svgd = AmortizedSVGD(model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=4)
+    svgd.step(y, 5)
+    ld = svgd._log_density
+    u = tensor([[1.0], [1.0]])
+    pyro.set_rng_seed(3)
+    lp = ld.log_density(u, (y, 5))
+    assert lp[0] == lp[1], "both particles must see the same minibatch"
+    full = ld.log_density(u[:1], (y, None))[0]
+    mean_est = torch.stack([ld.log_density(u[:1], (y, 5))[0] for _ in range(400)]).mean()
+    prior = dist.Normal(tensor(0.0), tensor(10.0)).log_prob(tensor(1.0))
+    # the minibatch estimate is unbiased: its mean over 400 draws matches the full log joint
+    per_draw_sd = torch.stack([ld.log_density(u[:1], (y, 5))[0] for _ in range(100)]).std()
+    se = per_draw_sd / math.sqrt(400)
+    assert (mean_est - full).abs() < 5 * se, f"minibatch log joint biased by {(mean_est - full).item():.3f} (5 s.e. = {5 * se:.3f})"
+    assert full - prior < 0
+
+
+def test_non_vectorizable_model_falls_back_to_loop_with_same_values():
+    y = tensor([0.5, 1.5])
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(tensor(0.0), tensor(1.0)))
+        if mu.item() > 100:  # data-dependent Python control flow: not vmappable
+            raise RuntimeError
+        pyro.sample("y", dist.Normal(mu, 1.0).expand([2]).to_event(1), obs=y)
+
+    guide = AmortizedSteinGuide(model).setup(y)
+    svgd = AmortizedSVGD(model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=4)
+    with pytest.warns(VectorizationWarning, match="loop"):
+        svgd.step(y)
+    u = tensor([[0.3], [-1.0]])
+    lp = svgd._log_density.log_density(u, (y,))
+    exact = dist.Normal(0.0, 1.0).log_prob(u[:, 0]) + dist.Normal(u, 1.0).log_prob(y).sum(-1)
+    assert torch.allclose(lp, exact)
+
+
+def test_vmap_and_loop_agree_on_a_matrix_model():
+    X, y = data()
+    guide = AmortizedSteinGuide(regression_model).setup(X, y)
+    from pyro_stein.logjoint import ModelLogDensity
+
+    u = torch.randn(5, guide.latent_dim, dtype=X.dtype, device=X.device)
+    a = ModelLogDensity(regression_model, guide.sites, "vmap").log_density_and_score(u, (X, y))
+    b = ModelLogDensity(regression_model, guide.sites, "loop").log_density_and_score(u, (X, y))
+    assert torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1])
+
+
+def test_log_density_includes_log_jacobian():
+    def model():
+        pyro.sample("x", dist.Gamma(tensor(3.0), tensor(1.0)))
+
+    guide = AmortizedSteinGuide(model).setup()
+    from pyro_stein.logjoint import ModelLogDensity
+
+    u = tensor([[0.2], [1.1]])
+    lp = ModelLogDensity(model, guide.sites).log_density(u)
+    exact = dist.Gamma(3.0, 1.0).log_prob(u.exp()).squeeze(-1) + u.squeeze(-1)
+    assert torch.allclose(lp, exact)
+
+
+# ---------------------------------------------------------------------------- errors
+def test_discrete_latent_site_error_names_site():
+    def model():
+        pyro.sample("k", dist.Categorical(tensor([0.3, 0.7])))
+
+    with pytest.raises(ValueError, match=r"'k'.*config_enumerate"):
+        AmortizedSteinGuide(model).setup()
+
+
+def test_support_without_bijection_error_names_site():
+    def model():
+        pyro.sample("cov", dist.ImproperUniform(constraints.positive_semidefinite, (), (2, 2)))
+
+    with pytest.raises(ValueError, match=r"'cov'.*no bijection"):
+        AmortizedSteinGuide(model).setup()
+
+
+def test_bad_driver_arguments():
+    X, y = data()
+    guide = AmortizedSteinGuide(regression_model)
+    with pytest.raises(TypeError, match="PyroOptim"):
+        AmortizedSVGD(regression_model, guide, torch.optim.Adam)
+    with pytest.raises(ValueError, match="num_particles"):
+        AmortizedSVGD(regression_model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=1)
+    with pytest.raises(TypeError, match="kernel"):
+        AmortizedSVGD(regression_model, guide, pyro.optim.Adam({"lr": 1e-2}), kernel=lambda x: x)
+    with pytest.raises(TypeError, match="AmortizedSteinGuide"):
+        AmortizedSVGD(regression_model, object(), pyro.optim.Adam({"lr": 1e-2}))
+    with pytest.raises(TypeError, match="nn.Module"):
+        AmortizedSteinGuide(regression_model, sampler=lambda e: e)
+
+
+def test_custom_sampler_with_wrong_dim_is_rejected():
+    X, y = data()
+
+    class Tiny(torch.nn.Module):
+        noise_dim, latent_dim = 2, 2
+
+        def forward(self, noise, context=None):
+            return noise
+
+    with pytest.raises(ValueError, match="pack into 4"):
+        AmortizedSteinGuide(regression_model, sampler=Tiny()).setup(X, y)
+
+
+def test_non_finite_log_joint_names_site_and_leaves_params_unchanged():
+    y = tensor([1.0, 2.0])
+
+    def model(y, bad=False):
+        mu = pyro.sample("mu", dist.Normal(tensor(0.0), tensor(1.0)))
+        scale = pyro.sample("scale", dist.HalfNormal(tensor(1.0)))
+        pyro.sample("y", dist.Normal(mu, scale * (0.0 if bad else 1.0)).expand([2]).to_event(1), obs=y)
+
+    guide, svgd = trained(model, y, steps=3)
+    before = {k: v.detach().clone() for k, v in guide.state_dict().items()}
+    with pytest.raises(NonFiniteLogJointError, match="'y'") as err:
+        svgd.step(y, True)
+    assert isinstance(err.value, ValueError)
+    after = guide.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "parameters changed by a failed step"
+
+
+def test_kernel_choice_is_used():
+    X, y = data()
+    guide = AmortizedSteinGuide(regression_model)
+    svgd = AmortizedSVGD(regression_model, guide, pyro.optim.Adam({"lr": 1e-2}), kernel=RBFKernel(bandwidth_factor=2.0), num_particles=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isfinite(svgd.step(X, y))
