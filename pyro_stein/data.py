@@ -189,6 +189,10 @@ class PriorPredictiveStream:
 
     def sample(self) -> Dataset:
         """One simulated dataset."""
+        return self.sample_with_latents()[0]
+
+    def sample_with_latents(self) -> tuple[Dataset, dict[str, Tensor]]:
+        """One simulated dataset and the latent values it was simulated from (for SBC)."""
         d = as_dataset(self.make_args())
         tr = poutine.trace(self.model).get_trace(*d.args, **d.kwargs)
         kwargs = dict(d.kwargs)
@@ -196,7 +200,8 @@ class PriorPredictiveStream:
             if site not in tr.nodes:
                 raise ValueError(f"obs_kwargs names site {site!r}, which the model does not have")
             kwargs[kw] = tr.nodes[site]["value"].detach()
-        return Dataset(*d.args, **kwargs)
+        latents = {name: site["value"].detach() for name, site in tr.iter_stochastic_nodes() if name not in self.obs_kwargs}
+        return Dataset(*d.args, **kwargs), latents
 
     def batches(self, batch_size: int) -> Iterator[list[Dataset]]:
         """Endless batches of ``batch_size`` datasets."""

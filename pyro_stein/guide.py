@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.distributions import constraints
 
 from .data import DatasetFeatures, collate_features, default_dataset_fn
-from .logjoint import LatentSite, ModelLogDensity
+from .logjoint import LatentSite, ModelLogDensity, latent_sites_from_trace, pack
 from .nn import DeepSetEncoder, GaussianResidualSampler
 from .transforms import support_bijection
 
@@ -200,6 +200,7 @@ class AmortizedSteinGuide(AutoContinuous):
         self.sites: list[LatentSite] = []
         self.subsample_plates: dict[str, tuple[int, int]] = {}
         self.deterministic_names: list[str] = []
+        self._network_configs: dict = {}
 
     # ------------------------------------------------------------------ setup
     def setup(self, *args, **kwargs) -> "AmortizedSteinGuide":
@@ -222,20 +223,18 @@ class AmortizedSteinGuide(AutoContinuous):
         super(AutoContinuous, self)._setup_prototype(*args, **kwargs)
         trace = self.prototype_trace
         self._check_sites(trace)
-        self._unconstrained_shapes = {}
-        self._cond_indep_stacks = {}
-        offset = 0
-        parts = []
-        self.sites = []
-        for name, site in trace.iter_stochastic_nodes():
-            transform = support_bijection(site["fn"].support)
-            uval = transform.inv(site["value"].detach())
-            self._unconstrained_shapes[name] = uval.shape
-            self._cond_indep_stacks[name] = site["cond_indep_stack"]
-            s = LatentSite(name, site["value"].shape, uval.shape, transform, offset, site["fn"].event_dim, site["cond_indep_stack"])
-            self.sites.append(s)
-            offset += s.size
-            parts.append(uval.reshape(-1))
+        self.sites = latent_sites_from_trace(trace)
+        self._unconstrained_shapes = {s.name: s.unconstrained_shape for s in self.sites}
+        self._cond_indep_stacks = {s.name: s.cond_indep_stack for s in self.sites}
+        offset = sum(s.size for s in self.sites)
+        expected = self._network_configs.get("sites")
+        layout = [[s.name, list(s.shape), list(s.unconstrained_shape)] for s in self.sites]
+        if expected is not None and layout != expected:
+            self.prototype_trace = None
+            raise ValueError(
+                f"the model's latent sites {layout} do not match the saved guide's {expected}: load it with the same "
+                "model and example arguments of the same shapes"
+            )
         self.latent_dim = offset
         if self.latent_dim == 0:
             raise ValueError("the model has no latent sample sites; there is nothing to infer")
@@ -248,7 +247,7 @@ class AmortizedSteinGuide(AutoContinuous):
         }
         self.deterministic_names = [n for n, s in full.nodes.items() if s["type"] == "sample" and s["infer"].get("_deterministic")]
         self.log_density = ModelLogDensity(self._raw_model[0], self.sites, self.vectorize)
-        init_loc = torch.cat(parts)
+        init_loc = pack(self._init_values(), self.sites, batch_dims=0)
         if not torch.isfinite(init_loc).all():
             bad = [s.name for s in self.sites if not torch.isfinite(init_loc[s.offset : s.offset + s.size]).all()]
             raise ValueError(f"the initial value of site(s) {bad} is not finite in unconstrained space; pass a different init_loc_fn")
@@ -277,7 +276,8 @@ class AmortizedSteinGuide(AutoContinuous):
             feats = self.dataset_features(*args, **kwargs)
             encoder = self._user_encoder
             if encoder is None:
-                encoder = DeepSetEncoder(feats.features.shape[-1], output_dim=self.context_dim)
+                cfg = self._network_configs.get("encoder") or {"feature_dim": feats.features.shape[-1], "output_dim": self.context_dim}
+                encoder = DeepSetEncoder(**cfg)
                 encoder.to(dtype=init_loc.dtype, device=init_loc.device)
                 encoder.set_standardization(feats.features, feats.mask)
             self.encoder = encoder
@@ -285,7 +285,10 @@ class AmortizedSteinGuide(AutoContinuous):
             context_dim = int(getattr(encoder, "output_dim", self.context_dim))
         sampler = self._user_sampler
         if sampler is None:
-            sampler = GaussianResidualSampler(self.latent_dim, context_dim=context_dim, init_loc=init_loc, init_scale=self.init_scale)
+            cfg = self._network_configs.get("sampler") or {
+                "latent_dim": self.latent_dim, "context_dim": context_dim, "init_scale": self.init_scale
+            }
+            sampler = GaussianResidualSampler(**cfg, init_loc=init_loc)
         else:
             for attr in ("noise_dim", "latent_dim"):
                 if not isinstance(getattr(sampler, attr, None), int):
@@ -296,6 +299,61 @@ class AmortizedSteinGuide(AutoContinuous):
                     f"{self.latent_dim} unconstrained dims ({[(s.name, tuple(s.unconstrained_shape)) for s in self.sites]})"
                 )
         self.sampler = sampler
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path) -> None:
+        """Save weights, configuration and library version (no pickled code) to ``path``.
+
+        Restore with :meth:`load`. Custom samplers/encoders are saved by weights only: pass an
+        instance of the same class to :meth:`load`.
+        """
+        from . import __version__
+
+        if self.prototype_trace is None:
+            raise ValueError("the guide has no parameters yet: call guide.setup(*example_args) or train it before save()")
+        payload = {
+            "format": "pyro_stein.AmortizedSteinGuide",
+            "format_version": 1,
+            "pyro_stein_version": __version__,
+            "config": {
+                "init_scale": self.init_scale,
+                "amortized": self.amortized,
+                "context_dim": self.context_dim,
+                "vectorize": self.vectorize,
+                "num_summary_samples": self.num_summary_samples,
+                "sites": [[s.name, list(s.shape), list(s.unconstrained_shape)] for s in self.sites],
+                "sampler": getattr(self.sampler, "config", None) if self._user_sampler is None else None,
+                "encoder": getattr(self.encoder, "config", None) if self.amortized and self._user_encoder is None else None,
+                "sampler_class": type(self.sampler).__name__,
+            },
+            "state_dict": {k: v.detach() for k, v in self.state_dict().items()},
+        }
+        torch.save(payload, path)
+
+    @classmethod
+    def load(cls, path, model, *args, map_location=None, sampler=None, encoder=None, dataset_fn=None, **kwargs):
+        """Rebuild a guide saved with :meth:`save` for ``model``, set up with example ``*args, **kwargs``.
+
+        ``map_location`` is passed to :func:`torch.load` (e.g. ``"cpu"`` to load a GPU-trained guide
+        on a CPU-only machine); the rebuilt guide lives on the device of the example arguments.
+        """
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") != "pyro_stein.AmortizedSteinGuide":
+            raise ValueError(f"{path!r} is not a file written by AmortizedSteinGuide.save()")
+        cfg = payload["config"]
+        if cfg["sampler"] is None and sampler is None:
+            raise ValueError(f"the guide was saved with a custom sampler ({cfg['sampler_class']}); pass sampler=<an instance of it>")
+        if cfg["amortized"] and cfg["encoder"] is None and encoder is None:
+            raise ValueError("the guide was saved with a custom encoder; pass encoder=<an instance of it>")
+        guide = cls(
+            model, sampler=sampler, encoder=encoder, dataset_fn=dataset_fn, init_scale=cfg["init_scale"],
+            amortized=cfg["amortized"], context_dim=cfg["context_dim"], vectorize=cfg["vectorize"],
+            num_summary_samples=cfg["num_summary_samples"],
+        )
+        guide._network_configs = {"sampler": cfg["sampler"], "encoder": cfg["encoder"], "sites": cfg["sites"]}
+        guide.setup(*args, **kwargs)
+        guide.load_state_dict(payload["state_dict"])
+        return guide
 
     # ------------------------------------------------------------------ datasets
     def dataset_features(self, *args, **kwargs) -> DatasetFeatures:

@@ -21,7 +21,15 @@ import torch
 from torch import Tensor
 from torch.distributions import Transform
 
-__all__ = ["LatentSite", "ModelLogDensity", "NonFiniteLogJointError", "VectorizationWarning"]
+__all__ = [
+    "LatentSite",
+    "ModelLogDensity",
+    "NonFiniteLogJointError",
+    "VectorizationWarning",
+    "latent_sites_from_trace",
+    "pack",
+    "unpack",
+]
 
 
 class NonFiniteLogJointError(ValueError):
@@ -55,6 +63,30 @@ class LatentSite:
     @property
     def size(self) -> int:
         return int(torch.Size(self.unconstrained_shape).numel())
+
+
+def latent_sites_from_trace(trace) -> list[LatentSite]:
+    """The packing of a trace's unobserved sample sites into one unconstrained vector (trace order)."""
+    from .transforms import support_bijection
+
+    sites, offset = [], 0
+    for name, site in trace.iter_stochastic_nodes():
+        transform = support_bijection(site["fn"].support)
+        ushape = transform.inv(site["value"].detach()).shape
+        s = LatentSite(name, site["value"].shape, ushape, transform, offset, site["fn"].event_dim, site["cond_indep_stack"])
+        sites.append(s)
+        offset += s.size
+    return sites
+
+
+def pack(values: dict[str, Tensor], sites: Sequence[LatentSite], batch_dims: int = 1) -> Tensor:
+    """Inverse of :func:`unpack`: constrained values ``{name: (*batch, *shape)}`` -> ``(*batch, D)``."""
+    parts = []
+    for s in sites:
+        v = values[s.name]
+        batch = v.shape[:batch_dims]
+        parts.append(s.transform.inv(v).reshape(batch + (-1,)))
+    return torch.cat(parts, -1)
 
 
 def unpack(u: Tensor, sites: Sequence[LatentSite]) -> dict[str, tuple[Tensor, Tensor]]:

@@ -75,6 +75,11 @@ class GaussianResidualSampler(nn.Module):
         if affine not in ("auto", "full", "diag"):
             raise ValueError(f"affine must be 'auto', 'full' or 'diag', got {affine!r}")
         D = latent_dim
+        hidden_dim = hidden_dim or min(512, max(64, 2 * D))
+        self.config = {
+            "latent_dim": D, "noise_dim": noise_dim, "context_dim": context_dim, "hidden_dim": hidden_dim,
+            "num_layers": num_layers, "init_scale": init_scale, "affine": affine, "max_amortized_tril": max_amortized_tril,
+        }
         self.latent_dim = D
         self.noise_dim = D if noise_dim is None else int(noise_dim)
         self.context_dim = context_dim
@@ -90,7 +95,6 @@ class GaussianResidualSampler(nn.Module):
             self.scale = nn.Parameter(init_scale * torch.eye(D, self.noise_dim, **kw))
         else:
             self.scale = nn.Parameter(torch.full((D,), math.log(init_scale), **kw))
-        hidden_dim = hidden_dim or min(512, max(64, 2 * D))
         self.residual = mlp(self.noise_dim + context_dim, hidden_dim, D, num_layers, zero_last=True).to(**kw)
         self.amortized_tril = context_dim > 0 and affine == "full" and D <= max_amortized_tril
         if context_dim:
@@ -154,6 +158,7 @@ class DeepSetEncoder(nn.Module):
         super().__init__()
         if not isinstance(feature_dim, int) or feature_dim < 1:
             raise ValueError(f"feature_dim must be a positive int, got {feature_dim!r}")
+        self.config = {"feature_dim": feature_dim, "output_dim": output_dim, "hidden_dim": hidden_dim, "num_layers": num_layers}
         self.feature_dim = feature_dim
         self.output_dim = output_dim
         self.phi = mlp(feature_dim, hidden_dim, hidden_dim, num_layers)

@@ -1,0 +1,1 @@
+"""Benchmark support: reference posteriors (:mod:`benchmarks.models`) and accuracy metrics (:mod:`benchmarks.metrics`)."""
