@@ -6,6 +6,7 @@ variational gradient, as a Pyro guide (:class:`AmortizedSteinGuide`) with an Inf
 """
 
 from .data import Dataset, PriorPredictiveStream
+from .ebm import AmortizedMLE, ContrastiveDivergence, GaussianBernoulliRBM
 from .guide import AmortizedSteinGuide
 from .infer import AmortizedSVGD, refine
 from .kernels import IMQKernel, RadialKernel, RBFKernel
@@ -15,9 +16,12 @@ from .stein import ksd, stein_direction
 __version__ = "0.1.0"
 
 __all__ = [
+    "AmortizedMLE",
     "AmortizedSVGD",
     "AmortizedSteinGuide",
+    "ContrastiveDivergence",
     "Dataset",
+    "GaussianBernoulliRBM",
     "IMQKernel",
     "NonFiniteLogJointError",
     "PriorPredictiveStream",

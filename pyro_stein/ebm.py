@@ -871,7 +871,7 @@ def _run_batches(step, data, labels, num_steps, batch_size, progress_bar, genera
         diag = step(data[idx], None if labels is None else labels[idx])
         history.append(diag)
         if progress_bar and (t % 10 == 0 or t == num_steps - 1):
-            bar.set_postfix({k: f"{v:.3g}" for k, v in diag.items() if k in ("contrastive_loss", "ksd")})
+            bar.set_postfix({k: f"{v:.3g}" for k, v in diag.items() if k in ("contrastive_loss", "ksd") and not math.isnan(v)})
         if callback is not None:
             callback(t, diag)
     bar.close()
