@@ -24,11 +24,12 @@ class Dataset:
     Example: ``Dataset(X, y=y)`` for ``model(X, y=None)``.
     """
 
-    __slots__ = ("args", "kwargs")
+    __slots__ = ("args", "kwargs", "cache")
 
     def __init__(self, *args: Any, **kwargs: Any):
         self.args = tuple(args)
         self.kwargs = dict(kwargs)
+        self.cache: dict = {}  # per-guide derived data (e.g. encoder features); not part of the dataset
 
     def __repr__(self) -> str:
         def fmt(v):

@@ -45,11 +45,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .data import Dataset, as_dataset, collate_features
+from .data import Dataset, as_dataset
 from .guide import AmortizedSteinGuide
 from .infer import AmortizedSVGD, _register_params
-from .logjoint import ModelLogDensity, NonFiniteLogJointError
-from .stein import ksd_from_matrices, stein_direction_from_matrices
+from .logjoint import NonFiniteLogJointError
 
 __all__ = [
     "DistributedAmortizedSVGD",
@@ -225,10 +224,10 @@ class DistributedAmortizedSVGD(AmortizedSVGD):
     * before the first update (after ``guide.setup``), rank 0's parameters *and buffers* (e.g.
       the encoder's feature standardisation, which setup fits on each rank's first dataset) are
       broadcast to all ranks;
-    * each update, every rank computes its surrogate loss on its own datasets, then one
-      ``all_reduce`` sums ``[B_r * grad_r, B_r, B_r * KSD_r, failed_r]``; the gradient used is
-      ``sum_r B_r grad_r / sum_r B_r`` (the single-process gradient on all ``sum_r B_r``
-      datasets) and the returned diagnostic is the mean ``KSD^2`` over all ranks' datasets;
+    * each update, every rank runs :meth:`AmortizedSVGD._update` on its own datasets; just before
+      the optimiser step one ``all_reduce`` sums ``[B_r * grad_r, has_grad_r, B_r, failed_r]`` and
+      the gradient used is ``sum_r B_r grad_r / sum_r B_r`` (the single-process gradient on all
+      ``sum_r B_r`` datasets). The returned ``KSD^2`` diagnostic is this rank's own;
     * if any rank fails (non-finite log joint or gradient), every rank raises and no rank
       updates, so the ranks neither diverge nor hang in a collective.
 
@@ -254,77 +253,60 @@ class DistributedAmortizedSVGD(AmortizedSVGD):
         broadcast_module(self.guide)
         self._synced = True
 
-    # The base class computes loss, backward and optimiser step in one method (AmortizedSVGD._update);
-    # the reduction has to sit between backward and the finiteness check, so the local part is redone here.
-    def _surrogate(self, datasets: Sequence[Dataset]) -> tuple[Tensor, Tensor]:
-        guide = self.guide
-        if self._log_density is None:
-            self._log_density = ModelLogDensity(self.model, guide.sites, guide.vectorize)
-        if guide.amortized:
-            feats = collate_features([guide._features_of(d) for d in datasets])
-            z = guide.draw(self.num_particles, guide.encode(feats))  # (B, n, D)
-        else:
-            if len(datasets) != 1:
-                raise ValueError("a non-amortized guide trains on one dataset; build the guide with amortized=True")
-            z = guide.draw(self.num_particles)
-        score = self._scores(z, datasets)
-        zd = z.detach()
-        km = self.kernel.matrices(zd)
-        phi = stein_direction_from_matrices(zd, score, km, self.leave_one_out)
-        stat = ksd_from_matrices(zd, score, km).mean().detach()
-        return -(z * phi).sum(-1).mean(), stat
-
+    # The base class's _update does loss, backward, a finiteness check and then calls self.optim(params).
+    # It is reused unchanged: for the duration of one update self.optim is swapped for _reduce_then_step,
+    # which averages the gradients over ranks before the real optimiser step. A rank whose local update
+    # raises (non-finite log joint or gradient) still joins that step's one all_reduce, flagged as
+    # failed, so every rank raises together instead of the others hanging in the collective.
     def _update(self, datasets: Sequence[Dataset]) -> Tensor:
         guide = self.guide
         guide.setup(*datasets[0].args, **datasets[0].kwargs)
         if not self._synced:
             self.sync_parameters()
-        params = _register_params(guide)
-        for p in params:
-            p.grad = None
-        error: BaseException | None = None
-        weight = float(len(datasets))
+        real_optim, self._weight, self._reduced = self.optim, float(len(datasets)), False
+        self.optim = lambda params: self._reduce_then_step(real_optim, params)
         try:
-            loss, stat = self._surrogate(datasets)
-            loss.backward()
-        except (ValueError, RuntimeError) as e:  # NonFiniteLogJointError is a ValueError
-            if not _active():
-                raise
-            error, stat = e, torch.zeros(())
-        total = weight
-        if _active():
-            # a parameter without a gradient on this rank contributes zeros, so every rank updates every parameter
-            like = params[0]
-            grads = [torch.zeros_like(p) if (p.grad is None or error is not None) else p.grad for p in params]
-            flat = torch.cat([g.reshape(-1) * weight for g in grads])
-            extra = torch.tensor([weight, weight * float(stat), float(error is not None)], dtype=like.dtype, device=like.device)
-            flat = torch.cat([flat, extra])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            total, stat_sum, failed = (float(v) for v in flat[-3:])
-            if failed:
-                for p in params:
-                    p.grad = None
-                if error is not None:
-                    raise error
-                raise NonFiniteLogJointError(
-                    f"{int(failed)} other rank(s) failed this step (see their error); no rank updated its parameters"
-                )
-            offset = 0
-            for p in params:
-                p.grad = flat[offset : offset + p.numel()].view_as(p) / total
-                offset += p.numel()
-            stat = torch.tensor(stat_sum / total)
-        bad = [n for n, p in guide.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-        if bad:
+            stat = super()._update(datasets)
+        except Exception:
+            if _active() and not self._reduced:
+                self._all_reduce_grads(failed=True)  # let the other ranks know, then raise here too
+            raise
+        finally:
+            self.optim = real_optim
+        return stat
+
+    def _all_reduce_grads(self, failed: bool = False) -> tuple[float, list[Tensor]]:
+        """Sum ``[B * grad, has_grad, B, failed]`` over ranks; returns (total B, params with a gradient)."""
+        self._reduced = True
+        params = _register_params(self.guide)
+        like = params[0]
+        w = self._weight
+        grads = [torch.zeros_like(p) if (failed or p.grad is None) else p.grad * w for p in params]
+        has = [0.0 if (failed or p.grad is None) else 1.0 for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor(has + [w, float(failed)], dtype=like.dtype, device=like.device)])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        total, num_failed = float(flat[-2]), int(flat[-1])
+        if num_failed:
             for p in params:
                 p.grad = None
-            raise NonFiniteLogJointError(f"non-finite gradient for guide parameters {bad}; the parameters were not updated")
-        self.optim([p for p in params if p.grad is not None])
-        for p in params:
-            p.grad = None
-        self.num_steps += 1
+            if failed:
+                return total, []
+            raise NonFiniteLogJointError(f"{num_failed} other rank(s) failed this step (see their error); no rank updated its parameters")
+        offset, with_grad = 0, []
+        for k, p in enumerate(params):
+            if flat[-2 - len(params) + k] > 0:
+                p.grad = flat[offset : offset + p.numel()].view_as(p) / total
+                with_grad.append(p)
+            offset += p.numel()
+        return total, with_grad
+
+    def _reduce_then_step(self, real_optim, params: list[Tensor]) -> None:
+        if _active():
+            total, params = self._all_reduce_grads()
+        else:
+            total = self._weight
+        real_optim(params)
         self.datasets_seen += int(round(total))
-        return stat
 
     def run(self, num_steps: int, *args, progress_bar: bool = True, **kwargs) -> list[float]:
         """As :meth:`AmortizedSVGD.run`; ``batch_size`` is per rank and only rank 0 shows progress."""

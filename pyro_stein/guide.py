@@ -446,8 +446,12 @@ class AmortizedSteinGuide(AutoContinuous):
         return self._unpack_constrained(z)
 
     def _features_of(self, dataset) -> Tensor:
-        f = self.dataset_features(*dataset.args, **dataset.kwargs)
-        return f.features[0, : int(f.mask[0].sum())]
+        key = ("features", id(self))
+        feats = dataset.cache.get(key)
+        if feats is None:
+            f = self.dataset_features(*dataset.args, **dataset.kwargs)
+            feats = dataset.cache[key] = f.features[0, : int(f.mask[0].sum())]
+        return feats
 
     def sample_latent(self, *args, **kwargs):
         return pyro.sample(f"_{self._pyro_name}_latent", self.get_posterior(*args, **kwargs), infer={"is_auxiliary": True})

@@ -63,6 +63,11 @@ class AmortizedSVGD:
     :param RadialKernel kernel: default :class:`~pyro_stein.RBFKernel` (median heuristic).
     :param int num_particles: particles per dataset per step (at least 2).
     :param bool leave_one_out: use the leave-one-out Stein direction (default ``True``).
+    :param str precondition: ``"variance"`` multiplies each dataset's direction by its particles'
+        per-coordinate variance (detached), so every dataset contributes in units of its own
+        posterior sd; without it, datasets with concentrated posteriors (large scores) dominate
+        the shared weights of an amortized guide. A positive diagonal rescaling keeps the fixed
+        point (``phi = 0`` for every dataset). ``"auto"`` (default): on for amortized guides.
 
     References:
 
@@ -78,6 +83,7 @@ class AmortizedSVGD:
         kernel: RadialKernel | None = None,
         num_particles: int = 64,
         leave_one_out: bool = True,
+        precondition: str | None = "auto",
     ):
         if not callable(model):
             raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
@@ -99,6 +105,9 @@ class AmortizedSVGD:
         self.kernel = kernel
         self.num_particles = num_particles
         self.leave_one_out = bool(leave_one_out)
+        if precondition not in ("auto", "variance", None):
+            raise ValueError(f"precondition must be 'auto', 'variance' or None, got {precondition!r}")
+        self.precondition = precondition
         self.num_steps = 0
         self._log_density: ModelLogDensity | None = None
 
@@ -138,6 +147,9 @@ class AmortizedSVGD:
         km = self.kernel.matrices(zd)
         phi = stein_direction_from_matrices(zd, score, km, self.leave_one_out)
         stat = ksd_from_matrices(zd, score, km).mean().detach()
+        if self.precondition == "variance" or (self.precondition == "auto" and guide.amortized):
+            # per-dataset, per-coordinate scale: each dataset moves in units of its own posterior sd
+            phi = phi * zd.var(-2, keepdim=True)
         loss = -(z * phi).sum(-1).mean()
         for p in params:
             p.grad = None

@@ -139,7 +139,7 @@ class GaussianResidualSampler(nn.Module):
 
 
 class DeepSetEncoder(nn.Module):
-    """Permutation-invariant encoder of a dataset: ``rho([mean_i phi(x_i), log n])``.
+    """Permutation-invariant encoder of a dataset: ``[rho([mean_i phi(x_i), log n]), log n]``.
 
     Accepts a batch of datasets of different sizes padded to a common length with a boolean
     ``mask`` (``True`` for real observations). Features are standardised with fixed statistics
@@ -158,11 +158,15 @@ class DeepSetEncoder(nn.Module):
         super().__init__()
         if not isinstance(feature_dim, int) or feature_dim < 1:
             raise ValueError(f"feature_dim must be a positive int, got {feature_dim!r}")
+        if not isinstance(output_dim, int) or output_dim < 2:
+            raise ValueError(f"output_dim must be an int >= 2 (the last coordinate is log n), got {output_dim!r}")
         self.config = {"feature_dim": feature_dim, "output_dim": output_dim, "hidden_dim": hidden_dim, "num_layers": num_layers}
         self.feature_dim = feature_dim
         self.output_dim = output_dim
         self.phi = mlp(feature_dim, hidden_dim, hidden_dim, num_layers)
-        self.rho = mlp(hidden_dim + 1, hidden_dim, output_dim, num_layers)
+        # the last context coordinate is log n itself: dataset size is the main driver of posterior
+        # concentration, and passing it through lets the sampler's heads scale draws by it directly
+        self.rho = mlp(hidden_dim + 1, hidden_dim, output_dim - 1, num_layers)
         self.register_buffer("feature_loc", torch.zeros(feature_dim))
         self.register_buffer("feature_scale", torch.ones(feature_dim))
 
@@ -190,4 +194,4 @@ class DeepSetEncoder(nn.Module):
             raise ValueError("a dataset has no observations (empty dataset); every dataset needs at least one")
         h = self.phi((features - self.feature_loc) / self.feature_scale)
         h = (h * mask.unsqueeze(-1).to(h.dtype)).sum(-2) / count
-        return self.rho(torch.cat([h, count.log()], -1))
+        return torch.cat([self.rho(torch.cat([h, count.log()], -1)), count.log()], -1)
