@@ -1,0 +1,355 @@
+"""Shared benchmark helpers (machine info, timing, JSON) and the Markdown/PNG report generator."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["build_report", "load_json", "machine_info", "median_time", "write_json"]
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers used by the parts
+# --------------------------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model (from /proc/cpuinfo), core count, torch/pyro versions, threads, date."""
+    import pyro
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def median_time(fn: Callable[[], Any], repeats: int, inner: int = 1, warmup: int = 3) -> dict[str, float]:
+    """Seconds per call of ``fn``: median over ``repeats`` blocks of ``inner`` calls, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - t0) / inner)
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "repeats": repeats,
+        "inner": inner,
+        "warmup": warmup,
+    }
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # strict JSON
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def write_json(out: Path, name: str, payload: dict) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    with open(path, "w") as f:
+        json.dump(_clean(payload), f, indent=1, allow_nan=False)
+    return path
+
+
+def load_json(out: Path, name: str) -> dict | None:
+    path = out / f"{name}.json"
+    if not path.exists():
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+# --------------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------------
+
+
+def _f(x: Any, fmt: str = ".3g") -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return format(x, fmt)
+    return str(x)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_f(c) for c in r) + " |")
+    return "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _section_step_cost(d: dict, out: Path) -> list[str]:
+    s = [f"## 1. Step cost (mode `{d['mode']}`, dtype {d['dtype']}, {d['num_particles']} particles)", ""]
+    s.append(d.get("notes", ""))
+    s.append("")
+    header = ["model", "D", "ours AmortizedSVGD (ms)", "(a) hand-written log density (ms)", "ratio ours/(a)",
+              "(b) pyro.infer.SVGD (ms)", "(c) SVI AutoNormal (ms)"]
+    rows = []
+    for name, m in d["models"].items():
+        t = m["timings"]
+        rows.append([
+            name, m["latent_dim"], t["ours"]["median_s"] * 1e3, t["handwritten"]["median_s"] * 1e3,
+            m["ratio_ours_over_handwritten"],
+            t["pyro_svgd"]["median_s"] * 1e3 if t.get("pyro_svgd") else None,
+            t["svi_autonormal"]["median_s"] * 1e3 if t.get("svi_autonormal") else None,
+        ])
+    s.append(_table(header, rows))
+    s.append("")
+    s.append(f"Target: ratio ours/(a) < 2 on CPU. Met: "
+             + ", ".join(f"{n}: {'yes' if m['ratio_ours_over_handwritten'] < 2 else 'NO'}" for n, m in d["models"].items()))
+    s.append("")
+    for name, m in d["models"].items():
+        if m.get("breakdown"):
+            s.append(f"Per-phase breakdown of one of our steps ({name}, median ms): "
+                     + ", ".join(f"{k} {v * 1e3:.3g}" for k, v in m["breakdown"].items()))
+            s.append("")
+    prof = d.get("profile")
+    if prof:
+        s.append(f"cProfile of {prof['steps']} of our steps on `{prof['model']}` — top-10 by cumulative time "
+                 f"(total {prof['total_s']:.3g} s):")
+        s.append("")
+        s.append(_table(["function", "ncalls", "tottime (s)", "cumtime (s)"],
+                        [[f"`{r['function']}`", r["ncalls"], r["tottime"], r["cumtime"]] for r in prof["top"]]))
+        s.append("")
+    try:
+        plt = _plt()
+        names = list(d["models"])
+        keys = [("ours", "ours"), ("handwritten", "(a) hand-written"), ("pyro_svgd", "(b) pyro SVGD"), ("svi_autonormal", "(c) SVI AutoNormal")]
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        w = 0.2
+        for i, (k, label) in enumerate(keys):
+            vals = [(d["models"][n]["timings"].get(k) or {}).get("median_s", float("nan")) * 1e3 for n in names]
+            ax.bar([j + i * w for j in range(len(names))], vals, w, label=label)
+        ax.set_xticks([j + 1.5 * w for j in range(len(names))], names)
+        ax.set_ylabel("ms per step (median)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "step_cost.png", dpi=100)
+        plt.close(fig)
+        s.append("![step cost](step_cost.png)")
+        s.append("")
+    except Exception as e:  # noqa: BLE001 - a plot failure must not lose the report
+        s.append(f"(plot failed: {e})")
+    return s
+
+
+def _section_accuracy(d: dict, out: Path) -> list[str]:
+    s = [f"## 2. Accuracy against reference posteriors (mode `{d['mode']}`)", ""]
+    s.append(d.get("notes", ""))
+    s.append("")
+    s.append("Budgets: " + "; ".join(f"**{k}**: {v}" for k, v in d["budgets"].items()))
+    s.append("")
+    header = ["posterior", "method", "C2ST", "worst |mean err|/sd", "worst sd ratio", "wall (s)", "draws", "note"]
+    rows = []
+    for post, methods in d["results"].items():
+        for meth, r in methods.items():
+            rows.append([post, meth, r.get("c2st"), r.get("worst_std_mean_error"), r.get("worst_sd_ratio"),
+                         r.get("wall_s"), r.get("num_draws"), r.get("error") or r.get("note") or ""])
+    s.append(_table(header, rows))
+    s.append("")
+    s.append("`worst sd ratio` is the ratio sd_approx/sd_ref farthest from 1 (in log scale). C2ST: 0.5 = indistinguishable.")
+    s.append("")
+    try:
+        plt = _plt()
+        posts = list(d["results"])
+        meths = sorted({m for v in d["results"].values() for m in v})
+        fig, ax = plt.subplots(figsize=(9, 3.8))
+        w = 0.8 / max(1, len(meths))
+        for i, m in enumerate(meths):
+            vals = [(d["results"][p].get(m) or {}).get("c2st") for p in posts]
+            vals = [float("nan") if v is None else v for v in vals]
+            ax.bar([j + i * w for j in range(len(posts))], vals, w, label=m)
+        ax.axhline(0.5, color="k", lw=0.5)
+        ax.set_ylim(0.45, 1.0)
+        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(posts))], [p.split("-")[0] for p in posts], rotation=20, fontsize=8)
+        ax.set_ylabel("C2ST accuracy")
+        ax.legend(fontsize=7, ncol=3)
+        fig.tight_layout()
+        fig.savefig(out / "accuracy_c2st.png", dpi=100)
+        plt.close(fig)
+        s.append("![C2ST](accuracy_c2st.png)")
+        s.append("")
+    except Exception as e:  # noqa: BLE001
+        s.append(f"(plot failed: {e})")
+    return s
+
+
+def _section_amortized(d: dict, out: Path) -> list[str]:
+    s = [f"## 3. Amortized inference (mode `{d['mode']}`)", ""]
+    s.append(d.get("notes", ""))
+    s.append("")
+    tr = d["training"]
+    s.append(_table(["training steps", "batch (datasets)", "particles", "gradient evaluations", "training wall (s)"],
+                    [[tr["steps"], tr["batch_size"], tr["num_particles"], tr["gradient_evaluations"], tr["wall_s"]]]))
+    s.append("")
+    sm = d["summary"]
+    s.append(f"Per new dataset ({sm['num_datasets']} held-out datasets, {d['num_draws']} draws each), medians:")
+    s.append("")
+    s.append(_table(
+        ["method", "median wall per dataset (s)", "median |mean err|/sd_NUTS (worst dim)", "median sd ratio (worst dim)"],
+        [
+            ["amortized (one sample_posterior call)", sm["amortized_wall_s"], sm["amortized_mean_err"], sm["amortized_sd_ratio"]],
+            ["SVI AutoNormal from scratch", sm["svi_wall_s"], sm["svi_mean_err"], sm["svi_sd_ratio"]],
+            ["NUTS (reference)", sm["nuts_wall_s"], 0.0, 1.0],
+        ],
+    ))
+    s.append("")
+    s.append(f"Speed-up NUTS/ours = **{_f(sm['ratio_nuts_over_amortized'], '.4g')}x** (target >= 1000x: "
+             f"{'met' if sm['ratio_nuts_over_amortized'] >= 1000 else 'NOT met'}); "
+             f"SVI/ours = {_f(sm['ratio_svi_over_amortized'], '.4g')}x.")
+    s.append("")
+    s.append(f"Accuracy targets (per dataset, worst dimension): |mean error|/sd_NUTS < 0.2 met on "
+             f"{sm['amortized_mean_err_ok']}/{sm['num_datasets']} datasets; sd ratio within 20% on "
+             f"{sm['amortized_sd_ok']}/{sm['num_datasets']} datasets. (SVI: {sm['svi_mean_err_ok']} and {sm['svi_sd_ok']}.)")
+    s.append("")
+    failed = [r for r in d["datasets"] if "amortized" not in r]
+    if failed:
+        s.append(f"{len(failed)} of {len(d['datasets'])} held-out datasets have no comparison: " + "; ".join(
+            f"n={r['n_rows']}: {r.get('error')}" for r in failed))
+        s.append("")
+    ok = [r for r in d["datasets"] if "amortized" in r]
+    rows = [[r["n_rows"], r["amortized"]["wall_s"], r["nuts"]["wall_s"], r["svi"]["wall_s"], r["amortized"]["worst_mean_err"],
+             r["amortized"]["worst_sd_ratio"], r["svi"]["worst_mean_err"], r["svi"]["worst_sd_ratio"]] for r in ok]
+    s.append("<details><summary>per dataset</summary>\n")
+    s.append(_table(["rows", "ours (s)", "NUTS (s)", "SVI (s)", "ours mean err", "ours sd ratio", "SVI mean err", "SVI sd ratio"], rows))
+    s.append("\n</details>\n")
+    if d.get("sbibm"):
+        s.append("sbibm tasks, amortized guide trained on the prior predictive, C2ST over reference observations:")
+        s.append("")
+        s.append(_table(["task", "training steps", "training wall (s)", "observations", "mean C2ST", "NPE (sbibm, 10^5 sims)", "per-observation C2ST"],
+                        [[t, v["steps"], v["train_wall_s"], len(v["c2st"]), v["mean_c2st"], v["npe_reference"],
+                          ", ".join(f"{c:.3f}" for c in v["c2st"])] for t, v in d["sbibm"].items()]))
+        s.append("")
+    try:
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        n = [r["n_rows"] for r in ok]
+        for key, label in (("amortized", "amortized"), ("svi", "SVI from scratch"), ("nuts", "NUTS")):
+            ax.scatter(n, [r[key]["wall_s"] for r in ok], label=label, s=12)
+        ax.set_yscale("log")
+        ax.set_xlabel("rows in dataset")
+        ax.set_ylabel("wall per dataset (s)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "amortized_wall.png", dpi=100)
+        plt.close(fig)
+        s.append("![amortized wall time](amortized_wall.png)")
+        s.append("")
+    except Exception as e:  # noqa: BLE001
+        s.append(f"(plot failed: {e})")
+    return s
+
+
+def _section_memory(d: dict, out: Path) -> list[str]:
+    s = [f"## 4. Peak memory of one step (mode `{d['mode']}`, dtype {d['dtype']})", ""]
+    s.append(d.get("notes", ""))
+    s.append("")
+    s.append("`ru_maxrss` is a high-water mark: a configuration whose step stays below the process's earlier peak "
+             "(imports + warm-up) reads ~0 MB, i.e. 'below this method's resolution', not 'free'.")
+    s.append("")
+    rows = []
+    for r in d["configs"]:
+        rows.append([r["method"], r["n"], r["D"], r.get("affine"), r.get("peak_rss_mb"), r.get("tracemalloc_peak_mb"),
+                     r.get("nnD_tensor_mb"), r.get("step_s"), r.get("error") or ""])
+    s.append(_table(["method", "n", "D", "affine", "peak RSS above baseline (MB)", "tracemalloc peak (MB)",
+                     "n x n x D tensor would need (MB)", "step (s)", "note"], rows))
+    s.append("")
+    try:
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for D in sorted({r["D"] for r in d["configs"] if r["method"] == "ours"}):
+            pts = sorted((r["n"], r.get("peak_rss_mb")) for r in d["configs"] if r["method"] == "ours" and r["D"] == D)
+            pts = [(a, b) for a, b in pts if b is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [max(p[1], 0.1) for p in pts], "o-", label=f"ours D={D}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("particles n")
+        ax.set_ylabel("peak RSS above baseline (MB)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "memory.png", dpi=100)
+        plt.close(fig)
+        s.append("![memory](memory.png)")
+        s.append("")
+    except Exception as e:  # noqa: BLE001
+        s.append(f"(plot failed: {e})")
+    return s
+
+
+def build_report(out: Path) -> Path:
+    """Write ``out/REPORT.md`` (and PNG plots) from the JSON files found in ``out``."""
+    out = Path(out)
+    parts = {name: load_json(out, name) for name in ("step_cost", "accuracy", "amortized", "memory")}
+    info = next((p["machine"] for p in parts.values() if p and "machine" in p), machine_info())
+    lines = ["# pyro_stein benchmarks", ""]
+    lines.append("Generated by `python -m benchmarks`; every number below is read from the JSON files next to this report.")
+    lines.append("")
+    lines.append(f"Machine: **{info['cpu']}**, {info['cores']} cores, torch {info['torch']}, pyro {info['pyro']}, "
+                 f"Python {info['python']}, torch threads {info['torch_threads']} (OMP_NUM_THREADS={info['OMP_NUM_THREADS']}), "
+                 f"date {info['date']}.")
+    lines.append("")
+    lines.append("Timings: `time.perf_counter`, warm-up excluded, medians over repeats; ratios are measured in the same "
+                 "run. The machine is shared with other jobs, so absolute times are noisy; ratios are more robust.")
+    lines.append("")
+    builders = {"step_cost": _section_step_cost, "accuracy": _section_accuracy, "amortized": _section_amortized, "memory": _section_memory}
+    for name, d in parts.items():
+        if d is None:
+            lines.append(f"## {name}: not run")
+            lines.append("")
+            continue
+        try:
+            lines += builders[name](d, out)
+        except Exception as e:  # noqa: BLE001 - one broken section must not lose the others
+            lines.append(f"## {name}: report section failed ({type(e).__name__}: {e})")
+            lines.append("")
+        lines.append(f"_{name}: wall {d.get('wall_s', float('nan')):.1f} s, mode `{d.get('mode')}`, written {d.get('machine', {}).get('date')}_")
+        lines.append("")
+    path = out / "REPORT.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

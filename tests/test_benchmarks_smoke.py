@@ -1,0 +1,46 @@
+"""Smoke test of the benchmark harness: it runs a tiny configuration and writes valid JSON and Markdown.
+
+Never asserts speed or accuracy (CI machines vary); only that every part ran and the outputs parse.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("PYRO_STEIN_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def _run(args, out):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "benchmarks", *args, "--out", str(out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f"benchmarks failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+def test_benchmarks_smoke(tmp_path):
+    _run(["--smoke", "--only", "step_cost,memory"], tmp_path)
+    step = json.loads((tmp_path / "step_cost.json").read_text())
+    assert set(step["models"]) == {"logreg", "hierarchical"}
+    for m in step["models"].values():
+        assert m["timings"]["ours"]["median_s"] > 0 and m["ratio_ours_over_handwritten"] > 0
+        assert m["handwritten_check"]["max_rel_score_diff"] < 1e-3  # the hand-written score is the model's score
+    assert len(step["profile"]["top"]) == 10
+    mem = json.loads((tmp_path / "memory.json").read_text())
+    assert any(r["method"] == "ours" and "peak_rss_mb" in r for r in mem["configs"])
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "Step cost" in report and "Peak memory" in report and "Machine:" in report
+
+
+@pytest.mark.skipif(not (DATA / "posteriordb").is_dir(), reason=f"reference data not found at {DATA}")
+def test_benchmarks_accuracy_smoke(tmp_path):
+    _run(["--smoke", "--only", "accuracy", "--posteriors", "gp_pois_regr-gp_regr"], tmp_path)
+    acc = json.loads((tmp_path / "accuracy.json").read_text())
+    res = acc["results"]["gp_pois_regr-gp_regr"]
+    assert "c2st" in res["AmortizedSteinGuide"] and 0.0 <= res["AmortizedSteinGuide"]["c2st"] <= 1.0
+    assert "Accuracy" in (tmp_path / "REPORT.md").read_text()
