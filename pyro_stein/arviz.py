@@ -37,6 +37,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer import Predictive
+from pyro.poutine.uncondition_messenger import UnconditionMessenger
 from pyro.poutine.util import prune_subsample_sites
 
 __all__ = ["to_inference_data", "to_inference_data_batch"]
@@ -175,6 +176,19 @@ def _density_filter(sites):
     return lambda name, site: name in sites and sites[name].kind != "deterministic"
 
 
+class _UnconditionSites(UnconditionMessenger):
+    """``poutine.uncondition`` restricted to the named sites: the data sites are simulated while
+    ``pyro.deterministic`` sites (observed, masked Deltas) keep their recomputed values."""
+
+    def __init__(self, names):
+        super().__init__()
+        self.names = frozenset(names)
+
+    def _pyro_sample(self, msg):
+        if msg["name"] in self.names:
+            super()._pyro_sample(msg)
+
+
 def _evaluate_vectorized(model, sites, nesting, draws, n, predictive, args, kwargs):
     cond = {
         name: v.reshape((n,) + (1,) * (nesting - sites[name].batch_ndim) + tuple(v.shape[1:]))
@@ -193,7 +207,7 @@ def _evaluate_vectorized(model, sites, nesting, draws, n, predictive, args, kwar
         if site.kind == "observed":
             ll[name] = _to_draws(node["fn"].log_prob(node["value"]), n, site.ll_shape)
     if predictive:
-        sim_model = poutine.condition(plate(poutine.uncondition(model)), cond)
+        sim_model = poutine.condition(plate(_UnconditionSites(_names(sites, "observed"))(model)), cond)
         sim = poutine.trace(sim_model).get_trace(*args, **kwargs)
         for name in _names(sites, "observed"):
             pp[name] = _to_draws(sim.nodes[name]["value"], n, sites[name].shape)
@@ -217,7 +231,7 @@ def _evaluate_sequential(model, sites, draws, n, predictive, args, kwargs):
                 ll.setdefault(name, []).append(node["fn"].log_prob(node["value"]))
         lp.append(total)
         if predictive:
-            sim_model = poutine.condition(poutine.uncondition(model), cond)
+            sim_model = poutine.condition(_UnconditionSites(_names(sites, "observed"))(model), cond)
             sim = poutine.trace(sim_model).get_trace(*args, **kwargs)
             for name in _names(sites, "observed"):
                 pp.setdefault(name, []).append(sim.nodes[name]["value"])

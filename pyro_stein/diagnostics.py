@@ -20,9 +20,11 @@ References:
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import pyro.poutine as poutine
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_value
+from pyro.poutine.util import prune_subsample_sites
 import torch
 from torch import Tensor
 
@@ -54,7 +56,9 @@ def stein_discrepancy(
     if not isinstance(samples, dict) or not samples:
         raise TypeError("samples must be a non-empty dict {site_name: Tensor[num_samples, *site_shape]}")
     first = {k: v[0] for k, v in samples.items()}
-    tr = poutine.block(poutine.trace(poutine.substitute(model, first)).get_trace)(*args, **kwargs)
+    # fix the latent values without marking them observed, then drop plates' subsample sites
+    fixed = InitMessenger(init_to_value(values=first))(model)
+    tr = prune_subsample_sites(poutine.block(poutine.trace(fixed).get_trace)(*args, **kwargs))
     sites = latent_sites_from_trace(tr)
     missing = [s.name for s in sites if s.name not in samples]
     if missing:

@@ -1,6 +1,5 @@
 """Amortization across datasets: encoder, batching, per-dataset kernels, errors, accuracy, refinement."""
 
-import math
 
 import pyro
 import pyro.distributions as dist

@@ -319,3 +319,26 @@ def test_arviz_1x_calling_convention(fitted, monkeypatch):
     assert set(calls["attrs"]) == set(data) | {"/"}
     assert calls["attrs"]["/"]["inference_library"] == "pyro"
     assert calls["attrs"]["posterior"]["inference_method"] == "AutoNormal"
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_model_reusing_deterministic_value_in_plate(parallel):
+    """posterior_predictive re-simulates data sites only; a pyro.deterministic value used inside a
+    plate keeps its recomputed value (regression: it used to be re-sampled and broadcast)."""
+    y = torch.tensor([28.0, 8.0, -3.0, 7.0], dtype=DTYPE, device=DEVICE)
+    sigma = torch.tensor([15.0, 10.0, 16.0, 11.0], dtype=DTYPE, device=DEVICE)
+
+    def model(sigma, y=None):
+        mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=DTYPE, device=DEVICE), 5.0))
+        with pyro.plate("school", 4):
+            t = pyro.sample("t", dist.Normal(torch.tensor(0.0, dtype=DTYPE, device=DEVICE), 1.0))
+            theta = pyro.deterministic("theta", mu + t)
+            pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+    guide = AutoNormal(model)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    for _ in range(5):
+        svi.step(sigma, y)
+    idata = to_inference_data(guide, model, sigma, y=y, num_samples=20, num_chains=2, parallel=parallel)
+    assert idata.posterior_predictive["y"].shape == (2, 20, 4)
+    assert idata.posterior["theta"].shape == (2, 20, 4)
