@@ -36,3 +36,15 @@ def test_missing_site_and_bad_input_errors():
         stein_discrepancy(plated_model, {"other": torch.zeros(5)}, y)
     with pytest.raises(TypeError, match="dict"):
         stein_discrepancy(plated_model, torch.zeros(5), y)
+
+
+def test_plot_sbc_writes_a_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from pyro_stein.diagnostics import plot_sbc
+
+    ranks = {"mu": torch.randint(0, 50, (200,)), "w": torch.randint(0, 50, (200, 3))}
+    fig = plot_sbc(ranks, num_samples=49, path=tmp_path / "sbc.png")
+    assert len(fig.axes) == 2 and (tmp_path / "sbc.png").stat().st_size > 0
