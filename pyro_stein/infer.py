@@ -154,8 +154,9 @@ class AmortizedSVGD:
         for p in params:
             p.grad = None
         loss.backward()
-        bad = [n for n, p in guide.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-        if bad:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not torch.stack([torch.isfinite(g).all() for g in grads]).all():  # one host sync, not one per parameter
+            bad = [n for n, p in guide.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
             for p in params:
                 p.grad = None
             raise NonFiniteLogJointError(f"non-finite gradient for guide parameters {bad}; the parameters were not updated")
