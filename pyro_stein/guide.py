@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.distributions import constraints
 
 from .data import DatasetFeatures, collate_features, default_dataset_fn
-from .logjoint import LatentSite, ModelLogDensity, latent_sites_from_trace, pack
+from .logjoint import LatentSite, ModelLogDensity, latent_sites_from_trace, pack, unpack
 from .nn import DeepSetEncoder, GaussianResidualSampler
 from .transforms import support_bijection
 
@@ -226,6 +226,7 @@ class AmortizedSteinGuide(AutoContinuous):
         self.sites = latent_sites_from_trace(trace)
         self._unconstrained_shapes = {s.name: s.unconstrained_shape for s in self.sites}
         self._cond_indep_stacks = {s.name: s.cond_indep_stack for s in self.sites}
+        self._transforms = {s.name: s.transform for s in self.sites}
         offset = sum(s.size for s in self.sites)
         expected = self._network_configs.get("sites")
         layout = [[s.name, list(s.shape), list(s.unconstrained_shape)] for s in self.sites]
@@ -405,12 +406,7 @@ class AmortizedSteinGuide(AutoContinuous):
         return SamplerDistribution(self.sampler, self.context(*args, **kwargs), self._like())
 
     def _unpack_constrained(self, z: Tensor) -> dict[str, Tensor]:
-        batch = z.shape[:-1]
-        out = {}
-        for s in self.sites:
-            u = z[..., s.offset : s.offset + s.size].reshape(batch + s.unconstrained_shape)
-            out[s.name] = s.transform(u)
-        return out
+        return {name: x for name, (_, x) in unpack(z, self.sites).items()}
 
     @torch.no_grad()
     def sample_posterior(self, num_samples: int, *args, **kwargs) -> dict[str, Tensor]:
@@ -465,7 +461,7 @@ class AmortizedSteinGuide(AutoContinuous):
         result = {}
         for site, unconstrained_value in self._unpack_latent(latent):
             name = site["name"]
-            transform = support_bijection(site["fn"].support)
+            transform = self._transforms[name]
             value = transform(unconstrained_value)
             log_density = transform.inv.log_abs_det_jacobian(value, unconstrained_value)
             log_density = sum_rightmost(log_density, log_density.dim() - value.dim() + site["fn"].event_dim)
