@@ -291,6 +291,9 @@ def test_non_finite_log_joint_names_site_and_leaves_params_unchanged():
     with pytest.raises(NonFiniteLogJointError, match="'y'") as err:
         svgd.step(y, True)
     assert isinstance(err.value, ValueError)
+    msg = str(err.value)
+    assert "'y' (log_prob = nan)" in msg or "'y' (log_prob = -inf)" in msg or "'y' (gradient not finite)" in msg, msg
+    assert "raised" not in msg, f"the diagnosis itself failed: {msg}"
     after = guide.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "parameters changed by a failed step"
 
