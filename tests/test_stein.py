@@ -9,7 +9,7 @@ except ImportError:
     from conftest import DEVICE, DTYPE
 
 from pyro_stein.kernels import IMQKernel, RBFKernel
-from pyro_stein.stein import ksd, ksd_from_matrices, stein_direction, stein_direction_from_matrices
+from pyro_stein.stein import ksd, ksd_from_matrices, stein_direction, stein_direction_from_matrices, stein_moment_correction
 
 F64 = DTYPE == torch.float64
 RTOL = 1e-10 if F64 else 1e-4
@@ -267,3 +267,72 @@ def test_one_particle_leave_one_out_raises():
         ksd(z, -z, RBFKernel(), ustat=True)
     v = ksd(z, -z, RBFKernel(), ustat=False)  # the V-statistic is defined for one draw: u(z, z)
     close(v, (z * z).sum() + 2 * 3)  # k(0)|s|^2 - 2 D dk(0) with h = 1: |z|^2 + 2 D
+
+
+# ---------------------------------------------------------------- Stein moment correction
+def _gaussian_target(d, seed):
+    a = randn(d, d, seed=seed)
+    cov = a @ a.T + 0.5 * torch.eye(d, dtype=DTYPE, device=DEVICE)
+    return 3.0 * randn(d, seed=seed + 1), cov
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_moment_correction_exact_for_gaussian_target(affine):
+    d, n = 5, 400
+    mu, cov = _gaussian_target(d, 3)
+    prec = torch.linalg.inv(cov)
+    if affine:  # any q: here a badly placed, badly scaled, rotated Gaussian
+        z = randn(n, d, seed=5) @ (0.3 * randn(d, d, seed=6)).T + mu + 2.0
+    else:  # the location step trusts q's covariance: give q the target's covariance (as sample moments)
+        z = randn(n, d, seed=5)
+        z = z - z.mean(0)
+        z = z @ torch.linalg.inv(torch.linalg.cholesky(torch.cov(z.T))).T @ torch.linalg.cholesky(cov).T + mu - 1.0
+    out, ok = stein_moment_correction(z, -(z - mu) @ prec, affine=affine)
+    tol = 1e-8 if F64 else 1e-3
+    assert bool(ok) == affine
+    assert torch.allclose(out.mean(0), mu, atol=tol, rtol=0), f"mean {out.mean(0)} vs {mu}"
+    assert torch.allclose(torch.cov(out.T), cov, atol=tol * 10, rtol=0), "covariance not matched exactly"
+
+
+def test_moment_correction_is_identity_at_the_target_up_to_monte_carlo_error():
+    # p(x) = prod_j exp(x_j - e^{x_j}) (log of Exp(1) variables: skewed, not Gaussian); q = p
+    n, d = 20000, 4
+    g = torch.Generator().manual_seed(11)
+    x = torch.empty(n, d).exponential_(generator=g).log().to(DTYPE).to(DEVICE)
+    out, ok = stein_moment_correction(x, 1.0 - x.exp())
+    # the shift is Cov_p times the mean score: per coordinate its sd is Var(x) * sd(score) / sqrt(n)
+    # = (pi^2 / 6) * 1 / sqrt(n); the covariance map differs from I by O(1 / sqrt(n)) as well
+    se = (torch.pi**2 / 6) / n**0.5
+    assert bool(ok)
+    moved = (out.mean(0) - x.mean(0)).abs().max()
+    assert moved < 5 * se, f"mean moved by {moved:.4f}, more than 5 Monte Carlo s.e. ({5 * se:.4f}) at q = p"
+    ratio = out.std(0) / x.std(0)
+    assert (ratio - 1).abs().max() < 5 * 2**0.5 / n**0.5 * 3, f"sds changed by {ratio} at q = p (MC s.e. ~{2**0.5 / n**0.5:.3f})"
+
+
+def test_moment_correction_batches_independently():
+    mu, cov = _gaussian_target(3, 7)
+    z = randn(2, 300, 3, seed=8)
+    s = -(z - mu) @ torch.linalg.inv(cov)
+    s[1] = -z[1]  # second dataset: a standard normal target
+    out, _ = stein_moment_correction(z, s)
+    for b in range(2):
+        alone, _ = stein_moment_correction(z[b], s[b])
+        assert torch.allclose(out[b], alone, rtol=RTOL, atol=ATOL * 1e3)
+
+
+def test_moment_correction_falls_back_when_precision_not_positive_definite():
+    z = randn(200, 2, seed=9)
+    out, ok = stein_moment_correction(z, z.clone())  # score of exp(+|z|^2 / 2): no positive-definite precision
+    assert not bool(ok)
+    zc = z - z.mean(0)
+    # location step only (z + Cov_q g), shape kept
+    assert torch.allclose(out - out.mean(0), zc, rtol=RTOL, atol=ATOL * 1e3)
+
+
+def test_moment_correction_errors():
+    z = randn(4, 6, seed=1)
+    with pytest.raises(ValueError, match="more draws than dimensions"):
+        stein_moment_correction(z, z)
+    with pytest.raises(ValueError, match="at least 2 draws"):
+        stein_moment_correction(z[:1], z[:1], affine=False)
