@@ -271,7 +271,7 @@ class ModelLogDensity:
             data, _ = self._condition_data(u, plates)
             tr = self._trace(data, args, kwargs)
             for name, site in tr.nodes.items():
-                if site["type"] != "sample" or _is_deterministic(site):
+                if site["type"] != "sample" or _is_deterministic(site) or site_is_subsample(site):
                     continue
                 try:
                     term = site_log_prob(site["fn"], site["value"])
@@ -281,6 +281,8 @@ class ModelLogDensity:
                     continue
                 if not torch.isfinite(term):
                     culprits.append(f"{name!r} (log_prob = {term.item()})")
+                    continue
+                if not term.requires_grad:
                     continue
                 (grad,) = torch.autograd.grad(term, u, retain_graph=True, allow_unused=True)
                 if grad is not None and not torch.isfinite(grad).all():

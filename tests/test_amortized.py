@@ -28,6 +28,17 @@ def regression_model(x, y=None):
         return pyro.sample("y", dist.Normal(beta * x, 1.0), obs=y)
 
 
+def poisson_model(n, y=None):
+    """lam ~ Gamma(2, 1); y_i ~ Poisson(lam). Posterior Gamma(2 + sum y, 1 + n): skewed in log space."""
+    lam = pyro.sample("lam", dist.Gamma(tensor(2.0), tensor(1.0)))
+    with pyro.plate("obs", n):
+        return pyro.sample("y", dist.Poisson(lam), obs=y)
+
+
+def make_poisson_args():
+    return Dataset(int(torch.randint(3, 31, ())))
+
+
 def make_mean_args():
     return Dataset(int(torch.randint(5, 51, ())))
 
@@ -96,6 +107,30 @@ def test_amortized_accuracy_on_held_out_datasets():
     single = guide.sample_posterior(4000, *d.args, **d.kwargs)["mu"]
     m, s = exact_mean(d)
     assert abs((single.mean() - m) / s) < 0.2
+
+
+def test_amortized_accuracy_with_moment_correction_on_a_non_gaussian_family():
+    """The same budget as above, on a family whose posteriors are not Gaussian in the sampler's
+    space (log lam ~ log-Gamma(2 + sum y, 1 + n), n = 3..30), sampled with two rounds of the Stein
+    moment correction: 20 held-out datasets, means within 0.2 posterior sd and sds within 20 % of
+    the exact Gamma posterior (4,000 draws each: MC s.e. 0.016 sd on the mean, 0.011 on the sd)."""
+    guide, stream = train(poisson_model, make_poisson_args, 600, "lam", lr=1e-2, small=True)
+    pyro.set_rng_seed(123)
+    held_out = [stream.sample() for _ in range(20)]
+    errs = {}
+    for k in (0, 2):
+        guide.moment_correction = k
+        batch = guide.sample_posterior_batch(4000, held_out)["lam"]
+        worst_mean = worst_sd = 0.0
+        for d, draws in zip(held_out, batch):
+            post = dist.Gamma(2.0 + d.kwargs["y"].sum(), 1.0 + d.args[0])
+            m, s = post.mean, post.variance.sqrt()
+            worst_mean = max(worst_mean, abs((draws.mean() - m) / s).item())
+            worst_sd = max(worst_sd, abs(draws.std() / s - 1).item())
+        errs[k] = (worst_mean, worst_sd)
+    worst_mean, worst_sd = errs[2]
+    assert worst_mean < 0.2, f"worst |mean error| {worst_mean:.3f} posterior sd (uncorrected {errs[0][0]:.3f}), target < 0.2 (MC s.e. 0.016)"
+    assert worst_sd < 0.2, f"worst |sd ratio - 1| {worst_sd:.3f} (uncorrected {errs[0][1]:.3f}), target < 0.2 (MC s.e. 0.011)"
 
 
 def test_default_dataset_fn_encodes_covariate_pairs():
