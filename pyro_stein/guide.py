@@ -16,10 +16,9 @@ from torch import Tensor, nn
 from torch.distributions import constraints
 
 from .data import Dataset, DatasetFeatures, collate_features, default_dataset_fn
-from .kernels import IMQKernel
 from .logjoint import LatentSite, ModelLogDensity, latent_sites_from_trace, pack, unpack
 from .nn import DeepSetEncoder, GaussianResidualSampler
-from .stein import ksd, stein_moment_correction
+from .stein import stein_moment_correction, stein_moment_residual
 from .transforms import support_bijection
 
 __all__ = ["AmortizedSteinGuide", "SamplerDistribution", "init_to_mean_or_feasible"]
@@ -162,7 +161,7 @@ class AmortizedSteinGuide(AutoContinuous):
         at the cost of one batched score evaluation per round. Draws made by :meth:`forward` (and
         so by :class:`~pyro.infer.Predictive`) are not corrected.
     :param int correction_samples: the correction is estimated from at least this many draws
-        (default 2000; more than ``2 D`` are needed for the covariance part, otherwise only the
+        (default 1000; more than ``2 D`` are needed for the covariance part, otherwise only the
         location is corrected).
 
     References:
@@ -187,7 +186,7 @@ class AmortizedSteinGuide(AutoContinuous):
         num_summary_samples: int = 1000,
         create_plates: Callable | None = None,
         moment_correction: int = 0,
-        correction_samples: int = 2000,
+        correction_samples: int = 1000,
     ):
         if sampler is not None and not isinstance(sampler, nn.Module):
             raise TypeError(f"sampler must be a torch.nn.Module, got {type(sampler).__name__}")
@@ -372,7 +371,7 @@ class AmortizedSteinGuide(AutoContinuous):
             model, sampler=sampler, encoder=encoder, dataset_fn=dataset_fn, init_scale=cfg["init_scale"],
             amortized=cfg["amortized"], context_dim=cfg["context_dim"], vectorize=cfg["vectorize"],
             num_summary_samples=cfg["num_summary_samples"],
-            moment_correction=cfg.get("moment_correction", 0), correction_samples=cfg.get("correction_samples", 2000),
+            moment_correction=cfg.get("moment_correction", 0), correction_samples=cfg.get("correction_samples", 1000),
         )
         guide._network_configs = {"sampler": cfg["sampler"], "encoder": cfg["encoder"], "sites": cfg["sites"]}
         guide.setup(*args, **kwargs)
@@ -471,38 +470,36 @@ class AmortizedSteinGuide(AutoContinuous):
     def _correct(self, z: Tensor, datasets: Sequence) -> Tensor:
         """``moment_correction`` rounds of the Stein moment correction, per dataset (see the class doc).
 
-        A round is kept for a dataset only if it lowers the kernelized Stein discrepancy of the
-        draws (IMQ kernel, on up to 500 of them), so a poor linearisation far from the posterior
-        cannot make the draws worse than the sampler's own.
+        A round is kept for a dataset only if it lowers :func:`~pyro_stein.stein.stein_moment_residual`
+        (the distance from the two identities it targets), so a poor linearisation far from the
+        posterior cannot make the draws worse than the sampler's own.
         """
         if not self.moment_correction:
             return z
         batched = z.dim() == 3
         zb = z if batched else z.unsqueeze(0)
         affine = zb.shape[-2] > 2 * zb.shape[-1]
-        kernel = IMQKernel()
-        m = min(zb.shape[-2], 500)
 
-        def score_and_ksd(x):
+        def score_and_residual(x):
             s = torch.stack(
                 [self.log_density.log_density_and_score(xi, d.args, d.kwargs, check=False)[1] for xi, d in zip(x, datasets)]
             )
             finite = torch.isfinite(s).all(-1).all(-1)
             s = torch.where(finite[:, None, None], s, torch.zeros_like(s))
-            stat = ksd(x[:, :m], s[:, :m], kernel)
-            return s, torch.where(finite, stat, torch.full_like(stat, float("inf")))
+            r = stein_moment_residual(x, s)
+            return s, torch.where(finite & torch.isfinite(r), r, torch.full_like(r, float("inf")))
 
-        score, stat = score_and_ksd(zb)
-        active = torch.isfinite(stat)  # a dataset with a non-finite score keeps its draws
+        score, resid = score_and_residual(zb)
+        active = torch.isfinite(resid)  # a dataset with a non-finite score keeps its draws
         for _ in range(self.moment_correction):
             if not active.any():
                 break
             moved, _ = stein_moment_correction(zb, score, affine)
-            new_score, new_stat = score_and_ksd(moved)
-            better = active & (new_stat < stat)
+            new_score, new_resid = score_and_residual(moved)
+            better = active & (new_resid < resid)
             zb = torch.where(better[:, None, None], moved, zb)
             score = torch.where(better[:, None, None], new_score, score)
-            stat = torch.where(better, new_stat, stat)
+            resid = torch.where(better, new_resid, resid)
             active = better
         return zb if batched else zb[0]
 

@@ -40,6 +40,7 @@ __all__ = [
     "stein_direction",
     "stein_direction_from_matrices",
     "stein_moment_correction",
+    "stein_moment_residual",
 ]
 
 
@@ -129,6 +130,28 @@ def _sym_sqrt(a: Tensor, inverse: bool = False) -> Tensor:
     evals, evecs = torch.linalg.eigh(a)
     p = evals.clamp_min(torch.finfo(a.dtype).tiny).rsqrt() if inverse else evals.clamp_min(0).sqrt()
     return (evecs * p.unsqueeze(-2)) @ evecs.transpose(-1, -2)
+
+
+def stein_moment_residual(z: Tensor, score: Tensor) -> Tensor:
+    """How far draws are from the two linear Stein identities: ``|L^T E[s]|^2 + |E[(s - E s)(z - m)^T] + I|_F^2``.
+
+    ``L`` is the Cholesky factor of the draws' covariance, so the first term is the mean score in
+    units of the draws' own spread. Near zero for exact draws of any target (Monte Carlo error
+    ``O(D^2 / n)``); it is what :func:`stein_moment_correction` drives down,
+    and the guide uses it to keep a correction round only if it helped.
+
+    :returns: shape ``z.shape[:-2]``.
+    """
+    _check(z, score)
+    n, d = z.shape[-2], z.shape[-1]
+    m = z.mean(-2, keepdim=True)
+    g = score.mean(-2, keepdim=True)
+    zc, gc = z - m, score - g
+    cov_q = zc.transpose(-1, -2) @ zc / (n - 1)
+    cross = gc.transpose(-1, -2) @ zc / (n - 1)
+    eye = torch.eye(d, dtype=z.dtype, device=z.device)
+    mean_term = (g @ cov_q @ g.transpose(-1, -2))[..., 0, 0]
+    return mean_term + (cross + eye).pow(2).sum((-1, -2))
 
 
 def stein_moment_correction(z: Tensor, score: Tensor, affine: bool = True) -> tuple[Tensor, Tensor]:

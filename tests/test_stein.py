@@ -9,7 +9,14 @@ except ImportError:
     from conftest import DEVICE, DTYPE
 
 from pyro_stein.kernels import IMQKernel, RBFKernel
-from pyro_stein.stein import ksd, ksd_from_matrices, stein_direction, stein_direction_from_matrices, stein_moment_correction
+from pyro_stein.stein import (
+    ksd,
+    ksd_from_matrices,
+    stein_direction,
+    stein_direction_from_matrices,
+    stein_moment_correction,
+    stein_moment_residual,
+)
 
 F64 = DTYPE == torch.float64
 RTOL = 1e-10 if F64 else 1e-4
@@ -336,3 +343,18 @@ def test_moment_correction_errors():
         stein_moment_correction(z, z)
     with pytest.raises(ValueError, match="at least 2 draws"):
         stein_moment_correction(z[:1], z[:1], affine=False)
+
+
+def test_moment_residual_small_at_target_and_zero_after_exact_correction():
+    mu, cov = _gaussian_target(3, 12)
+    prec = torch.linalg.inv(cov)
+    n = 20000
+    exact = randn(n, 3, seed=13) @ torch.linalg.cholesky(cov).T + mu
+    at_target = stein_moment_residual(exact, -(exact - mu) @ prec)
+    # each of the D + D^2 terms is a squared mean of n i.i.d. O(1) terms: O(1 / n) each
+    assert at_target < 50 * 12 / n, f"residual {at_target:.2e} for exact draws (expected O(D(D+1)/n) = {12 / n:.1e})"
+    off = 0.5 * randn(n, 3, seed=14) + mu + 1.0
+    before = stein_moment_residual(off, -(off - mu) @ prec)
+    fixed, _ = stein_moment_correction(off, -(off - mu) @ prec)
+    after = stein_moment_residual(fixed, -(fixed - mu) @ prec)
+    assert before > 1.0 and after < (1e-12 if F64 else 1e-4), (before, after)
