@@ -485,9 +485,7 @@ class AmortizedSteinGuide(AutoContinuous):
         affine = zb.shape[-2] > 2 * zb.shape[-1]
 
         def score_and_residual(x):
-            s = torch.stack(
-                [self.log_density.log_density_and_score(xi, d.args, d.kwargs, check=False)[1] for xi, d in zip(x, datasets)]
-            )
+            s = self.log_density.score_batch(x, datasets, check=False)
             finite = torch.isfinite(s).all(-1).all(-1)
             s = torch.where(finite[:, None, None], s, torch.zeros_like(s))
             r = torch.stack([stein_moment_residual(x, s), ksd(x[:, :200], s[:, :200], IMQKernel())], -1)

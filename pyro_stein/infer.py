@@ -125,9 +125,7 @@ class AmortizedSVGD:
         if zd.dim() == 2:
             d = datasets[0]
             return ld.log_density_and_score(zd, d.args, d.kwargs, self._plates_for(d))[1]
-        return torch.stack(
-            [ld.log_density_and_score(zd[b], d.args, d.kwargs, self._plates_for(d))[1] for b, d in enumerate(datasets)]
-        )
+        return ld.score_batch(zd, datasets, [self._plates_for(d) for d in datasets])
 
     def _update(self, datasets: Sequence[Dataset]) -> Tensor:
         guide = self.guide

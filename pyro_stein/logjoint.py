@@ -263,6 +263,13 @@ class ModelLogDensity:
                 raise NonFiniteLogJointError(self.describe_nonfinite(u[row].detach(), args, kwargs or {}, plates or {}, lp[row], score[row]))
         return lp, score
 
+    def score_batch(self, z: Tensor, datasets: Sequence[Any], plates: Sequence[dict] | None = None, check: bool = True) -> Tensor:
+        """Scores ``(B, P, D)`` for particle sets ``z`` ``(B, P, D)``, one per dataset (``.args``/``.kwargs``)."""
+        plates = plates if plates is not None else [{}] * len(datasets)
+        return torch.stack(
+            [self.log_density_and_score(zi, d.args, d.kwargs, pl, check=check)[1] for zi, d, pl in zip(z, datasets, plates)]
+        )
+
     def describe_nonfinite(self, u: Tensor, args: tuple, kwargs: dict, plates: dict, lp: Tensor, score: Tensor) -> str:
         """A message naming the sites whose log density or gradient is not finite at ``u``."""
         culprits = []

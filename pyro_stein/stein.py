@@ -132,6 +132,17 @@ def _sym_sqrt(a: Tensor, inverse: bool = False) -> Tensor:
     return (evecs * p.unsqueeze(-2)) @ evecs.transpose(-1, -2)
 
 
+def _linear_stein_moments(z: Tensor, score: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(m, g, zc, cov_q, cross)``: draw mean, mean score, centred draws, draw covariance, Cov(score, z)."""
+    n = z.shape[-2]
+    m = z.mean(-2, keepdim=True)
+    g = score.mean(-2, keepdim=True)
+    zc = z - m
+    cov_q = zc.transpose(-1, -2) @ zc / (n - 1)
+    cross = (score - g).transpose(-1, -2) @ zc / (n - 1)
+    return m, g, zc, cov_q, cross
+
+
 def stein_moment_residual(z: Tensor, score: Tensor) -> Tensor:
     """How far draws are from the two linear Stein identities: ``|L^T E[s]|^2 + |E[(s - E s)(z - m)^T] + I|_F^2``.
 
@@ -143,13 +154,8 @@ def stein_moment_residual(z: Tensor, score: Tensor) -> Tensor:
     :returns: shape ``z.shape[:-2]``.
     """
     _check(z, score)
-    n, d = z.shape[-2], z.shape[-1]
-    m = z.mean(-2, keepdim=True)
-    g = score.mean(-2, keepdim=True)
-    zc, gc = z - m, score - g
-    cov_q = zc.transpose(-1, -2) @ zc / (n - 1)
-    cross = gc.transpose(-1, -2) @ zc / (n - 1)
-    eye = torch.eye(d, dtype=z.dtype, device=z.device)
+    _, g, _, cov_q, cross = _linear_stein_moments(z, score)
+    eye = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)
     mean_term = (g @ cov_q @ g.transpose(-1, -2))[..., 0, 0]
     return mean_term + (cross + eye).pow(2).sum((-1, -2))
 
@@ -187,16 +193,12 @@ def stein_moment_correction(z: Tensor, score: Tensor, affine: bool = True) -> tu
         raise ValueError(f"stein_moment_correction needs at least 2 draws, got {n}")
     if affine and n <= d:
         raise ValueError(f"affine=True needs more draws than dimensions (n={n}, D={d}); draw more or pass affine=False")
-    m = z.mean(-2, keepdim=True)
-    g = score.mean(-2, keepdim=True)
-    zc, gc = z - m, score - g
-    cov_q = zc.transpose(-1, -2) @ zc / (n - 1)
+    m, g, zc, cov_q, cross = _linear_stein_moments(z, score)
     shift = g @ cov_q  # (..., 1, D): Cov_q g, Cov_q symmetric
     ok = torch.zeros(z.shape[:-2], dtype=torch.bool, device=z.device)
     if not affine:
         return z + shift, ok
     # regression of scores on draws: Cov(s, z) = -P Cov_q  ->  P = -Cov(s, z) Cov_q^{-1}, symmetrised
-    cross = gc.transpose(-1, -2) @ zc / (n - 1)
     p = -torch.linalg.solve(cov_q, cross.transpose(-1, -2)).transpose(-1, -2)  # cross @ inv(cov_q)
     p = 0.5 * (p + p.transpose(-1, -2))
     chol_p, info = torch.linalg.cholesky_ex(p)
