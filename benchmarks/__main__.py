@@ -27,6 +27,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--posteriors", default=None, help="accuracy: comma-separated subset of posterior names (posteriordb names or sbibm task/obs)")
+    p.add_argument("--device", default="cpu", help="step_cost only: torch device to time on (e.g. cuda); writes step_cost_cuda.json")
     p.add_argument("--report-only", action="store_true", help="only regenerate REPORT.md from the JSON files in --out")
     a = p.parse_args(argv)
     mode = a.mode or "quick"
@@ -58,6 +59,8 @@ def main(argv=None) -> int:
                 else:
                     from .memory import run
                 kw = {"posteriors": a.posteriors} if part == "accuracy" else {}
+                if part == "step_cost":
+                    kw["device"] = a.device
                 run(mode, out, **kw)
             except Exception:  # noqa: BLE001 - report the failure, keep the other parts
                 traceback.print_exc()

@@ -20,8 +20,8 @@ __all__ = ["build_report", "load_json", "machine_info", "median_time", "write_js
 # --------------------------------------------------------------------------------------------------
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU model (from /proc/cpuinfo), core count, torch/pyro versions, threads, date."""
+def machine_info(device: Any = None) -> dict[str, Any]:
+    """CPU model (from /proc/cpuinfo), core count, torch/pyro versions, threads, date; the GPU's name for a CUDA ``device``."""
     import pyro
     import torch
 
@@ -34,7 +34,9 @@ def machine_info() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    return {
+    info = {} if device is None or torch.device(device).type != "cuda" else {
+        "gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
+    return info | {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -48,14 +50,26 @@ def machine_info() -> dict[str, Any]:
 
 
 def median_time(fn: Callable[[], Any], repeats: int, inner: int = 1, warmup: int = 3) -> dict[str, float]:
-    """Seconds per call of ``fn``: median over ``repeats`` blocks of ``inner`` calls, after ``warmup`` calls."""
+    """Seconds per call of ``fn``: median over ``repeats`` blocks of ``inner`` calls, after ``warmup`` calls.
+
+    When CUDA is in use, each block starts and ends with a device synchronisation, so queued kernels
+    are counted in the block that launched them.
+    """
+    import torch
+
+    def sync():
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         for _ in range(inner):
             fn()
+        sync()
         times.append((time.perf_counter() - t0) / inner)
     return {
         "median_s": statistics.median(times),
@@ -123,7 +137,17 @@ def _plt():
 
 
 def _section_step_cost(d: dict, out: Path) -> list[str]:
-    s = [f"## 1. Step cost (mode `{d['mode']}`, dtype {d['dtype']}, {d['num_particles']} particles)", ""]
+    dev = d.get("device", "cpu")
+    on_gpu = dev.startswith("cuda")
+    where = f"GPU ({d['machine'].get('gpu', dev)})" if on_gpu else "CPU"
+    s = [f"## 1{'b' if on_gpu else ''}. Step cost on {where} (mode `{d['mode']}`, dtype {d['dtype']}, "
+         f"{d['num_particles']} particles)", ""]
+    if on_gpu:
+        m = d["machine"]
+        s.append(f"Machine: {m.get('gpu')} (CUDA {m.get('cuda')}), host {m['cpu']} with {m['cores']} cores, torch "
+                 f"{m['torch']}, pyro {m['pyro']}, Python {m['python']}, date {m['date']}. Same code and settings as the CPU "
+                 "table; every timing block starts and ends with `torch.cuda.synchronize()`.")
+        s.append("")
     s.append(d.get("notes", ""))
     s.append("")
     header = ["model", "D", "ours AmortizedSVGD (ms)", "(a) hand-written log density (ms)", "ratio ours/(a)",
@@ -139,8 +163,12 @@ def _section_step_cost(d: dict, out: Path) -> list[str]:
         ])
     s.append(_table(header, rows))
     s.append("")
-    s.append(f"Target: ratio ours/(a) < 2 on CPU. Met: "
-             + ", ".join(f"{n}: {'yes' if m['ratio_ours_over_handwritten'] < 2 else 'NO'}" for n, m in d["models"].items()))
+    if on_gpu:
+        s.append("Target: ratio ours/(a) near 1 on GPU for large N. Ratios: "
+                 + ", ".join(f"{n}: {m['ratio_ours_over_handwritten']:.2f}" for n, m in d["models"].items()))
+    else:
+        s.append("Target: ratio ours/(a) < 2 on CPU. Met: "
+                 + ", ".join(f"{n}: {'yes' if m['ratio_ours_over_handwritten'] < 2 else 'NO'}" for n, m in d["models"].items()))
     s.append("")
     for name, m in d["models"].items():
         if m.get("breakdown"):
@@ -169,9 +197,10 @@ def _section_step_cost(d: dict, out: Path) -> list[str]:
         ax.set_yscale("log")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / "step_cost.png", dpi=100)
+        png = "step_cost_gpu.png" if on_gpu else "step_cost.png"
+        fig.savefig(out / png, dpi=100)
         plt.close(fig)
-        s.append("![step cost](step_cost.png)")
+        s.append(f"![step cost]({png})")
         s.append("")
     except Exception as e:  # noqa: BLE001 - a plot failure must not lose the report
         s.append(f"(plot failed: {e})")
@@ -325,7 +354,8 @@ def _section_memory(d: dict, out: Path) -> list[str]:
 def build_report(out: Path) -> Path:
     """Write ``out/REPORT.md`` (and PNG plots) from the JSON files found in ``out``."""
     out = Path(out)
-    parts = {name: load_json(out, name) for name in ("step_cost", "accuracy", "amortized", "memory")}
+    parts = {name: load_json(out, name) for name in ("step_cost", "step_cost_cuda", "accuracy", "amortized", "memory")}
+    gpu_part = parts.pop("step_cost_cuda")
     info = next((p["machine"] for p in parts.values() if p and "machine" in p), machine_info())
     lines = ["# pyro_stein benchmarks", ""]
     lines.append("Generated by `python -m benchmarks`; every number below is read from the JSON files next to this report.")
@@ -337,7 +367,10 @@ def build_report(out: Path) -> Path:
     lines.append("Timings: `time.perf_counter`, warm-up excluded, medians over repeats; ratios are measured in the same "
                  "run. The machine is shared with other jobs, so absolute times are noisy; ratios are more robust.")
     lines.append("")
-    builders = {"step_cost": _section_step_cost, "accuracy": _section_accuracy, "amortized": _section_amortized, "memory": _section_memory}
+    if gpu_part is not None:  # the GPU table sits right after the CPU one, with its own machine line
+        parts = {"step_cost": parts["step_cost"], "step_cost_cuda": gpu_part} | parts
+    builders = {"step_cost": _section_step_cost, "step_cost_cuda": _section_step_cost, "accuracy": _section_accuracy,
+                "amortized": _section_amortized, "memory": _section_memory}
     for name, d in parts.items():
         if d is None:
             lines.append(f"## {name}: not run")

@@ -113,6 +113,17 @@ class SamplerDistribution(dist.TorchDistribution):
         )
 
 
+def _check_module_placement(arg: str, module: nn.Module, like: Tensor) -> None:
+    """A user-supplied network must live where the model's values live (the guide never moves it)."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.is_floating_point() and (t.device != like.device or t.dtype != like.dtype):
+            raise ValueError(
+                f"the {arg} passed to AmortizedSteinGuide has tensors on {t.device} with dtype {t.dtype}, but the "
+                f"model's latent values are on {like.device} with dtype {like.dtype}; move it first, e.g. "
+                f"{arg}.to(device={str(like.device)!r}, dtype={like.dtype})"
+            )
+
+
 class AmortizedSteinGuide(AutoContinuous):
     """A Pyro guide whose posterior draws come from a neural sampler ``z = f(noise [, dataset encoding])``.
 
@@ -301,6 +312,7 @@ class AmortizedSteinGuide(AutoContinuous):
                 encoder = DeepSetEncoder(**cfg)
                 encoder.to(dtype=init_loc.dtype, device=init_loc.device)
                 encoder.set_standardization(feats.features, feats.mask)
+            _check_module_placement("encoder", encoder, init_loc)
             self.encoder = encoder
             self.feature_dim = feats.features.shape[-1]
             context_dim = int(getattr(encoder, "output_dim", self.context_dim))
@@ -319,6 +331,7 @@ class AmortizedSteinGuide(AutoContinuous):
                     f"the sampler outputs {sampler.latent_dim} dims but the model's latent sites pack into "
                     f"{self.latent_dim} unconstrained dims ({[(s.name, tuple(s.unconstrained_shape)) for s in self.sites]})"
                 )
+            _check_module_placement("sampler", sampler, init_loc)
         self.sampler = sampler
 
     # ------------------------------------------------------------------ persistence

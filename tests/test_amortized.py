@@ -69,7 +69,9 @@ def train(model, make_args, steps, site, batch_size=8, num_particles=32, lr=3e-3
     stream = PriorPredictiveStream(model, make_args, obs_kwargs={"y": "y"})
     kw = {}
     if small:  # compact networks: a 1-D posterior family needs little capacity and trains faster
-        kw = dict(encoder=DeepSetEncoder(1, output_dim=8, hidden_dim=32), sampler=GaussianResidualSampler(1, context_dim=8, hidden_dim=32, init_scale=0.3))
+        like = tensor(0.0)  # user-built networks must live where the model's values live
+        kw = dict(encoder=DeepSetEncoder(1, output_dim=8, hidden_dim=32).to(like),
+                  sampler=GaussianResidualSampler(1, context_dim=8, hidden_dim=32, init_scale=0.3).to(like))
     guide = AmortizedSteinGuide(model, amortized=True, **kw)
     first = stream.sample()
     guide.setup(*first.args, **first.kwargs)

@@ -229,7 +229,7 @@ def test_log_density_includes_log_jacobian():
 
     u = tensor([[0.2], [1.1]])
     lp = ModelLogDensity(model, guide.sites).log_density(u)
-    exact = dist.Gamma(3.0, 1.0).log_prob(u.exp()).squeeze(-1) + u.squeeze(-1)
+    exact = dist.Gamma(tensor(3.0), tensor(1.0)).log_prob(u.exp()).squeeze(-1) + u.squeeze(-1)
     assert torch.allclose(lp, exact)
 
 
@@ -276,6 +276,19 @@ def test_custom_sampler_with_wrong_dim_is_rejected():
 
     with pytest.raises(ValueError, match="pack into 4"):
         AmortizedSteinGuide(regression_model, sampler=Tiny()).setup(X, y)
+
+
+def test_custom_sampler_on_the_wrong_device_or_dtype_is_rejected():
+    from pyro_stein.nn import GaussianResidualSampler
+
+    X, y = data()
+    other = torch.float32 if X.dtype == torch.float64 else torch.float64
+    sampler = GaussianResidualSampler(4).to(device=X.device, dtype=other)
+    with pytest.raises(ValueError, match=r"sampler passed to AmortizedSteinGuide .* sampler\.to\(device="):
+        AmortizedSteinGuide(regression_model, sampler=sampler).setup(X, y)
+    # placed like the model's values, it is accepted as is
+    guide = AmortizedSteinGuide(regression_model, sampler=sampler.to(X)).setup(X, y)
+    assert guide.sampler is sampler
 
 
 def test_non_finite_log_joint_names_site_and_leaves_params_unchanged():
