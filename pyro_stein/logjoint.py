@@ -109,11 +109,49 @@ def unpack(u: Tensor, sites: Sequence[LatentSite]) -> dict[str, tuple[Tensor, Te
     return out
 
 
+class _BernoulliLogitsLogProb(torch.autograd.Function):
+    """``value * logits - softplus(logits)`` with the hand-derived backward ``g * (value - sigmoid(logits))``.
+
+    Autograd's backward of the composite calls ``softplus_backward`` on the gradient of a sum, a
+    stride-0 broadcast; on a GPU that kernel falls off the vectorised path and took 55 % of a
+    logistic-regression step at 128 particles x 10^6 rows. ``generate_vmap_rule`` lets
+    ``torch.func.vmap`` batch it like the composite.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits: Tensor, value: Tensor) -> Tensor:
+        return value * logits - torch.nn.functional.softplus(logits)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, value = ctx.saved_tensors
+        g_logits = (value - torch.sigmoid(logits)) * grad if ctx.needs_input_grad[0] else None
+        g_value = logits * grad if ctx.needs_input_grad[1] else None
+        return g_logits, g_value
+
+
+# Per-particle logit count from which the custom Function beats the composite expression: its
+# fixed Python cost (~1 ms per call under vmap) is repaid by the cheaper backward only on large
+# arrays. Measured at 128 particles: CPU (1 thread) break-even between 10^3 and 10^4 rows; H100
+# between 10^5 (composite 2.3 ms vs 3.6 ms) and 10^6 rows (9.9 ms vs 5.8 ms).
+_FUSED_BERNOULLI_MIN_NUMEL = {"cpu": 4096}
+_FUSED_BERNOULLI_MIN_NUMEL_DEFAULT = 262_144
+
+
 def _bernoulli_log_prob(fn: Any, value: Tensor) -> Tensor:
     # Same value as torch's ``-binary_cross_entropy_with_logits`` (which Bernoulli.log_prob calls),
     # written with ops whose vmap batching rules are cheap: under torch.func.vmap the fused loss
     # and its backward are ~2.5x slower than this for a (particles x rows) logit matrix.
     logits, value = torch.distributions.utils.broadcast_all(fn.logits, value)
+    big = _FUSED_BERNOULLI_MIN_NUMEL.get(logits.device.type, _FUSED_BERNOULLI_MIN_NUMEL_DEFAULT)
+    if logits.numel() >= big:
+        return _BernoulliLogitsLogProb.apply(logits, value)
     return value * logits - torch.nn.functional.softplus(logits)
 
 

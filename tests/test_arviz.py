@@ -23,8 +23,8 @@ Z = [[1.2, 0.4], [2.0, 1.1], [0.3, 1.9], [1.5, 0.8]]
 
 def model(sigma, y=None, z=None):
     """Eight schools plus a second observed site with an event dimension."""
-    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-    tau = pyro.sample("tau", dist.HalfNormal(5.0))
+    mu = pyro.sample("mu", dist.Normal(sigma.new_tensor(0.0), 5.0))
+    tau = pyro.sample("tau", dist.HalfNormal(sigma.new_tensor(5.0)))
     with pyro.plate("school", J):
         theta = pyro.sample("theta", dist.Normal(mu, tau))
         pyro.deterministic("delta", theta - mu)
@@ -36,8 +36,8 @@ def model(sigma, y=None, z=None):
 
 def unvectorizable_model(sigma, y=None, z=None):
     """Same density, but ``.expand([2])`` breaks an extra outer batch dimension."""
-    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-    tau = pyro.sample("tau", dist.HalfNormal(5.0))
+    mu = pyro.sample("mu", dist.Normal(sigma.new_tensor(0.0), 5.0))
+    tau = pyro.sample("tau", dist.HalfNormal(sigma.new_tensor(5.0)))
     with pyro.plate("school", J):
         theta = pyro.sample("theta", dist.Normal(mu, tau))
         pyro.sample("y", dist.Normal(theta, sigma), obs=y)
@@ -132,16 +132,16 @@ def test_log_likelihood_and_lp_match_hand_computation(fitted):
         theta = _t(post["theta"].values[c, d])
         ll_y = dist.Normal(theta, data["sigma"]).log_prob(data["y"])
         ll_z = dist.Normal(mu, 1.0).log_prob(data["z"]).sum(-1)
-        np.testing.assert_allclose(idata["log_likelihood"]["y"].values[c, d], ll_y, rtol=1e-6)
-        np.testing.assert_allclose(idata["log_likelihood"]["z"].values[c, d], ll_z, rtol=1e-6)
+        np.testing.assert_allclose(idata["log_likelihood"]["y"].values[c, d], ll_y.cpu(), rtol=1e-6)
+        np.testing.assert_allclose(idata["log_likelihood"]["z"].values[c, d], ll_z.cpu(), rtol=1e-6)
         lp = (
-            dist.Normal(0.0, 5.0).log_prob(mu)
-            + dist.HalfNormal(5.0).log_prob(tau)
+            dist.Normal(mu.new_tensor(0.0), 5.0).log_prob(mu)
+            + dist.HalfNormal(tau.new_tensor(5.0)).log_prob(tau)
             + dist.Normal(mu, tau).log_prob(theta).sum()
             + ll_y.sum()
             + ll_z.sum()
         )
-        np.testing.assert_allclose(idata["sample_stats"]["lp"].values[c, d], lp, rtol=1e-6)
+        np.testing.assert_allclose(idata["sample_stats"]["lp"].values[c, d], lp.cpu(), rtol=1e-6)
 
 
 def test_user_coords_and_dims_override(fitted):
@@ -214,7 +214,7 @@ def test_fallback_to_loop_for_unvectorizable_model(fitted):
         assert idata["posterior_predictive"]["z"].shape == (2, 5, 4, 2)
         mu = _t(post["mu"].values[1, 3])
         expected = dist.Normal(mu, 1.0).log_prob(data["z"]).sum(-1)
-        np.testing.assert_allclose(ll["z"].values[1, 3], expected, rtol=1e-6)
+        np.testing.assert_allclose(ll["z"].values[1, 3], expected.cpu(), rtol=1e-6)
 
 
 def test_optional_groups_and_no_observations(fitted):

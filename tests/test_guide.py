@@ -205,7 +205,7 @@ def test_non_vectorizable_model_falls_back_to_loop_with_same_values():
         svgd.step(y)
     u = tensor([[0.3], [-1.0]])
     lp = svgd._log_density.log_density(u, (y,))
-    exact = dist.Normal(0.0, 1.0).log_prob(u[:, 0]) + dist.Normal(u, 1.0).log_prob(y).sum(-1)
+    exact = dist.Normal(u.new_tensor(0.0), 1.0).log_prob(u[:, 0]) + dist.Normal(u, 1.0).log_prob(y).sum(-1)
     assert torch.allclose(lp, exact)
 
 
