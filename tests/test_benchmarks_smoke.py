@@ -44,3 +44,14 @@ def test_benchmarks_accuracy_smoke(tmp_path):
     res = acc["results"]["gp_pois_regr-gp_regr"]
     assert "c2st" in res["AmortizedSteinGuide"] and 0.0 <= res["AmortizedSteinGuide"]["c2st"] <= 1.0
     assert "Accuracy" in (tmp_path / "REPORT.md").read_text()
+
+
+@pytest.mark.skipif(not (DATA / "sbibm").is_dir(), reason=f"reference data not found at {DATA}")
+def test_benchmarks_amortized_sbibm_smoke(tmp_path):
+    _run(["--smoke", "--only", "amortized_sbibm"], tmp_path)
+    res = json.loads((tmp_path / "amortized_sbibm.json").read_text())["sbibm"]
+    for task in ("gaussian_linear", "bernoulli_glm"):
+        assert "error" not in res[task], res[task]
+        for kind in ("raw", "corrected"):
+            assert all(0.0 <= r["c2st"] <= 1.0 for r in res[task][kind]["per_observation"])
+    assert "Amortized inference on sbibm tasks" in (tmp_path / "REPORT.md").read_text()
