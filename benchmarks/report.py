@@ -136,6 +136,14 @@ def _plt():
     return plt
 
 
+def _save_plot(fig, out: Path, png: str, alt: str) -> list[str]:
+    """Write ``fig`` to ``out/png``, close it, and return the report lines that show it."""
+    fig.tight_layout()
+    fig.savefig(out / png, dpi=100)
+    _plt().close(fig)
+    return [f"![{alt}]({png})", ""]
+
+
 def _section_step_cost(d: dict, out: Path) -> list[str]:
     dev = d.get("device", "cpu")
     on_gpu = dev.startswith("cuda")
@@ -196,12 +204,7 @@ def _section_step_cost(d: dict, out: Path) -> list[str]:
         ax.set_ylabel("ms per step (median)")
         ax.set_yscale("log")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        png = "step_cost_gpu.png" if on_gpu else "step_cost.png"
-        fig.savefig(out / png, dpi=100)
-        plt.close(fig)
-        s.append(f"![step cost]({png})")
-        s.append("")
+        s += _save_plot(fig, out, "step_cost_gpu.png" if on_gpu else "step_cost.png", "step cost")
     except Exception as e:  # noqa: BLE001 - a plot failure must not lose the report
         s.append(f"(plot failed: {e})")
     return s
@@ -238,11 +241,7 @@ def _section_accuracy(d: dict, out: Path) -> list[str]:
         ax.set_xticks([j + 0.4 - w / 2 for j in range(len(posts))], [p.split("-")[0] for p in posts], rotation=20, fontsize=8)
         ax.set_ylabel("C2ST accuracy")
         ax.legend(fontsize=7, ncol=3)
-        fig.tight_layout()
-        fig.savefig(out / "accuracy_c2st.png", dpi=100)
-        plt.close(fig)
-        s.append("![C2ST](accuracy_c2st.png)")
-        s.append("")
+        s += _save_plot(fig, out, "accuracy_c2st.png", "C2ST")
     except Exception as e:  # noqa: BLE001
         s.append(f"(plot failed: {e})")
     return s
@@ -297,11 +296,7 @@ def _section_amortized(d: dict, out: Path) -> list[str]:
         ax.set_xlabel("rows in dataset")
         ax.set_ylabel("wall per dataset (s)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "amortized_wall.png", dpi=100)
-        plt.close(fig)
-        s.append("![amortized wall time](amortized_wall.png)")
-        s.append("")
+        s += _save_plot(fig, out, "amortized_wall.png", "amortized wall time")
     except Exception as e:  # noqa: BLE001
         s.append(f"(plot failed: {e})")
     return s
@@ -334,11 +329,7 @@ def _section_memory(d: dict, out: Path) -> list[str]:
         ax.set_xlabel("particles n")
         ax.set_ylabel("peak RSS above baseline (MB)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "memory.png", dpi=100)
-        plt.close(fig)
-        s.append("![memory](memory.png)")
-        s.append("")
+        s += _save_plot(fig, out, "memory.png", "memory")
     except Exception as e:  # noqa: BLE001
         s.append(f"(plot failed: {e})")
     return s

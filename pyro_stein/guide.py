@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from contextlib import ExitStack
 from typing import Callable, Sequence
 
@@ -115,7 +116,7 @@ class SamplerDistribution(dist.TorchDistribution):
 
 def _check_module_placement(arg: str, module: nn.Module, like: Tensor) -> None:
     """A user-supplied network must live where the model's values live (the guide never moves it)."""
-    for t in list(module.parameters()) + list(module.buffers()):
+    for t in itertools.chain(module.parameters(), module.buffers()):
         if t.is_floating_point() and (t.device != like.device or t.dtype != like.dtype):
             raise ValueError(
                 f"the {arg} passed to AmortizedSteinGuide has tensors on {t.device} with dtype {t.dtype}, but the "
@@ -312,7 +313,8 @@ class AmortizedSteinGuide(AutoContinuous):
                 encoder = DeepSetEncoder(**cfg)
                 encoder.to(dtype=init_loc.dtype, device=init_loc.device)
                 encoder.set_standardization(feats.features, feats.mask)
-            _check_module_placement("encoder", encoder, init_loc)
+            else:
+                _check_module_placement("encoder", encoder, init_loc)
             self.encoder = encoder
             self.feature_dim = feats.features.shape[-1]
             context_dim = int(getattr(encoder, "output_dim", self.context_dim))

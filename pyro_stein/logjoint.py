@@ -152,7 +152,7 @@ def _bernoulli_log_prob(fn: Any, value: Tensor) -> Tensor:
     big = _FUSED_BERNOULLI_MIN_NUMEL.get(logits.device.type, _FUSED_BERNOULLI_MIN_NUMEL_DEFAULT)
     if logits.numel() >= big:
         return _BernoulliLogitsLogProb.apply(logits, value)
-    return value * logits - torch.nn.functional.softplus(logits)
+    return _BernoulliLogitsLogProb.forward(logits, value)  # the same expression, differentiated by autograd
 
 
 _FAST_LOG_PROB: dict[type, Callable[[Any, Tensor], Tensor]] = {
