@@ -22,6 +22,7 @@ from pyro.poutine.util import site_is_subsample
 import torch
 from torch import Tensor
 from torch.distributions import Transform
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 __all__ = [
     "LatentSite",
@@ -209,6 +210,7 @@ class ModelLogDensity:
         self.sites = list(sites)
         self.vectorize = vectorize
         self._mode: str | None = None if vectorize == "auto" else vectorize
+        self._stack_ok: bool | None = None  # one vmap pass over datasets too: None = not yet checked
         self.dim = sum(s.size for s in self.sites)
         self._by_name = {s.name: s for s in self.sites}
 
@@ -302,11 +304,51 @@ class ModelLogDensity:
         return lp, score
 
     def score_batch(self, z: Tensor, datasets: Sequence[Any], plates: Sequence[dict] | None = None, check: bool = True) -> Tensor:
-        """Scores ``(B, P, D)`` for particle sets ``z`` ``(B, P, D)``, one per dataset (``.args``/``.kwargs``)."""
-        plates = plates if plates is not None else [{}] * len(datasets)
+        """Scores ``(B, P, D)`` for particle sets ``z`` ``(B, P, D)``, one per dataset (``.args``/``.kwargs``).
+
+        Datasets whose arguments have the same structure and tensor shapes (e.g. simulated with a
+        fixed size, or padded with a mask) are evaluated in one :func:`torch.func.vmap` pass over
+        datasets and particles; the first such call is checked against the loop over datasets, and
+        a model that fails the check or cannot be vmapped over its data keeps the loop.
+        """
+        plates = list(plates) if plates is not None else [{}] * len(datasets)
+        if len(datasets) > 1 and self._mode == "vmap" and self._stack_ok is not False and not any(plates):
+            stacked = _stack_arguments(datasets)
+            if stacked is not None:
+                score = self._stacked_score(z, datasets, stacked, check)
+                if score is not None:
+                    return score
         return torch.stack(
             [self.log_density_and_score(zi, d.args, d.kwargs, pl, check=check)[1] for zi, d, pl in zip(z, datasets, plates)]
         )
+
+    def _stacked_score(self, z: Tensor, datasets: Sequence[Any], stacked: tuple, check: bool) -> Tensor | None:
+        spec, leaves, batched = stacked
+
+        def one_dataset(ub: Tensor, *leaf_values):
+            args, kwargs = tree_unflatten(list(leaf_values), spec)
+            return torch.func.vmap(lambda row: self._single_log_density(row, args, kwargs, {}), randomness="same")(ub)
+
+        in_dims = (0, *[0 if b else None for b in batched])
+        u = z.detach().requires_grad_(True)
+        try:
+            with torch.enable_grad(), pyro.validation_enabled(False):
+                lp = torch.func.vmap(one_dataset, in_dims=in_dims, randomness="same")(u, *leaves)
+                (score,) = torch.autograd.grad(lp.sum(), u)
+        except Exception:  # noqa: BLE001 - not vmappable over the data: keep the loop over datasets
+            if self._stack_ok:
+                raise
+            self._stack_ok = False
+            return None
+        lp = lp.detach()
+        if self._stack_ok is None:
+            want = torch.stack([self.log_density_and_score(z[b], d.args, d.kwargs, check=False)[1] for b, d in enumerate(datasets[:2])])
+            self._stack_ok = bool(torch.allclose(score[:2], want, rtol=1e-4, atol=1e-6, equal_nan=True))
+            if not self._stack_ok:
+                return None
+        if check and not (torch.isfinite(lp).all() and torch.isfinite(score).all()):
+            return None  # the loop names the offending dataset, particle and site
+        return score
 
     def describe_nonfinite(self, u: Tensor, args: tuple, kwargs: dict, plates: dict, lp: Tensor, score: Tensor) -> str:
         """A message naming the sites whose log density or gradient is not finite at ``u``."""
@@ -360,3 +402,38 @@ class ModelLogDensity:
 
         out = self._map(fn, u)
         return dict(zip(names, out))
+
+
+def _stack_arguments(datasets: Sequence[Any]) -> tuple[Any, list, list[bool]] | None:
+    """The datasets' arguments as one batch: ``(treespec, leaves, batched)``, or ``None`` when they differ
+    in structure, tensor shape, dtype or device, or in a non-tensor value. Tensors shared by every
+    dataset (the same object) are passed once, unbatched."""
+    flat = [tree_flatten((tuple(d.args), dict(d.kwargs))) for d in datasets]
+    spec = flat[0][1]
+    if any(f[1] != spec for f in flat[1:]):
+        return None
+    leaves, batched = [], []
+    for column in zip(*[f[0] for f in flat]):
+        first = column[0]
+        if all(c is first for c in column):
+            leaves.append(first)
+            batched.append(False)
+            continue
+        if not isinstance(first, Tensor):
+            if all(type(c) is type(first) and _same_value(c, first) for c in column):
+                leaves.append(first)
+                batched.append(False)
+                continue
+            return None
+        if not all(isinstance(c, Tensor) and c.shape == first.shape and c.dtype == first.dtype and c.device == first.device for c in column):
+            return None
+        leaves.append(torch.stack(column))
+        batched.append(True)
+    return spec, leaves, batched
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - e.g. arrays, whose == is elementwise
+        return False

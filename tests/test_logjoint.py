@@ -105,3 +105,62 @@ def test_bernoulli_log_prob_function_gradients():
     got = torch.func.vmap(torch.func.grad(fused))(w)
     want = torch.func.vmap(torch.func.grad(composite))(w)
     assert torch.allclose(got, want, rtol=TOL, atol=TOL)
+
+
+def _regression(X, y, prior_scale=1.0):
+    beta = pyro.sample("beta", dist.Normal(X.new_zeros(X.shape[-1]), prior_scale).to_event(1))
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("y", dist.Normal(X @ beta, 1.0), obs=y)
+
+
+def _branching_regression(X, y, prior_scale=1.0):
+    """Python control flow on the data's values: vmappable over particles, not over datasets."""
+    if float(y.sum()) > 0:
+        prior_scale = 2.0 * prior_scale
+    _regression(X, y, prior_scale)
+
+
+def _loop_scores(ld, z, datasets):
+    return torch.stack([ld.log_density_and_score(z[b], d.args, d.kwargs)[1] for b, d in enumerate(datasets)])
+
+
+def _exact_regression_score(z, datasets, prior_scales):
+    """Closed form: grad log p(beta | X, y) = X^T (y - X beta) - beta / prior_scale^2."""
+    out = []
+    for b, (d, sc) in enumerate(zip(datasets, prior_scales)):
+        X, y = d.args[0], d.kwargs["y"]
+        out.append((y - z[b] @ X.T) @ X - z[b] / sc**2)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("model, stacked", [(_regression, True), (_branching_regression, False)])
+def test_score_batch_one_pass_over_same_shaped_datasets(model, stacked):
+    """Same-shaped datasets go through one vmap pass over datasets and particles; a model that
+    cannot be vmapped over its data keeps the loop over datasets. Both give the exact score."""
+    from pyro_stein.data import Dataset
+
+    torch.manual_seed(0)
+    datasets = [Dataset(randn(30, 3), y=randn(30) + 3.0 * (b % 2)) for b in range(4)]  # 2 branch both ways
+    ld = ModelLogDensity(model, latent_sites_from_trace(poutine.trace(model).get_trace(*datasets[0].args, **datasets[0].kwargs)))
+    z = randn(4, 6, 3)
+    ld.score_batch(z, datasets)  # first call settles the particle vmap, second may stack
+    got = ld.score_batch(z, datasets)
+    assert ld._stack_ok is stacked
+    scales = [2.0 if (model is _branching_regression and float(d.kwargs["y"].sum()) > 0) else 1.0 for d in datasets]
+    want = _exact_regression_score(z, datasets, scales)
+    assert torch.allclose(got, want, rtol=1e3 * TOL, atol=1e3 * TOL), f"max diff {(got - want).abs().max()}"
+
+
+def test_score_batch_keeps_the_loop_for_ragged_datasets():
+    from pyro_stein.data import Dataset
+
+    torch.manual_seed(0)
+    datasets = [Dataset(randn(20 + 5 * b, 3), y=randn(20 + 5 * b)) for b in range(3)]
+    ld = ModelLogDensity(_regression, latent_sites_from_trace(poutine.trace(_regression).get_trace(*datasets[0].args, **datasets[0].kwargs)))
+    z = randn(3, 5, 3)
+    for _ in range(2):
+        got = ld.score_batch(z, datasets)
+    assert ld._stack_ok is None, "ragged datasets must not be stacked"
+    want = _exact_regression_score(z, datasets, [1.0] * 3)
+    assert torch.allclose(got, want, rtol=1e3 * TOL, atol=1e3 * TOL)
+    assert torch.allclose(_loop_scores(ld, z, datasets), got, rtol=TOL, atol=TOL)
