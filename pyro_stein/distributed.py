@@ -262,6 +262,8 @@ class DistributedAmortizedSVGD(AmortizedSVGD):
         guide = self.guide
         guide.setup(*datasets[0].args, **datasets[0].kwargs)
         if not self._synced:
+            if getattr(guide, "_standardization_pending", False):
+                guide.fit_standardization(datasets)  # each rank on its own batch; rank 0's is broadcast next
             self.sync_parameters()
         real_optim, self._weight, self._reduced = self.optim, float(len(datasets)), False
         self.optim = lambda params: self._reduce_then_step(real_optim, params)

@@ -313,6 +313,7 @@ class AmortizedSteinGuide(AutoContinuous):
                 encoder = DeepSetEncoder(**cfg)
                 encoder.to(dtype=init_loc.dtype, device=init_loc.device)
                 encoder.set_standardization(feats.features, feats.mask)
+                self._standardization_pending = True  # refitted on the first training batch (AmortizedSVGD)
             else:
                 _check_module_placement("encoder", encoder, init_loc)
             self.encoder = encoder
@@ -406,6 +407,26 @@ class AmortizedSteinGuide(AutoContinuous):
                 f"with width {self.feature_dim}; pass a dataset of the same form as the training datasets"
             )
         return out
+
+    def fit_standardization(self, datasets: Sequence) -> None:
+        """Refit the default encoder's per-feature standardisation on a batch of datasets.
+
+        :class:`~pyro_stein.infer.AmortizedSVGD` calls it once, on its first batch, for a freshly
+        built guide (setup fits it on a single example dataset, whose features may not vary in
+        every column, e.g. padded positions); a loaded or already-trained guide keeps its own.
+        A user-supplied encoder is left alone.
+        """
+        self._standardization_pending = False
+        if not self.amortized or self._user_encoder is not None:
+            return
+        from .data import as_dataset
+
+        feats = collate_features([self._features_of(as_dataset(d)) for d in datasets])
+        self.encoder.set_standardization(feats.features, feats.mask)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._standardization_pending = False  # the loaded buffers hold the trained standardisation
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _init_values(self) -> dict:
         if self.prototype_trace is None:

@@ -133,6 +133,8 @@ class AmortizedSVGD:
         if self._log_density is None:
             self._log_density = ModelLogDensity(self.model, guide.sites, guide.vectorize)
         params = _register_params(guide)
+        if getattr(guide, "_standardization_pending", False):
+            guide.fit_standardization(datasets)
         if guide.amortized:
             feats = collate_features([guide._features_of(d) for d in datasets])
             z = guide.draw(self.num_particles, guide.encode(feats))  # (B, n, D)

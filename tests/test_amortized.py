@@ -168,6 +168,26 @@ def test_encoder_is_permutation_invariant_and_mask_aware():
     assert torch.allclose(enc(batch.features, batch.mask)[0], enc(short.unsqueeze(0))[0])
 
 
+def test_feature_standardisation_is_refit_on_the_first_training_batch_only(tmp_path):
+    """setup fits the encoder's standardisation on one example dataset; the first training step refits
+    it on the whole batch (so features constant within one dataset are not left unscaled), later steps
+    and a loaded guide keep theirs."""
+    pyro.set_rng_seed(0)
+    stream = PriorPredictiveStream(regression_model, make_regression_args, {"y": "y"})
+    batch = [stream.sample() for _ in range(4)]
+    guide = AmortizedSteinGuide(regression_model, amortized=True).setup(*batch[0].args, **batch[0].kwargs)
+    svgd = AmortizedSVGD(regression_model, guide, pyro.optim.Adam({"lr": 1e-3}), num_particles=4)
+    svgd.step_batch(batch)
+    rows = torch.cat([torch.stack([d.kwargs["y"], d.args[0]], -1) for d in batch])
+    assert torch.allclose(guide.encoder.feature_loc, rows.mean(0)) and torch.allclose(guide.encoder.feature_scale, rows.std(0))
+    svgd.step_batch([stream.sample() for _ in range(4)])
+    assert torch.allclose(guide.encoder.feature_loc, rows.mean(0)), "only the first batch refits"
+    guide.save(tmp_path / "g.pt")
+    loaded = AmortizedSteinGuide.load(tmp_path / "g.pt", regression_model, *batch[3].args, **batch[3].kwargs)
+    AmortizedSVGD(regression_model, loaded, pyro.optim.Adam({"lr": 1e-3}), num_particles=4).step_batch(batch[3:])
+    assert torch.allclose(loaded.encoder.feature_loc, rows.mean(0)), "a loaded guide keeps its trained standardisation"
+
+
 def test_per_dataset_kernels_never_mix_particles():
     """Each dataset gets its own (n x n) kernel: the kernel sees particles shaped (B, n, D)."""
     seen = []
