@@ -415,16 +415,15 @@ def _stack_arguments(datasets: Sequence[Any]) -> tuple[Any, list, list[bool]] | 
     leaves, batched = [], []
     for column in zip(*[f[0] for f in flat]):
         first = column[0]
-        if all(c is first for c in column):
+        shared = all(c is first for c in column) or (
+            not isinstance(first, Tensor) and all(type(c) is type(first) and _same_value(c, first) for c in column)
+        )
+        if shared or not isinstance(first, Tensor):
+            if not shared:
+                return None
             leaves.append(first)
             batched.append(False)
             continue
-        if not isinstance(first, Tensor):
-            if all(type(c) is type(first) and _same_value(c, first) for c in column):
-                leaves.append(first)
-                batched.append(False)
-                continue
-            return None
         if not all(isinstance(c, Tensor) and c.shape == first.shape and c.dtype == first.dtype and c.device == first.device for c in column):
             return None
         leaves.append(torch.stack(column))

@@ -164,3 +164,23 @@ def test_score_batch_keeps_the_loop_for_ragged_datasets():
     want = _exact_regression_score(z, datasets, [1.0] * 3)
     assert torch.allclose(got, want, rtol=1e3 * TOL, atol=1e3 * TOL)
     assert torch.allclose(_loop_scores(ld, z, datasets), got, rtol=TOL, atol=TOL)
+
+
+def test_score_batch_stacks_datasets_that_share_non_tensor_arguments():
+    """model(n, y, scale): the same int n and float scale in every dataset are passed through unbatched."""
+    from pyro_stein.data import Dataset
+
+    def mean_model(n, y=None, scale=1.0):
+        mu = pyro.sample("mu", dist.Normal(torch.zeros((), dtype=DTYPE, device=DEVICE), scale))
+        with pyro.plate("obs", n):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    torch.manual_seed(0)
+    datasets = [Dataset(5, y=randn(5), scale=2.0) for _ in range(3)]
+    ld = ModelLogDensity(mean_model, latent_sites_from_trace(poutine.trace(mean_model).get_trace(*datasets[0].args, **datasets[0].kwargs)))
+    z = randn(3, 4, 1)
+    ld.score_batch(z, datasets)
+    got = ld.score_batch(z, datasets)
+    assert ld._stack_ok is True
+    want = torch.stack([d.kwargs["y"].sum() - 5 * z[b] - z[b] / 4 for b, d in enumerate(datasets)])  # d/dmu log p
+    assert torch.allclose(got, want, rtol=1e3 * TOL, atol=1e3 * TOL), f"max diff {(got - want).abs().max()}"
