@@ -136,12 +136,19 @@ def _plt():
     return plt
 
 
-def _save_plot(fig, out: Path, png: str, alt: str) -> list[str]:
-    """Write ``fig`` to ``out/png``, close it, and return the report lines that show it."""
-    fig.tight_layout()
-    fig.savefig(out / png, dpi=100)
-    _plt().close(fig)
-    return [f"![{alt}]({png})", ""]
+def _plot(out: Path, png: str, alt: str, figsize: tuple[float, float], draw) -> list[str]:
+    """Draw one figure with ``draw(ax)``, write it to ``out/png`` and return the report lines that show it;
+    a plot failure becomes a line in the report instead of losing the report."""
+    try:
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=figsize)
+        draw(ax)
+        fig.tight_layout()
+        fig.savefig(out / png, dpi=100)
+        plt.close(fig)
+        return [f"![{alt}]({png})", ""]
+    except Exception as e:  # noqa: BLE001
+        return [f"(plot failed: {e})"]
 
 
 def _section_step_cost(d: dict, out: Path) -> list[str]:
@@ -191,11 +198,10 @@ def _section_step_cost(d: dict, out: Path) -> list[str]:
         s.append(_table(["function", "ncalls", "tottime (s)", "cumtime (s)"],
                         [[f"`{r['function']}`", r["ncalls"], r["tottime"], r["cumtime"]] for r in prof["top"]]))
         s.append("")
-    try:
-        plt = _plt()
+
+    def draw(ax):
         names = list(d["models"])
         keys = [("ours", "ours"), ("handwritten", "(a) hand-written"), ("pyro_svgd", "(b) pyro SVGD"), ("svi_autonormal", "(c) SVI AutoNormal")]
-        fig, ax = plt.subplots(figsize=(7, 3.5))
         w = 0.2
         for i, (k, label) in enumerate(keys):
             vals = [(d["models"][n]["timings"].get(k) or {}).get("median_s", float("nan")) * 1e3 for n in names]
@@ -204,9 +210,8 @@ def _section_step_cost(d: dict, out: Path) -> list[str]:
         ax.set_ylabel("ms per step (median)")
         ax.set_yscale("log")
         ax.legend(fontsize=8)
-        s += _save_plot(fig, out, "step_cost_gpu.png" if on_gpu else "step_cost.png", "step cost")
-    except Exception as e:  # noqa: BLE001 - a plot failure must not lose the report
-        s.append(f"(plot failed: {e})")
+
+    s += _plot(out, "step_cost_gpu.png" if on_gpu else "step_cost.png", "step cost", (7, 3.5), draw)
     return s
 
 
@@ -226,11 +231,10 @@ def _section_accuracy(d: dict, out: Path) -> list[str]:
     s.append("")
     s.append("`worst sd ratio` is the ratio sd_approx/sd_ref farthest from 1 (in log scale). C2ST: 0.5 = indistinguishable.")
     s.append("")
-    try:
-        plt = _plt()
+
+    def draw(ax):
         posts = list(d["results"])
         meths = sorted({m for v in d["results"].values() for m in v})
-        fig, ax = plt.subplots(figsize=(9, 3.8))
         w = 0.8 / max(1, len(meths))
         for i, m in enumerate(meths):
             vals = [(d["results"][p].get(m) or {}).get("c2st") for p in posts]
@@ -241,9 +245,8 @@ def _section_accuracy(d: dict, out: Path) -> list[str]:
         ax.set_xticks([j + 0.4 - w / 2 for j in range(len(posts))], [p.split("-")[0] for p in posts], rotation=20, fontsize=8)
         ax.set_ylabel("C2ST accuracy")
         ax.legend(fontsize=7, ncol=3)
-        s += _save_plot(fig, out, "accuracy_c2st.png", "C2ST")
-    except Exception as e:  # noqa: BLE001
-        s.append(f"(plot failed: {e})")
+
+    s += _plot(out, "accuracy_c2st.png", "C2ST", (9, 3.8), draw)
     return s
 
 
@@ -286,9 +289,8 @@ def _section_amortized(d: dict, out: Path) -> list[str]:
     s.append("<details><summary>per dataset</summary>\n")
     s.append(_table(["rows", "ours (s)", "NUTS (s)", "SVI (s)", "ours mean err", "ours sd ratio", "SVI mean err", "SVI sd ratio"], rows))
     s.append("\n</details>\n")
-    try:
-        plt = _plt()
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+
+    def draw(ax):
         n = [r["n_rows"] for r in ok]
         for key, label in (("amortized", "amortized"), ("svi", "SVI from scratch"), ("nuts", "NUTS")):
             ax.scatter(n, [r[key]["wall_s"] for r in ok], label=label, s=12)
@@ -296,9 +298,8 @@ def _section_amortized(d: dict, out: Path) -> list[str]:
         ax.set_xlabel("rows in dataset")
         ax.set_ylabel("wall per dataset (s)")
         ax.legend(fontsize=8)
-        s += _save_plot(fig, out, "amortized_wall.png", "amortized wall time")
-    except Exception as e:  # noqa: BLE001
-        s.append(f"(plot failed: {e})")
+
+    s += _plot(out, "amortized_wall.png", "amortized wall time", (6, 3.5), draw)
     return s
 
 
@@ -316,9 +317,8 @@ def _section_memory(d: dict, out: Path) -> list[str]:
     s.append(_table(["method", "n", "D", "affine", "peak RSS above baseline (MB)", "tracemalloc peak (MB)",
                      "n x n x D tensor would need (MB)", "step (s)", "note"], rows))
     s.append("")
-    try:
-        plt = _plt()
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+
+    def draw(ax):
         for D in sorted({r["D"] for r in d["configs"] if r["method"] == "ours"}):
             pts = sorted((r["n"], r.get("peak_rss_mb")) for r in d["configs"] if r["method"] == "ours" and r["D"] == D)
             pts = [(a, b) for a, b in pts if b is not None]
@@ -329,9 +329,8 @@ def _section_memory(d: dict, out: Path) -> list[str]:
         ax.set_xlabel("particles n")
         ax.set_ylabel("peak RSS above baseline (MB)")
         ax.legend(fontsize=8)
-        s += _save_plot(fig, out, "memory.png", "memory")
-    except Exception as e:  # noqa: BLE001
-        s.append(f"(plot failed: {e})")
+
+    s += _plot(out, "memory.png", "memory", (6, 3.5), draw)
     return s
 
 
