@@ -326,6 +326,19 @@ class GaussianBernoulliRBM(nn.Module):
         """Exact ``log p(x)`` (or ``log p(x, y)`` when labels are given), shape ``(batch,)``."""
         return -self.forward(x, y) - self.log_partition()
 
+    @torch.no_grad()
+    def sample(self, n: int) -> Tensor | tuple[Tensor, Tensor]:
+        """``n`` exact draws from the model by enumeration: ``(h[, y]) ~ p(h[, y])`` over all ``2^H``
+        hidden states, then ``x ~ N(b + W h, sigma^2 I)``. Returns ``x`` ``(n, D)``, or ``(x, y)`` for a
+        joint model. No Markov chain, so no mixing error (the exact-gradient baseline of the CD drivers)."""
+        if not (isinstance(n, int) and n >= 1):
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        logits = self.log_joint_hidden()  # (2^H,) or (K, 2^H)
+        idx = torch.multinomial(torch.softmax(logits.reshape(-1), 0), n, replacement=True)
+        num_states = 2**self.num_hidden
+        x = self.sample_visible(self.hidden_states()[idx % num_states])
+        return x if self.num_classes is None else (x, idx // num_states)
+
     # -- Gibbs sampling (CD baselines) ---------------------------------------------------
     def sample_hidden(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """``h ~ p(h | x[, y])``: independent Bernoulli(sigmoid(c + U_y + W^T x / sigma^2))."""
@@ -885,11 +898,17 @@ class ContrastiveDivergence:
     ``k`` block-Gibbs sweeps from the data batch (CD) or from persistent chains (PCD, chains
     started at the first data batch). Unconditional RBMs only.
 
+    With ``exact=True`` the negatives are exact model draws (:meth:`GaussianBernoulliRBM.sample`,
+    as many as the batch), so the update is the exact stochastic maximum-likelihood gradient:
+    the reference that no sample-based negative phase (CD, PCD or amortized MLE) can beat in
+    expectation for the same optimizer, batches and number of updates.
+
     :param GaussianBernoulliRBM rbm: the model.
     :param optimizer: a ``torch.optim`` optimizer of ``rbm.parameters()``.
     :param int k: Gibbs sweeps per update.
     :param bool persistent: PCD instead of CD.
     :param num_chains: number of persistent chains (default: the batch size).
+    :param bool exact: exact negatives instead of Gibbs sweeps (needs ``num_hidden <= 20``).
 
     Example::
 
@@ -904,6 +923,7 @@ class ContrastiveDivergence:
         k: int = 1,
         persistent: bool = False,
         num_chains: int | None = None,
+        exact: bool = False,
     ):
         if not isinstance(rbm, GaussianBernoulliRBM):
             raise TypeError(f"rbm must be a GaussianBernoulliRBM, got {type(rbm).__name__}")
@@ -913,7 +933,12 @@ class ContrastiveDivergence:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not (isinstance(k, int) and k >= 1):
             raise ValueError(f"k must be a positive int, got {k!r}")
+        if exact and persistent:
+            raise ValueError("exact=True draws fresh exact negatives each step; it has no persistent chains (persistent=False)")
+        if exact and rbm.num_hidden > _MAX_EXACT_HIDDEN:
+            raise ValueError(f"exact=True enumerates the 2^H hidden states: needs num_hidden <= {_MAX_EXACT_HIDDEN}, got {rbm.num_hidden}")
         self.rbm = rbm
+        self.exact = bool(exact)
         self.optimizer = optimizer
         self.k = k
         self.persistent = bool(persistent)
@@ -928,7 +953,9 @@ class ContrastiveDivergence:
             raise ValueError(
                 f"data_batch must have shape (batch, {self.rbm.num_visible}), got {tuple(data_batch.shape)}"
             )
-        if self.persistent:
+        if self.exact:
+            neg = self.rbm.sample(data_batch.shape[0])
+        elif self.persistent:
             if self.chains is None:
                 m = self.num_chains or data_batch.shape[0]
                 self.chains = data_batch[torch.arange(m, device=data_batch.device) % data_batch.shape[0]].detach().clone()

@@ -114,6 +114,30 @@ def test_log_likelihood_normalized_and_gradcheck(device):
     assert torch.isfinite(rbm.log_likelihood(x.detach(), y)).all()
 
 
+@pytest.mark.parametrize("num_classes", [None, 3])
+def test_exact_sample_matches_enumerated_moments(num_classes, device):
+    """``rbm.sample`` against the model's exact moments from the enumerated ``p(h, y)``: the sample
+    mean of x within 5 Monte Carlo standard errors of ``E[x] = b + W E[h]`` in every coordinate
+    (and label frequencies within 5 binomial standard errors of ``p(y)``)."""
+    rbm = _rbm(3, 4, num_classes=num_classes, device=device)
+    n = 40_000
+    torch.manual_seed(2)
+    out = rbm.sample(n)
+    x, y = (out, None) if num_classes is None else out
+    with torch.no_grad():
+        p = torch.softmax(rbm.log_joint_hidden().reshape(-1), 0).reshape(-1, 2**4)  # (K or 1, 2^H)
+        mean = rbm.b + p.sum(0) @ rbm.hidden_states() @ rbm.W.T
+    assert x.shape == (n, 3) and x.device.type == torch.device(device).type
+    se = x.std(0) / math.sqrt(n)
+    assert ((x.mean(0) - mean).abs() < 5 * se).all(), (
+        f"sample mean {x.mean(0).tolist()} vs exact {mean.tolist()}, 5 Monte Carlo s.e. = {(5 * se).tolist()}")
+    if num_classes is not None:
+        py = p.sum(1)
+        freq = torch.bincount(y, minlength=num_classes).to(py.dtype) / n
+        se_y = (py * (1 - py) / n).sqrt()
+        assert ((freq - py).abs() < 5 * se_y).all(), f"label frequencies {freq.tolist()} vs p(y) {py.tolist()} (5 s.e.)"
+
+
 def test_rbm_errors():
     with pytest.raises(ValueError, match="num_hidden <= 20"):
         GaussianBernoulliRBM(2, 21).log_partition()
@@ -229,11 +253,11 @@ def test_driver_conditional_and_features_run(device, dtype):
 def test_cd_baselines_improve_likelihood(device, dtype):
     torch.manual_seed(0)
     data = (torch.randn(400, 2) @ torch.tensor([[1.0, 0.8], [0.0, 0.5]]) + 1.0).to(device=device, dtype=dtype)
-    for persistent in (False, True):
+    for persistent, exact in ((False, False), (True, False), (False, True)):
         torch.manual_seed(1)
         rbm = GaussianBernoulliRBM(2, 4).to(device=device, dtype=dtype)
         before = float(rbm.log_likelihood(data).detach().mean())
-        cd = ContrastiveDivergence(rbm, torch.optim.Adam(rbm.parameters(), 1e-2), k=2, persistent=persistent)
+        cd = ContrastiveDivergence(rbm, torch.optim.Adam(rbm.parameters(), 1e-2), k=2, persistent=persistent, exact=exact)
         cd.run(data, num_steps=200, batch_size=50, progress_bar=False)
         assert float(rbm.log_likelihood(data).detach().mean()) > before + 0.5
 
@@ -277,6 +301,16 @@ def test_error_labels_to_unconditional_sampler():
         cond.step(torch.randn(8, 2), torch.zeros(8))
     with pytest.raises(ValueError, match=r"labels must have shape \(batch,\) = \(8,\)"):
         cond.step(torch.randn(8, 2), torch.zeros(7, dtype=torch.long))
+
+
+def test_error_exact_negatives():
+    with pytest.raises(ValueError, match=r"exact=True .*\(persistent=False\)"):
+        ContrastiveDivergence(GaussianBernoulliRBM(2, 3), torch.optim.SGD([nn.Parameter(torch.zeros(1))], 0.1),
+                              persistent=True, exact=True)
+    with pytest.raises(ValueError, match="num_hidden <= 20, got 21"):
+        ContrastiveDivergence(GaussianBernoulliRBM(2, 21), torch.optim.SGD([nn.Parameter(torch.zeros(1))], 0.1), exact=True)
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        GaussianBernoulliRBM(2, 3).sample(0)
 
 
 def test_error_constructor_and_data():
