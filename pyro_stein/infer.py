@@ -240,6 +240,7 @@ def refine(
     optim: PyroOptim | None = None,
     num_particles: int = 64,
     kernel: RadialKernel | None = None,
+    precondition: str | None = "auto",
     progress_bar: bool = False,
     **kwargs,
 ) -> AmortizedSteinGuide:
@@ -248,6 +249,8 @@ def refine(
     Starts from the amortized weights (not from scratch) and runs ``num_steps`` of
     :class:`AmortizedSVGD` on the dataset ``(*args, **kwargs)``; the original guide is untouched.
     The copy stays amortized, so call it (or its ``sample_posterior``) with the same dataset.
+    ``optim`` (default ``Adam(lr=1e-3)``), ``num_particles``, ``kernel`` and ``precondition`` are
+    passed to :class:`AmortizedSVGD` (use the settings the guide was trained with).
 
     :returns: the refined copy.
     """
@@ -260,7 +263,7 @@ def refine(
     refined._model = (model,)
     refined._pyro_name = f"{guide._pyro_name}_refined{id(refined)}"
     optim = optim or pyro.optim.Adam({"lr": 1e-3})
-    AmortizedSVGD(model, refined, optim, kernel=kernel, num_particles=num_particles).run(
+    AmortizedSVGD(model, refined, optim, kernel=kernel, num_particles=num_particles, precondition=precondition).run(
         num_steps, *args, progress_bar=progress_bar, **kwargs
     )
     return refined

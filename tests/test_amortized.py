@@ -242,6 +242,10 @@ def test_refine_starts_from_amortized_weights_and_leaves_original_alone():
     assert all(torch.equal(before[k], v) for k, v in guide.state_dict().items()), "the original guide changed"
     assert any(not torch.equal(before[k], v) for k, v in refined.state_dict().items())
     assert guide.model is not None and refined.sample_posterior(5, *d.args, **d.kwargs)["mu"].shape == (5,)
+    # the driver's settings reach AmortizedSVGD (here its check of `precondition`), never the model
+    with pytest.raises(ValueError, match="precondition must be 'auto', 'variance' or None, got 'diag'"):
+        refine(guide, 1, *d.args, precondition="diag", **d.kwargs)
+    assert refine(guide, 2, *d.args, precondition=None, **d.kwargs).sample_posterior(5, *d.args, **d.kwargs)["mu"].shape == (5,)
 
 
 def test_ksd_flags_out_of_distribution_datasets():
