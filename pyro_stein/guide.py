@@ -93,19 +93,28 @@ class SamplerDistribution(dist.TorchDistribution):
     support = constraints.real_vector
     has_rsample = True
 
-    def __init__(self, sampler: nn.Module, context: Tensor | None, like: Tensor, batch_shape=torch.Size()):
+    def __init__(
+        self,
+        sampler: nn.Module,
+        context: Tensor | None,
+        like: Tensor,
+        batch_shape=torch.Size(),
+        output_map: Callable[[Tensor], Tensor] | None = None,
+    ):
         self.sampler = sampler
         self.context = context
         self.like = like
+        self.output_map = output_map
         super().__init__(torch.Size(batch_shape), torch.Size([sampler.latent_dim]), validate_args=False)
 
     def expand(self, batch_shape, _instance=None):
-        return SamplerDistribution(self.sampler, self.context, self.like, batch_shape)
+        return SamplerDistribution(self.sampler, self.context, self.like, batch_shape, self.output_map)
 
     def rsample(self, sample_shape=torch.Size()) -> Tensor:
         shape = torch.Size(sample_shape) + self.batch_shape
         noise = torch.randn(shape + (self.sampler.noise_dim,), dtype=self.like.dtype, device=self.like.device)
-        return self.sampler(noise, self.context)
+        out = self.sampler(noise, self.context)
+        return out if self.output_map is None else self.output_map(out)
 
     def log_prob(self, value):
         raise NotImplementedError(
@@ -176,6 +185,15 @@ class AmortizedSteinGuide(AutoContinuous):
     :param int correction_samples: the correction is estimated from at least this many draws
         (default 1000; more than ``2 D`` are needed for the covariance part, otherwise only the
         location is corrected).
+    :param str whiten: ``"laplace"``: the sampler works in the whitened frame of a Laplace
+        approximation, ``z = m + L u`` with ``m`` the posterior mode (L-BFGS from the initial
+        values, at setup) and ``L L^T`` the inverse Hessian of ``-log p`` there; the sampler starts
+        at ``u ~ N(0, I)`` (``init_scale`` is then relative to the Laplace sds) and the Stein
+        direction and kernel are computed on ``u`` (score ``L^T grad_z log p``). For ill-conditioned,
+        concentrated posteriors (sds differing by orders of magnitude), where a sampler in the raw
+        unconstrained space can settle in a wrong self-consistent state. Non-amortized guides, no
+        subsampled plates; costs one mode search and ``D`` Hessian-vector products at setup.
+        ``None`` (default): no frame.
 
     References:
 
@@ -200,6 +218,7 @@ class AmortizedSteinGuide(AutoContinuous):
         create_plates: Callable | None = None,
         moment_correction: int = 0,
         correction_samples: int = 1000,
+        whiten: str | None = None,
     ):
         if sampler is not None and not isinstance(sampler, nn.Module):
             raise TypeError(f"sampler must be a torch.nn.Module, got {type(sampler).__name__}")
@@ -212,8 +231,16 @@ class AmortizedSteinGuide(AutoContinuous):
         for name, v, lo in (("moment_correction", moment_correction, 0), ("correction_samples", correction_samples, 3)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        if whiten not in (None, "laplace"):
+            raise ValueError(f"whiten must be None or 'laplace', got {whiten!r}")
+        if whiten is not None and amortized:
+            raise ValueError(
+                "whiten='laplace' fits one frame to one dataset's posterior; it is not available with amortized=True "
+                "(the posterior changes with the dataset). Use whiten=None, or a non-amortized guide per dataset"
+            )
         self.moment_correction = moment_correction
         self.correction_samples = correction_samples
+        self.whiten = whiten
         self._init_fn = init_to_mean_or_feasible() if init_loc_fn is None else init_loc_fn
         super().__init__(model, init_loc_fn=self._init_fn)
         self._raw_model = (model,)
@@ -303,8 +330,62 @@ class AmortizedSteinGuide(AutoContinuous):
             except NotImplementedError as e:
                 raise ValueError(f"latent site {name!r} has support {fn.support} with no bijection to real space: {e}") from e
 
+    def _laplace_frame(self, init_loc: Tensor, args, kwargs) -> tuple[Tensor, Tensor]:
+        """``(m, L)``: the posterior mode in unconstrained space and ``L`` with ``L L^T = H^{-1}``."""
+        if self.subsample_plates:
+            raise ValueError(
+                f"whiten='laplace' needs the full-data log density, but the model subsamples plates "
+                f"{sorted(self.subsample_plates)}; use whiten=None or do not subsample"
+            )
+
+        def neg_log_p(x: Tensor) -> Tensor:
+            return -self.log_density.log_density(x.unsqueeze(0), args, kwargs)[0]
+
+        z = init_loc.detach().clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([z], max_iter=200, line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=0.0)
+
+        def closure():
+            opt.zero_grad()
+            loss = neg_log_p(z)
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            for _ in range(5):
+                opt.step(closure)
+            mode = z.detach()
+            hess = torch.autograd.functional.hessian(neg_log_p, mode)
+        if not (torch.isfinite(mode).all() and torch.isfinite(hess).all()):
+            raise ValueError("whiten='laplace': the mode search or the Hessian at the mode is not finite; use whiten=None")
+        chol, info = torch.linalg.cholesky_ex(0.5 * (hess + hess.T))
+        if info != 0:
+            raise ValueError(
+                "whiten='laplace': the Hessian of -log p at the mode found is not positive definite (no proper mode, "
+                "e.g. an improper or flat posterior direction); use whiten=None"
+            )
+        eye = torch.eye(mode.shape[0], dtype=mode.dtype, device=mode.device)
+        return mode, torch.linalg.solve_triangular(chol, eye, upper=False).T  # L = R^{-T}: L L^T = (R R^T)^{-1}
+
+    def unwhiten(self, u: Tensor) -> Tensor:
+        """Map the sampler's outputs to unconstrained latents: ``m + u L^T`` (identity without ``whiten``)."""
+        if self.whiten is None:
+            return u
+        return self.whiten_loc + u @ self.whiten_scale.T
+
+    def whiten_score(self, score: Tensor) -> Tensor:
+        """The score with respect to the sampler's outputs ``u``: ``L^T grad_z log p`` (rows)."""
+        return score if self.whiten is None else score @ self.whiten_scale
+
     def _build_networks(self, init_loc: Tensor, args, kwargs) -> None:
         context_dim = 0
+        if self.whiten is not None:
+            if self._network_configs.get("sites") is None:  # a fresh guide: fit the frame (load() restores it)
+                loc, scale = self._laplace_frame(init_loc, args, kwargs)
+            else:
+                loc, scale = torch.zeros_like(init_loc), torch.eye(init_loc.shape[0], dtype=init_loc.dtype, device=init_loc.device)
+            self.register_buffer("whiten_loc", loc)
+            self.register_buffer("whiten_scale", scale)
+            init_loc = torch.zeros_like(init_loc)
         if self.amortized:
             feats = self.dataset_features(*args, **kwargs)
             encoder = self._user_encoder
@@ -322,7 +403,8 @@ class AmortizedSteinGuide(AutoContinuous):
         sampler = self._user_sampler
         if sampler is None:
             cfg = self._network_configs.get("sampler") or {
-                "latent_dim": self.latent_dim, "context_dim": context_dim, "init_scale": self.init_scale
+                "latent_dim": self.latent_dim, "context_dim": context_dim,
+                "init_scale": self.init_scale if self.whiten is None else 1.0,
             }
             sampler = GaussianResidualSampler(**cfg, init_loc=init_loc)
         else:
@@ -360,6 +442,7 @@ class AmortizedSteinGuide(AutoContinuous):
                 "num_summary_samples": self.num_summary_samples,
                 "moment_correction": self.moment_correction,
                 "correction_samples": self.correction_samples,
+                "whiten": self.whiten,
                 "sites": [[s.name, list(s.shape), list(s.unconstrained_shape)] for s in self.sites],
                 "sampler": getattr(self.sampler, "config", None) if self._user_sampler is None else None,
                 "encoder": getattr(self.encoder, "config", None) if self.amortized and self._user_encoder is None else None,
@@ -389,6 +472,7 @@ class AmortizedSteinGuide(AutoContinuous):
             amortized=cfg["amortized"], context_dim=cfg["context_dim"], vectorize=cfg["vectorize"],
             num_summary_samples=cfg["num_summary_samples"],
             moment_correction=cfg.get("moment_correction", 0), correction_samples=cfg.get("correction_samples", 1000),
+            whiten=cfg.get("whiten"),
         )
         guide._network_configs = {"sampler": cfg["sampler"], "encoder": cfg["encoder"], "sites": cfg["sites"]}
         guide.setup(*args, **kwargs)
@@ -452,6 +536,10 @@ class AmortizedSteinGuide(AutoContinuous):
 
         Differentiable with respect to the sampler's (and encoder's) parameters.
         """
+        return self.unwhiten(self.draw_whitened(num_samples, context))
+
+    def draw_whitened(self, num_samples: int, context: Tensor | None = None) -> Tensor:
+        """The sampler's own outputs ``u`` (what the Stein direction moves); :meth:`draw` is ``unwhiten(u)``."""
         like = self._like()
         if context is not None and context.dim() == 2:
             noise = torch.randn(context.shape[0], num_samples, self.sampler.noise_dim, dtype=like.dtype, device=like.device)
@@ -462,7 +550,8 @@ class AmortizedSteinGuide(AutoContinuous):
     def get_posterior(self, *args, **kwargs) -> SamplerDistribution:
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        return SamplerDistribution(self.sampler, self.context(*args, **kwargs), self._like())
+        output_map = None if self.whiten is None else self.unwhiten
+        return SamplerDistribution(self.sampler, self.context(*args, **kwargs), self._like(), output_map=output_map)
 
     def _unpack_constrained(self, z: Tensor) -> dict[str, Tensor]:
         return {name: x for name, (_, x) in unpack(z, self.sites).items()}

@@ -137,12 +137,13 @@ class AmortizedSVGD:
             guide.fit_standardization(datasets)
         if guide.amortized:
             feats = collate_features([guide._features_of(d) for d in datasets])
-            z = guide.draw(self.num_particles, guide.encode(feats))  # (B, n, D)
+            z = guide.draw_whitened(self.num_particles, guide.encode(feats))  # (B, n, D)
         else:
             if len(datasets) != 1:
                 raise ValueError("a non-amortized guide trains on one dataset; build the guide with amortized=True")
-            z = guide.draw(self.num_particles)  # (n, D)
-        score = self._scores(z, datasets)
+            z = guide.draw_whitened(self.num_particles)  # (n, D)
+        # the sampler's outputs; without `whiten` they are the unconstrained latents themselves
+        score = guide.whiten_score(self._scores(guide.unwhiten(z.detach()), datasets))
         zd = z.detach()
         km = self.kernel.matrices(zd)
         phi = stein_direction_from_matrices(zd, score, km, self.leave_one_out)
