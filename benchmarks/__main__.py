@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick|--full|--smoke] [--only step_cost,accuracy,amortized,amortized_sbibm,memory] [--out DIR] [--device cuda]``.
+"""``python -m benchmarks [--quick|--full|--smoke] [--only step_cost,accuracy,amortized,amortized_hier,amortized_sbibm,memory] [--out DIR] [--device cuda]``.
 
 Writes one JSON file per part into ``--out`` and regenerates ``REPORT.md`` (plus PNG plots) from
 whatever JSON files are there. ``--quick`` (default) finishes in a few minutes on 2 cores;
@@ -15,7 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
-PARTS = ("step_cost", "accuracy", "amortized", "amortized_sbibm", "memory")
+PARTS = ("step_cost", "accuracy", "amortized", "amortized_hier", "amortized_sbibm", "memory")
 
 
 def main(argv=None) -> int:
@@ -56,6 +56,8 @@ def main(argv=None) -> int:
                     from .accuracy import run
                 elif part == "amortized":
                     from .amortized import run
+                elif part == "amortized_hier":
+                    from .amortized import run_hier as run
                 elif part == "amortized_sbibm":
                     from .amortized import run_sbibm as run
                 else:

@@ -251,55 +251,52 @@ def _section_accuracy(d: dict, out: Path) -> list[str]:
 
 
 def _section_amortized(d: dict, out: Path) -> list[str]:
-    s = [f"## 3. Amortized inference (mode `{d['mode']}`)", ""]
+    part = d.get("part", "amortized")
+    number = "3b" if part == "amortized_hier" else "3"
+    s = [f"## {number}. Amortized inference: {d.get('family', part)} (mode `{d['mode']}`)", ""]
     s.append(d.get("notes", ""))
     s.append("")
     tr = d["training"]
     s.append(_table(["training steps", "batch (datasets)", "particles", "gradient evaluations", "training wall (s)"],
                     [[tr["steps"], tr["batch_size"], tr["num_particles"], tr["gradient_evaluations"], tr["wall_s"]]]))
     s.append("")
-    sm = d["summary"]
-    s.append(f"Per new dataset ({sm['num_datasets']} held-out datasets, {d['num_draws']} draws each), medians:")
+    sm, labels = d["summary"], d["method_labels"]
+    n = sm["num_datasets"]
+    s.append(f"Per new dataset ({n} held-out datasets with a NUTS reference, {d['num_draws']} draws each); medians over "
+             "datasets, and how many datasets meet each accuracy target (worst dimension):")
     s.append("")
-    s.append(_table(
-        ["method", "median wall per dataset (s)", "median |mean err|/sd_NUTS (worst dim)", "median sd ratio (worst dim)"],
-        [
-            ["amortized (one sample_posterior call)", sm["amortized_wall_s"], sm["amortized_mean_err"], sm["amortized_sd_ratio"]],
-            ["SVI AutoNormal from scratch", sm["svi_wall_s"], sm["svi_mean_err"], sm["svi_sd_ratio"]],
-            ["NUTS (reference)", sm["nuts_wall_s"], 0.0, 1.0],
-        ],
-    ))
+    rows = [[labels[m], sm[m]["wall_s"], sm[m]["speedup_vs_nuts"], sm[m]["mean_err"], sm[m]["max_mean_err"], sm[m]["sd_ratio"],
+             f"{sm[m]['mean_err_ok']}/{n}", f"{sm[m]['sd_ok']}/{n}", f"{sm[m]['both_ok']}/{n}"] for m in labels]
+    rows.append(["NUTS (reference)", sm["nuts_wall_s"], 1.0, 0.0, 0.0, 1.0, "-", "-", "-"])
+    s.append(_table(["method", "median wall (s)", "NUTS / method", "median mean err (sd)", "worst mean err (sd)",
+                     "median sd ratio", "mean err < 0.2", "sd within 20%", "both"], rows))
     s.append("")
-    s.append(f"Speed-up NUTS/ours = **{_f(sm['ratio_nuts_over_amortized'], '.4g')}x** (target >= 1000x: "
-             f"{'met' if sm['ratio_nuts_over_amortized'] >= 1000 else 'NOT met'}); "
-             f"SVI/ours = {_f(sm['ratio_svi_over_amortized'], '.4g')}x.")
+    met = {m: sm[m]["both_ok"] == n and n > 0 and sm[m]["speedup_vs_nuts"] >= 1000 for m in labels}
+    s.append("Target (>= 1000x faster than NUTS with both accuracy targets on every dataset): " + ", ".join(
+        f"{m}: {'met' if v else 'NOT met'}" for m, v in met.items()) + ".")
     s.append("")
-    s.append(f"Accuracy targets (per dataset, worst dimension): |mean error|/sd_NUTS < 0.2 met on "
-             f"{sm['amortized_mean_err_ok']}/{sm['num_datasets']} datasets; sd ratio within 20% on "
-             f"{sm['amortized_sd_ok']}/{sm['num_datasets']} datasets. (SVI: {sm['svi_mean_err_ok']} and {sm['svi_sd_ok']}.)")
-    s.append("")
-    failed = [r for r in d["datasets"] if "amortized" not in r]
+    failed = [r for r in d["datasets"] if "nuts" not in r]
     if failed:
-        s.append(f"{len(failed)} of {len(d['datasets'])} held-out datasets have no comparison: " + "; ".join(
-            f"n={r['n_rows']}: {r.get('error')}" for r in failed))
+        s.append(f"{len(failed)} of {len(d['datasets'])} held-out datasets have no NUTS reference: " + "; ".join(
+            f"{d['size_label']}={r['size']}: {r.get('error')}" for r in failed))
         s.append("")
-    ok = [r for r in d["datasets"] if "amortized" in r]
-    rows = [[r["n_rows"], r["amortized"]["wall_s"], r["nuts"]["wall_s"], r["svi"]["wall_s"], r["amortized"]["worst_mean_err"],
-             r["amortized"]["worst_sd_ratio"], r["svi"]["worst_mean_err"], r["svi"]["worst_sd_ratio"]] for r in ok]
-    s.append("<details><summary>per dataset</summary>\n")
-    s.append(_table(["rows", "ours (s)", "NUTS (s)", "SVI (s)", "ours mean err", "ours sd ratio", "SVI mean err", "SVI sd ratio"], rows))
+    ok = [r for r in d["datasets"] if "nuts" in r]
+    rows = [[r["size"], r["nuts"]["wall_s"]] + [v for m in labels for v in (r[m]["worst_mean_err"], r[m]["worst_sd_ratio"])]
+            for r in ok]
+    s.append("<details><summary>per dataset (worst mean error in sd, worst sd ratio)</summary>\n")
+    s.append(_table([d["size_label"], "NUTS (s)"] + [f"{m} {k}" for m in labels for k in ("err", "sd")], rows))
     s.append("\n</details>\n")
 
     def draw(ax):
-        n = [r["n_rows"] for r in ok]
-        for key, label in (("amortized", "amortized"), ("svi", "SVI from scratch"), ("nuts", "NUTS")):
-            ax.scatter(n, [r[key]["wall_s"] for r in ok], label=label, s=12)
+        size = [r["size"] for r in ok]
+        for key in [*labels, "nuts"]:
+            ax.scatter(size, [r[key]["wall_s"] for r in ok], label=key, s=12)
         ax.set_yscale("log")
-        ax.set_xlabel("rows in dataset")
+        ax.set_xlabel(f"{d['size_label']} in dataset")
         ax.set_ylabel("wall per dataset (s)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
 
-    s += _plot(out, "amortized_wall.png", "amortized wall time", (6, 3.5), draw)
+    s += _plot(out, f"{part}_wall.png", f"{part} wall time", (6, 3.5), draw)
     return s
 
 
@@ -336,7 +333,7 @@ def _section_memory(d: dict, out: Path) -> list[str]:
 
 def _section_amortized_sbibm(d: dict, out: Path) -> list[str]:
     cfg = d["config"]
-    s = [f"## 3b. Amortized inference on sbibm tasks (mode `{d['mode']}`)", ""]
+    s = [f"## 3c. Amortized inference on sbibm tasks, family (c) (mode `{d['mode']}`)", ""]
     s.append(f"One guide per task, trained on the task's prior predictive ({cfg['steps']} steps x {cfg['batch']} simulated "
              f"datasets x {cfg['particles']} particles), then {cfg['draws']:,} draws for each of the first "
              f"{cfg['observations']} reference observations, raw and with the Stein moment correction. C2ST: "
@@ -363,7 +360,7 @@ def _section_amortized_sbibm(d: dict, out: Path) -> list[str]:
 def build_report(out: Path) -> Path:
     """Write ``out/REPORT.md`` (and PNG plots) from the JSON files found in ``out``."""
     out = Path(out)
-    parts = {name: load_json(out, name) for name in ("step_cost", "step_cost_cuda", "accuracy", "amortized", "amortized_sbibm", "memory")}
+    parts = {name: load_json(out, name) for name in ("step_cost", "step_cost_cuda", "accuracy", "amortized", "amortized_hier", "amortized_sbibm", "memory")}
     gpu_part = parts.pop("step_cost_cuda")
     info = next((p["machine"] for p in parts.values() if p and "machine" in p), machine_info())
     lines = ["# pyro_stein benchmarks", ""]
@@ -379,7 +376,7 @@ def build_report(out: Path) -> Path:
     if gpu_part is not None:  # the GPU table sits right after the CPU one, with its own machine line
         parts = {"step_cost": parts["step_cost"], "step_cost_cuda": gpu_part} | parts
     builders = {"step_cost": _section_step_cost, "step_cost_cuda": _section_step_cost, "accuracy": _section_accuracy,
-                "amortized": _section_amortized, "amortized_sbibm": _section_amortized_sbibm, "memory": _section_memory}
+                "amortized": _section_amortized, "amortized_hier": _section_amortized, "amortized_sbibm": _section_amortized_sbibm, "memory": _section_memory}
     for name, d in parts.items():
         if d is None:
             lines.append(f"## {name}: not run")

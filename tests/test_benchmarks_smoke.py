@@ -55,3 +55,16 @@ def test_benchmarks_amortized_sbibm_smoke(tmp_path):
         for kind in ("raw", "corrected"):
             assert all(0.0 <= r["c2st"] <= 1.0 for r in res[task][kind]["per_observation"])
     assert "Amortized inference on sbibm tasks" in (tmp_path / "REPORT.md").read_text()
+
+
+def test_benchmarks_amortized_families_smoke(tmp_path):
+    _run(["--smoke", "--only", "amortized,amortized_hier"], tmp_path)
+    for part in ("amortized", "amortized_hier"):
+        res = json.loads((tmp_path / f"{part}.json").read_text())
+        assert res["training"]["steps"] > 0 and len(res["datasets"]) == 1
+        row = res["datasets"][0]
+        assert "nuts" in row or "error" in row, row
+        if "nuts" in row:  # every method timed and compared against the same NUTS draws
+            assert all(row[m]["wall_s"] > 0 for m in ("amortized", "corrected", "refined", "svi"))
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "family (a)" in report and "family (b)" in report
