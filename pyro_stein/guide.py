@@ -192,7 +192,8 @@ class AmortizedSteinGuide(AutoContinuous):
         direction and kernel are computed on ``u`` (score ``L^T grad_z log p``). For ill-conditioned,
         concentrated posteriors (sds differing by orders of magnitude), where a sampler in the raw
         unconstrained space can settle in a wrong self-consistent state. Non-amortized guides, no
-        subsampled plates; costs one mode search and ``D`` Hessian-vector products at setup.
+        subsampled plates; costs one mode search and ``D`` Hessian-vector products at setup. The
+        KSD that :meth:`AmortizedSVGD.step` returns is then measured on ``u``.
         ``None`` (default): no frame.
 
     References:
