@@ -67,7 +67,9 @@ class AmortizedSVGD:
         per-coordinate variance (detached), so every dataset contributes in units of its own
         posterior sd; without it, datasets with concentrated posteriors (large scores) dominate
         the shared weights of an amortized guide. A positive diagonal rescaling keeps the fixed
-        point (``phi = 0`` for every dataset). ``"auto"`` (default): on for amortized guides.
+        point (``phi = 0`` for every dataset), but it can stall a coordinate whose particles have
+        collapsed (its update shrinks with its variance); if training collapses a scale parameter,
+        use ``None``. ``"auto"`` (default): on for amortized guides.
 
     References:
 
