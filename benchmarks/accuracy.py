@@ -15,7 +15,7 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible,
 
 from pyro_stein import AmortizedSteinGuide, AmortizedSVGD
 
-from .metrics import c2st, sd_ratio, standardized_mean_error
+from .metrics import c2st, sd_ratio, standardized_mean_error, worst_ratio
 from .models import POSTERIORDB_NAMES, load_posteriordb, load_sbibm
 from .report import machine_info, write_json
 
@@ -208,7 +208,7 @@ def score(ref, samples, exact: bool, seed: int = 0) -> dict:
     sme = standardized_mean_error(refd, approx)
     sdr = sd_ratio(refd, approx)
     out["worst_std_mean_error"] = float(sme.max())
-    out["worst_sd_ratio"] = float(sdr[sdr.log().abs().argmax()])
+    out["worst_sd_ratio"] = worst_ratio(sdr)
     out["worst_std_mean_error_param"] = ref.param_names[int(sme.argmax())]
     return out
 

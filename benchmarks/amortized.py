@@ -15,6 +15,7 @@ from pyro.infer.autoguide import AutoNormal
 
 from pyro_stein import AmortizedSteinGuide, AmortizedSVGD, Dataset, PriorPredictiveStream, refine
 
+from .metrics import sd_ratio, standardized_mean_error, worst_ratio
 from .report import machine_info, write_json
 
 CONFIG = {
@@ -114,9 +115,8 @@ FAMILIES = {
 
 
 def _compare(draws, ref):
-    err = ((draws.mean(0) - ref.mean(0)).abs() / ref.std(0))
-    ratio = draws.std(0) / ref.std(0)
-    return {"worst_mean_err": float(err.max()), "worst_sd_ratio": float(ratio[ratio.log().abs().argmax()])}
+    return {"worst_mean_err": float(standardized_mean_error(ref, draws).max()),
+            "worst_sd_ratio": worst_ratio(sd_ratio(ref, draws))}
 
 
 def _nuts(model, d, cfg):

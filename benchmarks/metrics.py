@@ -104,6 +104,11 @@ def sd_ratio(reference: ArrayLike, approx: ArrayLike) -> torch.Tensor:
     return A.std(0) / R.std(0)
 
 
+def worst_ratio(ratios: torch.Tensor) -> float:
+    """The ratio farthest from 1 on a log scale (so 0.5 and 2 are equally bad), e.g. of :func:`sd_ratio`."""
+    return float(ratios[ratios.log().abs().argmax()])
+
+
 def mmd_rbf(x: ArrayLike, y: ArrayLike, bandwidth: float | None = None) -> float:
     """Unbiased squared maximum mean discrepancy with kernel ``exp(-|a-b|^2 / (2 h^2))``.
 

@@ -418,14 +418,12 @@ def _stack_arguments(datasets: Sequence[Any]) -> tuple[Any, list, list[bool]] | 
         shared = all(c is first for c in column) or (
             not isinstance(first, Tensor) and all(type(c) is type(first) and _same_value(c, first) for c in column)
         )
-        if shared or not isinstance(first, Tensor):
-            if not shared:
-                return None
+        if shared:
             leaves.append(first)
             batched.append(False)
             continue
         if not all(isinstance(c, Tensor) and c.shape == first.shape and c.dtype == first.dtype and c.device == first.device for c in column):
-            return None
+            return None  # differing non-tensors, or tensors that cannot be stacked
         leaves.append(torch.stack(column))
         batched.append(True)
     return spec, leaves, batched
