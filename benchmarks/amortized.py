@@ -152,17 +152,61 @@ def _timed(fn, repeats=1):
 
 
 SBIBM_CONFIG = {  # part "amortized_sbibm": the guide trained once per task on the prior predictive
-    "smoke": {"steps": 10, "batch": 4, "particles": 32, "observations": 2, "draws": 500},
-    "quick": {"steps": 400, "batch": 8, "particles": 64, "observations": 3, "draws": 2000},
-    "full": {"steps": 3000, "batch": 8, "particles": 64, "observations": 10, "draws": 10_000},
+    "smoke": {"steps": 10, "batch": 4, "particles": 32, "observations": 2, "draws": 500, "nuts": (20, 30),
+              "nuts_cap_s": 20},
+    "quick": {"steps": 400, "batch": 8, "particles": 64, "observations": 3, "draws": 2000, "nuts": (200, 300),
+              "nuts_cap_s": 60},
+    # the speed comparison: NUTS with the families' settings (500 warm-up + 1000 draws), timed in the same run
+    "full": {"steps": 3000, "batch": 8, "particles": 64, "observations": 10, "draws": 10_000, "nuts": (500, 1000),
+             "nuts_cap_s": 240},
 }
 SBIBM_CORRECTION_ROUNDS = 2
+
+
+def _errors(refd, draws) -> dict:
+    return {"worst_std_mean_error": float(standardized_mean_error(refd, draws).max()),
+            "worst_sd_error": float((sd_ratio(refd, draws) - 1).abs().max())}
+
+
+def _sbibm_speed(model, guide, ref, refd, cfg, observation: int) -> dict:
+    """Time to a posterior for one observation, in one run: NUTS against ``NUM_DRAWS`` amortized draws.
+
+    Raw draws: median of 5 calls after one warm-up call; corrected: median of 3. Their accuracy at
+    ``NUM_DRAWS`` draws is scored against the reference draws, so each ratio comes with the accuracy it buys.
+    """
+    row = {"observation": observation}
+    pyro.clear_param_store()
+    try:
+        nuts, row["nuts_wall_s"] = _timed(lambda: _nuts(model, ref, cfg))
+        row["nuts"] = _errors(refd, ref.flatten(nuts))
+    except Exception as e:  # noqa: BLE001
+        row["nuts_error"] = f"{type(e).__name__}: {e}"
+    for kind, rounds, repeats in (("raw", 0, 5), ("corrected", SBIBM_CORRECTION_ROUNDS, 3)):
+        guide.moment_correction = rounds
+        guide.sample_posterior(NUM_DRAWS, *ref.args, **ref.kwargs)  # warm-up
+        draws, wall = _timed(lambda: guide.sample_posterior(NUM_DRAWS, *ref.args, **ref.kwargs), repeats)
+        row[kind] = dict(_errors(refd, ref.flatten(draws)), wall_s=wall)
+    guide.moment_correction = 0
+    return row
+
+
+def _speed_summary(rows: list) -> dict:
+    ok = [r for r in rows if "nuts_wall_s" in r]
+    out = {"num_draws": NUM_DRAWS, "per_observation": rows, "num_nuts_failed": len(rows) - len(ok)}
+    if ok:
+        out["nuts_wall_s"] = statistics.median(r["nuts_wall_s"] for r in ok)
+        for kind in ("raw", "corrected"):
+            wall = statistics.median(r[kind]["wall_s"] for r in ok)
+            out[kind] = {"wall_s": wall, "speedup_vs_nuts": out["nuts_wall_s"] / wall,
+                         "worst_std_mean_error": max(r[kind]["worst_std_mean_error"] for r in ok),
+                         "worst_sd_error": max(r[kind]["worst_sd_error"] for r in ok)}
+    return out
 
 
 def _sbibm(cfg, result):
     """Train one amortized guide per sbibm task on its prior predictive; C2ST on the reference observations,
     raw and with the Stein moment correction (``SBIBM_CORRECTION_ROUNDS`` rounds)."""
-    from .metrics import c2st, sd_ratio, standardized_mean_error
+    from .metrics import c2st
     from .models import bernoulli_glm_summary, load_sbibm, sbibm_model
 
     out = {}
@@ -185,6 +229,7 @@ def _sbibm(cfg, result):
             svgd.run(steps, datasets=stream, batch_size=batch, progress_bar=False)
             train = time.perf_counter() - t0
             rows = {"raw": [], "corrected": []}
+            speed = []
             for i in range(1, cfg["observations"] + 1):
                 ref = load_sbibm(task, i)
                 refd = ref.flat_draws()[: cfg["draws"]]
@@ -195,9 +240,10 @@ def _sbibm(cfg, result):
                     wall = time.perf_counter() - t1
                     rows[kind].append({
                         "observation": i, "c2st": c2st(refd, draws, early_stopping=True), "sample_wall_s": wall,
-                        "worst_std_mean_error": float(standardized_mean_error(refd, draws).max()),
-                        "worst_sd_error": float((sd_ratio(refd, draws) - 1).abs().max()),
+                        **_errors(refd, draws),
                     })
+                speed.append(_sbibm_speed(m, guide, ref, refd, cfg, i))
+            guide.moment_correction = 0
             guide.moment_correction = 0
             out[task] = {"steps": steps, "batch_size": batch, "num_particles": particles, "train_wall_s": train,
                          "gradient_evaluations": steps * batch * particles, "npe_reference": NPE_C2ST[task],
@@ -206,6 +252,7 @@ def _sbibm(cfg, result):
             for kind, r in rows.items():
                 out[task][kind] = {"per_observation": r, "mean_c2st": statistics.mean(x["c2st"] for x in r),
                                    "max_c2st": max(x["c2st"] for x in r)}
+            out[task]["speed"] = _speed_summary(speed)
             print(f"  sbibm {task}: mean C2ST raw {out[task]['raw']['mean_c2st']:.3f}, corrected "
                   f"{out[task]['corrected']['mean_c2st']:.3f} (NPE {NPE_C2ST[task]}; train {train:.0f} s)", flush=True)
         except Exception as e:  # noqa: BLE001

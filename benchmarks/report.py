@@ -354,6 +354,27 @@ def _section_amortized_sbibm(d: dict, out: Path) -> list[str]:
     s.append(_table(["task", "draws", "training steps", "training wall (s)", "mean C2ST", "worst C2ST", "NPE (10^5 sims)",
                      "worst mean error (sd)", "worst sd error"], rows))
     s.append("")
+    speed = [(t, v["speed"]) for t, v in d["sbibm"].items() if "nuts_wall_s" in v.get("speed", {})]
+    if speed:
+        warm, num = cfg["nuts"]
+        s.append(f"Time to a posterior for a new observation, in the same run: NUTS ({warm} warm-up + {num} draws, one "
+                 f"chain) against {speed[0][1]['num_draws']:,} amortized draws (median over the observations of the "
+                 "median of repeated calls). Errors: worst over observations and dimensions, against the reference "
+                 f"draws (NUTS's own row: the Monte Carlo error of a {num:,}-draw chain). Target: >= 1000x at the accuracy "
+                 "of the table above.")
+        s.append("")
+        rows = []
+        for t, v in speed:
+            nuts_err = [r["nuts"] for r in v["per_observation"] if "nuts" in r]
+            rows.append([t, "NUTS", v["nuts_wall_s"] * 1e3, 1.0, max(e["worst_std_mean_error"] for e in nuts_err),
+                         max(e["worst_sd_error"] for e in nuts_err)])
+            for kind in ("raw", "corrected"):
+                r = v[kind]
+                rows.append([t, kind, r["wall_s"] * 1e3, r["speedup_vs_nuts"], r["worst_std_mean_error"],
+                             r["worst_sd_error"]])
+        s.append(_table(["task", "method", "median wall per observation (ms)", "speed-up vs NUTS",
+                         "worst mean error (sd)", "worst sd error"], rows))
+        s.append("")
     return s
 
 

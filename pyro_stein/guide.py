@@ -614,20 +614,30 @@ class AmortizedSteinGuide(AutoContinuous):
             s = self.log_density.score_batch(x, datasets, check=False)
             finite = torch.isfinite(s).all(-1).all(-1)
             s = torch.where(finite[:, None, None], s, torch.zeros_like(s))
-            r = torch.stack([stein_moment_residual(x, s), ksd(x[:, :200], s[:, :200], IMQKernel())], -1)
-            return s, torch.where((finite[:, None] & torch.isfinite(r)), r, torch.full_like(r, float("inf")))
+            r = stein_moment_residual(x, s)
+            return s, torch.where(finite & torch.isfinite(r), r, torch.full_like(r, float("inf")))
+
+        def small_ksd(x, s):
+            k = ksd(x[:, :200], s[:, :200], IMQKernel())
+            return torch.where(torch.isfinite(k), k, torch.full_like(k, float("inf")))
 
         score, resid = score_and_residual(zb)
-        active = torch.isfinite(resid).all(-1)  # a dataset with a non-finite score keeps its draws
+        active = torch.isfinite(resid)  # a dataset with a non-finite score keeps its draws
         for _ in range(self.moment_correction):
             if not active.any():
                 break
             moved, _ = stein_moment_correction(zb, score, affine)
             new_score, new_resid = score_and_residual(moved)
-            better = active & (new_resid < resid).any(-1)
+            better = active & (new_resid < resid)
+            # the KSD decides only where the residual did not improve: computed lazily, for those datasets
+            undecided = active & ~better & torch.isfinite(new_resid)
+            if undecided.any():
+                idx = undecided.nonzero().squeeze(-1)
+                wins = small_ksd(moved[idx], new_score[idx]) < small_ksd(zb[idx], score[idx])
+                better = better.index_put((idx,), wins)
             zb = torch.where(better[:, None, None], moved, zb)
             score = torch.where(better[:, None, None], new_score, score)
-            resid = torch.where(better[:, None], new_resid, resid)
+            resid = torch.where(better, new_resid, resid)
             active = better
         return zb if batched else zb[0]
 

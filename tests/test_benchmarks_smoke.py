@@ -54,6 +54,9 @@ def test_benchmarks_amortized_sbibm_smoke(tmp_path):
         assert "error" not in res[task], res[task]
         for kind in ("raw", "corrected"):
             assert all(0.0 <= r["c2st"] <= 1.0 for r in res[task][kind]["per_observation"])
+            # the same-run speed comparison: NUTS and the amortized draws timed on the same observations
+            speed = res[task]["speed"]
+            assert speed["nuts_wall_s"] > 0 and speed[kind]["wall_s"] > 0 and speed[kind]["speedup_vs_nuts"] > 0
     assert "Amortized inference on sbibm tasks" in (tmp_path / "REPORT.md").read_text()
 
 
