@@ -29,6 +29,7 @@ CONFIG = {
 }
 NUM_DRAWS = 1000
 CORRECTION_ROUNDS = 2
+MCMC_STEPS = 10  # the "polished" method: the corrected draws, then this many MALA steps (guide.mcmc_steps)
 NPE_C2ST = {"gaussian_linear": 0.506, "bernoulli_glm": 0.559}
 D_MAX = 20  # family (a): 5-20 features, zero-padded to D_MAX columns
 J_MAX = 30  # family (b): 5-30 groups, the group effects padded to J_MAX
@@ -273,10 +274,11 @@ def run_sbibm(mode: str, out: Path) -> dict:
     return result
 
 
-METHODS = ("amortized", "corrected", "refined", "svi")
+METHODS = ("amortized", "corrected", "polished", "refined", "svi")
 METHOD_LABELS = {
     "amortized": "amortized (one sample_posterior call)",
     "corrected": f"amortized + {CORRECTION_ROUNDS} Stein moment-correction rounds",
+    "polished": f"amortized + {CORRECTION_ROUNDS} correction rounds + {MCMC_STEPS} MALA steps (mcmc_steps)",
     "refined": "semi-amortized: refine() then sample",
     "svi": "SVI AutoNormal from scratch",
 }
@@ -326,7 +328,10 @@ def _run_family(name: str, mode: str, out: Path) -> dict:
         guide.moment_correction = CORRECTION_ROUNDS
         draws, wall = _timed(lambda: guide.sample_posterior(NUM_DRAWS, *d.args, **d.kwargs), repeats=3)
         row["corrected"] = dict(_compare(flat(draws, d), ref), wall_s=wall)
-        guide.moment_correction = 0
+        guide.mcmc_steps = MCMC_STEPS
+        draws, wall = _timed(lambda: guide.sample_posterior(NUM_DRAWS, *d.args, **d.kwargs), repeats=3)
+        row["polished"] = dict(_compare(flat(draws, d), ref), wall_s=wall)
+        guide.moment_correction, guide.mcmc_steps = 0, 0
         pyro.set_rng_seed(0)
         draws, wall = _timed(lambda: refine(guide, cfg["refine_steps"], *d.args, **fam["svgd_kwargs"], **d.kwargs)
                              .sample_posterior(NUM_DRAWS, *d.args, **d.kwargs))
@@ -359,7 +364,7 @@ def _run_family(name: str, mode: str, out: Path) -> dict:
         f"{fam['description']} One amortized guide is trained once on fresh simulated datasets; the held-out datasets "
         f"are new prior-predictive draws. Per new dataset, {NUM_DRAWS} draws: amortized = median of 5 "
         f"`sample_posterior` calls after one warm-up call; corrected = the same with `moment_correction="
-        f"{CORRECTION_ROUNDS}` (median of 3); refined = `refine(guide, {cfg['refine_steps']})` on the dataset, then "
+        f"{CORRECTION_ROUNDS}` (median of 3); polished = the same plus `mcmc_steps={MCMC_STEPS}` (median of 3); refined = `refine(guide, {cfg['refine_steps']})` on the dataset, then "
         f"`sample_posterior` (one call, copy included); SVI = AutoNormal from scratch, {cfg['svi_steps']} steps + "
         f"{NUM_DRAWS} draws; NUTS = one chain, {warm} warm-up + {num} draws (cap {cfg['nuts_cap_s']} s), the reference. "
         "Accuracy per dataset: worst dimension of |mean - mean_NUTS| / sd_NUTS and of sd / sd_NUTS (NUTS is itself a "

@@ -68,6 +68,6 @@ def test_benchmarks_amortized_families_smoke(tmp_path):
         row = res["datasets"][0]
         assert "nuts" in row or "error" in row, row
         if "nuts" in row:  # every method timed and compared against the same NUTS draws
-            assert all(row[m]["wall_s"] > 0 for m in ("amortized", "corrected", "refined", "svi"))
+            assert all(row[m]["wall_s"] > 0 for m in ("amortized", "corrected", "polished", "refined", "svi"))
     report = (tmp_path / "REPORT.md").read_text()
     assert "family (a)" in report and "family (b)" in report

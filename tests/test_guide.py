@@ -356,6 +356,51 @@ def test_moment_correction_argument_errors_and_persistence(tmp_path):
     assert loaded.sample_posterior(7, X, y)["w"].shape == (7, 2)
 
 
+def _gaussian_posterior(X, y):
+    cov = torch.linalg.inv(torch.eye(X.shape[-1], dtype=X.dtype, device=X.device) + X.T @ X / 0.25)
+    return cov @ X.T @ y / 0.25, cov
+
+
+def test_mcmc_steps_keep_exact_draws_exact_per_dataset_in_a_batch():
+    """Wiring of ``mcmc_steps``: the (exact) corrected draws of each dataset are polished under that dataset's own
+    posterior; polishing under another dataset's posterior would move them several sd."""
+    from pyro_stein import Dataset
+
+    g = torch.Generator().manual_seed(3)
+    sets = []
+    for n, w in ((40, [1.0, -2.0, 0.5]), (25, [-1.5, 0.0, 2.0])):
+        X = torch.randn(n, 3, generator=g, dtype=torch.float64).to(tensor(0.0))
+        sets.append(Dataset(X, y=X @ tensor(w) + 0.5 * torch.randn(n, generator=g, dtype=torch.float64).to(X)))
+    guide = AmortizedSteinGuide(linear_gaussian_model, amortized=True, moment_correction=1, correction_samples=2000,
+                                mcmc_steps=10)
+    torch.manual_seed(0)
+    w = guide.sample_posterior_batch(2000, sets)["w"]
+    for i, d in enumerate(sets):
+        mean, cov = _gaussian_posterior(d.args[0], d.kwargs["y"])
+        sd = cov.diagonal().sqrt()
+        z = ((w[i].mean(0) - mean).abs() / (sd / math.sqrt(2000))).max()
+        ratio = w[i].std(0) / sd
+        # i.i.d. chains: s.e. of the mean sd/sqrt(n); of the sd ratio ~ 1/sqrt(2n) = 0.016
+        assert z < 5 and (ratio - 1).abs().max() < 5 / math.sqrt(2 * 2000), (
+            f"dataset {i}: mean error {z:.2f} Monte Carlo s.e. (limit 5), sd ratios {ratio.tolist()} (limit 1 +- 0.079)"
+        )
+    torch.manual_seed(0)
+    guide.mcmc_steps = 0
+    assert not torch.equal(guide.sample_posterior_batch(2000, sets)["w"], w), "mcmc_steps had no effect"
+
+
+def test_mcmc_steps_argument_errors_and_persistence(tmp_path):
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="mcmc_steps must be an int >= 0"):
+            AmortizedSteinGuide(linear_gaussian_model, mcmc_steps=bad)
+    X, y = data(n=10, d=2)
+    guide = AmortizedSteinGuide(linear_gaussian_model, mcmc_steps=3).setup(X, y)
+    guide.save(tmp_path / "g.pt")
+    loaded = AmortizedSteinGuide.load(tmp_path / "g.pt", linear_gaussian_model, X, y)
+    assert loaded.mcmc_steps == 3
+    assert loaded.sample_posterior(7, X, y)["w"].shape == (7, 2)
+
+
 def _concentrated_linear_data():
     """200 rows, noise sd 0.01, covariate scales 1, 10, 0.1: posterior sds 7e-4, 7e-5, 7e-3 under N(0, I)."""
     g = torch.Generator().manual_seed(0)
