@@ -154,12 +154,12 @@ def _timed(fn, repeats=1):
 
 SBIBM_CONFIG = {  # part "amortized_sbibm": the guide trained once per task on the prior predictive
     "smoke": {"steps": 10, "batch": 4, "particles": 32, "observations": 2, "draws": 500, "nuts": (20, 30),
-              "nuts_cap_s": 20},
+              "nuts_cap_s": 20, "svi_steps": 20},
     "quick": {"steps": 400, "batch": 8, "particles": 64, "observations": 3, "draws": 2000, "nuts": (200, 300),
-              "nuts_cap_s": 60},
+              "nuts_cap_s": 60, "svi_steps": 300},
     # the speed comparison: NUTS with the families' settings (500 warm-up + 1000 draws), timed in the same run
     "full": {"steps": 3000, "batch": 8, "particles": 64, "observations": 10, "draws": 10_000, "nuts": (500, 1000),
-             "nuts_cap_s": 240},
+             "nuts_cap_s": 240, "svi_steps": 1000},
 }
 SBIBM_CORRECTION_ROUNDS = 2
 
@@ -170,7 +170,8 @@ def _errors(refd, draws) -> dict:
 
 
 def _sbibm_speed(model, guide, ref, refd, cfg, observation: int) -> dict:
-    """Time to a posterior for one observation, in one run: NUTS against ``NUM_DRAWS`` amortized draws.
+    """Time to a posterior for one observation, in one run: NUTS and SVI from scratch against ``NUM_DRAWS``
+    amortized draws.
 
     Raw draws: median of 5 calls after one warm-up call; corrected: median of 3. Their accuracy at
     ``NUM_DRAWS`` draws is scored against the reference draws, so each ratio comes with the accuracy it buys.
@@ -182,6 +183,9 @@ def _sbibm_speed(model, guide, ref, refd, cfg, observation: int) -> dict:
         row["nuts"] = _errors(refd, ref.flatten(nuts))
     except Exception as e:  # noqa: BLE001
         row["nuts_error"] = f"{type(e).__name__}: {e}"
+    pyro.clear_param_store()
+    svi, wall = _timed(lambda: _svi(model, ref, cfg))
+    row["svi"] = dict(_errors(refd, ref.flatten(svi)), wall_s=wall)
     for kind, rounds, repeats in (("raw", 0, 5), ("corrected", SBIBM_CORRECTION_ROUNDS, 3)):
         guide.moment_correction = rounds
         guide.sample_posterior(NUM_DRAWS, *ref.args, **ref.kwargs)  # warm-up
@@ -196,7 +200,7 @@ def _speed_summary(rows: list) -> dict:
     out = {"num_draws": NUM_DRAWS, "per_observation": rows, "num_nuts_failed": len(rows) - len(ok)}
     if ok:
         out["nuts_wall_s"] = statistics.median(r["nuts_wall_s"] for r in ok)
-        for kind in ("raw", "corrected"):
+        for kind in ("raw", "corrected", "svi"):
             wall = statistics.median(r[kind]["wall_s"] for r in ok)
             out[kind] = {"wall_s": wall, "speedup_vs_nuts": out["nuts_wall_s"] / wall,
                          "worst_std_mean_error": max(r[kind]["worst_std_mean_error"] for r in ok),

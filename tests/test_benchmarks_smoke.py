@@ -57,6 +57,7 @@ def test_benchmarks_amortized_sbibm_smoke(tmp_path):
             # the same-run speed comparison: NUTS and the amortized draws timed on the same observations
             speed = res[task]["speed"]
             assert speed["nuts_wall_s"] > 0 and speed[kind]["wall_s"] > 0 and speed[kind]["speedup_vs_nuts"] > 0
+        assert res[task]["speed"]["svi"]["wall_s"] > 0  # and SVI from scratch on the same observations
     assert "Amortized inference on sbibm tasks" in (tmp_path / "REPORT.md").read_text()
 
 
