@@ -657,6 +657,12 @@ class AmortizedSteinGuide(AutoContinuous):
         """``mcmc_steps`` MALA steps on each dataset's draws (see :func:`~pyro_stein.mcmc.mala_polish`)."""
         if not self.mcmc_steps:
             return z
+        if self.subsample_plates:
+            raise ValueError(
+                f"mcmc_steps={self.mcmc_steps} needs the full-data log density (a Metropolis-Hastings test on a "
+                f"minibatch estimate is not exact), but the model subsamples plates {sorted(self.subsample_plates)}; "
+                "set guide.mcmc_steps = 0 or do not subsample"
+            )
         batched = z.dim() == 3
         zb = z if batched else z.unsqueeze(0)
         out = []

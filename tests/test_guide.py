@@ -188,6 +188,9 @@ def test_subsampled_plate_is_scaled_and_shared_by_particles():
     se = per_draw_sd / math.sqrt(400)
     assert (mean_est - full).abs() < 5 * se, f"minibatch log joint biased by {(mean_est - full).item():.3f} (5 s.e. = {5 * se:.3f})"
     assert full - prior < 0
+    guide.mcmc_steps = 2
+    with pytest.raises(ValueError, match=r"mcmc_steps=2 needs the full-data log density .* plates \['data'\]"):
+        guide.sample_posterior(10, y, 5)
 
 
 def test_non_vectorizable_model_falls_back_to_loop_with_same_values():
