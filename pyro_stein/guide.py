@@ -19,8 +19,8 @@ from torch.distributions import constraints
 from .data import Dataset, DatasetFeatures, collate_features, default_dataset_fn
 from .kernels import IMQKernel
 from .logjoint import LatentSite, ModelLogDensity, latent_sites_from_trace, pack, unpack
-from .nn import DeepSetEncoder, GaussianResidualSampler
 from .mcmc import mala_polish
+from .nn import DeepSetEncoder, GaussianResidualSampler
 from .stein import ksd, stein_moment_correction, stein_moment_residual
 from .transforms import support_bijection
 

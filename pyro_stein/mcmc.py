@@ -6,7 +6,9 @@ move the draws' distribution towards the posterior (total variation never increa
 applies ``num_steps`` preconditioned MALA steps to all draws at once, as independent chains: the
 preconditioner is the draws' own covariance and the step size is tuned between steps from the
 population's acceptance rate, so the cost is ``num_steps`` batched evaluations of the log density
-and its score.
+and its score. (The no-worse guarantee is for a fixed kernel; choosing the preconditioner and step
+size from the population, as sequential Monte Carlo samplers do, keeps every step's kernel
+posterior-invariant but makes the chains weakly dependent.)
 
 References:
 
