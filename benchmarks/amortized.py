@@ -249,7 +249,6 @@ def _sbibm(cfg, result):
                     })
                 speed.append(_sbibm_speed(m, guide, ref, refd, cfg, i))
             guide.moment_correction = 0
-            guide.moment_correction = 0
             out[task] = {"steps": steps, "batch_size": batch, "num_particles": particles, "train_wall_s": train,
                          "gradient_evaluations": steps * batch * particles, "npe_reference": NPE_C2ST[task],
                          "correction_rounds": SBIBM_CORRECTION_ROUNDS,
@@ -368,7 +367,8 @@ def _run_family(name: str, mode: str, out: Path) -> dict:
         f"{fam['description']} One amortized guide is trained once on fresh simulated datasets; the held-out datasets "
         f"are new prior-predictive draws. Per new dataset, {NUM_DRAWS} draws: amortized = median of 5 "
         f"`sample_posterior` calls after one warm-up call; corrected = the same with `moment_correction="
-        f"{CORRECTION_ROUNDS}` (median of 3); polished = the same plus `mcmc_steps={MCMC_STEPS}` (median of 3); refined = `refine(guide, {cfg['refine_steps']})` on the dataset, then "
+        f"{CORRECTION_ROUNDS}` (median of 3); polished = the same plus `mcmc_steps={MCMC_STEPS}` (median of 3); "
+        f"refined = `refine(guide, {cfg['refine_steps']})` on the dataset, then "
         f"`sample_posterior` (one call, copy included); SVI = AutoNormal from scratch, {cfg['svi_steps']} steps + "
         f"{NUM_DRAWS} draws; NUTS = one chain, {warm} warm-up + {num} draws (cap {cfg['nuts_cap_s']} s), the reference. "
         "Accuracy per dataset: worst dimension of |mean - mean_NUTS| / sd_NUTS and of sd / sd_NUTS (NUTS is itself a "

@@ -358,10 +358,10 @@ def _section_amortized_sbibm(d: dict, out: Path) -> list[str]:
     if speed:
         warm, num = cfg["nuts"]
         s.append(f"Time to a posterior for a new observation, in the same run: NUTS ({warm} warm-up + {num} draws, one "
-                 f"chain) and SVI from scratch (AutoNormal, {cfg.get('svi_steps')} steps) against {speed[0][1]['num_draws']:,} draws (median over the observations of the "
-                 "median of repeated calls). Errors: worst over observations and dimensions, against the reference "
-                 f"draws (NUTS's own row: the Monte Carlo error of a {num:,}-draw chain). Target: >= 1000x at the accuracy "
-                 "of the table above.")
+                 f"chain) and SVI from scratch (AutoNormal, {cfg.get('svi_steps')} steps) against "
+                 f"{speed[0][1]['num_draws']:,} draws (median over the observations of the median of repeated calls). "
+                 "Errors: worst over observations and dimensions, against the reference draws (NUTS's own row: the "
+                 f"Monte Carlo error of a {num:,}-draw chain). Target: >= 1000x at the accuracy of the table above.")
         s.append("")
         rows = []
         for t, v in speed:
