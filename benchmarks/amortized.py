@@ -152,6 +152,18 @@ def _timed(fn, repeats=1):
     return out, statistics.median(times)
 
 
+def _timed_draws(guide, d, repeats: int, rounds: int = 0, mcmc_steps: int = 0, warmup: bool = False):
+    """``NUM_DRAWS`` draws for dataset ``d`` with the given post-processing, and the median wall time of
+    ``repeats`` calls (after one untimed call when ``warmup``); the guide's settings are reset to none."""
+    guide.moment_correction, guide.mcmc_steps = rounds, mcmc_steps
+    try:
+        if warmup:
+            guide.sample_posterior(NUM_DRAWS, *d.args, **d.kwargs)
+        return _timed(lambda: guide.sample_posterior(NUM_DRAWS, *d.args, **d.kwargs), repeats)
+    finally:
+        guide.moment_correction, guide.mcmc_steps = 0, 0
+
+
 SBIBM_CONFIG = {  # part "amortized_sbibm": the guide trained once per task on the prior predictive
     "smoke": {"steps": 10, "batch": 4, "particles": 32, "observations": 2, "draws": 500, "nuts": (20, 30),
               "nuts_cap_s": 20, "svi_steps": 20},
@@ -187,11 +199,8 @@ def _sbibm_speed(model, guide, ref, refd, cfg, observation: int) -> dict:
     svi, wall = _timed(lambda: _svi(model, ref, cfg))
     row["svi"] = dict(_errors(refd, ref.flatten(svi)), wall_s=wall)
     for kind, rounds, repeats in (("raw", 0, 5), ("corrected", SBIBM_CORRECTION_ROUNDS, 3)):
-        guide.moment_correction = rounds
-        guide.sample_posterior(NUM_DRAWS, *ref.args, **ref.kwargs)  # warm-up
-        draws, wall = _timed(lambda: guide.sample_posterior(NUM_DRAWS, *ref.args, **ref.kwargs), repeats)
+        draws, wall = _timed_draws(guide, ref, repeats, rounds, warmup=True)
         row[kind] = dict(_errors(refd, ref.flatten(draws)), wall_s=wall)
-    guide.moment_correction = 0
     return row
 
 
@@ -324,17 +333,11 @@ def _run_family(name: str, mode: str, out: Path) -> dict:
             row["error"] = f"NUTS: {type(e).__name__}: {e}"
             rows.append(row)
             continue
-        guide.moment_correction = 0
-        guide.sample_posterior(NUM_DRAWS, *d.args, **d.kwargs)  # warm-up (first call on this shape)
-        draws, wall = _timed(lambda: guide.sample_posterior(NUM_DRAWS, *d.args, **d.kwargs), repeats=5)
-        row["amortized"] = dict(_compare(flat(draws, d), ref), wall_s=wall)
-        guide.moment_correction = CORRECTION_ROUNDS
-        draws, wall = _timed(lambda: guide.sample_posterior(NUM_DRAWS, *d.args, **d.kwargs), repeats=3)
-        row["corrected"] = dict(_compare(flat(draws, d), ref), wall_s=wall)
-        guide.mcmc_steps = MCMC_STEPS
-        draws, wall = _timed(lambda: guide.sample_posterior(NUM_DRAWS, *d.args, **d.kwargs), repeats=3)
-        row["polished"] = dict(_compare(flat(draws, d), ref), wall_s=wall)
-        guide.moment_correction, guide.mcmc_steps = 0, 0
+        for method, repeats, rounds, steps, warmup in (("amortized", 5, 0, 0, True),  # warm-up: first call on this shape
+                                                       ("corrected", 3, CORRECTION_ROUNDS, 0, False),
+                                                       ("polished", 3, CORRECTION_ROUNDS, MCMC_STEPS, False)):
+            draws, wall = _timed_draws(guide, d, repeats, rounds, steps, warmup)
+            row[method] = dict(_compare(flat(draws, d), ref), wall_s=wall)
         pyro.set_rng_seed(0)
         draws, wall = _timed(lambda: refine(guide, cfg["refine_steps"], *d.args, **fam["svgd_kwargs"], **d.kwargs)
                              .sample_posterior(NUM_DRAWS, *d.args, **d.kwargs))

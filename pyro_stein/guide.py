@@ -40,6 +40,11 @@ def _first_tensor(obj) -> Tensor | None:
     return None
 
 
+def _inf_if_not_finite(x: Tensor) -> Tensor:
+    """``x`` with every NaN or infinite entry set to ``+inf`` (a statistic that must never look small)."""
+    return torch.where(torch.isfinite(x), x, torch.full_like(x, float("inf")))
+
+
 def _discrete_site_error(name: str, fn) -> ValueError:
     return ValueError(
         f"latent site {name!r} is discrete ({type(fn).__name__}); AmortizedSteinGuide handles continuous latents "
@@ -343,11 +348,7 @@ class AmortizedSteinGuide(AutoContinuous):
 
     def _laplace_frame(self, init_loc: Tensor, args, kwargs) -> tuple[Tensor, Tensor]:
         """``(m, L)``: the posterior mode in unconstrained space and ``L`` with ``L L^T = H^{-1}``."""
-        if self.subsample_plates:
-            raise ValueError(
-                f"whiten='laplace' needs the full-data log density, but the model subsamples plates "
-                f"{sorted(self.subsample_plates)}; use whiten=None or do not subsample"
-            )
+        self._require_full_data("whiten='laplace'", "use whiten=None")
 
         def neg_log_p(x: Tensor) -> Tensor:
             return -self.log_density.log_density(x.unsqueeze(0), args, kwargs)[0]
@@ -376,6 +377,13 @@ class AmortizedSteinGuide(AutoContinuous):
             )
         eye = torch.eye(mode.shape[0], dtype=mode.dtype, device=mode.device)
         return mode, torch.linalg.solve_triangular(chol, eye, upper=False).T  # L = R^{-T}: L L^T = (R R^T)^{-1}
+
+    def _require_full_data(self, feature: str, fix: str, why: str = "") -> None:
+        if self.subsample_plates:
+            raise ValueError(
+                f"{feature} needs the full-data log density{why}, but the model subsamples plates "
+                f"{sorted(self.subsample_plates)}; {fix} or do not subsample"
+            )
 
     def unwhiten(self, u: Tensor) -> Tensor:
         """Map the sampler's outputs to unconstrained latents: ``m + u L^T`` (identity without ``whiten``)."""
@@ -626,12 +634,11 @@ class AmortizedSteinGuide(AutoContinuous):
             s = self.log_density.score_batch(x, datasets, check=False)
             finite = torch.isfinite(s).all(-1).all(-1)
             s = torch.where(finite[:, None, None], s, torch.zeros_like(s))
-            r = stein_moment_residual(x, s)
-            return s, torch.where(finite & torch.isfinite(r), r, torch.full_like(r, float("inf")))
+            r = stein_moment_residual(x, s).masked_fill(~finite, float("inf"))
+            return s, _inf_if_not_finite(r)
 
         def small_ksd(x, s):
-            k = ksd(x[:, :200], s[:, :200], IMQKernel())
-            return torch.where(torch.isfinite(k), k, torch.full_like(k, float("inf")))
+            return _inf_if_not_finite(ksd(x[:, :200], s[:, :200], IMQKernel()))
 
         score, resid = score_and_residual(zb)
         active = torch.isfinite(resid)  # a dataset with a non-finite score keeps its draws
@@ -657,12 +664,8 @@ class AmortizedSteinGuide(AutoContinuous):
         """``mcmc_steps`` MALA steps on each dataset's draws (see :func:`~pyro_stein.mcmc.mala_polish`)."""
         if not self.mcmc_steps:
             return z
-        if self.subsample_plates:
-            raise ValueError(
-                f"mcmc_steps={self.mcmc_steps} needs the full-data log density (a Metropolis-Hastings test on a "
-                f"minibatch estimate is not exact), but the model subsamples plates {sorted(self.subsample_plates)}; "
-                "set guide.mcmc_steps = 0 or do not subsample"
-            )
+        self._require_full_data(f"mcmc_steps={self.mcmc_steps}", "set guide.mcmc_steps = 0",
+                                why=" (a Metropolis-Hastings test on a minibatch estimate is not exact)")
         batched = z.dim() == 3
         zb = z if batched else z.unsqueeze(0)
         out = []

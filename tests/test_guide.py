@@ -191,6 +191,8 @@ def test_subsampled_plate_is_scaled_and_shared_by_particles():
     guide.mcmc_steps = 2
     with pytest.raises(ValueError, match=r"mcmc_steps=2 needs the full-data log density .* plates \['data'\]"):
         guide.sample_posterior(10, y, 5)
+    with pytest.raises(ValueError, match=r"whiten='laplace' needs the full-data log density, .*use whiten=None or do not"):
+        AmortizedSteinGuide(model, whiten="laplace").setup(y, 5)
 
 
 def test_non_vectorizable_model_falls_back_to_loop_with_same_values():
