@@ -94,7 +94,7 @@ FAMILIES = {
     "amortized": {
         "title": "family (a), logistic regression with a weight-scale hyperprior",
         "model": logistic_model, "make_args": logistic_args, "flat": logistic_flat, "size": "rows",
-        "size_of": lambda d: int(d.args[0].shape[0]), "guide_kwargs": {}, "svgd_kwargs": {},
+        "size_of": lambda d: int(d.args[0].shape[0]), "guide_kwargs": {}, "svgd_kwargs": {}, "lr": 1e-2,
         "description": (
             "s ~ HalfNormal(1), w = s * w_raw, w_raw ~ N(0, I_20), y_i ~ Bernoulli(sigmoid(x_i . w)); 20-500 rows and "
             "5-20 features x_i ~ N(0, I) per dataset (zero-padded to 20 columns), drawn from the prior predictive "
@@ -106,6 +106,9 @@ FAMILIES = {
         "model": schools_model, "make_args": schools_args, "flat": schools_flat, "size": "groups",
         "size_of": lambda d: int(d.args[0].shape[0]), "guide_kwargs": {"dataset_fn": schools_features},
         "svgd_kwargs": {"precondition": None},
+        # at lr 1e-2 training diverged (tau overflowing) early on for 2 of 3 seeds (1 and 2; seed 0 trained);
+        # at 3e-3 seeds 0 and 1 trained without a failed step, with similar accuracy
+        "lr": 3e-3,
         "description": (
             "mu ~ N(0, 5), tau ~ HalfNormal(5), theta = mu + tau * theta_raw, y_j ~ N(theta_j, sigma_j); 5-30 groups "
             "with sigma_j ~ U(5, 20), drawn from the prior predictive. Encoding: the rows (y_j, sigma_j, 1) in group "
@@ -174,6 +177,8 @@ SBIBM_CONFIG = {  # part "amortized_sbibm": the guide trained once per task on t
              "nuts_cap_s": 240, "svi_steps": 1000},
 }
 SBIBM_CORRECTION_ROUNDS = 2
+# what each row of the sbibm part applies to the sampler's draws: raw, and 1 or 2 Stein moment-correction rounds
+SBIBM_KINDS = {"raw": 0, "corrected_1": 1, "corrected": SBIBM_CORRECTION_ROUNDS}
 
 
 def _errors(refd, draws) -> dict:
@@ -185,7 +190,7 @@ def _sbibm_speed(model, guide, ref, refd, cfg, observation: int) -> dict:
     """Time to a posterior for one observation, in one run: NUTS and SVI from scratch against ``NUM_DRAWS``
     amortized draws.
 
-    Raw draws: median of 5 calls after one warm-up call; corrected: median of 3. Their accuracy at
+    Raw draws: median of 5 calls after one warm-up call; corrected (1 or 2 rounds): median of 3. Their accuracy at
     ``NUM_DRAWS`` draws is scored against the reference draws, so each ratio comes with the accuracy it buys.
     """
     row = {"observation": observation}
@@ -198,8 +203,8 @@ def _sbibm_speed(model, guide, ref, refd, cfg, observation: int) -> dict:
     pyro.clear_param_store()
     svi, wall = _timed(lambda: _svi(model, ref, cfg))
     row["svi"] = dict(_errors(refd, ref.flatten(svi)), wall_s=wall)
-    for kind, rounds, repeats in (("raw", 0, 5), ("corrected", SBIBM_CORRECTION_ROUNDS, 3)):
-        draws, wall = _timed_draws(guide, ref, repeats, rounds, warmup=True)
+    for kind, rounds in SBIBM_KINDS.items():
+        draws, wall = _timed_draws(guide, ref, 5 if kind == "raw" else 3, rounds, warmup=True)
         row[kind] = dict(_errors(refd, ref.flatten(draws)), wall_s=wall)
     return row
 
@@ -209,7 +214,7 @@ def _speed_summary(rows: list) -> dict:
     out = {"num_draws": NUM_DRAWS, "per_observation": rows, "num_nuts_failed": len(rows) - len(ok)}
     if ok:
         out["nuts_wall_s"] = statistics.median(r["nuts_wall_s"] for r in ok)
-        for kind in ("raw", "corrected", "svi"):
+        for kind in (*SBIBM_KINDS, "svi"):
             wall = statistics.median(r[kind]["wall_s"] for r in ok)
             out[kind] = {"wall_s": wall, "speedup_vs_nuts": out["nuts_wall_s"] / wall,
                          "worst_std_mean_error": max(r[kind]["worst_std_mean_error"] for r in ok),
@@ -242,12 +247,12 @@ def _sbibm(cfg, result):
             t0 = time.perf_counter()
             svgd.run(steps, datasets=stream, batch_size=batch, progress_bar=False)
             train = time.perf_counter() - t0
-            rows = {"raw": [], "corrected": []}
+            rows = {kind: [] for kind in SBIBM_KINDS}
             speed = []
             for i in range(1, cfg["observations"] + 1):
                 ref = load_sbibm(task, i)
                 refd = ref.flat_draws()[: cfg["draws"]]
-                for kind, rounds in (("raw", 0), ("corrected", SBIBM_CORRECTION_ROUNDS)):
+                for kind, rounds in SBIBM_KINDS.items():
                     guide.moment_correction = rounds
                     t1 = time.perf_counter()
                     draws = ref.flatten(guide.sample_posterior(cfg["draws"], *ref.args, **ref.kwargs))
@@ -266,8 +271,9 @@ def _sbibm(cfg, result):
                 out[task][kind] = {"per_observation": r, "mean_c2st": statistics.mean(x["c2st"] for x in r),
                                    "max_c2st": max(x["c2st"] for x in r)}
             out[task]["speed"] = _speed_summary(speed)
-            print(f"  sbibm {task}: mean C2ST raw {out[task]['raw']['mean_c2st']:.3f}, corrected "
-                  f"{out[task]['corrected']['mean_c2st']:.3f} (NPE {NPE_C2ST[task]}; train {train:.0f} s)", flush=True)
+            print(f"  sbibm {task}: mean C2ST raw {out[task]['raw']['mean_c2st']:.3f}, corrected (1 round) "
+                  f"{out[task]['corrected_1']['mean_c2st']:.3f}, (2 rounds) {out[task]['corrected']['mean_c2st']:.3f} "
+                  f"(NPE {NPE_C2ST[task]}; train {train:.0f} s)", flush=True)
         except Exception as e:  # noqa: BLE001
             out[task] = {"error": f"{type(e).__name__}: {e}"}
         finally:
@@ -307,13 +313,13 @@ def _run_family(name: str, mode: str, out: Path) -> dict:
     stream = PriorPredictiveStream(model, fam["make_args"], obs_kwargs={"y": "y"})
     guide = AmortizedSteinGuide(model, amortized=True, **fam["guide_kwargs"])
     steps = cfg["steps"]
-    svgd = AmortizedSVGD(model, guide, pyro.optim.ClippedAdam({"lr": 1e-2, "lrd": 0.1 ** (1 / steps)}),
+    svgd = AmortizedSVGD(model, guide, pyro.optim.ClippedAdam({"lr": fam["lr"], "lrd": 0.1 ** (1 / steps)}),
                          num_particles=cfg["particles"], **fam["svgd_kwargs"])
     t0 = time.perf_counter()
     hist = svgd.run(steps, datasets=stream, batch_size=cfg["batch"], progress_bar=False)
     train = time.perf_counter() - t0
     result["training"] = {
-        "steps": steps, "batch_size": cfg["batch"], "num_particles": cfg["particles"], "wall_s": train,
+        "steps": steps, "lr": fam["lr"], "batch_size": cfg["batch"], "num_particles": cfg["particles"], "wall_s": train,
         "gradient_evaluations": steps * cfg["batch"] * cfg["particles"],
         "ksd_first_last": [statistics.mean(hist[:10]), statistics.mean(hist[-10:])],
     }

@@ -12,6 +12,7 @@ The data folder is ``$PYRO_STEIN_SHARED_DATA`` when set, else ``<repo>/../shared
 from __future__ import annotations
 
 import bz2
+import functools
 import json
 import math
 import os
@@ -236,9 +237,15 @@ def bernoulli_glm_prior_precision(dtype: torch.dtype = torch.float64, device=Non
     return P
 
 
+@functools.lru_cache(maxsize=1)
+def _design_matrix_file(path: Path) -> torch.Tensor:
+    # read once: the summary statistic is called for every new observation, and a file read per call
+    # (~2 ms) would be charged to the amortized guide's time to a posterior
+    return torch.load(path, weights_only=True)
+
+
 def _design_matrix(dtype: torch.dtype, device) -> torch.Tensor:
-    design = torch.load(data_dir() / "sbibm" / "bernoulli_glm" / "design_matrix.pt", weights_only=True)
-    return design.to(dtype=dtype, device=device)
+    return _design_matrix_file(data_dir() / "sbibm" / "bernoulli_glm" / "design_matrix.pt").to(dtype=dtype, device=device)
 
 
 def bernoulli_glm_summary(y: torch.Tensor, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:

@@ -257,8 +257,10 @@ def _section_amortized(d: dict, out: Path) -> list[str]:
     s.append(d.get("notes", ""))
     s.append("")
     tr = d["training"]
-    s.append(_table(["training steps", "batch (datasets)", "particles", "gradient evaluations", "training wall (s)"],
-                    [[tr["steps"], tr["batch_size"], tr["num_particles"], tr["gradient_evaluations"], tr["wall_s"]]]))
+    s.append(_table(["training steps", "learning rate", "batch (datasets)", "particles", "gradient evaluations",
+                     "training wall (s)"],
+                    [[tr["steps"], tr.get("lr", 1e-2), tr["batch_size"], tr["num_particles"], tr["gradient_evaluations"],
+                      tr["wall_s"]]]))
     s.append("")
     sm, labels = d["summary"], d["method_labels"]
     n = sm["num_datasets"]
@@ -331,6 +333,10 @@ def _section_memory(d: dict, out: Path) -> list[str]:
     return s
 
 
+def _sbibm_label(kind: str, rounds: int) -> str:
+    return {"raw": "raw", "corrected_1": "+ 1 correction round", "corrected": f"+ {rounds} correction rounds"}[kind]
+
+
 def _section_amortized_sbibm(d: dict, out: Path) -> list[str]:
     cfg = d["config"]
     s = [f"## 3c. Amortized inference on sbibm tasks, family (c) (mode `{d['mode']}`)", ""]
@@ -345,10 +351,12 @@ def _section_amortized_sbibm(d: dict, out: Path) -> list[str]:
         if "error" in v:
             rows.append([t, f"error: {v['error']}", "", "", "", "", "", "", ""])
             continue
-        for kind in ("raw", "corrected"):
+        for kind in ("raw", "corrected_1", "corrected"):
+            if kind not in v:  # results written before the 1-round row existed
+                continue
             r = v[kind]
             po = r["per_observation"]
-            rows.append([t, kind if kind == "raw" else f"+ {v['correction_rounds']} correction rounds",
+            rows.append([t, _sbibm_label(kind, v["correction_rounds"]),
                          v["steps"], v["train_wall_s"], r["mean_c2st"], r["max_c2st"], v["npe_reference"],
                          max(x["worst_std_mean_error"] for x in po), max(x["worst_sd_error"] for x in po)])
     s.append(_table(["task", "draws", "training steps", "training wall (s)", "mean C2ST", "worst C2ST", "NPE (10^5 sims)",
@@ -368,12 +376,12 @@ def _section_amortized_sbibm(d: dict, out: Path) -> list[str]:
             nuts_err = [r["nuts"] for r in v["per_observation"] if "nuts" in r]
             rows.append([t, "NUTS", v["nuts_wall_s"] * 1e3, 1.0, max(e["worst_std_mean_error"] for e in nuts_err),
                          max(e["worst_sd_error"] for e in nuts_err)])
-            for kind in ("raw", "corrected", "svi"):
+            for kind in ("raw", "corrected_1", "corrected", "svi"):
                 if kind not in v:
                     continue
                 r = v[kind]
-                label = {"raw": "amortized, raw", "corrected": f"amortized + {d['sbibm'][t]['correction_rounds']} "
-                         "correction rounds", "svi": "SVI AutoNormal from scratch"}[kind]
+                label = "SVI AutoNormal from scratch" if kind == "svi" else \
+                    "amortized, " + _sbibm_label(kind, d["sbibm"][t]["correction_rounds"])
                 rows.append([t, label, r["wall_s"] * 1e3, r["speedup_vs_nuts"], r["worst_std_mean_error"],
                              r["worst_sd_error"]])
         s.append(_table(["task", "method", "median wall per observation (ms)", "speed-up vs NUTS",
