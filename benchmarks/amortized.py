@@ -224,7 +224,7 @@ def _speed_summary(rows: list) -> dict:
 
 def _sbibm(cfg, result):
     """Train one amortized guide per sbibm task on its prior predictive; C2ST on the reference observations,
-    raw and with the Stein moment correction (``SBIBM_CORRECTION_ROUNDS`` rounds)."""
+    raw and after 1 and ``SBIBM_CORRECTION_ROUNDS`` rounds of the Stein moment correction (``SBIBM_KINDS``)."""
     from .metrics import c2st
     from .models import bernoulli_glm_summary, load_sbibm, sbibm_model
 

@@ -342,7 +342,7 @@ def _section_amortized_sbibm(d: dict, out: Path) -> list[str]:
     s = [f"## 3c. Amortized inference on sbibm tasks, family (c) (mode `{d['mode']}`)", ""]
     s.append(f"One guide per task, trained on the task's prior predictive ({cfg['steps']} steps x {cfg['batch']} simulated "
              f"datasets x {cfg['particles']} particles), then {cfg['draws']:,} draws for each of the first "
-             f"{cfg['observations']} reference observations, raw and with the Stein moment correction. C2ST: "
+             f"{cfg['observations']} reference observations, raw and after rounds of the Stein moment correction. C2ST: "
              "early-stopping variant against the same number of reference draws; target: at or below NPE with 10^5 "
              "simulations.")
     s.append("")
