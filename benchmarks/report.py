@@ -333,6 +333,10 @@ def _section_memory(d: dict, out: Path) -> list[str]:
     return s
 
 
+# the rows of the sbibm part's draws, in report order (the keys of amortized.SBIBM_KINDS)
+_SBIBM_DRAW_KINDS = ("raw", "corrected_1", "corrected")
+
+
 def _sbibm_label(kind: str, rounds: int) -> str:
     return {"raw": "raw", "corrected_1": "+ 1 correction round", "corrected": f"+ {rounds} correction rounds"}[kind]
 
@@ -351,7 +355,7 @@ def _section_amortized_sbibm(d: dict, out: Path) -> list[str]:
         if "error" in v:
             rows.append([t, f"error: {v['error']}", "", "", "", "", "", "", ""])
             continue
-        for kind in ("raw", "corrected_1", "corrected"):
+        for kind in _SBIBM_DRAW_KINDS:
             if kind not in v:  # results written before the 1-round row existed
                 continue
             r = v[kind]
@@ -376,7 +380,7 @@ def _section_amortized_sbibm(d: dict, out: Path) -> list[str]:
             nuts_err = [r["nuts"] for r in v["per_observation"] if "nuts" in r]
             rows.append([t, "NUTS", v["nuts_wall_s"] * 1e3, 1.0, max(e["worst_std_mean_error"] for e in nuts_err),
                          max(e["worst_sd_error"] for e in nuts_err)])
-            for kind in ("raw", "corrected_1", "corrected", "svi"):
+            for kind in (*_SBIBM_DRAW_KINDS, "svi"):
                 if kind not in v:
                     continue
                 r = v[kind]
