@@ -18,6 +18,7 @@ from torch.distributions import constraints
 
 from .data import Dataset, DatasetFeatures, collate_features, default_dataset_fn
 from .kernels import IMQKernel
+from .laplace import laplace_frames
 from .logjoint import LatentSite, ModelLogDensity, latent_sites_from_trace, pack, unpack
 from .mcmc import mala_polish
 from .nn import DeepSetEncoder, GaussianResidualSampler
@@ -25,6 +26,9 @@ from .stein import ksd, stein_moment_correction, stein_moment_residual
 from .transforms import support_bijection
 
 __all__ = ["AmortizedSteinGuide", "SamplerDistribution", "init_to_mean_or_feasible"]
+
+
+_CACHE_TOKENS = itertools.count()
 
 
 def _first_tensor(obj) -> Tensor | None:
@@ -206,7 +210,17 @@ class AmortizedSteinGuide(AutoContinuous):
         unconstrained space can settle in a wrong self-consistent state. Non-amortized guides, no
         subsampled plates; costs one mode search and ``D`` Hessian-vector products at setup. The
         KSD that :meth:`AmortizedSVGD.step` returns is then measured on ``u``.
+        With ``amortized=True`` every dataset gets its own frame ``z = m_d + L_d u``, found when the
+        dataset is first used (training step, :meth:`sample_posterior`, ``forward``) by a batched
+        Newton search that needs only the log density and score (see
+        :func:`~pyro_stein.laplace.laplace_frames`; typically 5-15 model evaluations of ``2 D + 1``
+        points per dataset) and cached on :class:`~pyro_stein.data.Dataset` objects. The sampler
+        then only learns each posterior's departure from its Laplace approximation, in coordinates
+        that mean the same for every dataset, instead of the whole data-to-posterior map; models
+        whose posterior location swings with the data (regressions) need this (see the README).
         ``None`` (default): no frame.
+    :param int laplace_evaluations: cap on the model evaluations of the per-dataset Newton search
+        (amortized ``whiten="laplace"``; default 50).
 
     References:
 
@@ -233,6 +247,7 @@ class AmortizedSteinGuide(AutoContinuous):
         correction_samples: int = 1000,
         whiten: str | None = None,
         mcmc_steps: int = 0,
+        laplace_evaluations: int = 50,
     ):
         if sampler is not None and not isinstance(sampler, nn.Module):
             raise TypeError(f"sampler must be a torch.nn.Module, got {type(sampler).__name__}")
@@ -243,20 +258,16 @@ class AmortizedSteinGuide(AutoContinuous):
         if not init_scale > 0:
             raise ValueError(f"init_scale must be positive, got {init_scale!r}")
         for name, v, lo in (("moment_correction", moment_correction, 0), ("correction_samples", correction_samples, 3),
-                            ("mcmc_steps", mcmc_steps, 0)):
+                            ("mcmc_steps", mcmc_steps, 0), ("laplace_evaluations", laplace_evaluations, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
         if whiten not in (None, "laplace"):
             raise ValueError(f"whiten must be None or 'laplace', got {whiten!r}")
-        if whiten is not None and amortized:
-            raise ValueError(
-                "whiten='laplace' fits one frame to one dataset's posterior; it is not available with amortized=True "
-                "(the posterior changes with the dataset). Use whiten=None, or a non-amortized guide per dataset"
-            )
         self.moment_correction = moment_correction
         self.correction_samples = correction_samples
         self.mcmc_steps = mcmc_steps
         self.whiten = whiten
+        self.laplace_evaluations = laplace_evaluations
         self._init_fn = init_to_mean_or_feasible() if init_loc_fn is None else init_loc_fn
         super().__init__(model, init_loc_fn=self._init_fn)
         self._raw_model = (model,)
@@ -276,6 +287,9 @@ class AmortizedSteinGuide(AutoContinuous):
         self.subsample_plates: dict[str, tuple[int, int]] = {}
         self.deterministic_names: list[str] = []
         self._network_configs: dict = {}
+        # what this guide caches on Dataset objects (features, Laplace frames) is keyed by this token: unique per
+        # guide for the process (an id() could be reused after the guide is freed); copies (refine) share it
+        self._cache_token = next(_CACHE_TOKENS)
 
     # ------------------------------------------------------------------ setup
     def setup(self, *args, **kwargs) -> "AmortizedSteinGuide":
@@ -385,19 +399,70 @@ class AmortizedSteinGuide(AutoContinuous):
                 f"{sorted(self.subsample_plates)}; {fix} or do not subsample"
             )
 
-    def unwhiten(self, u: Tensor) -> Tensor:
-        """Map the sampler's outputs to unconstrained latents: ``m + u L^T`` (identity without ``whiten``)."""
+    @property
+    def per_dataset_frames(self) -> bool:
+        """Whether each dataset gets its own Laplace frame (``whiten="laplace"`` with ``amortized=True``)."""
+        return self.whiten is not None and self.amortized
+
+    def _frame(self, frame: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        if frame is not None:
+            return frame
+        if self.per_dataset_frames:
+            raise ValueError("an amortized guide with whiten='laplace' needs the dataset's frame: pass frame=guide.frames(datasets)")
+        return self.whiten_loc, self.whiten_scale
+
+    def unwhiten(self, u: Tensor, frame: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Map the sampler's outputs to unconstrained latents: ``m + u L^T`` (identity without ``whiten``).
+
+        :param frame: ``(m, L)`` from :meth:`frames` for an amortized guide (shapes ``(B, D)``,
+            ``(B, D, D)`` for ``u`` of shape ``(B, n, D)``, or one dataset's ``(D,)``, ``(D, D)``).
+        """
         if self.whiten is None:
             return u
-        return self.whiten_loc + u @ self.whiten_scale.T
+        loc, scale = self._frame(frame)
+        if loc.dim() == 1:  # one frame, any leading shape of u
+            return loc + u @ scale.T
+        return loc.unsqueeze(-2) + u @ scale.transpose(-1, -2)  # one frame per dataset, u (B, n, D)
 
-    def whiten_score(self, score: Tensor) -> Tensor:
+    def whiten_score(self, score: Tensor, frame: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """The score with respect to the sampler's outputs ``u``: ``L^T grad_z log p`` (rows)."""
-        return score if self.whiten is None else score @ self.whiten_scale
+        if self.whiten is None:
+            return score
+        return score @ self._frame(frame)[1]
+
+    def frames(self, datasets: Sequence) -> tuple[Tensor, Tensor]:
+        """Per-dataset Laplace frames ``(m (B, D), L (B, D, D))`` of an amortized guide with ``whiten="laplace"``.
+
+        Found by :func:`~pyro_stein.laplace.laplace_frames` from the initial values, for the datasets
+        not seen before (the result is cached on each :class:`~pyro_stein.data.Dataset`).
+        """
+        from .data import as_dataset
+
+        if not self.per_dataset_frames:
+            raise ValueError("frames() is for amortized guides with whiten='laplace'")
+        self._require_full_data("whiten='laplace'", "use whiten=None")
+        datasets = [as_dataset(d) for d in datasets]
+        key = ("laplace", self._cache_token)
+        todo = [i for i, d in enumerate(datasets) if key not in d.cache]
+        if todo:
+            init = pack(self._init_values(), self.sites, batch_dims=0).detach()
+            pending = [datasets[i] for i in todo]
+
+            def fn(idx: Tensor, points: Tensor):
+                return self.log_density.log_density_and_score_batch(points, [pending[i] for i in idx.tolist()], check=False)
+
+            with poutine.block():  # called inside the guide (e.g. under Predictive): keep the model's sites private
+                found = laplace_frames(fn, init.expand(len(todo), -1).clone(), max_evaluations=self.laplace_evaluations)
+            for j, i in enumerate(todo):
+                datasets[i].cache[key] = (found.loc[j], found.scale[j])
+        got = [d.cache[key] for d in datasets]
+        return torch.stack([g[0] for g in got]), torch.stack([g[1] for g in got])
 
     def _build_networks(self, init_loc: Tensor, args, kwargs) -> None:
         context_dim = 0
-        if self.whiten is not None:
+        if self.per_dataset_frames:
+            init_loc = torch.zeros_like(init_loc)  # the sampler starts at each dataset's Laplace approximation
+        elif self.whiten is not None:
             if self._network_configs.get("sites") is None:  # a fresh guide: fit the frame (load() restores it)
                 loc, scale = self._laplace_frame(init_loc, args, kwargs)
             else:
@@ -463,6 +528,7 @@ class AmortizedSteinGuide(AutoContinuous):
                 "correction_samples": self.correction_samples,
                 "mcmc_steps": self.mcmc_steps,
                 "whiten": self.whiten,
+                "laplace_evaluations": self.laplace_evaluations,
                 "sites": [[s.name, list(s.shape), list(s.unconstrained_shape)] for s in self.sites],
                 "sampler": getattr(self.sampler, "config", None) if self._user_sampler is None else None,
                 "encoder": getattr(self.encoder, "config", None) if self.amortized and self._user_encoder is None else None,
@@ -493,6 +559,7 @@ class AmortizedSteinGuide(AutoContinuous):
             num_summary_samples=cfg["num_summary_samples"],
             moment_correction=cfg.get("moment_correction", 0), correction_samples=cfg.get("correction_samples", 1000),
             whiten=cfg.get("whiten"), mcmc_steps=cfg.get("mcmc_steps", 0),
+            laplace_evaluations=cfg.get("laplace_evaluations", 50),
         )
         guide._network_configs = {"sampler": cfg["sampler"], "encoder": cfg["encoder"], "sites": cfg["sites"]}
         guide.setup(*args, **kwargs)
@@ -551,12 +618,13 @@ class AmortizedSteinGuide(AutoContinuous):
     def _like(self) -> Tensor:
         return next(self.sampler.parameters())
 
-    def draw(self, num_samples: int, context: Tensor | None = None) -> Tensor:
+    def draw(self, num_samples: int, context: Tensor | None = None, frame: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Unconstrained draws ``(num_samples, D)``, or ``(B, num_samples, D)`` for a batch of contexts ``(B, C)``.
 
-        Differentiable with respect to the sampler's (and encoder's) parameters.
+        Differentiable with respect to the sampler's (and encoder's) parameters. ``frame``: the
+        datasets' :meth:`frames` (amortized guides with ``whiten="laplace"``).
         """
-        return self.unwhiten(self.draw_whitened(num_samples, context))
+        return self.unwhiten(self.draw_whitened(num_samples, context), frame)
 
     def draw_whitened(self, num_samples: int, context: Tensor | None = None) -> Tensor:
         """The sampler's own outputs ``u`` (what the Stein direction moves); :meth:`draw` is ``unwhiten(u)``."""
@@ -570,7 +638,12 @@ class AmortizedSteinGuide(AutoContinuous):
     def get_posterior(self, *args, **kwargs) -> SamplerDistribution:
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        output_map = None if self.whiten is None else self.unwhiten
+        output_map = None
+        if self.per_dataset_frames:
+            frame = tuple(x[0] for x in self.frames([Dataset(*args, **kwargs)]))
+            output_map = lambda u: self.unwhiten(u, frame)  # noqa: E731
+        elif self.whiten is not None:
+            output_map = self.unwhiten
         return SamplerDistribution(self.sampler, self.context(*args, **kwargs), self._like(), output_map=output_map)
 
     def _unpack_constrained(self, z: Tensor) -> dict[str, Tensor]:
@@ -586,8 +659,9 @@ class AmortizedSteinGuide(AutoContinuous):
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         self.setup(*args, **kwargs)
         n = max(num_samples, self.correction_samples) if self.moment_correction else num_samples
-        z = self.draw(n, self.context(*args, **kwargs))
         data = [Dataset(*args, **kwargs)]
+        frame = tuple(x[0] for x in self.frames(data)) if self.per_dataset_frames else None
+        z = self.draw(n, self.context(*args, **kwargs), frame)
         z = self._polish(self._correct(z, data)[:num_samples], data)
         out = self._unpack_constrained(z)
         out.update(self.log_density.deterministic(z, self.deterministic_names, args, kwargs))
@@ -610,7 +684,7 @@ class AmortizedSteinGuide(AutoContinuous):
         self.setup(*datasets[0].args, **datasets[0].kwargs)
         feats = collate_features([self._features_of(d) for d in datasets])
         n = max(num_samples, self.correction_samples) if self.moment_correction else num_samples
-        z = self.draw(n, self.encode(feats))
+        z = self.draw(n, self.encode(feats), self.frames(datasets) if self.per_dataset_frames else None)
         z = self._polish(self._correct(z, datasets)[..., :num_samples, :], datasets)
         return self._unpack_constrained(z)
 
@@ -678,7 +752,7 @@ class AmortizedSteinGuide(AutoContinuous):
         return zb if batched else zb[0]
 
     def _features_of(self, dataset) -> Tensor:
-        key = ("features", id(self))
+        key = ("features", self._cache_token)
         feats = dataset.cache.get(key)
         if feats is None:
             f = self.dataset_features(*dataset.args, **dataset.kwargs)

@@ -10,6 +10,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.optim import PyroOptim
 from torch import Tensor
+from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
 from .data import Dataset, PriorPredictiveStream, as_dataset, collate_features, iterate_batches
@@ -69,7 +70,8 @@ class AmortizedSVGD:
         the shared weights of an amortized guide. A positive diagonal rescaling keeps the fixed
         point (``phi = 0`` for every dataset), but it can stall a coordinate whose particles have
         collapsed (its update shrinks with its variance); if training collapses a scale parameter,
-        use ``None``. ``"auto"`` (default): on for amortized guides.
+        use ``None``. ``"auto"`` (default): on for amortized guides without ``whiten`` (a Laplace
+        frame already puts every dataset in units of its own posterior sd).
 
     References:
 
@@ -112,6 +114,7 @@ class AmortizedSVGD:
         self.precondition = precondition
         self.num_steps = 0
         self._log_density: ModelLogDensity | None = None
+        self._last_dataset: tuple[list, Dataset] | None = None
 
     # ------------------------------------------------------------------ core update
     def _plates_for(self, d: Dataset) -> dict[str, Tensor]:
@@ -145,12 +148,15 @@ class AmortizedSVGD:
                 raise ValueError("a non-amortized guide trains on one dataset; build the guide with amortized=True")
             z = guide.draw_whitened(self.num_particles)  # (n, D)
         # the sampler's outputs; without `whiten` they are the unconstrained latents themselves
-        score = guide.whiten_score(self._scores(guide.unwhiten(z.detach()), datasets))
+        frame = guide.frames(datasets) if guide.per_dataset_frames else None
+        if frame is not None and z.dim() == 2:
+            frame = (frame[0][0], frame[1][0])
+        score = guide.whiten_score(self._scores(guide.unwhiten(z.detach(), frame), datasets), frame)
         zd = z.detach()
         km = self.kernel.matrices(zd)
         phi = stein_direction_from_matrices(zd, score, km, self.leave_one_out)
         stat = ksd_from_matrices(zd, score, km).mean().detach()
-        if self.precondition == "variance" or (self.precondition == "auto" and guide.amortized):
+        if self.precondition == "variance" or (self.precondition == "auto" and guide.amortized and guide.whiten is None):
             # per-dataset, per-coordinate scale: each dataset moves in units of its own posterior sd
             phi = phi * zd.var(-2, keepdim=True)
         loss = -(z * phi).sum(-1).mean()
@@ -178,7 +184,19 @@ class AmortizedSVGD:
         :raises NonFiniteLogJointError: (a ``ValueError``) naming the offending sites when the
             log joint or its gradient is not finite; the guide's parameters are left unchanged.
         """
-        return float(self._update([Dataset(*args, **kwargs)]))
+        return float(self._update([self._dataset_of(args, kwargs)]))
+
+    def _dataset_of(self, args: tuple, kwargs: dict) -> Dataset:
+        """The :class:`Dataset` of this step's arguments: last step's object when they are the same objects
+        (tensors unmodified), so what is cached on it (features, Laplace frames) is reused across steps."""
+        leaves = tree_flatten((args, kwargs))[0]
+        key = [(id(x), x._version if isinstance(x, Tensor) else None) for x in leaves]
+        last = self._last_dataset
+        if last is not None and last[0] == key:
+            return last[1]
+        d = Dataset(*args, **kwargs)
+        self._last_dataset = (key, d)  # d holds the arguments, so their ids are not reused while cached
+        return d
 
     def step_batch(self, datasets: Sequence[Any]) -> float:
         """One update over a batch of datasets (amortized guides); returns the mean ``KSD^2``."""

@@ -311,18 +311,25 @@ class ModelLogDensity:
         datasets and particles; the first such call is checked against the loop over datasets, and
         a model that fails the check or cannot be vmapped over its data keeps the loop.
         """
+        return self.log_density_and_score_batch(z, datasets, plates, check)[1]
+
+    def log_density_and_score_batch(
+        self, z: Tensor, datasets: Sequence[Any], plates: Sequence[dict] | None = None, check: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """Log densities ``(B, P)`` and scores ``(B, P, D)``, one particle set per dataset (see :meth:`score_batch`)."""
         plates = list(plates) if plates is not None else [{}] * len(datasets)
         if len(datasets) > 1 and self._mode == "vmap" and self._stack_ok is not False and not any(plates):
             stacked = _stack_arguments(datasets)
             if stacked is not None:
-                score = self._stacked_score(z, datasets, stacked, check)
-                if score is not None:
-                    return score
-        return torch.stack(
-            [self.log_density_and_score(zi, d.args, d.kwargs, pl, check=check)[1] for zi, d, pl in zip(z, datasets, plates)]
-        )
+                out = self._stacked_log_density_and_score(z, datasets, stacked, check)
+                if out is not None:
+                    return out
+        outs = [self.log_density_and_score(zi, d.args, d.kwargs, pl, check=check) for zi, d, pl in zip(z, datasets, plates)]
+        return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
 
-    def _stacked_score(self, z: Tensor, datasets: Sequence[Any], stacked: tuple, check: bool) -> Tensor | None:
+    def _stacked_log_density_and_score(
+        self, z: Tensor, datasets: Sequence[Any], stacked: tuple, check: bool
+    ) -> tuple[Tensor, Tensor] | None:
         spec, leaves, batched = stacked
 
         def one_dataset(ub: Tensor, *leaf_values):
@@ -348,7 +355,7 @@ class ModelLogDensity:
                 return None
         if check and not (torch.isfinite(lp).all() and torch.isfinite(score).all()):
             return None  # the loop names the offending dataset, particle and site
-        return score
+        return lp, score
 
     def describe_nonfinite(self, u: Tensor, args: tuple, kwargs: dict, plates: dict, lp: Tensor, score: Tensor) -> str:
         """A message naming the sites whose log density or gradient is not finite at ``u``."""

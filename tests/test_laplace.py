@@ -1,0 +1,125 @@
+"""Tests for the batched score-only Newton search (pyro_stein.laplace)."""
+
+import pytest
+import torch
+
+try:  # tests/ as a package or as a plain rootdir
+    from tests.conftest import DEVICE, DTYPE
+except ImportError:
+    from conftest import DEVICE, DTYPE
+
+from pyro_stein.laplace import hessian_stencil, laplace_frames, newton_direction
+
+F64 = DTYPE == torch.float64
+TOL = 1e-8 if F64 else 1e-3  # Newton decrement at which the tests' searches stop (distance to the mode in sds)
+
+
+def t(x):
+    return torch.as_tensor(x, dtype=DTYPE, device=DEVICE)
+
+
+def batched(log_p):
+    """``fn(index, points)`` for a per-dataset log density ``log_p(index, points) -> (B, P)`` (autograd score)."""
+
+    def fn(idx, points):
+        x = points.detach().requires_grad_(True)
+        with torch.enable_grad():
+            lp = log_p(idx, x)
+            (score,) = torch.autograd.grad(lp.sum(), x)
+        return lp.detach(), score
+
+    return fn
+
+
+def test_stencil_and_newton_direction_by_hand():
+    z = t([[1.0, -2.0]])
+    pts = hessian_stencil(z, step=0.5)
+    want = t([[[1.0, -2.0], [1.5, -2.0], [1.0, -1.5], [0.5, -2.0], [1.0, -2.5]]])
+    torch.testing.assert_close(pts, want, rtol=0, atol=0)
+    # H = diag(4, -1) (a saddle of log p): the step uses |H| = diag(4, 1), so it climbs in both coordinates
+    step, dec, abs_h = newton_direction(t([[2.0, 3.0]]), t([[[4.0, 0.0], [0.0, -1.0]]]))
+    torch.testing.assert_close(step, t([[0.5, 3.0]]))
+    torch.testing.assert_close(dec, t([(2.0**2 / 4 + 3.0**2 / 1) ** 0.5]))
+    torch.testing.assert_close(abs_h, t([[[4.0, 0.0], [0.0, 1.0]]]))
+
+
+def test_gaussian_targets_are_found_exactly():
+    """log p = -(z - mu)^T P (z - mu) / 2, three datasets: the frame is (mu, P^{-1/2}) up to rounding."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 4, 4, generator=g, dtype=torch.float64)
+    prec = t(a @ a.transpose(-1, -2) + 0.5 * torch.eye(4, dtype=torch.float64))
+    mu = t(3 * torch.randn(3, 4, generator=g, dtype=torch.float64))
+
+    def log_p(idx, x):
+        r = x - mu[idx, None]
+        return -0.5 * torch.einsum("bpi,bij,bpj->bp", r, prec[idx], r)
+
+    frame = laplace_frames(batched(log_p), torch.zeros_like(mu))
+    tol = dict(rtol=1e-7, atol=1e-7) if F64 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(frame.loc, mu, **tol)
+    torch.testing.assert_close(frame.scale @ frame.scale.transpose(-1, -2), torch.linalg.inv(prec), **tol)
+    assert frame.converged.all()
+    assert frame.num_evaluations <= 3, "a quadratic needs one Newton step (plus the check that it converged)"
+
+
+def test_non_gaussian_modes_match_the_closed_form():
+    """log p(u) = a u - b e^u (a log-Gamma density): mode log(a / b), curvature a; started 8 sds away."""
+    a, b = t([2.0, 30.0, 500.0]), t([1.0, 0.1, 40.0])
+
+    def log_p(idx, x):
+        u = x[..., 0]
+        return a[idx, None] * u - b[idx, None] * u.exp()
+
+    start = (torch.log(a / b) + 8 / a.sqrt()).unsqueeze(-1)
+    frame = laplace_frames(batched(log_p), start, tol=TOL)
+    tol = dict(rtol=1e-5, atol=1e-5) if F64 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(frame.loc[:, 0], torch.log(a / b), **tol)
+    torch.testing.assert_close(frame.scale[:, 0, 0], a.rsqrt(), **tol)
+    assert frame.converged.all()
+
+
+def test_saddle_free_steps_leave_a_local_minimum_of_log_p():
+    """log p = -(z1^2 - 1)^2 - z2^2 from z1 = 0.1 (log p convex there): the mode z1 = +1, curvature 8 and 2."""
+
+    def log_p(idx, x):
+        return -((x[..., 0] ** 2 - 1) ** 2) - x[..., 1] ** 2
+
+    frame = laplace_frames(batched(log_p), t([[0.1, 0.5]]), tol=TOL)
+    tol = dict(rtol=1e-6, atol=1e-6) if F64 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(frame.loc, t([[1.0, 0.0]]), **tol)
+    torch.testing.assert_close(frame.scale @ frame.scale.transpose(-1, -2), t([[[1 / 8, 0.0], [0.0, 1 / 2]]]), **tol)
+
+
+def test_only_unconverged_datasets_are_evaluated_and_non_finite_steps_are_rejected():
+    """Dataset 0 starts at its mode; dataset 1's log density is -inf beyond z = 2, where its full Newton step lands."""
+    seen = []
+
+    def log_p(idx, x):
+        seen.append(idx.tolist())
+        z = x[..., 0]
+        out = []
+        for row, i in zip(z, idx.tolist()):
+            if i == 0:
+                out.append(-0.5 * row**2)
+            else:  # mode at 1.5, but steps past 2 are infeasible
+                out.append(torch.where(row < 2, -0.5 * (row - 1.5) ** 2 - 0.1 * row**4, -torch.inf * torch.ones_like(row)))
+        return torch.stack(out)
+
+    frame = laplace_frames(batched(log_p), t([[0.0], [-3.0]]), tol=TOL)
+    assert seen[0] == [0, 1] and all(s == [1] for s in seen[1:]), f"evaluated {seen}"
+    assert torch.isfinite(frame.loc).all() and frame.converged.all()
+    # the mode of -(z - 1.5)^2 / 2 - z^4 / 10 solves z - 1.5 + 0.4 z^3 = 0
+    z = frame.loc[1, 0]
+    assert abs(float(z - 1.5 + 0.4 * z**3)) < (1e-6 if F64 else 1e-3)
+
+
+def test_errors():
+    def log_p(idx, x):
+        return torch.where(x[..., 0] > 0, -x[..., 0], -torch.inf * torch.ones_like(x[..., 0]))
+
+    with pytest.raises(ValueError, match=r"not finite at the starting point of dataset\(s\) \[1\]"):
+        laplace_frames(batched(log_p), t([[1.0], [-1.0]]))
+    with pytest.raises(ValueError, match="init must have shape"):
+        laplace_frames(batched(log_p), t([1.0]))
+    with pytest.raises(ValueError, match="max_evaluations"):
+        laplace_frames(batched(log_p), t([[1.0]]), max_evaluations=0)
