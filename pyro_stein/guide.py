@@ -207,8 +207,8 @@ class AmortizedSteinGuide(AutoContinuous):
         at ``u ~ N(0, I)`` (``init_scale`` is then relative to the Laplace sds) and the Stein
         direction and kernel are computed on ``u`` (score ``L^T grad_z log p``). For ill-conditioned,
         concentrated posteriors (sds differing by orders of magnitude), where a sampler in the raw
-        unconstrained space can settle in a wrong self-consistent state. Non-amortized guides, no
-        subsampled plates; costs one mode search and ``D`` Hessian-vector products at setup. The
+        unconstrained space can settle in a wrong self-consistent state. No subsampled plates; a
+        non-amortized guide costs one mode search and ``D`` Hessian-vector products at setup. The
         KSD that :meth:`AmortizedSVGD.step` returns is then measured on ``u``.
         With ``amortized=True`` every dataset gets its own frame ``z = m_d + L_d u``, found when the
         dataset is first used (training step, :meth:`sample_posterior`, ``forward``) by a batched
@@ -430,6 +430,14 @@ class AmortizedSteinGuide(AutoContinuous):
             return score
         return score @ self._frame(frame)[1]
 
+    def frame_of(self, *args, **kwargs) -> tuple[Tensor, Tensor] | None:
+        """The frame ``(m (D,), L (D, D))`` of the dataset ``(*args, **kwargs)`` for :meth:`draw` (amortized guides with
+        ``whiten="laplace"``); ``None`` for other guides (their frame, if any, is part of the guide)."""
+        if not self.per_dataset_frames:
+            return None
+        loc, scale = self.frames([Dataset(*args, **kwargs)])
+        return loc[0], scale[0]
+
     def frames(self, datasets: Sequence) -> tuple[Tensor, Tensor]:
         """Per-dataset Laplace frames ``(m (B, D), L (B, D, D))`` of an amortized guide with ``whiten="laplace"``.
 
@@ -640,7 +648,7 @@ class AmortizedSteinGuide(AutoContinuous):
             self._setup_prototype(*args, **kwargs)
         output_map = None
         if self.per_dataset_frames:
-            frame = tuple(x[0] for x in self.frames([Dataset(*args, **kwargs)]))
+            frame = self.frame_of(*args, **kwargs)
             output_map = lambda u: self.unwhiten(u, frame)  # noqa: E731
         elif self.whiten is not None:
             output_map = self.unwhiten
@@ -660,8 +668,7 @@ class AmortizedSteinGuide(AutoContinuous):
         self.setup(*args, **kwargs)
         n = max(num_samples, self.correction_samples) if self.moment_correction else num_samples
         data = [Dataset(*args, **kwargs)]
-        frame = tuple(x[0] for x in self.frames(data)) if self.per_dataset_frames else None
-        z = self.draw(n, self.context(*args, **kwargs), frame)
+        z = self.draw(n, self.context(*args, **kwargs), self.frame_of(*args, **kwargs))
         z = self._polish(self._correct(z, data)[:num_samples], data)
         out = self._unpack_constrained(z)
         out.update(self.log_density.deterministic(z, self.deterministic_names, args, kwargs))

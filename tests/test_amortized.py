@@ -1,5 +1,6 @@
 """Amortization across datasets: encoder, batching, per-dataset kernels, errors, accuracy, refinement."""
 
+import math
 
 import pyro
 import pyro.distributions as dist
@@ -299,6 +300,7 @@ def test_laplace_frames_make_an_untrained_amortized_guide_exact_on_gaussian_post
     assert abs((single.mean() - m) / s) < 0.08 and abs(single.std() / s - 1) < 0.055
     pred = pyro.infer.Predictive(regression_model, guide=guide, num_samples=4000, return_sites=["beta"])(*d.args, **d.kwargs)["beta"]
     assert abs((pred.mean() - m) / s) < 0.08 and abs(pred.std() / s - 1) < 0.055
+    assert math.isfinite(guide_ksd(guide, *d.args, **d.kwargs)), "the KSD flag draws in the dataset's frame"
     guide.save(tmp_path / "g.pt")
     loaded = AmortizedSteinGuide.load(tmp_path / "g.pt", regression_model, *d.args, **d.kwargs)
     assert loaded.per_dataset_frames and loaded.laplace_evaluations == 50
