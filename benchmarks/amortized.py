@@ -99,7 +99,8 @@ FAMILIES = {
             "s ~ HalfNormal(1), w = s * w_raw, w_raw ~ N(0, I_20), y_i ~ Bernoulli(sigmoid(x_i . w)); 20-500 rows and "
             "5-20 features x_i ~ N(0, I) per dataset (zero-padded to 20 columns), drawn from the prior predictive "
             "(`PriorPredictiveStream`). Default encoder (DeepSets over the rows (x_i, y_i)); `whiten=\"laplace\"`: each "
-            "dataset's Laplace frame (a batched Newton search per dataset, its cost included in the times). Scored on s "
+            "dataset's Laplace frame (a batched Newton search per dataset, its cost included in the times), whose summary "
+            "(mode, log sds) the sampler also sees. Scored on s "
             "and the dataset's real weights."),
     },
     "amortized_hier": {
@@ -114,8 +115,9 @@ FAMILIES = {
             "mu ~ N(0, 5), tau ~ HalfNormal(5), theta = mu + tau * theta_raw, y_j ~ N(theta_j, sigma_j); 5-30 groups "
             "with sigma_j ~ U(5, 20), drawn from the prior predictive. Encoding: the rows (y_j, sigma_j, 1) in group "
             "order, zero-padded to 30 groups (a `dataset_fn`); `whiten=\"laplace\"`: each dataset's Laplace frame (its "
-            "cost included in the times). `precondition=None` (before the frames, the default 'auto' collapsed log tau "
-            "and diverged; with a frame 'auto' is off anyway). Scored on mu, tau and the dataset's theta_j."),
+            "cost included in the times), whose summary (mode, log sds) the sampler also sees. `precondition=None` "
+            "(before the frames, the default 'auto' collapsed log tau and diverged; with a frame 'auto' is off anyway). "
+            "Scored on mu, tau and the dataset's theta_j."),
     },
 }
 

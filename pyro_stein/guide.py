@@ -218,6 +218,11 @@ class AmortizedSteinGuide(AutoContinuous):
         then only learns each posterior's departure from its Laplace approximation, in coordinates
         that mean the same for every dataset, instead of the whole data-to-posterior map; models
         whose posterior location swings with the data (regressions) need this (see the README).
+        The sampler's context is then the dataset encoding followed by a summary of the frame, the
+        mode ``m_d`` and the log sds ``log sqrt(diag(L_d L_d^T))`` (``2 D`` numbers, standardised
+        with fixed statistics of the first training batch): the posterior's departure from its
+        Laplace approximation depends on where the mode lies (e.g. on a hierarchical scale), and
+        the frame states that directly. A custom ``sampler`` must accept that wider context.
         ``None`` (default): no frame.
     :param int laplace_evaluations: cap on the model evaluations of the per-dataset Newton search
         (amortized ``whiten="laplace"``; default 50).
@@ -492,6 +497,12 @@ class AmortizedSteinGuide(AutoContinuous):
             self.encoder = encoder
             self.feature_dim = feats.features.shape[-1]
             context_dim = int(getattr(encoder, "output_dim", self.context_dim))
+            if self.per_dataset_frames:
+                context_dim += 2 * self.latent_dim  # the frame summary (see encode)
+                kw = {"dtype": init_loc.dtype, "device": init_loc.device}
+                self.register_buffer("frame_summary_loc", torch.zeros(2 * self.latent_dim, **kw))
+                self.register_buffer("frame_summary_scale", torch.ones(2 * self.latent_dim, **kw))
+                self._standardization_pending = True  # fitted on the first training batch (AmortizedSVGD)
         sampler = self._user_sampler
         if sampler is None:
             cfg = self._network_configs.get("sampler") or {
@@ -507,6 +518,14 @@ class AmortizedSteinGuide(AutoContinuous):
                 raise ValueError(
                     f"the sampler outputs {sampler.latent_dim} dims but the model's latent sites pack into "
                     f"{self.latent_dim} unconstrained dims ({[(s.name, tuple(s.unconstrained_shape)) for s in self.sites]})"
+                )
+            expected = getattr(sampler, "context_dim", None)
+            if isinstance(expected, int) and self.amortized and expected != context_dim:
+                frame_note = f" + {2 * self.latent_dim} (the frame summary of whiten='laplace')" if self.per_dataset_frames else ""
+                raise ValueError(
+                    f"the sampler takes a context of width {expected}, but this guide passes the dataset encoding "
+                    f"({context_dim - (2 * self.latent_dim if self.per_dataset_frames else 0)}){frame_note} = {context_dim}; "
+                    f"build the sampler with context_dim={context_dim}"
                 )
             _check_module_placement("sampler", sampler, init_loc)
         self.sampler = sampler
@@ -537,6 +556,7 @@ class AmortizedSteinGuide(AutoContinuous):
                 "mcmc_steps": self.mcmc_steps,
                 "whiten": self.whiten,
                 "laplace_evaluations": self.laplace_evaluations,
+                "frame_context": self.per_dataset_frames,
                 "sites": [[s.name, list(s.shape), list(s.unconstrained_shape)] for s in self.sites],
                 "sampler": getattr(self.sampler, "config", None) if self._user_sampler is None else None,
                 "encoder": getattr(self.encoder, "config", None) if self.amortized and self._user_encoder is None else None,
@@ -557,6 +577,12 @@ class AmortizedSteinGuide(AutoContinuous):
         if not isinstance(payload, dict) or payload.get("format") != "pyro_stein.AmortizedSteinGuide":
             raise ValueError(f"{path!r} is not a file written by AmortizedSteinGuide.save()")
         cfg = payload["config"]
+        if cfg["amortized"] and cfg.get("whiten") == "laplace" and not cfg.get("frame_context"):
+            raise ValueError(
+                f"{path!r} holds an amortized whiten='laplace' guide saved by pyro_stein "
+                f"{payload.get('pyro_stein_version')}, whose sampler did not see the frame summary that this version "
+                "passes it; retrain the guide with this version"
+            )
         if cfg["sampler"] is None and sampler is None:
             raise ValueError(f"the guide was saved with a custom sampler ({cfg['sampler_class']}); pass sampler=<an instance of it>")
         if cfg["amortized"] and cfg["encoder"] is None and encoder is None:
@@ -588,19 +614,31 @@ class AmortizedSteinGuide(AutoContinuous):
         return out
 
     def fit_standardization(self, datasets: Sequence) -> None:
-        """Refit the default encoder's per-feature standardisation on a batch of datasets.
+        """Refit the default encoder's per-feature standardisation (and, with per-dataset frames, the frame
+        summary's) on a batch of datasets.
 
         :class:`~pyro_stein.infer.AmortizedSVGD` calls it once, on its first batch, for a freshly
         built guide (setup fits it on a single example dataset, whose features may not vary in
         every column, e.g. padded positions); a loaded or already-trained guide keeps its own.
-        A user-supplied encoder is left alone.
+        A user-supplied encoder is left alone. A frame-summary coordinate that does not vary across
+        the batch (e.g. a padded latent that keeps its prior) keeps scale 1.
         """
         self._standardization_pending = False
-        if not self.amortized or self._user_encoder is not None:
+        if not self.amortized:
             return
         from .data import as_dataset
 
-        feats = collate_features([self._features_of(as_dataset(d)) for d in datasets])
+        datasets = [as_dataset(d) for d in datasets]
+        if self.per_dataset_frames:
+            summary = self._raw_frame_summary(self.frames(datasets))
+            loc = summary.mean(0)
+            sd = summary.std(0) if summary.shape[0] > 1 else torch.zeros_like(loc)
+            varies = sd > 1e-6 * loc.abs().clamp_min(1.0)
+            self.frame_summary_loc.copy_(loc)
+            self.frame_summary_scale.copy_(torch.where(varies, sd, torch.ones_like(sd)))
+        if self._user_encoder is not None:
+            return
+        feats = collate_features([self._features_of(d) for d in datasets])
         self.encoder.set_standardization(feats.features, feats.mask)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -612,15 +650,32 @@ class AmortizedSteinGuide(AutoContinuous):
             return {}
         return {n: s["value"].detach() for n, s in self.prototype_trace.iter_stochastic_nodes()}
 
-    def encode(self, features: DatasetFeatures) -> Tensor:
-        """Dataset encodings ``(B, context_dim)`` of collated datasets."""
-        return self.encoder(features.features, features.mask)
+    @staticmethod
+    def _raw_frame_summary(frame: tuple[Tensor, Tensor]) -> Tensor:
+        loc, scale = frame
+        return torch.cat([loc, 0.5 * scale.pow(2).sum(-1).log()], -1)
+
+    def encode(self, features: DatasetFeatures, frame: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """The sampler's contexts ``(B, C)`` for collated datasets: their encodings, followed for an amortized
+        guide with ``whiten="laplace"`` by the standardised summary of their ``frame`` (from :meth:`frames`)."""
+        enc = self.encoder(features.features, features.mask)
+        if not self.per_dataset_frames:
+            return enc
+        if frame is None:
+            raise ValueError("an amortized guide with whiten='laplace' conditions on each dataset's frame: "
+                             "pass frame=guide.frames(datasets)")
+        summary = (self._raw_frame_summary(frame) - self.frame_summary_loc) / self.frame_summary_scale
+        return torch.cat([enc, summary], -1)
 
     def context(self, *args, **kwargs) -> Tensor | None:
         """The sampler's context for one dataset (``None`` for a non-amortized guide)."""
         if not self.amortized:
             return None
-        return self.encode(self.dataset_features(*args, **kwargs))[0]
+        frame = None
+        if self.per_dataset_frames:
+            loc, scale = self.frame_of(*args, **kwargs)
+            frame = (loc[None], scale[None])
+        return self.encode(self.dataset_features(*args, **kwargs), frame)[0]
 
     # ------------------------------------------------------------------ sampling
     def _like(self) -> Tensor:
@@ -691,7 +746,8 @@ class AmortizedSteinGuide(AutoContinuous):
         self.setup(*datasets[0].args, **datasets[0].kwargs)
         feats = collate_features([self._features_of(d) for d in datasets])
         n = max(num_samples, self.correction_samples) if self.moment_correction else num_samples
-        z = self.draw(n, self.encode(feats), self.frames(datasets) if self.per_dataset_frames else None)
+        frame = self.frames(datasets) if self.per_dataset_frames else None
+        z = self.draw(n, self.encode(feats, frame), frame)
         z = self._polish(self._correct(z, datasets)[..., :num_samples, :], datasets)
         return self._unpack_constrained(z)
 

@@ -142,7 +142,8 @@ class AmortizedSVGD:
             guide.fit_standardization(datasets)
         if guide.amortized:
             feats = collate_features([guide._features_of(d) for d in datasets])
-            z = guide.draw_whitened(self.num_particles, guide.encode(feats))  # (B, n, D)
+            frame = guide.frames(datasets) if guide.per_dataset_frames else None
+            z = guide.draw_whitened(self.num_particles, guide.encode(feats, frame))  # (B, n, D)
         else:
             if len(datasets) != 1:
                 raise ValueError("a non-amortized guide trains on one dataset; build the guide with amortized=True")

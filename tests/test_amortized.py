@@ -319,7 +319,8 @@ def test_laplace_frames_with_training_fix_a_skewed_family():
     guide = AmortizedSteinGuide(
         poisson_model, amortized=True, whiten="laplace",
         encoder=DeepSetEncoder(1, output_dim=8, hidden_dim=32).to(like),
-        sampler=GaussianResidualSampler(1, context_dim=8, hidden_dim=32, init_scale=1.0).to(like),
+        # the context: the 8-wide encoding, then the frame summary (mode and log sd of the one latent)
+        sampler=GaussianResidualSampler(1, context_dim=8 + 2, hidden_dim=32, init_scale=1.0).to(like),
     )
     svgd = AmortizedSVGD(poisson_model, guide, pyro.optim.ClippedAdam({"lr": 1e-2, "lrd": 0.1 ** (1 / 300)}), num_particles=32)
     svgd.run(300, datasets=stream, batch_size=8, progress_bar=False)
@@ -335,3 +336,38 @@ def test_laplace_frames_with_training_fix_a_skewed_family():
     worst_mean, worst_sd = _worst_errors(guide.sample_posterior_batch(4000, held)["lam"], exact)
     assert worst_mean < 0.2, f"worst |mean error| {worst_mean:.3f} sd (Laplace frame alone {laplace_mean:.3f}), target < 0.2 (MC s.e. 0.016)"
     assert worst_sd < 0.2, f"worst |sd ratio - 1| {worst_sd:.3f}, target < 0.2 (MC s.e. 0.011)"
+
+
+def test_laplace_frame_summary_is_part_of_the_context(tmp_path):
+    """With per-dataset frames the sampler's context is [encoding, standardised (mode, log sd)] of the frame; the
+    standardisation is fitted on the first training batch; mismatched custom samplers and files saved before
+    the frame summary existed are refused with the fix named."""
+    pyro.set_rng_seed(0)
+    stream = PriorPredictiveStream(regression_model, make_regression_args, {"y": "y"})
+    batch = [stream.sample() for _ in range(8)]
+    guide = AmortizedSteinGuide(regression_model, amortized=True, whiten="laplace", context_dim=6)
+    svgd = AmortizedSVGD(regression_model, guide, pyro.optim.Adam({"lr": 1e-3}), num_particles=8)
+    svgd.step_batch(batch)
+    loc, scale = guide.frames(batch)
+    raw = torch.cat([loc, scale.pow(2).sum(-1).log() / 2], -1)
+    assert torch.allclose(guide.frame_summary_loc, raw.mean(0))
+    assert torch.allclose(guide.frame_summary_scale, raw.std(0))
+    d = batch[2]
+    feats = guide.dataset_features(*d.args, **d.kwargs)
+    ctx = guide.context(*d.args, **d.kwargs)
+    assert ctx.shape == (6 + 2,)
+    assert torch.allclose(ctx[6:], (raw[2] - raw.mean(0)) / raw.std(0))
+    assert torch.allclose(ctx[:6], guide.encoder(feats.features, feats.mask)[0])
+    with pytest.raises(ValueError, match="pass frame=guide.frames"):
+        guide.encode(feats)
+    with pytest.raises(ValueError, match=r"build the sampler with context_dim=34"):
+        AmortizedSteinGuide(regression_model, amortized=True, whiten="laplace",
+                            sampler=GaussianResidualSampler(1, context_dim=32).to(tensor(0.0))).setup(*d.args, **d.kwargs)
+    guide.save(tmp_path / "g.pt")
+    payload = torch.load(tmp_path / "g.pt", weights_only=True)
+    del payload["config"]["frame_context"]
+    torch.save(payload, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="retrain the guide"):
+        AmortizedSteinGuide.load(tmp_path / "old.pt", regression_model, *d.args, **d.kwargs)
+    loaded = AmortizedSteinGuide.load(tmp_path / "g.pt", regression_model, *d.args, **d.kwargs)
+    assert torch.equal(loaded.context(*d.args, **d.kwargs), ctx)
