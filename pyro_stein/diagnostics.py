@@ -80,7 +80,7 @@ def guide_ksd(guide, *args, num_samples: int = 500, kernel: RadialKernel | None 
     :param int num_samples: draws to score.
     """
     guide.setup(*args, **kwargs)
-    z = guide.draw(num_samples, guide.context(*args, **kwargs), guide.frame_of(*args, **kwargs))
+    z = guide.draw(num_samples, *guide.context_and_frame(*args, **kwargs))
     with torch.enable_grad():
         _, score = guide.log_density.log_density_and_score(z, args, kwargs)
     return float(ksd(z, score, kernel or IMQKernel()))

@@ -669,13 +669,21 @@ class AmortizedSteinGuide(AutoContinuous):
 
     def context(self, *args, **kwargs) -> Tensor | None:
         """The sampler's context for one dataset (``None`` for a non-amortized guide)."""
-        if not self.amortized:
-            return None
+        return self.context_and_frame(*args, **kwargs)[0]
+
+    def context_and_frame(self, *args, **kwargs) -> tuple[Tensor | None, tuple[Tensor, Tensor] | None]:
+        """:meth:`context` and :meth:`frame_of` of one dataset, its frame found once: what :meth:`draw` takes."""
+        return self._context_and_frame(Dataset(*args, **kwargs))
+
+    def _context_and_frame(self, dataset: Dataset):
         frame = None
         if self.per_dataset_frames:
-            loc, scale = self.frame_of(*args, **kwargs)
-            frame = (loc[None], scale[None])
-        return self.encode(self.dataset_features(*args, **kwargs), frame)[0]
+            loc, scale = self.frames([dataset])  # cached on `dataset`
+            frame = (loc[0], scale[0])
+        if not self.amortized:
+            return None, frame
+        feats = self.dataset_features(*dataset.args, **dataset.kwargs)
+        return self.encode(feats, None if frame is None else (frame[0][None], frame[1][None]))[0], frame
 
     # ------------------------------------------------------------------ sampling
     def _like(self) -> Tensor:
@@ -702,12 +710,12 @@ class AmortizedSteinGuide(AutoContinuous):
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         output_map = None
+        context, frame = self.context_and_frame(*args, **kwargs)
         if self.per_dataset_frames:
-            frame = self.frame_of(*args, **kwargs)
             output_map = lambda u: self.unwhiten(u, frame)  # noqa: E731
         elif self.whiten is not None:
             output_map = self.unwhiten
-        return SamplerDistribution(self.sampler, self.context(*args, **kwargs), self._like(), output_map=output_map)
+        return SamplerDistribution(self.sampler, context, self._like(), output_map=output_map)
 
     def _unpack_constrained(self, z: Tensor) -> dict[str, Tensor]:
         return {name: x for name, (_, x) in unpack(z, self.sites).items()}
@@ -723,7 +731,7 @@ class AmortizedSteinGuide(AutoContinuous):
         self.setup(*args, **kwargs)
         n = max(num_samples, self.correction_samples) if self.moment_correction else num_samples
         data = [Dataset(*args, **kwargs)]
-        z = self.draw(n, self.context(*args, **kwargs), self.frame_of(*args, **kwargs))
+        z = self.draw(n, *self._context_and_frame(data[0]))  # one frame search, shared with _correct's dataset
         z = self._polish(self._correct(z, data)[:num_samples], data)
         out = self._unpack_constrained(z)
         out.update(self.log_density.deterministic(z, self.deterministic_names, args, kwargs))

@@ -371,3 +371,23 @@ def test_laplace_frame_summary_is_part_of_the_context(tmp_path):
         AmortizedSteinGuide.load(tmp_path / "old.pt", regression_model, *d.args, **d.kwargs)
     loaded = AmortizedSteinGuide.load(tmp_path / "g.pt", regression_model, *d.args, **d.kwargs)
     assert torch.equal(loaded.context(*d.args, **d.kwargs), ctx)
+
+
+def test_one_frame_search_per_new_dataset(monkeypatch):
+    """sample_posterior, get_posterior and guide_ksd on a new dataset search its Laplace frame once, not once for
+    the context and again for the draws."""
+    import pyro_stein.guide as guide_module
+
+    pyro.set_rng_seed(0)
+    stream = PriorPredictiveStream(regression_model, make_regression_args, {"y": "y"})
+    d = stream.sample()
+    guide = AmortizedSteinGuide(regression_model, amortized=True, whiten="laplace").setup(*d.args, **d.kwargs)
+    calls = []
+    real = guide_module.laplace_frames
+    monkeypatch.setattr(guide_module, "laplace_frames", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for use in (lambda: guide.sample_posterior(10, *d.args, **d.kwargs),
+                lambda: guide.get_posterior(*d.args, **d.kwargs).rsample(),
+                lambda: guide_ksd(guide, *d.args, num_samples=10, **d.kwargs)):
+        calls.clear()
+        use()
+        assert len(calls) == 1, f"{len(calls)} frame searches for one new dataset"
