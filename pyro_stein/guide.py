@@ -438,9 +438,12 @@ class AmortizedSteinGuide(AutoContinuous):
     def frame_of(self, *args, **kwargs) -> tuple[Tensor, Tensor] | None:
         """The frame ``(m (D,), L (D, D))`` of the dataset ``(*args, **kwargs)`` for :meth:`draw` (amortized guides with
         ``whiten="laplace"``); ``None`` for other guides (their frame, if any, is part of the guide)."""
+        return self._frame_of_dataset(Dataset(*args, **kwargs))
+
+    def _frame_of_dataset(self, dataset: Dataset) -> tuple[Tensor, Tensor] | None:
         if not self.per_dataset_frames:
             return None
-        loc, scale = self.frames([Dataset(*args, **kwargs)])
+        loc, scale = self.frames([dataset])  # cached on `dataset`
         return loc[0], scale[0]
 
     def frames(self, datasets: Sequence) -> tuple[Tensor, Tensor]:
@@ -472,7 +475,7 @@ class AmortizedSteinGuide(AutoContinuous):
         return torch.stack([g[0] for g in got]), torch.stack([g[1] for g in got])
 
     def _build_networks(self, init_loc: Tensor, args, kwargs) -> None:
-        context_dim = 0
+        context_dim = encoding_dim = summary_dim = 0
         if self.per_dataset_frames:
             init_loc = torch.zeros_like(init_loc)  # the sampler starts at each dataset's Laplace approximation
         elif self.whiten is not None:
@@ -496,13 +499,14 @@ class AmortizedSteinGuide(AutoContinuous):
                 _check_module_placement("encoder", encoder, init_loc)
             self.encoder = encoder
             self.feature_dim = feats.features.shape[-1]
-            context_dim = int(getattr(encoder, "output_dim", self.context_dim))
+            encoding_dim = int(getattr(encoder, "output_dim", self.context_dim))
             if self.per_dataset_frames:
-                context_dim += 2 * self.latent_dim  # the frame summary (see encode)
+                summary_dim = 2 * self.latent_dim  # the frame summary (see encode)
                 kw = {"dtype": init_loc.dtype, "device": init_loc.device}
-                self.register_buffer("frame_summary_loc", torch.zeros(2 * self.latent_dim, **kw))
-                self.register_buffer("frame_summary_scale", torch.ones(2 * self.latent_dim, **kw))
+                self.register_buffer("frame_summary_loc", torch.zeros(summary_dim, **kw))
+                self.register_buffer("frame_summary_scale", torch.ones(summary_dim, **kw))
                 self._standardization_pending = True  # fitted on the first training batch (AmortizedSVGD)
+            context_dim = encoding_dim + summary_dim
         sampler = self._user_sampler
         if sampler is None:
             cfg = self._network_configs.get("sampler") or {
@@ -521,11 +525,10 @@ class AmortizedSteinGuide(AutoContinuous):
                 )
             expected = getattr(sampler, "context_dim", None)
             if isinstance(expected, int) and self.amortized and expected != context_dim:
-                frame_note = f" + {2 * self.latent_dim} (the frame summary of whiten='laplace')" if self.per_dataset_frames else ""
+                frame_note = f" + {summary_dim} (the frame summary of whiten='laplace')" if summary_dim else ""
                 raise ValueError(
                     f"the sampler takes a context of width {expected}, but this guide passes the dataset encoding "
-                    f"({context_dim - (2 * self.latent_dim if self.per_dataset_frames else 0)}){frame_note} = {context_dim}; "
-                    f"build the sampler with context_dim={context_dim}"
+                    f"({encoding_dim}){frame_note} = {context_dim}; build the sampler with context_dim={context_dim}"
                 )
             _check_module_placement("sampler", sampler, init_loc)
         self.sampler = sampler
@@ -676,10 +679,7 @@ class AmortizedSteinGuide(AutoContinuous):
         return self._context_and_frame(Dataset(*args, **kwargs))
 
     def _context_and_frame(self, dataset: Dataset):
-        frame = None
-        if self.per_dataset_frames:
-            loc, scale = self.frames([dataset])  # cached on `dataset`
-            frame = (loc[0], scale[0])
+        frame = self._frame_of_dataset(dataset)
         if not self.amortized:
             return None, frame
         feats = self.dataset_features(*dataset.args, **dataset.kwargs)

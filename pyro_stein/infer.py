@@ -140,18 +140,15 @@ class AmortizedSVGD:
         params = _register_params(guide)
         if getattr(guide, "_standardization_pending", False):
             guide.fit_standardization(datasets)
+        frame = guide.frames(datasets) if guide.per_dataset_frames else None  # per-dataset frames: amortized only
         if guide.amortized:
             feats = collate_features([guide._features_of(d) for d in datasets])
-            frame = guide.frames(datasets) if guide.per_dataset_frames else None
             z = guide.draw_whitened(self.num_particles, guide.encode(feats, frame))  # (B, n, D)
         else:
             if len(datasets) != 1:
                 raise ValueError("a non-amortized guide trains on one dataset; build the guide with amortized=True")
             z = guide.draw_whitened(self.num_particles)  # (n, D)
         # the sampler's outputs; without `whiten` they are the unconstrained latents themselves
-        frame = guide.frames(datasets) if guide.per_dataset_frames else None
-        if frame is not None and z.dim() == 2:
-            frame = (frame[0][0], frame[1][0])
         score = guide.whiten_score(self._scores(guide.unwhiten(z.detach(), frame), datasets), frame)
         zd = z.detach()
         km = self.kernel.matrices(zd)
