@@ -118,7 +118,8 @@ class GaussianResidualSampler(nn.Module):
         if context is None or context.shape[-1] != self.context_dim:
             got = None if context is None else tuple(context.shape)
             raise ValueError(f"this sampler needs a context of last dim {self.context_dim}, got {got}")
-        context = context.expand(noise.shape[:-1] + context.shape[-1:])
+        # the heads depend on the context only: evaluated once per context (e.g. (B, 1, C) for B datasets' draws
+        # (B, n, noise_dim)), not once per draw, then broadcast
         D = self.latent_dim
         heads = self.context_head(context)
         loc = self.loc + heads[..., :D]
@@ -128,14 +129,18 @@ class GaussianResidualSampler(nn.Module):
             if self.amortized_tril:
                 T = heads.new_zeros(heads.shape[:-1] + (D, D))
                 T[..., self._tril_idx[0], self._tril_idx[1]] = heads[..., 2 * D :]
-                A = A + T
-                lin = (A @ noise.unsqueeze(-1)).squeeze(-1)
+                A = A + T  # context shape + (D, noise_dim)
+                shared = context.dim() == 1 or (context.dim() == noise.dim() and context.shape[-2] == 1)
+                if shared:  # one matrix for all the draws of a context
+                    lin = noise @ (A if context.dim() == 1 else A.squeeze(-3)).transpose(-1, -2)
+                else:  # a context per draw
+                    lin = (A @ noise.unsqueeze(-1)).squeeze(-1)
             else:
                 lin = noise @ A.T
         else:
             lin = noise * self.scale.exp()
         z = loc + log_s.exp() * lin
-        return z + self.residual(torch.cat([noise, context], -1))
+        return z + self.residual(torch.cat([noise, context.expand(noise.shape[:-1] + context.shape[-1:])], -1))
 
 
 class DeepSetEncoder(nn.Module):

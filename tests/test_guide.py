@@ -100,6 +100,27 @@ def test_default_sampler_starts_gaussian_at_init():
     assert torch.allclose(z.std(0), torch.full_like(z[0], 0.1), rtol=0.05)
 
 
+def test_conditional_sampler_gives_the_same_draws_for_shared_and_per_draw_contexts():
+    """The sampler evaluates its context heads once per context ((B, 1, C) for B datasets' draws) instead of once
+    per draw: the draws must equal those of the same context repeated for every draw, and of one unbatched context."""
+    from pyro_stein.nn import GaussianResidualSampler
+
+    torch.manual_seed(0)
+    like = tensor(0.0)
+    sampler = GaussianResidualSampler(5, context_dim=3).to(like)
+    with torch.no_grad():
+        for p in sampler.parameters():  # the context heads start at zero: make them matter
+            p.normal_(0.0, 0.3)
+    noise, ctx = torch.randn(4, 7, 5).to(like), torch.randn(4, 3).to(like)
+    shared = sampler(noise, ctx.unsqueeze(-2))
+    per_draw = sampler(noise, ctx.unsqueeze(-2).expand(4, 7, 3))
+    assert shared.shape == (4, 7, 5)
+    tol = dict(rtol=1e-12, atol=1e-12) if like.dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared, per_draw, **tol)
+    torch.testing.assert_close(sampler(noise[1], ctx[1]), per_draw[1], **tol)
+    torch.testing.assert_close(sampler(noise[1, 0], ctx[1]), per_draw[1, 0], **tol)
+
+
 @pytest.mark.parametrize(
     "prior",
     [
