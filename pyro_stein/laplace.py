@@ -11,8 +11,11 @@ The search needs only the model's log density and score (no second-order autodif
 model): the Hessian comes from central differences of the score, all ``2 D + 1`` stencil points
 evaluated as one particle set, so one Newton iteration costs one batched model evaluation.
 Directions use the absolute eigenvalues of the Hessian (saddle-free Newton), and each step is
-accepted only when it raises the log density (Armijo), otherwise it is shortened by quadratic
-interpolation. Datasets are processed together but never interact; converged datasets drop out.
+accepted only when it raises the log density enough (Armijo). Far from a mode, where a full step
+can overshoot badly, a ladder of step lengths is evaluated in the same batched call and the
+longest acceptable one is taken, so backtracking costs no extra evaluation; when none is
+acceptable the shortest is shortened further by quadratic interpolation. Datasets are processed
+together but never interact; converged datasets drop out.
 
 References:
 
@@ -30,6 +33,9 @@ from torch import Tensor
 
 __all__ = ["LaplaceFrame", "hessian_stencil", "laplace_frames", "newton_direction"]
 
+# step lengths tried together (relative to the current one) while a dataset is far from its mode
+_LADDER = (1.0, 0.3, 0.1, 0.03, 0.01)
+
 #: ``fn(index, points) -> (log_density, score)``: evaluates datasets ``index`` (a long tensor of
 #: positions in the batch) at ``points`` ``(len(index), P, D)``; returns ``(len(index), P)`` and
 #: ``(len(index), P, D)``, non-finite values allowed.
@@ -46,7 +52,8 @@ class LaplaceFrame(NamedTuple):
 
 
 def hessian_stencil(z: Tensor, step: float | None = None) -> Tensor:
-    """Points ``(B, 2 D + 1, D)``: ``z`` then ``z + h e_k`` and ``z - h e_k`` for every coordinate ``k``.
+    """Points ``(..., 2 D + 1, D)`` for ``z`` ``(..., D)``: ``z`` then ``z + h e_k`` and ``z - h e_k`` for every
+    coordinate ``k``.
 
     ``h`` defaults to ``eps^(1/3)`` of ``z``'s dtype (the step that balances the truncation and
     rounding errors of a central difference).
@@ -83,7 +90,7 @@ def laplace_frames(
     fn: LogDensityAndScore,
     init: Tensor,
     max_evaluations: int = 50,
-    tol: float = 1e-2,
+    tol: float = 0.1,
     armijo: float = 1e-4,
 ) -> LaplaceFrame:
     """Modes and Laplace scales of ``B`` log densities at once, from the starting points ``init`` ``(B, D)``.
@@ -92,7 +99,9 @@ def laplace_frames(
     :param int max_evaluations: cap on batched evaluations; a dataset not converged by then keeps
         its best point so far (``converged`` says which), which still gives a valid frame.
     :param float tol: stop a dataset when its Newton decrement is below ``tol`` (the remaining
-        distance to the mode, in the frame's sds).
+        distance to the mode, in the frame's sds) and take that last Newton step without evaluating
+        it: near a mode the log density is close to quadratic, so the returned mode is then about
+        ``tol^2`` sds from the true one (the scale is the Hessian's at the last evaluated point).
     :param float armijo: sufficient-increase constant of the line search.
     :raises ValueError: if the log density or score is not finite at a starting point.
     """
@@ -105,13 +114,17 @@ def laplace_frames(
     everyone = torch.arange(num, device=init.device)
 
     def evaluate(idx: Tensor, z: Tensor):
-        lp, score = fn(idx, hessian_stencil(z, h))
+        """Log density, gradient, Hessian and finiteness at points ``z`` ``(len(idx), ..., D)``."""
+        stencils = hessian_stencil(z, h)  # (len(idx), ..., 2 D + 1, D)
+        lp, score = fn(idx, stencils.reshape(len(idx), -1, dim))
+        lp, score = lp.reshape(stencils.shape[:-1]), score.reshape(stencils.shape)
         grad, hess = _stencil_derivatives(score, h)
-        ok = torch.isfinite(lp[:, 0]) & torch.isfinite(score).all(-1).all(-1)
-        return lp[:, 0], grad, torch.where(ok[:, None, None], hess, torch.zeros_like(hess)), ok
+        ok = torch.isfinite(lp[..., 0]) & torch.isfinite(score).all(-1).all(-1)
+        return lp[..., 0], grad, torch.where(ok[..., None, None], hess, torch.zeros_like(hess)), ok
 
     z = init.clone()
     lp, grad, hess, ok = evaluate(everyone, z)
+    evaluations = 1
     if not ok.all():
         bad = everyone[~ok].tolist()
         raise ValueError(
@@ -120,28 +133,41 @@ def laplace_frames(
         )
     step, dec, abs_hess = newton_direction(grad, hess)
     alpha = torch.ones(num, dtype=z.dtype, device=z.device)
-    evaluations = 1
+    ladder = torch.tensor(_LADDER, dtype=z.dtype, device=z.device)
     while evaluations < max_evaluations:
         active = dec > tol
         if not active.any():
             break
         idx = everyone[active]
-        cand = z[idx] + alpha[idx, None] * step[idx]
+        # far from a mode (decrement > 1) a full Newton step can overshoot by orders of magnitude: the whole
+        # ladder of step lengths is tried in the same evaluation, so a backtrack costs no extra one
+        lengths = alpha[idx, None] * (ladder if bool((dec[idx] > 1).any()) else ladder[:1])  # (n, K)
+        cand = z[idx, None] + lengths[..., None] * step[idx, None]  # (n, K, D)
         lp_c, grad_c, hess_c, ok_c = evaluate(idx, cand)
         evaluations += 1
-        slope = (grad[idx] * step[idx]).sum(-1)  # d log p / d alpha at alpha = 0 (> 0: an ascent direction)
-        accept = ok_c & (lp_c >= lp[idx] + armijo * alpha[idx] * slope)
-        # rejected: shorten by the maximiser of the quadratic through lp(0), slope and lp(alpha), kept in [0.1, 0.5] alpha
-        gap = torch.where(ok_c, lp_c - lp[idx] - alpha[idx] * slope, torch.full_like(lp_c, -float("inf")))
-        shrink = (-slope * alpha[idx] / (2 * gap)).clamp(0.1, 0.5).nan_to_num(0.1)
+        slope = (grad[idx] * step[idx]).sum(-1, keepdim=True)  # d log p / d length at 0 (> 0: an ascent direction)
+        good = ok_c & (lp_c >= lp[idx, None] + armijo * lengths * slope)
+        accept = good.any(-1)
+        best = good.to(torch.int8).argmax(-1)  # the longest acceptable length (the ladder decreases)
+        pick = lambda x: x[torch.arange(len(idx), device=x.device), best]  # noqa: E731
+        # none acceptable: shorten the shortest by the maximiser of the quadratic through lp(0), the slope and
+        # its lp, kept in [0.1, 0.5] of it
+        last, lp_last = lengths[:, -1], lp_c[:, -1]
+        gap = torch.where(ok_c[:, -1], lp_last - lp[idx] - last * slope[:, 0], torch.full_like(lp_last, -float("inf")))
+        shrink = (-slope[:, 0] * last / (2 * gap)).clamp(0.1, 0.5).nan_to_num(0.1)
         acc = idx[accept]
-        z[acc], lp[acc], grad[acc], hess[acc] = cand[accept], lp_c[accept], grad_c[accept], hess_c[accept]
+        z[acc], lp[acc], grad[acc], hess[acc] = pick(cand)[accept], pick(lp_c)[accept], pick(grad_c)[accept], pick(hess_c)[accept]
         if acc.numel():
             step[acc], dec[acc], abs_hess[acc] = newton_direction(grad[acc], hess[acc])
-        alpha[idx] = torch.where(accept, torch.ones_like(shrink), alpha[idx] * shrink)
+        alpha[idx] = torch.where(accept, torch.ones_like(shrink), last * shrink)
         # a step shortened to nothing cannot make progress: the dataset stops where it is
         stalled = idx[~accept & (alpha[idx] * dec[idx] < 0.1 * tol)]
         dec[stalled] = 0.0
+    _, final_dec, _ = newton_direction(grad, hess)
+    converged = final_dec <= tol
+    # converged datasets take their last Newton step without evaluating it: within tol of the mode the log
+    # density is close to quadratic, so the step lands ~tol^2 from it (at no cost)
+    z = torch.where(converged[:, None], z + step, z)
     chol, info = torch.linalg.cholesky_ex(abs_hess)
     if (info != 0).any():  # |H| is positive definite by construction; this guards against rounding only
         abs_hess = abs_hess + 1e-6 * abs_hess.diagonal(dim1=-2, dim2=-1).amax(-1)[:, None, None] * torch.eye(
@@ -149,5 +175,4 @@ def laplace_frames(
         chol = torch.linalg.cholesky(abs_hess)
     eye = torch.eye(dim, dtype=z.dtype, device=z.device).expand(num, dim, dim)
     scale = torch.linalg.solve_triangular(chol, eye, upper=False).transpose(-1, -2)  # L = R^{-T}: L L^T = (R R^T)^{-1}
-    _, final_dec, _ = newton_direction(grad, hess)
-    return LaplaceFrame(z, scale, final_dec <= tol, evaluations)
+    return LaplaceFrame(z, scale, converged, evaluations)

@@ -59,7 +59,7 @@ def test_gaussian_targets_are_found_exactly():
     torch.testing.assert_close(frame.loc, mu, **tol)
     torch.testing.assert_close(frame.scale @ frame.scale.transpose(-1, -2), torch.linalg.inv(prec), **tol)
     assert frame.converged.all()
-    assert frame.num_evaluations <= 3, "a quadratic needs one Newton step (plus the check that it converged)"
+    assert frame.num_evaluations == 2, "a quadratic needs one Newton step, and the evaluation there shows it converged"
 
 
 def test_non_gaussian_modes_match_the_closed_form():
@@ -76,6 +76,39 @@ def test_non_gaussian_modes_match_the_closed_form():
     torch.testing.assert_close(frame.loc[:, 0], torch.log(a / b), **tol)
     torch.testing.assert_close(frame.scale[:, 0, 0], a.rsqrt(), **tol)
     assert frame.converged.all()
+
+
+def test_default_tolerance_ends_with_an_unevaluated_newton_step_close_to_the_mode():
+    """With the default tol = 0.1 the search stops once the decrement is below 0.1 sd and takes that last Newton
+    step unevaluated. For log p(u) = a u - b e^u the third derivative over the curvature^(3/2) is 1 / sqrt(a) at
+    the mode, so Newton's quadratic convergence leaves the step within ~ dec^2 / (2 sqrt(a)) <= 0.0036 sd of the
+    mode: bound tol^2 = 0.01 sd."""
+    a, b = t([2.0, 30.0, 500.0]), t([1.0, 0.1, 40.0])
+
+    def log_p(idx, x):
+        u = x[..., 0]
+        return a[idx, None] * u - b[idx, None] * u.exp()
+
+    frame = laplace_frames(batched(log_p), (torch.log(a / b) + 8 / a.sqrt()).unsqueeze(-1))
+    assert frame.converged.all()
+    err = ((frame.loc[:, 0] - torch.log(a / b)) * a.sqrt()).abs()
+    assert err.max() < 0.01, f"mode errors {err.tolist()} sd, bound 0.01 (tol^2)"
+
+
+def test_far_from_the_mode_a_backtrack_costs_no_extra_evaluation():
+    """log p(u) = -sqrt(1 + u^2) from u = 3: the Hessian is ~1 / |u|^3 there, so the full Newton step (to u = -27)
+    and the 0.3 step (to u = -6) lower log p; the 0.1 step lands on the mode u = 0 exactly. All the ladder's
+    lengths are evaluated in one call (5 stencils of 3 points), so the search ends after 2 evaluations."""
+    sizes = []
+
+    def log_p(idx, x):
+        sizes.append(x.shape[1])
+        return -torch.sqrt(1 + x[..., 0] ** 2)
+
+    frame = laplace_frames(batched(log_p), t([[3.0]]))
+    assert frame.num_evaluations == 2 and sizes == [3, 15], f"{frame.num_evaluations} evaluations of {sizes} points"
+    torch.testing.assert_close(frame.loc, t([[0.0]]), rtol=0, atol=1e-6 if F64 else 1e-4)
+    torch.testing.assert_close(frame.scale, t([[[1.0]]]), rtol=1e-4 if F64 else 1e-2, atol=0)
 
 
 def test_saddle_free_steps_leave_a_local_minimum_of_log_p():
