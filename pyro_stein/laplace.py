@@ -34,7 +34,7 @@ from torch import Tensor
 __all__ = ["LaplaceFrame", "hessian_stencil", "laplace_frames", "newton_direction"]
 
 # step lengths tried together (relative to the current one) while a dataset is far from its mode
-_LADDER = (1.0, 0.3, 0.1, 0.03, 0.01)
+_LADDER = (1.0, 0.2, 0.04)
 
 #: ``fn(index, points) -> (log_density, score)``: evaluates datasets ``index`` (a long tensor of
 #: positions in the batch) at ``points`` ``(len(index), P, D)``; returns ``(len(index), P)`` and

@@ -96,18 +96,23 @@ def test_default_tolerance_ends_with_an_unevaluated_newton_step_close_to_the_mod
 
 
 def test_far_from_the_mode_a_backtrack_costs_no_extra_evaluation():
-    """log p(u) = -sqrt(1 + u^2) from u = 3: the Hessian is ~1 / |u|^3 there, so the full Newton step (to u = -27)
-    and the 0.3 step (to u = -6) lower log p; the 0.1 step lands on the mode u = 0 exactly. All the ladder's
-    lengths are evaluated in one call (5 stencils of 3 points), so the search ends after 2 evaluations."""
+    """log p(u) = -sqrt(1 + u^2) from u = 3: the Hessian is ~1 / |u|^3 there, so the Newton step is -30. The full
+    step (to u = -27) lowers log p and the 0.2 step (to u = -3) does not raise it; the 0.04 step (to u = 1.8) does.
+    All three lengths are evaluated in one call (3 stencils of 3 points), so after 2 evaluations the search stands
+    at u = 1.8; it then converges to the mode u = 0 (curvature 1)."""
     sizes = []
 
     def log_p(idx, x):
         sizes.append(x.shape[1])
         return -torch.sqrt(1 + x[..., 0] ** 2)
 
-    frame = laplace_frames(batched(log_p), t([[3.0]]))
-    assert frame.num_evaluations == 2 and sizes == [3, 15], f"{frame.num_evaluations} evaluations of {sizes} points"
-    torch.testing.assert_close(frame.loc, t([[0.0]]), rtol=0, atol=1e-6 if F64 else 1e-4)
+    frame = laplace_frames(batched(log_p), t([[3.0]]), max_evaluations=2)
+    assert frame.num_evaluations == 2 and sizes == [3, 9], f"{frame.num_evaluations} evaluations of {sizes} points"
+    torch.testing.assert_close(frame.loc, t([[1.8]]), rtol=1e-4 if F64 else 1e-3, atol=0)
+    assert not frame.converged.any()
+    frame = laplace_frames(batched(log_p), t([[3.0]]), tol=TOL)
+    assert frame.converged.all()
+    torch.testing.assert_close(frame.loc, t([[0.0]]), rtol=0, atol=1e-6 if F64 else 1e-3)
     torch.testing.assert_close(frame.scale, t([[[1.0]]]), rtol=1e-4 if F64 else 1e-2, atol=0)
 
 
