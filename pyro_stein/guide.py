@@ -213,9 +213,9 @@ class AmortizedSteinGuide(AutoContinuous):
         With ``amortized=True`` every dataset gets its own frame ``z = m_d + L_d u``, found when the
         dataset is first used (training step, :meth:`sample_posterior`, ``forward``) by a batched
         Newton search that needs only the log density and score (see
-        :func:`~pyro_stein.laplace.laplace_frames`; typically 3-11 batched model evaluations of one
-        to three stencils of ``2 D + 1`` points per dataset) and cached on :class:`~pyro_stein.data.Dataset` objects. The sampler
-        then only learns each posterior's departure from its Laplace approximation, in coordinates
+        :func:`~pyro_stein.laplace.laplace_frames`; typically 3-11 batched model evaluations, each of
+        one to three stencils of ``2 D + 1`` points, per dataset) and cached on
+        :class:`~pyro_stein.data.Dataset` objects. The sampler then only learns each posterior's departure from its Laplace approximation, in coordinates
         that mean the same for every dataset, instead of the whole data-to-posterior map; models
         whose posterior location swings with the data (regressions) need this (see the README).
         The sampler's context is then the dataset encoding followed by a summary of the frame, the
