@@ -14,12 +14,14 @@ Directions use the absolute eigenvalues of the Hessian (saddle-free Newton), and
 accepted only when it raises the log density enough (Armijo). Far from a mode, where a full step
 can overshoot badly, a ladder of step lengths is evaluated in the same batched call and the
 longest acceptable one is taken, so backtracking costs no extra evaluation; when none is
-acceptable the shortest is shortened further by quadratic interpolation. Datasets are processed
+acceptable the next direction is damped (Levenberg-Marquardt), which shortens it most along
+nearly flat directions of the Hessian, where a Newton step runs off. Datasets are processed
 together but never interact; converged datasets drop out.
 
 References:
 
-[1] J. Nocedal, S. Wright, "Numerical Optimization", 2nd ed., 2006 (Newton with line search).
+[1] J. Nocedal, S. Wright, "Numerical Optimization", 2nd ed., 2006 (Newton with line search;
+    Levenberg-Marquardt damping, ch. 10).
 [2] Y. Dauphin et al., "Identifying and attacking the saddle point problem in high-dimensional
     non-convex optimization", NeurIPS 2014 (absolute-eigenvalue Newton).
 """
@@ -33,7 +35,7 @@ from torch import Tensor
 
 __all__ = ["LaplaceFrame", "hessian_stencil", "laplace_frames", "newton_direction"]
 
-# step lengths tried together (relative to the current one) while a dataset is far from its mode
+# step lengths tried together while a dataset is far from its mode
 _LADDER = (1.0, 0.2, 0.04)
 
 #: ``fn(index, points) -> (log_density, score)``: evaluates datasets ``index`` (a long tensor of
@@ -71,17 +73,22 @@ def _stencil_derivatives(score: Tensor, step: float) -> tuple[Tensor, Tensor]:
     return score[..., 0, :], 0.5 * (hess + hess.transpose(-1, -2))
 
 
-def newton_direction(grad: Tensor, hess: Tensor, rel_floor: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+def newton_direction(
+    grad: Tensor, hess: Tensor, rel_floor: float = 1e-6, damping: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Saddle-free Newton step for maximising ``log p``: ``|H|^{-1} grad``, with ``|H| = V |Lambda| V^T``.
 
     Eigenvalues are floored at ``rel_floor`` times the largest. Returns ``(step, decrement, |H|)``,
     the decrement ``sqrt(grad^T |H|^{-1} grad)`` being the step's length in the frame's sds.
+    ``damping`` ``(B,)`` (Levenberg-Marquardt) adds to every eigenvalue for the step only (the
+    decrement and ``|H|`` stay undamped): it shortens the step most along nearly flat directions,
+    where an undamped step would run off.
     """
     lam, vec = torch.linalg.eigh(hess)
     lam = lam.abs()
     lam = torch.maximum(lam, rel_floor * lam.amax(-1, keepdim=True).clamp_min(torch.finfo(lam.dtype).tiny))
     g = (vec.transpose(-1, -2) @ grad.unsqueeze(-1)).squeeze(-1)
-    step = (vec @ (g / lam).unsqueeze(-1)).squeeze(-1)
+    step = (vec @ (g / (lam if damping is None else lam + damping.unsqueeze(-1))).unsqueeze(-1)).squeeze(-1)
     decrement = (g.square() / lam).sum(-1).sqrt()
     return step, decrement, (vec * lam.unsqueeze(-2)) @ vec.transpose(-1, -2)
 
@@ -132,37 +139,40 @@ def laplace_frames(
             "in this batch; check those datasets, or start from a different init_loc_fn"
         )
     step, dec, abs_hess = newton_direction(grad, hess)
-    alpha = torch.ones(num, dtype=z.dtype, device=z.device)
+    mu = torch.zeros(num, dtype=z.dtype, device=z.device)  # Levenberg-Marquardt damping of each direction
     ladder = torch.tensor(_LADDER, dtype=z.dtype, device=z.device)
     while evaluations < max_evaluations:
-        active = dec > tol
-        if not active.any():
+        idx = everyone[dec > tol]
+        direction = step[idx]
+        damped = mu[idx] > 0
+        if damped.any():
+            direction = torch.where(damped[:, None], newton_direction(grad[idx], hess[idx], damping=mu[idx])[0], direction)
+            # a direction damped to nothing (under 0.001 sds) cannot make progress: the dataset stops where it is
+            move = (direction.unsqueeze(-2) @ abs_hess[idx] @ direction.unsqueeze(-1)).flatten().clamp_min(0).sqrt()
+            dec[idx[move < 1e-3]] = 0.0
+            idx, direction = idx[move >= 1e-3], direction[move >= 1e-3]
+        if not idx.numel():
             break
-        idx = everyone[active]
         # far from a mode (decrement > 1) a full Newton step can overshoot by orders of magnitude: the whole
         # ladder of step lengths is tried in the same evaluation, so a backtrack costs no extra one
-        lengths = alpha[idx, None] * (ladder if bool((dec[idx] > 1).any()) else ladder[:1])  # (n, K)
-        cand = z[idx, None] + lengths[..., None] * step[idx, None]  # (n, K, D)
+        lengths = ladder if bool((dec[idx] > 1).any()) else ladder[:1]  # (K,)
+        cand = z[idx, None] + lengths[:, None] * direction[:, None]  # (n, K, D)
         lp_c, grad_c, hess_c, ok_c = evaluate(idx, cand)
         evaluations += 1
-        slope = (grad[idx] * step[idx]).sum(-1, keepdim=True)  # d log p / d length at 0 (> 0: an ascent direction)
+        slope = (grad[idx] * direction).sum(-1, keepdim=True)  # d log p / d length at 0 (> 0: an ascent direction)
         good = ok_c & (lp_c >= lp[idx, None] + armijo * lengths * slope)
         accept = good.any(-1)
         best = good.to(torch.int8).argmax(-1)  # the longest acceptable length (the ladder decreases)
         pick = lambda x: x[torch.arange(len(idx), device=x.device), best]  # noqa: E731
-        # none acceptable: shorten the shortest by the maximiser of the quadratic through lp(0), the slope and
-        # its lp, kept in [0.1, 0.5] of it
-        last, lp_last = lengths[:, -1], lp_c[:, -1]
-        gap = torch.where(ok_c[:, -1], lp_last - lp[idx] - last * slope[:, 0], torch.full_like(lp_last, -float("inf")))
-        shrink = (-slope[:, 0] * last / (2 * gap)).clamp(0.1, 0.5).nan_to_num(0.1)
         acc = idx[accept]
         z[acc], lp[acc], grad[acc], hess[acc] = pick(cand)[accept], pick(lp_c)[accept], pick(grad_c)[accept], pick(hess_c)[accept]
         if acc.numel():
             step[acc], dec[acc], abs_hess[acc] = newton_direction(grad[acc], hess[acc])
-        alpha[idx] = torch.where(accept, torch.ones_like(shrink), last * shrink)
-        # a step shortened to nothing cannot make progress: the dataset stops where it is
-        stalled = idx[~accept & (alpha[idx] * dec[idx] < 0.1 * tol)]
-        dec[stalled] = 0.0
+        # no length acceptable: damp the direction 10x more (from 0.001 of the largest curvature), which shortens
+        # it most along nearly flat directions of |H|, where a Newton step runs off; after a success, a tenth as much
+        lam_max = abs_hess[idx].diagonal(dim1=-2, dim2=-1).amax(-1)
+        relaxed = torch.where(mu[idx] / 10 < 1e-3 * lam_max, torch.zeros_like(lam_max), mu[idx] / 10)
+        mu[idx] = torch.where(accept, relaxed, torch.maximum(10 * mu[idx], 1e-3 * lam_max))
     _, final_dec, _ = newton_direction(grad, hess)
     converged = final_dec <= tol
     # converged datasets take their last Newton step without evaluating it: within tol of the mode the log

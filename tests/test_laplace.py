@@ -116,6 +116,22 @@ def test_far_from_the_mode_a_backtrack_costs_no_extra_evaluation():
     torch.testing.assert_close(frame.scale, t([[[1.0]]]), rtol=1e-4 if F64 else 1e-2, atol=0)
 
 
+@pytest.mark.parametrize("y0", [30.0, 100.0, 1000.0])
+def test_a_nearly_flat_direction_is_damped_instead_of_stalling_the_search(y0):
+    """log p = -x^2 / 2 - sqrt(1 + y^2) - (x - y / y0)^2 / 2 from (2, y0): the curvature along y is ~1 / y0^3 there,
+    so the Newton step runs off along y and every length of the ladder is rejected. Damping the direction
+    (Levenberg-Marquardt) reaches the mode (0, 0) in at most 8 evaluations (5-8 measured); shortening the same
+    direction instead (the search before the damping) needed 15-35."""
+
+    def log_p(idx, x):
+        return -0.5 * x[..., 0] ** 2 - torch.sqrt(1 + x[..., 1] ** 2) - 0.5 * (x[..., 0] - x[..., 1] / y0) ** 2
+
+    frame = laplace_frames(batched(log_p), t([[2.0, y0]]))
+    assert frame.converged.all() and frame.num_evaluations <= 8, f"{frame.num_evaluations} evaluations"
+    # the mode is (0, 0); the default tol = 0.1 leaves it within ~tol^2 sds (sds ~0.6 and ~1 here)
+    torch.testing.assert_close(frame.loc, t([[0.0, 0.0]]), rtol=0, atol=0.01)
+
+
 def test_saddle_free_steps_leave_a_local_minimum_of_log_p():
     """log p = -(z1^2 - 1)^2 - z2^2 from z1 = 0.1 (log p convex there): the mode z1 = +1, curvature 8 and 2."""
 
