@@ -220,7 +220,8 @@ class AmortizedSteinGuide(AutoContinuous):
         whose posterior location swings with the data (regressions) need this (see the README).
         The sampler's context is then the dataset encoding followed by a summary of the frame, the
         mode ``m_d`` and the log sds ``log sqrt(diag(L_d L_d^T))`` (``2 D`` numbers, standardised
-        with fixed statistics of the first training batch): the posterior's departure from its
+        with fixed statistics of the first training batch, then passed through ``asinh`` so that a
+        frame far outside that batch's range gives a large but not extreme input): the posterior's departure from its
         Laplace approximation depends on where the mode lies (e.g. on a hierarchical scale), and
         the frame states that directly. A custom ``sampler`` must accept that wider context.
         ``None`` (default): no frame.
@@ -295,6 +296,8 @@ class AmortizedSteinGuide(AutoContinuous):
         # what this guide caches on Dataset objects (features, Laplace frames) is keyed by this token: unique per
         # guide for the process (an id() could be reused after the guide is freed); copies (refine) share it
         self._cache_token = next(_CACHE_TOKENS)
+        # the standardised frame summary goes through asinh (see encode); guides saved before that keep it linear
+        self._squash_frame_summary = True
 
     # ------------------------------------------------------------------ setup
     def setup(self, *args, **kwargs) -> "AmortizedSteinGuide":
@@ -560,6 +563,7 @@ class AmortizedSteinGuide(AutoContinuous):
                 "whiten": self.whiten,
                 "laplace_evaluations": self.laplace_evaluations,
                 "frame_context": self.per_dataset_frames,
+                "frame_summary_squash": self._squash_frame_summary,
                 "sites": [[s.name, list(s.shape), list(s.unconstrained_shape)] for s in self.sites],
                 "sampler": getattr(self.sampler, "config", None) if self._user_sampler is None else None,
                 "encoder": getattr(self.encoder, "config", None) if self.amortized and self._user_encoder is None else None,
@@ -599,6 +603,7 @@ class AmortizedSteinGuide(AutoContinuous):
             laplace_evaluations=cfg.get("laplace_evaluations", 50),
         )
         guide._network_configs = {"sampler": cfg["sampler"], "encoder": cfg["encoder"], "sites": cfg["sites"]}
+        guide._squash_frame_summary = bool(cfg.get("frame_summary_squash", False))  # as it was trained
         guide.setup(*args, **kwargs)
         guide.load_state_dict(payload["state_dict"])
         return guide
@@ -660,7 +665,8 @@ class AmortizedSteinGuide(AutoContinuous):
 
     def encode(self, features: DatasetFeatures, frame: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """The sampler's contexts ``(B, C)`` for collated datasets: their encodings, followed for an amortized
-        guide with ``whiten="laplace"`` by the standardised summary of their ``frame`` (from :meth:`frames`)."""
+        guide with ``whiten="laplace"`` by the standardised, ``asinh``-squashed summary of their ``frame`` (from
+        :meth:`frames`)."""
         enc = self.encoder(features.features, features.mask)
         if not self.per_dataset_frames:
             return enc
@@ -668,6 +674,10 @@ class AmortizedSteinGuide(AutoContinuous):
             raise ValueError("an amortized guide with whiten='laplace' conditions on each dataset's frame: "
                              "pass frame=guide.frames(datasets)")
         summary = (self._raw_frame_summary(frame) - self.frame_summary_loc) / self.frame_summary_scale
+        if self._squash_frame_summary:
+            # asinh: ~linear within a few sds of the first training batch, logarithmic beyond, so that a frame unlike
+            # that batch's (a coordinate that hardly varied in it) cannot feed the sampler an extreme context
+            summary = torch.asinh(summary)
         return torch.cat([enc, summary], -1)
 
     def context(self, *args, **kwargs) -> Tensor | None:

@@ -356,7 +356,7 @@ def test_laplace_frame_summary_is_part_of_the_context(tmp_path):
     feats = guide.dataset_features(*d.args, **d.kwargs)
     ctx = guide.context(*d.args, **d.kwargs)
     assert ctx.shape == (6 + 2,)
-    assert torch.allclose(ctx[6:], (raw[2] - raw.mean(0)) / raw.std(0))
+    assert torch.allclose(ctx[6:], torch.asinh((raw[2] - raw.mean(0)) / raw.std(0)))
     assert torch.allclose(ctx[:6], guide.encoder(feats.features, feats.mask)[0])
     with pytest.raises(ValueError, match="pass frame=guide.frames"):
         guide.encode(feats)
@@ -371,6 +371,12 @@ def test_laplace_frame_summary_is_part_of_the_context(tmp_path):
         AmortizedSteinGuide.load(tmp_path / "old.pt", regression_model, *d.args, **d.kwargs)
     loaded = AmortizedSteinGuide.load(tmp_path / "g.pt", regression_model, *d.args, **d.kwargs)
     assert torch.equal(loaded.context(*d.args, **d.kwargs), ctx)
+    # saved before the summary was squashed: loaded as trained, with the linear summary
+    del payload["config"]["frame_summary_squash"]
+    payload["config"]["frame_context"] = True
+    torch.save(payload, tmp_path / "linear.pt")
+    linear = AmortizedSteinGuide.load(tmp_path / "linear.pt", regression_model, *d.args, **d.kwargs)
+    assert torch.allclose(linear.context(*d.args, **d.kwargs)[6:], (raw[2] - raw.mean(0)) / raw.std(0))
 
 
 def test_one_frame_search_per_new_dataset(monkeypatch):
