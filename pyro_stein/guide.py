@@ -215,13 +215,14 @@ class AmortizedSteinGuide(AutoContinuous):
         Newton search that needs only the log density and score (see
         :func:`~pyro_stein.laplace.laplace_frames`; typically 3-11 batched model evaluations, each of
         one to three stencils of ``2 D + 1`` points, per dataset) and cached on
-        :class:`~pyro_stein.data.Dataset` objects. The sampler then only learns each posterior's departure from its Laplace approximation, in coordinates
-        that mean the same for every dataset, instead of the whole data-to-posterior map; models
-        whose posterior location swings with the data (regressions) need this (see the README).
-        The sampler's context is then the dataset encoding followed by a summary of the frame, the
-        mode ``m_d`` and the log sds ``log sqrt(diag(L_d L_d^T))`` (``2 D`` numbers, standardised
-        with fixed statistics of the first training batch, then passed through ``asinh`` so that a
-        frame far outside that batch's range gives a large but not extreme input): the posterior's departure from its
+        :class:`~pyro_stein.data.Dataset` objects. The sampler then only learns each posterior's
+        departure from its Laplace approximation, in coordinates that mean the same for every
+        dataset, instead of the whole data-to-posterior map; models whose posterior location swings
+        with the data (regressions) need this (see the README). The sampler's context is then the
+        dataset encoding followed by a summary of the frame, the mode ``m_d`` and the log sds
+        ``log sqrt(diag(L_d L_d^T))`` (``2 D`` numbers, standardised with fixed statistics of the
+        first training batch, then passed through ``asinh``, so that a frame far outside that
+        batch's range gives a large but not an extreme input): the posterior's departure from its
         Laplace approximation depends on where the mode lies (e.g. on a hierarchical scale), and
         the frame states that directly. A custom ``sampler`` must accept that wider context.
         ``None`` (default): no frame.
