@@ -681,6 +681,10 @@ class AmortizedSteinGuide(AutoContinuous):
             summary = torch.asinh(summary)
         return torch.cat([enc, summary], -1)
 
+    def _contexts(self, datasets: Sequence[Dataset], frame: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """:meth:`encode` of :class:`~pyro_stein.data.Dataset` objects (their features cached on them)."""
+        return self.encode(collate_features([self._features_of(d) for d in datasets]), frame)
+
     def context(self, *args, **kwargs) -> Tensor | None:
         """The sampler's context for one dataset (``None`` for a non-amortized guide)."""
         return self.context_and_frame(*args, **kwargs)[0]
@@ -693,8 +697,7 @@ class AmortizedSteinGuide(AutoContinuous):
         frame = self._frame_of_dataset(dataset)
         if not self.amortized:
             return None, frame
-        feats = self.dataset_features(*dataset.args, **dataset.kwargs)
-        return self.encode(feats, None if frame is None else (frame[0][None], frame[1][None]))[0], frame
+        return self._contexts([dataset], None if frame is None else (frame[0][None], frame[1][None]))[0], frame
 
     # ------------------------------------------------------------------ sampling
     def _like(self) -> Tensor:
@@ -763,10 +766,9 @@ class AmortizedSteinGuide(AutoContinuous):
         if not datasets:
             raise ValueError("datasets is empty")
         self.setup(*datasets[0].args, **datasets[0].kwargs)
-        feats = collate_features([self._features_of(d) for d in datasets])
         n = max(num_samples, self.correction_samples) if self.moment_correction else num_samples
         frame = self.frames(datasets) if self.per_dataset_frames else None
-        z = self.draw(n, self.encode(feats, frame), frame)
+        z = self.draw(n, self._contexts(datasets, frame), frame)
         z = self._polish(self._correct(z, datasets)[..., :num_samples, :], datasets)
         return self._unpack_constrained(z)
 

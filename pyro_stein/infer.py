@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
-from .data import Dataset, PriorPredictiveStream, as_dataset, collate_features, iterate_batches
+from .data import Dataset, PriorPredictiveStream, as_dataset, iterate_batches
 from .guide import AmortizedSteinGuide
 from .kernels import RadialKernel, RBFKernel
 from .logjoint import ModelLogDensity, NonFiniteLogJointError
@@ -142,8 +142,7 @@ class AmortizedSVGD:
             guide.fit_standardization(datasets)
         frame = guide.frames(datasets) if guide.per_dataset_frames else None  # per-dataset frames: amortized only
         if guide.amortized:
-            feats = collate_features([guide._features_of(d) for d in datasets])
-            z = guide.draw_whitened(self.num_particles, guide.encode(feats, frame))  # (B, n, D)
+            z = guide.draw_whitened(self.num_particles, guide._contexts(datasets, frame))  # (B, n, D)
         else:
             if len(datasets) != 1:
                 raise ValueError("a non-amortized guide trains on one dataset; build the guide with amortized=True")

@@ -140,16 +140,17 @@ def laplace_frames(
         )
     step, dec, abs_hess = newton_direction(grad, hess)
     mu = torch.zeros(num, dtype=z.dtype, device=z.device)  # Levenberg-Marquardt damping of each direction
+    stalled = torch.zeros(num, dtype=torch.bool, device=z.device)
     ladder = torch.tensor(_LADDER, dtype=z.dtype, device=z.device)
     while evaluations < max_evaluations:
-        idx = everyone[dec > tol]
+        idx = everyone[(dec > tol) & ~stalled]
         direction = step[idx]
         damped = mu[idx] > 0
         if damped.any():
             direction = torch.where(damped[:, None], newton_direction(grad[idx], hess[idx], damping=mu[idx])[0], direction)
             # a direction damped to nothing (under 0.001 sds) cannot make progress: the dataset stops where it is
             move = (direction.unsqueeze(-2) @ abs_hess[idx] @ direction.unsqueeze(-1)).flatten().clamp_min(0).sqrt()
-            dec[idx[move < 1e-3]] = 0.0
+            stalled[idx[move < 1e-3]] = True
             idx, direction = idx[move >= 1e-3], direction[move >= 1e-3]
         if not idx.numel():
             break
@@ -173,8 +174,7 @@ def laplace_frames(
         lam_max = abs_hess[idx].diagonal(dim1=-2, dim2=-1).amax(-1)
         relaxed = torch.where(mu[idx] / 10 < 1e-3 * lam_max, torch.zeros_like(lam_max), mu[idx] / 10)
         mu[idx] = torch.where(accept, relaxed, torch.maximum(10 * mu[idx], 1e-3 * lam_max))
-    _, final_dec, _ = newton_direction(grad, hess)
-    converged = final_dec <= tol
+    converged = dec <= tol  # dec is always the current point's (undamped) decrement
     # converged datasets take their last Newton step without evaluating it: within tol of the mode the log
     # density is close to quadratic, so the step lands ~tol^2 from it (at no cost)
     z = torch.where(converged[:, None], z + step, z)
