@@ -20,7 +20,7 @@ from .data import Dataset, DatasetFeatures, collate_features, default_dataset_fn
 from .kernels import IMQKernel
 from .laplace import laplace_frames
 from .logjoint import LatentSite, ModelLogDensity, latent_sites_from_trace, pack, unpack
-from .mcmc import mala_polish
+from .mcmc import hmc_polish, mala_polish
 from .nn import DeepSetEncoder, GaussianResidualSampler
 from .stein import ksd, stein_moment_correction, stein_moment_residual
 from .transforms import support_bijection
@@ -201,6 +201,11 @@ class AmortizedSteinGuide(AutoContinuous):
         invariant, so it can only bring the draws' distribution closer to it (in total variation); it
         fixes the shape (skew, curvature, tails) that the affine correction cannot. Costs one batched
         evaluation of the log density and score per step; ``forward``/``Predictive`` draws are not polished.
+    :param int mcmc_leapfrog: leapfrog steps per MCMC step (default 1: the MALA steps above). With
+        ``L > 1`` each of the ``mcmc_steps`` steps is a Hamiltonian Monte Carlo step of ``L`` leapfrog
+        steps (:func:`~pyro_stein.mcmc.hmc_polish`), costing ``L`` evaluations: for the same number of
+        evaluations it moves the draws further than MALA (on the hierarchical benchmark family, 2
+        steps of 5 leapfrogs left a smaller worst error than 10 MALA steps; see the README).
     :param str whiten: ``"laplace"``: the sampler works in the whitened frame of a Laplace
         approximation, ``z = m + L u`` with ``m`` the posterior mode (L-BFGS from the initial
         values, at setup) and ``L L^T`` the inverse Hessian of ``-log p`` there; the sampler starts
@@ -255,6 +260,7 @@ class AmortizedSteinGuide(AutoContinuous):
         whiten: str | None = None,
         mcmc_steps: int = 0,
         laplace_evaluations: int = 50,
+        mcmc_leapfrog: int = 1,
     ):
         if sampler is not None and not isinstance(sampler, nn.Module):
             raise TypeError(f"sampler must be a torch.nn.Module, got {type(sampler).__name__}")
@@ -265,7 +271,8 @@ class AmortizedSteinGuide(AutoContinuous):
         if not init_scale > 0:
             raise ValueError(f"init_scale must be positive, got {init_scale!r}")
         for name, v, lo in (("moment_correction", moment_correction, 0), ("correction_samples", correction_samples, 3),
-                            ("mcmc_steps", mcmc_steps, 0), ("laplace_evaluations", laplace_evaluations, 1)):
+                            ("mcmc_steps", mcmc_steps, 0), ("laplace_evaluations", laplace_evaluations, 1),
+                            ("mcmc_leapfrog", mcmc_leapfrog, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
         if whiten not in (None, "laplace"):
@@ -273,6 +280,7 @@ class AmortizedSteinGuide(AutoContinuous):
         self.moment_correction = moment_correction
         self.correction_samples = correction_samples
         self.mcmc_steps = mcmc_steps
+        self.mcmc_leapfrog = mcmc_leapfrog
         self.whiten = whiten
         self.laplace_evaluations = laplace_evaluations
         self._init_fn = init_to_mean_or_feasible() if init_loc_fn is None else init_loc_fn
@@ -561,6 +569,7 @@ class AmortizedSteinGuide(AutoContinuous):
                 "moment_correction": self.moment_correction,
                 "correction_samples": self.correction_samples,
                 "mcmc_steps": self.mcmc_steps,
+                "mcmc_leapfrog": self.mcmc_leapfrog,
                 "whiten": self.whiten,
                 "laplace_evaluations": self.laplace_evaluations,
                 "frame_context": self.per_dataset_frames,
@@ -600,7 +609,7 @@ class AmortizedSteinGuide(AutoContinuous):
             amortized=cfg["amortized"], context_dim=cfg["context_dim"], vectorize=cfg["vectorize"],
             num_summary_samples=cfg["num_summary_samples"],
             moment_correction=cfg.get("moment_correction", 0), correction_samples=cfg.get("correction_samples", 1000),
-            whiten=cfg.get("whiten"), mcmc_steps=cfg.get("mcmc_steps", 0),
+            whiten=cfg.get("whiten"), mcmc_steps=cfg.get("mcmc_steps", 0), mcmc_leapfrog=cfg.get("mcmc_leapfrog", 1),
             laplace_evaluations=cfg.get("laplace_evaluations", 50),
         )
         guide._network_configs = {"sampler": cfg["sampler"], "encoder": cfg["encoder"], "sites": cfg["sites"]}
@@ -819,9 +828,13 @@ class AmortizedSteinGuide(AutoContinuous):
         return zb if batched else zb[0]
 
     def _polish(self, z: Tensor, datasets: Sequence) -> Tensor:
-        """``mcmc_steps`` MALA steps on each dataset's draws (see :func:`~pyro_stein.mcmc.mala_polish`)."""
+        """``mcmc_steps`` MALA (``mcmc_leapfrog == 1``) or HMC steps on each dataset's draws (see
+        :func:`~pyro_stein.mcmc.mala_polish` and :func:`~pyro_stein.mcmc.hmc_polish`)."""
         if not self.mcmc_steps:
             return z
+        leapfrog = self.mcmc_leapfrog
+        if isinstance(leapfrog, bool) or not isinstance(leapfrog, int) or leapfrog < 1:
+            raise ValueError(f"guide.mcmc_leapfrog must be an int >= 1 (1: MALA steps), got {leapfrog!r}")
         self._require_full_data(f"mcmc_steps={self.mcmc_steps}", "set guide.mcmc_steps = 0",
                                 why=" (a Metropolis-Hastings test on a minibatch estimate is not exact)")
         batched = z.dim() == 3
@@ -831,7 +844,10 @@ class AmortizedSteinGuide(AutoContinuous):
             def fn(x, d=d):
                 return self.log_density.log_density_and_score(x, d.args, d.kwargs, check=False)
 
-            out.append(mala_polish(zi, fn, self.mcmc_steps)[0])
+            if leapfrog == 1:
+                out.append(mala_polish(zi, fn, self.mcmc_steps)[0])
+            else:
+                out.append(hmc_polish(zi, fn, self.mcmc_steps, leapfrog)[0])
         zb = torch.stack(out)
         return zb if batched else zb[0]
 

@@ -387,9 +387,11 @@ def _gaussian_posterior(X, y):
     return cov @ X.T @ y / 0.25, cov
 
 
-def test_mcmc_steps_keep_exact_draws_exact_per_dataset_in_a_batch():
-    """Wiring of ``mcmc_steps``: the (exact) corrected draws of each dataset are polished under that dataset's own
-    posterior; polishing under another dataset's posterior would move them several sd."""
+@pytest.mark.parametrize("leapfrog", [1, 4], ids=["mala", "hmc"])
+def test_mcmc_steps_keep_exact_draws_exact_per_dataset_in_a_batch(leapfrog):
+    """Wiring of ``mcmc_steps`` (MALA, or HMC with ``mcmc_leapfrog=4``): the (exact) corrected draws of each dataset
+    are polished under that dataset's own posterior; polishing under another dataset's posterior would move them
+    several sd."""
     from pyro_stein import Dataset
 
     g = torch.Generator().manual_seed(3)
@@ -398,7 +400,7 @@ def test_mcmc_steps_keep_exact_draws_exact_per_dataset_in_a_batch():
         X = torch.randn(n, 3, generator=g, dtype=torch.float64).to(tensor(0.0))
         sets.append(Dataset(X, y=X @ tensor(w) + 0.5 * torch.randn(n, generator=g, dtype=torch.float64).to(X)))
     guide = AmortizedSteinGuide(linear_gaussian_model, amortized=True, moment_correction=1, correction_samples=2000,
-                                mcmc_steps=10)
+                                mcmc_steps=10 if leapfrog == 1 else 3, mcmc_leapfrog=leapfrog)
     torch.manual_seed(0)
     w = guide.sample_posterior_batch(2000, sets)["w"]
     for i, d in enumerate(sets):
@@ -419,11 +421,18 @@ def test_mcmc_steps_argument_errors_and_persistence(tmp_path):
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="mcmc_steps must be an int >= 0"):
             AmortizedSteinGuide(linear_gaussian_model, mcmc_steps=bad)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="mcmc_leapfrog must be an int >= 1"):
+            AmortizedSteinGuide(linear_gaussian_model, mcmc_leapfrog=bad)
     X, y = data(n=10, d=2)
-    guide = AmortizedSteinGuide(linear_gaussian_model, mcmc_steps=3).setup(X, y)
+    guide = AmortizedSteinGuide(linear_gaussian_model, mcmc_steps=3, mcmc_leapfrog=2).setup(X, y)
     guide.save(tmp_path / "g.pt")
     loaded = AmortizedSteinGuide.load(tmp_path / "g.pt", linear_gaussian_model, X, y)
-    assert loaded.mcmc_steps == 3
+    assert loaded.mcmc_steps == 3 and loaded.mcmc_leapfrog == 2
+    loaded.mcmc_leapfrog = 0  # set after construction: checked when used
+    with pytest.raises(ValueError, match=r"guide.mcmc_leapfrog must be an int >= 1 \(1: MALA steps\), got 0"):
+        loaded.sample_posterior(7, X, y)
+    loaded.mcmc_leapfrog = 2
     assert loaded.sample_posterior(7, X, y)["w"].shape == (7, 2)
 
 

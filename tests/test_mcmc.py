@@ -1,4 +1,4 @@
-"""Tests for the MALA polish of a population of draws (pyro_stein.mcmc)."""
+"""Tests for the MALA and HMC polish of a population of draws (pyro_stein.mcmc)."""
 
 import math
 
@@ -10,7 +10,13 @@ try:  # tests/ as a package or as a plain rootdir
 except ImportError:
     from conftest import DEVICE, DTYPE
 
-from pyro_stein.mcmc import mala_polish
+from pyro_stein.mcmc import hmc_polish, mala_polish
+
+# (kernel, its name in messages, steps for the convergence test): MALA, and HMC with 5 leapfrogs per step
+KERNELS = [
+    pytest.param(mala_polish, "MALA", 200, id="mala"),
+    pytest.param(lambda z, f, n, **kw: hmc_polish(z, f, n, 5, **kw), "HMC(5 leapfrogs)", 40, id="hmc"),
+]
 
 B, S2 = 0.5, 0.5  # banana: z1 ~ N(0, 1), z2 | z1 ~ N(B z1^2, S2^2)
 
@@ -39,24 +45,27 @@ def _moment_z(draws, mean, var):
     return z_mean, z_var
 
 
-def test_mala_leaves_exact_draws_exact_on_a_curved_target():
-    """The Metropolis-Hastings ratio must include the proposal densities: a wrong ratio drifts exact draws."""
+@pytest.mark.parametrize("polish, name, _", KERNELS)
+def test_polish_leaves_exact_draws_exact_on_a_curved_target(polish, name, _):
+    """The Metropolis-Hastings ratio must include the proposal densities (MALA) or the momenta (HMC): a wrong
+    ratio drifts exact draws."""
     torch.manual_seed(0)
     n = 4000
     z0 = banana_draws(n, seed=1)
-    z, rates = mala_polish(z0, banana, 20)
+    z, rates = polish(z0, banana, 20)
     assert rates.shape == (20,) and 0.3 < float(rates.mean()) < 0.95, f"acceptance {rates.tolist()}"
     assert (z != z0).any(-1).double().mean() > 0.8, "most draws must have moved for this test to mean anything"
     mean = torch.tensor([0.0, B], dtype=DTYPE, device=DEVICE)
     var = torch.tensor([1.0, S2**2 + 2 * B**2], dtype=DTYPE, device=DEVICE)
     z_mean, z_var = _moment_z(z, mean, var)
     assert z_mean.max() < 4.5 and z_var.max() < 4.5, (
-        f"after 20 MALA steps from exact draws: mean errors {z_mean.tolist()} and variance errors {z_var.tolist()} "
+        f"after 20 {name} steps from exact draws: mean errors {z_mean.tolist()} and variance errors {z_var.tolist()} "
         f"Monte Carlo standard errors ({n} independent chains); limit 4.5"
     )
 
 
-def test_mala_converges_from_a_shifted_narrow_start_on_a_gaussian():
+@pytest.mark.parametrize("polish, name, steps", KERNELS)
+def test_polish_converges_from_a_shifted_narrow_start_on_a_gaussian(polish, name, steps):
     torch.manual_seed(0)
     d, n = 4, 4000
     a = torch.tensor([[1.0, 0, 0, 0], [0.8, 0.6, 0, 0], [0.3, -0.4, 0.5, 0], [0.1, 0.2, -0.3, 2.0]], dtype=DTYPE, device=DEVICE)
@@ -69,33 +78,42 @@ def test_mala_converges_from_a_shifted_narrow_start_on_a_gaussian():
         return -0.5 * ((r @ prec) * r).sum(-1), -r @ prec
 
     start = mu + cov.diagonal().sqrt() + 0.5 * torch.randn(n, d, dtype=DTYPE, device=DEVICE) @ a.T
-    z, _ = mala_polish(start, gauss, 200)
+    z, _ = polish(start, gauss, steps)
     z_mean, z_var = _moment_z(z, mu, cov.diagonal())
     assert z_mean.max() < 4.5 and z_var.max() < 4.5, (
-        f"200 MALA steps from a start 1 sd off with half the spread: mean errors {z_mean.tolist()} and variance "
+        f"{steps} {name} steps from a start 1 sd off with half the spread: mean errors {z_mean.tolist()} and variance "
         f"errors {z_var.tolist()} Monte Carlo standard errors ({n} chains); limit 4.5"
     )
 
 
-def test_mala_rejects_proposals_outside_the_support():
+@pytest.mark.parametrize("polish, name, _", KERNELS)
+def test_polish_rejects_proposals_outside_the_support(polish, name, _):
     def half_line(z):  # log density of Exp(1) on z > 0, -inf elsewhere
         lp = torch.where(z[:, 0] > 0, -z[:, 0], torch.full_like(z[:, 0], -math.inf))
         return lp, -torch.ones_like(z)
 
     torch.manual_seed(0)
-    z, _ = mala_polish(torch.rand(500, 1, dtype=DTYPE, device=DEVICE) + 0.05, half_line, 30)
+    z, _ = polish(torch.rand(500, 1, dtype=DTYPE, device=DEVICE) + 0.05, half_line, 30)
     assert (z > 0).all() and torch.isfinite(z).all()
 
 
-def test_mala_arguments():
+@pytest.mark.parametrize("polish, name, _", KERNELS)
+def test_polish_arguments(polish, name, _):
     z = torch.zeros(10, 2, dtype=DTYPE, device=DEVICE)
-    same, rates = mala_polish(z, banana, 0)
+    same, rates = polish(z, banana, 0)
     assert same is z and rates.numel() == 0
     with pytest.raises(ValueError, match=r"z must be a Tensor of draws with shape \(n, D\)"):
-        mala_polish(z[0], banana, 1)
+        polish(z[0], banana, 1)
     with pytest.raises(ValueError, match="num_steps must be an int >= 0"):
-        mala_polish(z, banana, -1)
+        polish(z, banana, -1)
     with pytest.raises(ValueError, match="target_accept must lie in"):
-        mala_polish(z, banana, 1, target_accept=1.0)
+        polish(z, banana, 1, target_accept=1.0)
     with pytest.raises(ValueError, match=r"log_density_and_score must return shapes \(10,\) and \(10, 2\)"):
-        mala_polish(z, lambda x: (x.sum(), x), 1)
+        polish(z, lambda x: (x.sum(), x), 1)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True])
+def test_hmc_num_leapfrog_errors(bad):
+    with pytest.raises(ValueError, match="num_leapfrog must be an int >= 1"):
+        hmc_polish(torch.zeros(10, 2, dtype=DTYPE, device=DEVICE), banana, 1, bad)
+
