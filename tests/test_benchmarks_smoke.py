@@ -69,7 +69,10 @@ def test_benchmarks_amortized_families_smoke(tmp_path):
         assert res["training"]["steps"] > 0 and len(res["datasets"]) == 1
         row = res["datasets"][0]
         assert "nuts" in row or "error" in row, row
-        if "nuts" in row:  # every method timed and compared against the same NUTS draws
-            assert all(row[m]["wall_s"] > 0 for m in ("amortized", "corrected", "polished", "refined", "svi"))
+        if "nuts" in row:  # every method timed and compared against the same reference
+            assert all(row[m]["wall_s"] > 0 for m in ("amortized", "corrected", "polished", "polished_hmc", "refined", "svi"))
+            if part == "amortized_hier":  # family (b) has an exact reference, against which NUTS is scored too
+                assert res["reference"] == "exact" and row["nuts"]["worst_mean_err"] >= 0
+    assert json.loads((tmp_path / "amortized.json").read_text())["reference"] == "NUTS"
     report = (tmp_path / "REPORT.md").read_text()
     assert "family (a)" in report and "family (b)" in report

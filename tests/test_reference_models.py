@@ -158,3 +158,43 @@ def test_moment_metrics_and_mmd():
     x, y = torch.randn(300, 2, generator=g), torch.randn(300, 2, generator=g)
     assert abs(mmd_rbf(x, y)) < 0.02
     assert mmd_rbf(x, y + 2.0) > 0.3
+
+
+def _schools_moments_dense(sigma, y, num_grid=40_001):
+    """The same posterior moments by another route: a linear grid over tau, and for each tau the joint Gaussian
+    of (mu, theta) conditioned on y with dense linear algebra (no conjugacy shortcuts)."""
+    J = sigma.shape[0]
+    tau = torch.linspace(1e-9, 60.0, num_grid, dtype=torch.float64)[:, None, None]
+    # prior covariance of x = (mu, theta_1..J): Var mu = 25, Cov(theta_i, theta_j) = 25 + tau^2 [i == j]
+    C = torch.full((J + 1, J + 1), 25.0, dtype=torch.float64) + tau**2 * torch.diag(torch.tensor([0.0] + [1.0] * J, dtype=torch.float64))
+    S = C[:, 1:, 1:] + torch.diag(sigma**2)  # y = theta + noise
+    K = C[:, :, 1:] @ torch.linalg.inv(S)
+    mean = (K @ y[:, None])[..., 0]
+    var = torch.diagonal(C - K @ C[:, 1:, :], dim1=-2, dim2=-1)
+    log_w = torch.distributions.MultivariateNormal(torch.zeros(J, dtype=torch.float64), S).log_prob(y)
+    log_w = log_w - tau[:, 0, 0] ** 2 / 50.0
+    w = torch.exp(log_w - log_w.max())
+    w[0], w[-1] = w[0] / 2, w[-1] / 2
+    w = (w / w.sum())[:, None]
+    t = tau[:, 0]
+    e, e_t = (w * mean).sum(0), (w * t).sum(0)
+    sd = ((w * (var + mean**2)).sum(0) - e**2).sqrt()
+    sd_t = ((w * t**2).sum(0) - e_t**2).sqrt()
+    return torch.cat([e[:1], e_t, e[1:]]), torch.cat([sd[:1], sd_t, sd[1:]])
+
+
+@pytest.mark.parametrize("J", [5, 12])
+def test_schools_exact_moments_match_dense_quadrature(J):
+    """Family (b)'s exact reference (benchmarks.amortized.schools_exact_moments: conjugate in mu and theta given tau,
+    quadrature over log tau) agrees with a dense-Gaussian computation on a linear tau grid."""
+    from benchmarks.amortized import schools_exact_moments
+
+    g = torch.Generator().manual_seed(J)
+    sigma = 5 + 15 * torch.rand(J, generator=g, dtype=torch.float64)
+    y = 3.0 + 12.0 * torch.randn(J, generator=g, dtype=torch.float64)
+    mean, sd = schools_exact_moments(sigma, y)
+    mean_d, sd_d = _schools_moments_dense(sigma, y)
+    assert mean.shape == (J + 2,) and sd.shape == (J + 2,)
+    # both are deterministic quadratures; they differ by ~1e-6 sd (the dense one's linear-grid trapezoid error)
+    assert ((mean - mean_d).abs() / sd).max() < 1e-5, "posterior means differ between the two quadratures"
+    assert ((sd / sd_d) - 1).abs().max() < 1e-5, "posterior sds differ between the two quadratures"
