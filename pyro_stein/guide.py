@@ -203,9 +203,10 @@ class AmortizedSteinGuide(AutoContinuous):
         evaluation of the log density and score per step; ``forward``/``Predictive`` draws are not polished.
     :param int mcmc_leapfrog: leapfrog steps per MCMC step (default 1: the MALA steps above). With
         ``L > 1`` each of the ``mcmc_steps`` steps is a Hamiltonian Monte Carlo step of ``L`` leapfrog
-        steps (:func:`~pyro_stein.mcmc.hmc_polish`), costing ``L`` evaluations: for the same number of
-        evaluations it moves the draws further than MALA (on the hierarchical benchmark family, 2
-        steps of 5 leapfrogs left a smaller worst error than 10 MALA steps; see the README).
+        steps (:func:`~pyro_stein.mcmc.hmc_polish`), costing ``L`` evaluations. A trajectory travels
+        where MALA diffuses, but with few steps HMC has less room to tune its step size, so use it
+        after ``moment_correction`` has fixed the draws' spread (see the README for a comparison at
+        equal cost).
     :param str whiten: ``"laplace"``: the sampler works in the whitened frame of a Laplace
         approximation, ``z = m + L u`` with ``m`` the posterior mode (L-BFGS from the initial
         values, at setup) and ``L L^T`` the inverse Hessian of ``-log p`` there; the sampler starts

@@ -8,10 +8,10 @@ applies ``num_steps`` preconditioned MALA steps to all draws at once, as indepen
 preconditioner is the draws' own covariance and the step size is tuned between steps from the
 population's acceptance rate, so the cost is ``num_steps`` batched evaluations of the log density
 and its score. :func:`hmc_polish` does the same with ``num_leapfrog`` leapfrog steps per proposal
-(MALA is its one-leapfrog case): for the same number of evaluations it moves the draws further,
-because a trajectory travels ballistically where MALA's steps diffuse. (The no-worse guarantee is for a fixed kernel; choosing the preconditioner and step
-size from the population, as sequential Monte Carlo samplers do, keeps every step's kernel
-posterior-invariant but makes the chains weakly dependent.)
+(MALA is its one-leapfrog case): a trajectory travels where MALA's steps diffuse, but with few
+steps it has less room than MALA to tune its step size. (The no-worse guarantee is for a fixed
+kernel; choosing the preconditioner and step size from the population, as sequential Monte Carlo
+samplers do, keeps every step's kernel posterior-invariant but makes the chains weakly dependent.)
 
 References:
 
@@ -90,11 +90,12 @@ def hmc_polish(
     In coordinates ``u`` with ``z = L u`` (``L L^T`` the covariance of the starting draws), each step
     draws a momentum ``p ~ N(0, I)``, runs ``num_leapfrog`` leapfrog steps of size ``eps`` and accepts
     the end point with the Metropolis–Hastings probability ``min(1, exp(-dH))``, so each step leaves
-    the target invariant. ``eps`` starts at ``1.5 D^(-1/4)`` (the optimal-scaling order for HMC [4]) and
-    is multiplied by ``exp(rate - target_accept)`` after each step, but never exceeds ``pi / (2 L)``
-    (``L = num_leapfrog``): a trajectory of length ``pi / 2`` takes a Gaussian whose covariance the
-    draws match to an independent draw, whereas one near ``pi`` returns to the mirror image of its
-    start (and keeps a population's offset, with its sign flipped). Each chain's step size is jittered
+    the target invariant. ``eps`` starts at ``min(1.5 D^(-1/4), pi / (2 L))`` (``L = num_leapfrog``;
+    ``D^(-1/4)`` is the optimal-scaling order for HMC [4]), so the first trajectory is at most
+    ``pi / 2`` long: that takes a Gaussian whose covariance the draws match to an independent draw,
+    whereas a trajectory near ``pi`` returns to the mirror image of its start (and keeps a population's
+    offset, with its sign flipped). After each step ``eps`` is multiplied by ``exp(rate -
+    target_accept)``, ``rate`` being the fraction of draws that moved. Each chain's step size is jittered
     by a uniform factor in ``[0.8, 1.2]`` so that no trajectory length resonates with the target. A
     trajectory that meets a non-finite log density or score is rejected. Costs ``num_steps *
     num_leapfrog + 1`` batched evaluations of the log density and score.
