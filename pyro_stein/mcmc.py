@@ -77,6 +77,18 @@ def _finite_evaluator(log_density_and_score: LogDensityAndScore) -> LogDensityAn
     return evaluate
 
 
+def _metropolis_update(current: tuple, proposed: tuple, log_a: Tensor, valid: Tensor) -> tuple:
+    """Accept each chain's proposal with probability ``min(1, exp(log_a))`` (never where ``valid`` is
+    false or ``log_a`` is NaN); ``current``/``proposed`` are ``(z, lp, score)``. Returns the new
+    ``(z, lp, score)`` and the acceptance rate."""
+    z, lp, score = current
+    z_p, lp_p, score_p = proposed
+    log_a = torch.where(valid & ~torch.isnan(log_a), log_a, torch.full_like(log_a, -math.inf))
+    accept = torch.rand_like(lp).log() < log_a
+    return (torch.where(accept[:, None], z_p, z), torch.where(accept, lp_p, lp),
+            torch.where(accept[:, None], score_p, score), accept.to(z.dtype).mean())
+
+
 def hmc_polish(
     z: Tensor,
     log_density_and_score: LogDensityAndScore,
@@ -129,12 +141,7 @@ def hmc_polish(
             finite &= torch.isfinite(lp_x)
             p = p + (step if i < num_leapfrog - 1 else 0.5 * step) * (score_x @ chol)
         log_a = lp_x - lp - 0.5 * p.pow(2).sum(-1) + 0.5 * p0.pow(2).sum(-1)
-        log_a = torch.where(finite & ~torch.isnan(log_a), log_a, torch.full_like(log_a, -math.inf))
-        accept = torch.rand_like(lp).log() < log_a
-        z = torch.where(accept[:, None], x, z)
-        lp = torch.where(accept, lp_x, lp)
-        score = torch.where(accept[:, None], score_x, score)
-        rates[k] = accept.to(z.dtype).mean()
+        z, lp, score, rates[k] = _metropolis_update((z, lp, score), (x, lp_x, score_x), log_a, finite)
         eps *= math.exp(float(rates[k]) - target_accept)
     return z, rates
 
@@ -181,11 +188,6 @@ def mala_polish(
         log_q_back = -0.5 * ((z - bwd) @ chol_inv.T).pow(2).sum(-1) / eps**2
         log_q_fwd = -0.5 * ((prop - fwd) @ chol_inv.T).pow(2).sum(-1) / eps**2
         log_a = lp_p - lp + log_q_back - log_q_fwd
-        log_a = torch.where(torch.isfinite(lp_p) & ~torch.isnan(log_a), log_a, torch.full_like(log_a, -math.inf))
-        accept = torch.rand_like(lp).log() < log_a
-        z = torch.where(accept[:, None], prop, z)
-        lp = torch.where(accept, lp_p, lp)
-        score = torch.where(accept[:, None], score_p, score)
-        rates[k] = accept.to(z.dtype).mean()
+        z, lp, score, rates[k] = _metropolis_update((z, lp, score), (prop, lp_p, score_p), log_a, torch.isfinite(lp_p))
         eps *= math.exp(float(rates[k]) - target_accept)
     return z, rates
