@@ -60,6 +60,12 @@ def _check_polish_arguments(z, num_steps: int, target_accept: float) -> None:
         raise ValueError(f"target_accept must lie in (0, 1), got {target_accept!r}")
 
 
+def _mask_nonfinite(lp: Tensor, score: Tensor) -> tuple[Tensor, Tensor]:
+    """``-inf`` log density and a zero score wherever either is not finite."""
+    ok = torch.isfinite(lp) & torch.isfinite(score).all(-1)
+    return torch.where(ok, lp, torch.full_like(lp, -math.inf)), torch.where(ok[:, None], score, torch.zeros_like(score))
+
+
 def _finite_evaluator(log_density_and_score: LogDensityAndScore) -> LogDensityAndScore:
     """``log_density_and_score`` with its shapes checked, ``-inf`` where the value or score is not finite
     and a zero score there."""
@@ -71,10 +77,23 @@ def _finite_evaluator(log_density_and_score: LogDensityAndScore) -> LogDensityAn
                 f"log_density_and_score must return shapes ({x.shape[0]},) and {tuple(x.shape)}, "
                 f"got {tuple(lp.shape)} and {tuple(score.shape)}"
             )
-        ok = torch.isfinite(lp) & torch.isfinite(score).all(-1)
-        return torch.where(ok, lp, torch.full_like(lp, -math.inf)), torch.where(ok[:, None], score, torch.zeros_like(score))
+        return _mask_nonfinite(lp, score)
 
     return evaluate
+
+
+def _start(z: Tensor, evaluate: LogDensityAndScore, initial: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    """The log density and score at the starting draws: ``initial`` (checked) or one evaluation."""
+    if initial is None:
+        return evaluate(z)
+    pair = isinstance(initial, (tuple, list)) and len(initial) == 2 and all(isinstance(t, Tensor) for t in initial)
+    if not pair or initial[0].shape != z.shape[:1] or initial[1].shape != z.shape:
+        got = ", ".join(str(tuple(t.shape)) for t in initial) if pair else type(initial).__name__
+        raise ValueError(
+            f"initial must be a pair (log density, score) at z with shapes ({z.shape[0]},) and {tuple(z.shape)}, "
+            f"got {got}"
+        )
+    return _mask_nonfinite(*initial)
 
 
 def _metropolis_update(current: tuple, proposed: tuple, log_a: Tensor, valid: Tensor) -> tuple:
@@ -95,6 +114,7 @@ def hmc_polish(
     num_steps: int,
     num_leapfrog: int,
     target_accept: float = 0.65,
+    initial: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Apply ``num_steps`` Hamiltonian Monte Carlo steps of ``num_leapfrog`` leapfrog steps each to
     every row of ``z`` (independent chains), preconditioned by the draws' covariance.
@@ -117,6 +137,8 @@ def hmc_polish(
     :param int num_steps: HMC steps (0 returns ``z`` unchanged).
     :param int num_leapfrog: leapfrog steps per HMC step (``>= 1``).
     :param float target_accept: acceptance rate the step size is tuned towards, in ``(0, 1)``.
+    :param tuple initial: the log density ``(n,)`` and score ``(n, D)`` at ``z`` when already known
+        (saves one evaluation); values that are not finite count as outside the support.
     :returns: ``(polished draws (n, D), acceptance rate of each step (num_steps,))``.
     """
     _check_polish_arguments(z, num_steps, target_accept)
@@ -129,7 +151,7 @@ def hmc_polish(
     n, d = z.shape
     chol = _preconditioner(z)
     eps = min(1.5 * d ** (-0.25), math.pi / (2 * num_leapfrog))
-    lp, score = evaluate(z)
+    lp, score = _start(z, evaluate, initial)
     for k in range(num_steps):
         step = eps * (0.8 + 0.4 * torch.rand(n, 1, dtype=z.dtype, device=z.device))
         p0 = torch.randn_like(z)
@@ -151,6 +173,7 @@ def mala_polish(
     log_density_and_score: LogDensityAndScore,
     num_steps: int,
     target_accept: float = 0.574,
+    initial: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Apply ``num_steps`` preconditioned MALA steps to every row of ``z`` (independent chains).
 
@@ -165,6 +188,8 @@ def mala_polish(
     :param callable log_density_and_score: ``(n, D) -> (log density (n,), score (n, D))``.
     :param int num_steps: MALA steps (0 returns ``z`` unchanged).
     :param float target_accept: acceptance rate the step size is tuned towards, in ``(0, 1)``.
+    :param tuple initial: the log density ``(n,)`` and score ``(n, D)`` at ``z`` when already known
+        (saves one evaluation); values that are not finite count as outside the support.
     :returns: ``(polished draws (n, D), acceptance rate of each step (num_steps,))``.
     """
     _check_polish_arguments(z, num_steps, target_accept)
@@ -178,7 +203,7 @@ def mala_polish(
     eye = torch.eye(d, dtype=z.dtype, device=z.device)
     chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
     eps = d ** (-1.0 / 6.0)
-    lp, score = evaluate(z)
+    lp, score = _start(z, evaluate, initial)
     for k in range(num_steps):
         fwd = z + 0.5 * eps**2 * score @ cov
         prop = fwd + eps * torch.randn_like(z) @ chol.T

@@ -417,6 +417,29 @@ def test_mcmc_steps_keep_exact_draws_exact_per_dataset_in_a_batch(leapfrog):
     assert not torch.equal(guide.sample_posterior_batch(2000, sets)["w"], w), "mcmc_steps had no effect"
 
 
+@pytest.mark.parametrize("leapfrog", [1, 3], ids=["mala", "hmc"])
+def test_polish_reuses_the_corrections_last_evaluation(leapfrog):
+    """After ``moment_correction`` the polish starts from the log density and score the correction already has:
+    ``mcmc_steps`` MALA steps cost exactly ``mcmc_steps`` more model evaluations (HMC: ``mcmc_steps * L``)."""
+    X, y = data(n=30, d=2)
+    guide = AmortizedSteinGuide(linear_gaussian_model, moment_correction=1, mcmc_leapfrog=leapfrog).setup(X, y)
+    ld = guide.log_density
+    original, calls = ld.log_density_and_score, []
+
+    def counted(*a, **k):
+        calls.append(1)
+        return original(*a, **k)
+
+    ld.log_density_and_score = counted
+    counts = []
+    for steps in (0, 4):
+        guide.mcmc_steps = steps
+        calls.clear()
+        guide.sample_posterior(500, X, y)
+        counts.append(len(calls))
+    assert counts[1] - counts[0] == 4 * leapfrog, f"model evaluations without / with the polish: {counts}"
+
+
 def test_mcmc_steps_argument_errors_and_persistence(tmp_path):
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="mcmc_steps must be an int >= 0"):

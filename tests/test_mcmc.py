@@ -117,3 +117,26 @@ def test_hmc_num_leapfrog_errors(bad):
     with pytest.raises(ValueError, match="num_leapfrog must be an int >= 1"):
         hmc_polish(torch.zeros(10, 2, dtype=DTYPE, device=DEVICE), banana, 1, bad)
 
+
+
+@pytest.mark.parametrize("polish, name, _", KERNELS)
+def test_polish_initial_saves_one_evaluation_and_changes_nothing(polish, name, _):
+    calls = []
+
+    def counted(x):
+        calls.append(1)
+        return banana(x)
+
+    z0 = banana_draws(300, seed=2)
+    torch.manual_seed(5)
+    want, _ = polish(z0, counted, 3)
+    fresh = len(calls)
+    calls.clear()
+    torch.manual_seed(5)
+    got, _ = polish(z0, counted, 3, initial=banana(z0))
+    assert torch.equal(got, want), f"{name}: passing the known log density and score at z changed the draws"
+    assert len(calls) == fresh - 1, f"{name}: {len(calls)} evaluations with initial, {fresh} without"
+    with pytest.raises(ValueError, match=r"initial must be a pair \(log density, score\) at z with shapes \(300,\) and \(300, 2\)"):
+        polish(z0, banana, 1, initial=(z0[:, 0], z0[:10]))
+    with pytest.raises(ValueError, match="initial must be a pair .* got Tensor"):
+        polish(z0, banana, 1, initial=z0)
