@@ -164,7 +164,7 @@ def _moments(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _compare(draws: torch.Tensor, ref: tuple[torch.Tensor, torch.Tensor]) -> dict:
     """Worst-dimension standardized mean error and sd ratio of ``draws`` against reference moments ``(mean, sd)``."""
-    mean, sd = draws.mean(0), draws.std(0)
+    mean, sd = _moments(draws)
     return {"worst_mean_err": float(((mean - ref[0]).abs() / ref[1]).max()), "worst_sd_ratio": worst_ratio(sd / ref[1])}
 
 
@@ -349,14 +349,17 @@ METHOD_LABELS = {
 }
 
 
+def _median(xs: list) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
 def _accuracy_summary(rows: list, m: str) -> dict:
     """Method ``m`` over the datasets ``rows``: median wall time and errors, and how many datasets meet the targets."""
-    med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
     return {
-        "wall_s": med([r[m]["wall_s"] for r in rows]),
-        "mean_err": med([r[m]["worst_mean_err"] for r in rows]),
+        "wall_s": _median([r[m]["wall_s"] for r in rows]),
+        "mean_err": _median([r[m]["worst_mean_err"] for r in rows]),
         "max_mean_err": max((r[m]["worst_mean_err"] for r in rows), default=float("nan")),
-        "sd_ratio": med([r[m]["worst_sd_ratio"] for r in rows]),
+        "sd_ratio": _median([r[m]["worst_sd_ratio"] for r in rows]),
         "mean_err_ok": sum(r[m]["worst_mean_err"] < 0.2 for r in rows),
         "sd_ok": sum(abs(r[m]["worst_sd_ratio"] - 1) <= 0.2 for r in rows),
         "both_ok": sum(r[m]["worst_mean_err"] < 0.2 and abs(r[m]["worst_sd_ratio"] - 1) <= 0.2 for r in rows),
@@ -425,8 +428,7 @@ def _run_family(name: str, mode: str, out: Path) -> dict:
             f"{m} {row[m]['wall_s'] * 1e3:.0f} ms err {row[m]['worst_mean_err']:.2f} sd {row[m]['worst_sd_ratio']:.2f}"
             for m in METHODS), flush=True)
     ok = [r for r in rows if "nuts" in r]
-    med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
-    sm = {"num_datasets": len(ok), "num_failed": len(rows) - len(ok), "nuts_wall_s": med([r["nuts"]["wall_s"] for r in ok])}
+    sm = {"num_datasets": len(ok), "num_failed": len(rows) - len(ok), "nuts_wall_s": _median([r["nuts"]["wall_s"] for r in ok])}
     for m in METHODS:
         sm[m] = _accuracy_summary(ok, m)
         sm[m]["speedup_vs_nuts"] = sm["nuts_wall_s"] / sm[m]["wall_s"]

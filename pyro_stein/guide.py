@@ -756,8 +756,7 @@ class AmortizedSteinGuide(AutoContinuous):
         n = max(num_samples, self.correction_samples) if self.moment_correction else num_samples
         data = [Dataset(*args, **kwargs)]
         z = self.draw(n, *self._context_and_frame(data[0]))  # one frame search, shared with _correct's dataset
-        z, start = self._correct(z, data)
-        z = self._polish(z[:num_samples], data, None if start is None else (start[0][:num_samples], start[1][:num_samples]))
+        z = self._polish(*self._correct(z.unsqueeze(0), data, num_samples), data)[0]
         out = self._unpack_constrained(z)
         out.update(self.log_density.deterministic(z, self.deterministic_names, args, kwargs))
         return out
@@ -780,16 +779,16 @@ class AmortizedSteinGuide(AutoContinuous):
         n = max(num_samples, self.correction_samples) if self.moment_correction else num_samples
         frame = self.frames(datasets) if self.per_dataset_frames else None
         z = self.draw(n, self._contexts(datasets, frame), frame)
-        z, start = self._correct(z, datasets)
-        z = self._polish(z[..., :num_samples, :], datasets,
-                         None if start is None else (start[0][..., :num_samples], start[1][..., :num_samples, :]))
+        z = self._polish(*self._correct(z, datasets, num_samples), datasets)
         return self._unpack_constrained(z)
 
-    def _correct(self, z: Tensor, datasets: Sequence) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """``moment_correction`` rounds of the Stein moment correction, per dataset (see the class doc).
+    def _correct(self, z: Tensor, datasets: Sequence, keep: int) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """``moment_correction`` rounds of the Stein moment correction on draws ``z`` ``(B, n, D)``, one set
+        per dataset (see the class doc).
 
-        Returns the draws and, when a round ran, the log density and score at them (each dataset's
-        from its last evaluation; ``None`` otherwise), so that :meth:`_polish` need not evaluate them again.
+        Returns the first ``keep`` draws of each set and, when a round ran, the log density and score
+        at them (each dataset's from its last evaluation; ``None`` otherwise), so that :meth:`_polish`
+        need not evaluate them again.
 
         A round is kept for a dataset only if it lowers :func:`~pyro_stein.stein.stein_moment_residual`
         (the distance from the two identities it targets, measured in the draws' own frame) or the
@@ -799,47 +798,46 @@ class AmortizedSteinGuide(AutoContinuous):
         overshoots, is dropped, so the draws never end worse than the sampler's own by both measures.
         """
         if not self.moment_correction:
-            return z, None
-        batched = z.dim() == 3
-        zb = z if batched else z.unsqueeze(0)
-        affine = zb.shape[-2] > 2 * zb.shape[-1]
+            return z[:, :keep], None
+        affine = z.shape[-2] > 2 * z.shape[-1]
+
+        def zero_unless(ok, s):  # the scores of datasets that are not ok (not finite) replaced by zeros
+            return torch.where(ok[:, None, None], s, torch.zeros_like(s))
 
         def score_and_residual(x):
             lp, s = self.log_density.log_density_and_score_batch(x, datasets, check=False)
             finite = torch.isfinite(s).all(-1).all(-1)
-            s_safe = torch.where(finite[:, None, None], s, torch.zeros_like(s))
-            r = stein_moment_residual(x, s_safe).masked_fill(~finite, float("inf"))
-            return lp, s, s_safe, _inf_if_not_finite(r)
+            r = stein_moment_residual(x, zero_unless(finite, s)).masked_fill(~finite, float("inf"))
+            return lp, s, _inf_if_not_finite(r)
 
         def small_ksd(x, s):
             return _inf_if_not_finite(ksd(x[:, :200], s[:, :200], IMQKernel()))
 
-        lp, raw_score, score, resid = score_and_residual(zb)
+        lp, score, resid = score_and_residual(z)
         active = torch.isfinite(resid)  # a dataset with a non-finite score keeps its draws
         for _ in range(self.moment_correction):
             if not active.any():
                 break
-            moved, _ = stein_moment_correction(zb, score, affine)
-            new_lp, new_raw_score, new_score, new_resid = score_and_residual(moved)
+            moved, _ = stein_moment_correction(z, zero_unless(torch.isfinite(resid), score), affine)
+            new_lp, new_score, new_resid = score_and_residual(moved)
             better = active & (new_resid < resid)
             # the KSD decides only where the residual did not improve: computed lazily, for those datasets
             undecided = active & ~better & torch.isfinite(new_resid)
             if undecided.any():
                 idx = undecided.nonzero().squeeze(-1)
-                wins = small_ksd(moved[idx], new_score[idx]) < small_ksd(zb[idx], score[idx])
+                wins = small_ksd(moved[idx], new_score[idx]) < small_ksd(z[idx], score[idx])
                 better = better.index_put((idx,), wins)
-            zb = torch.where(better[:, None, None], moved, zb)
+            z = torch.where(better[:, None, None], moved, z)
             score = torch.where(better[:, None, None], new_score, score)
             lp = torch.where(better[:, None], new_lp, lp)
-            raw_score = torch.where(better[:, None, None], new_raw_score, raw_score)
             resid = torch.where(better, new_resid, resid)
             active = better
-        return (zb, (lp, raw_score)) if batched else (zb[0], (lp[0], raw_score[0]))
+        return z[:, :keep], (lp[:, :keep], score[:, :keep])
 
-    def _polish(self, z: Tensor, datasets: Sequence, start: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """``mcmc_steps`` MALA (``mcmc_leapfrog == 1``) or HMC steps on each dataset's draws (see
-        :func:`~pyro_stein.mcmc.mala_polish` and :func:`~pyro_stein.mcmc.hmc_polish`), starting from
-        the log density and score ``start`` at ``z`` when :meth:`_correct` has them."""
+    def _polish(self, z: Tensor, start: tuple[Tensor, Tensor] | None, datasets: Sequence) -> Tensor:
+        """``mcmc_steps`` MALA (``mcmc_leapfrog == 1``) or HMC steps on each dataset's draws ``z``
+        ``(B, n, D)`` (see :func:`~pyro_stein.mcmc.mala_polish` and :func:`~pyro_stein.mcmc.hmc_polish`),
+        starting from the log density and score ``start`` at ``z`` when :meth:`_correct` has them."""
         if not self.mcmc_steps:
             return z
         leapfrog = self.mcmc_leapfrog
@@ -847,12 +845,8 @@ class AmortizedSteinGuide(AutoContinuous):
             raise ValueError(f"guide.mcmc_leapfrog must be an int >= 1 (1: MALA steps), got {leapfrog!r}")
         self._require_full_data(f"mcmc_steps={self.mcmc_steps}", "set guide.mcmc_steps = 0",
                                 why=" (a Metropolis-Hastings test on a minibatch estimate is not exact)")
-        batched = z.dim() == 3
-        zb = z if batched else z.unsqueeze(0)
-        if start is not None and not batched:
-            start = (start[0].unsqueeze(0), start[1].unsqueeze(0))
         out = []
-        for i, (zi, d) in enumerate(zip(zb, datasets)):
+        for i, (zi, d) in enumerate(zip(z, datasets)):
             def fn(x, d=d):
                 return self.log_density.log_density_and_score(x, d.args, d.kwargs, check=False)
 
@@ -861,8 +855,7 @@ class AmortizedSteinGuide(AutoContinuous):
                 out.append(mala_polish(zi, fn, self.mcmc_steps, initial=initial)[0])
             else:
                 out.append(hmc_polish(zi, fn, self.mcmc_steps, leapfrog, initial=initial)[0])
-        zb = torch.stack(out)
-        return zb if batched else zb[0]
+        return torch.stack(out)
 
     def _features_of(self, dataset) -> Tensor:
         key = ("features", self._cache_token)
