@@ -8,7 +8,7 @@ variational gradient, as a Pyro guide (:class:`AmortizedSteinGuide`) with an Inf
 from .data import Dataset, PriorPredictiveStream
 from .ebm import AmortizedMLE, ContrastiveDivergence, GaussianBernoulliRBM
 from .guide import AmortizedSteinGuide
-from .infer import AmortizedSVGD, refine
+from .infer import AmortizedSVGD, NonFiniteDatasetWarning, refine
 from .kernels import IMQKernel, RadialKernel, RBFKernel
 from .logjoint import NonFiniteLogJointError
 from .stein import ksd, stein_direction
@@ -23,6 +23,7 @@ __all__ = [
     "Dataset",
     "GaussianBernoulliRBM",
     "IMQKernel",
+    "NonFiniteDatasetWarning",
     "NonFiniteLogJointError",
     "PriorPredictiveStream",
     "RBFKernel",

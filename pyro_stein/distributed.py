@@ -303,6 +303,7 @@ class DistributedAmortizedSVGD(AmortizedSVGD):
         return total, with_grad
 
     def _reduce_then_step(self, real_optim, params: list[Tensor]) -> None:
+        self._weight = float(self._num_used)  # datasets in this rank's loss (those left out for non-finite values excluded)
         if _active():
             total, params = self._all_reduce_grads()
         else:

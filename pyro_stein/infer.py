@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Iterable, Iterator, Sequence
 
 import pyro
@@ -19,7 +20,11 @@ from .kernels import RadialKernel, RBFKernel
 from .logjoint import ModelLogDensity, NonFiniteLogJointError
 from .stein import ksd_from_matrices, stein_direction_from_matrices
 
-__all__ = ["AmortizedSVGD", "refine"]
+__all__ = ["AmortizedSVGD", "NonFiniteDatasetWarning", "refine"]
+
+
+class NonFiniteDatasetWarning(UserWarning):
+    """Datasets were left out of an amortized training step because their log joint was not finite."""
 
 
 def _register_params(guide: AmortizedSteinGuide) -> list[Tensor]:
@@ -113,6 +118,9 @@ class AmortizedSVGD:
             raise ValueError(f"precondition must be 'auto', 'variance' or None, got {precondition!r}")
         self.precondition = precondition
         self.num_steps = 0
+        self.num_dropped_datasets = 0  # datasets left out of a step for a non-finite log joint (see _drop_nonfinite)
+        self._warned_nonfinite = False
+        self._num_used = 0
         self._log_density: ModelLogDensity | None = None
         self._last_dataset: tuple[list, Dataset] | None = None
 
@@ -124,13 +132,48 @@ class AmortizedSVGD:
         tr = poutine.block(poutine.trace(poutine.condition(self.model, self.guide._init_values())).get_trace)(*d.args, **d.kwargs)
         return {name: tr.nodes[name]["value"] for name in self.guide.subsample_plates if name in tr.nodes}
 
-    def _scores(self, z: Tensor, datasets: Sequence[Dataset]) -> Tensor:
+    def _scores(self, z: Tensor, datasets: Sequence[Dataset], plates: Sequence[dict]) -> Tensor:
+        """Scores at ``z``: ``(n, D)`` for one dataset, checked (a non-finite value raises naming the sites);
+        ``(B, n, D)`` for a batch, unchecked (see :meth:`_drop_nonfinite`)."""
         ld = self._log_density
         zd = z.detach()
         if zd.dim() == 2:
             d = datasets[0]
-            return ld.log_density_and_score(zd, d.args, d.kwargs, self._plates_for(d))[1]
-        return ld.score_batch(zd, datasets, [self._plates_for(d) for d in datasets])
+            return ld.log_density_and_score(zd, d.args, d.kwargs, plates[0])[1]
+        return ld.score_batch(zd, datasets, plates, check=False)
+
+    def _drop_nonfinite(self, z: Tensor, score: Tensor, datasets: Sequence[Dataset], plates: Sequence[dict]) -> Tensor | None:
+        """Which datasets of a batch have finite scores at all their particles (``(B,)`` bool), ``None`` when all do.
+
+        A dataset with a non-finite log density or score at some particle (e.g. a scale overflowing in a
+        rarely seen corner of the data) is left out of this step, with a :class:`NonFiniteDatasetWarning`
+        the first time; when every dataset of the batch is non-finite the step raises
+        :class:`~pyro_stein.logjoint.NonFiniteLogJointError` naming the sites, parameters unchanged.
+        """
+        finite = torch.isfinite(score).all(-1).all(-1)
+        if bool(finite.all()):
+            return None
+        first = int((~finite).nonzero()[0, 0])
+        d = datasets[first]
+        try:  # the checked evaluation names the offending particle's sites
+            self._log_density.log_density_and_score(z[first].detach(), d.args, d.kwargs, plates[first])
+            why = "the score is not finite at a particle"
+        except NonFiniteLogJointError as e:
+            why = str(e)
+        if not bool(finite.any()):
+            raise NonFiniteLogJointError(f"every dataset of this batch is non-finite; dataset {first}: {why}")
+        self.num_dropped_datasets += int((~finite).sum())
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"step {self.num_steps}: {int((~finite).sum())} of {len(datasets)} datasets left out of this step because "
+                f"the log joint is not finite at some of their particles (dataset {first}: {why}). Training goes on; "
+                "further ones are counted in AmortizedSVGD.num_dropped_datasets without a warning. If that count "
+                "keeps growing, lower the learning rate.",
+                NonFiniteDatasetWarning,
+                stacklevel=4,
+            )
+        return finite
 
     def _update(self, datasets: Sequence[Dataset]) -> Tensor:
         guide = self.guide
@@ -148,15 +191,29 @@ class AmortizedSVGD:
                 raise ValueError("a non-amortized guide trains on one dataset; build the guide with amortized=True")
             z = guide.draw_whitened(self.num_particles)  # (n, D)
         # the sampler's outputs; without `whiten` they are the unconstrained latents themselves
-        score = guide.whiten_score(self._scores(guide.unwhiten(z.detach(), frame), datasets), frame)
+        x = guide.unwhiten(z.detach(), frame)
+        plates = [self._plates_for(d) for d in datasets]
+        raw = self._scores(x, datasets, plates)
+        keep = self._drop_nonfinite(x, raw, datasets, plates) if raw.dim() == 3 else None
+        if keep is not None:
+            raw = torch.where(keep[:, None, None], raw, torch.zeros_like(raw))
+        score = guide.whiten_score(raw, frame)
         zd = z.detach()
         km = self.kernel.matrices(zd)
         phi = stein_direction_from_matrices(zd, score, km, self.leave_one_out)
-        stat = ksd_from_matrices(zd, score, km).mean().detach()
+        stat = ksd_from_matrices(zd, score, km)
         if self.precondition == "variance" or (self.precondition == "auto" and guide.amortized and guide.whiten is None):
             # per-dataset, per-coordinate scale: each dataset moves in units of its own posterior sd
             phi = phi * zd.var(-2, keepdim=True)
-        loss = -(z * phi).sum(-1).mean()
+        self._num_used = len(datasets)
+        if keep is None:
+            stat = stat.mean().detach()
+            loss = -(z * phi).sum(-1).mean()
+        else:  # the datasets left out contribute nothing; the loss and KSD are means over the others
+            w = keep.to(zd.dtype)
+            self._num_used = int(keep.sum())
+            stat = (torch.where(keep, stat, torch.zeros_like(stat)).sum() / w.sum()).detach()
+            loss = -((z * phi).sum(-1).mean(-1) * w).sum() / w.sum()
         for p in params:
             p.grad = None
         loss.backward()
@@ -196,7 +253,14 @@ class AmortizedSVGD:
         return d
 
     def step_batch(self, datasets: Sequence[Any]) -> float:
-        """One update over a batch of datasets (amortized guides); returns the mean ``KSD^2``."""
+        """One update over a batch of datasets (amortized guides); returns the mean ``KSD^2``.
+
+        A dataset whose log joint or score is not finite at some of its particles is left out of
+        this update (a :class:`NonFiniteDatasetWarning` the first time, then counted in
+        ``num_dropped_datasets``); the others train as usual. When every dataset of the batch is
+        non-finite it raises :class:`~pyro_stein.logjoint.NonFiniteLogJointError` naming the sites,
+        the guide's parameters unchanged.
+        """
         datasets = [as_dataset(d) for d in datasets]
         if not datasets:
             raise ValueError("step_batch needs at least one dataset")
@@ -243,12 +307,13 @@ class AmortizedSVGD:
     # ------------------------------------------------------------------ state
     def get_state(self) -> dict:
         """The optimiser state, keyed by parameter name (see :meth:`set_state`)."""
-        return {"optim": self.optim.get_state(), "num_steps": self.num_steps}
+        return {"optim": self.optim.get_state(), "num_steps": self.num_steps, "num_dropped_datasets": self.num_dropped_datasets}
 
     def set_state(self, state: dict) -> None:
         """Restore optimiser state saved by :meth:`get_state` (applied lazily on the next step)."""
         self.optim.set_state(state["optim"])
         self.num_steps = int(state.get("num_steps", 0))
+        self.num_dropped_datasets = int(state.get("num_dropped_datasets", 0))
 
 
 def refine(

@@ -189,6 +189,52 @@ def test_feature_standardisation_is_refit_on_the_first_training_batch_only(tmp_p
     assert torch.allclose(loaded.encoder.feature_loc, rows.mean(0)), "a loaded guide keeps its trained standardisation"
 
 
+def penalised_mean_model(n, s, y=None):
+    """mu ~ N(0, 1); y_i ~ N(mu, 1); a factor -(s mu)^2: with s the dtype's largest number the log joint is finite
+    at mu = 0 (where the guide traces the model) and -inf at any particle that is not tiny."""
+    mu = pyro.sample("mu", dist.Normal(tensor(0.0), tensor(1.0)))
+    pyro.factor("penalty", -((s * mu) ** 2))
+    with pyro.plate("obs", n):
+        return pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+
+def test_a_non_finite_dataset_is_left_out_of_the_step_and_the_rest_trains():
+    """A dataset whose log joint is not finite is dropped from that step with a warning naming the site, and
+    contributes nothing (swapping it for another bad dataset gives bit-identical parameters); a batch in which
+    every dataset is non-finite raises NonFiniteLogJointError and leaves the parameters unchanged."""
+    from pyro_stein import NonFiniteDatasetWarning, NonFiniteLogJointError
+
+    y = [torch.randn(6).to(tensor(0.0)) for _ in range(4)]
+    good1, good2 = Dataset(6, 0.5, y=y[0]), Dataset(6, 0.5, y=y[1])
+    huge = torch.finfo(tensor(0.0).dtype).max
+    bad1, bad2 = Dataset(6, huge, y=y[2]), Dataset(6, huge, y=y[3])
+
+    def one_step(bad):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = AmortizedSteinGuide(penalised_mean_model, amortized=True).setup(*good1.args, **good1.kwargs)
+        svgd = AmortizedSVGD(penalised_mean_model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=8)
+        svgd.step_batch([good1, good2, good1])  # standardisation fitted, then one clean step
+        before = {k: v.clone() for k, v in guide.state_dict().items()}
+        with pytest.warns(NonFiniteDatasetWarning, match=r"1 of 3 datasets left out .*'penalty'"):
+            ksd2 = svgd.step_batch([good1, bad, good2])
+        assert math.isfinite(ksd2) and svgd.num_dropped_datasets == 1
+        after = guide.state_dict()
+        assert any(not torch.equal(before[k], after[k]) for k in before), "the finite datasets must still train"
+        assert all(torch.isfinite(v).all() for v in after.values())
+        return guide, svgd, after
+
+    _, _, first = one_step(bad1)
+    guide, svgd, second = one_step(bad2)
+    assert all(torch.equal(first[k], second[k]) for k in first), "a dropped dataset must contribute nothing"
+    svgd.step_batch([good1, bad1])  # further drops are counted without another warning (warnings are errors here)
+    assert svgd.num_dropped_datasets == 2
+    before = {k: v.clone() for k, v in guide.state_dict().items()}
+    with pytest.raises(NonFiniteLogJointError, match=r"every dataset of this batch is non-finite.*'penalty'"):
+        svgd.step_batch([bad1, bad2])
+    assert all(torch.equal(before[k], v) for k, v in guide.state_dict().items()), "parameters changed by a failed step"
+
+
 def test_per_dataset_kernels_never_mix_particles():
     """Each dataset gets its own (n x n) kernel: the kernel sees particles shaped (B, n, D)."""
     seen = []
