@@ -217,6 +217,27 @@ def test_single_process_matches_plain_driver_exactly():
     assert max_parameter_deviation(guide) == 0.0
 
 
+def test_a_dropped_dataset_is_not_counted_in_the_rank_weight():
+    """A rank's gradient is weighted by the datasets its loss used: one left out for a non-finite log joint (see
+    AmortizedSVGD.step_batch) is not counted (datasets_seen, the all-reduce weight without a process group)."""
+    from pyro_stein import NonFiniteDatasetWarning
+
+    from .conftest import tensor
+    from .test_amortized import penalised_mean_model
+
+    y = [tensor(torch.randn(6)) for _ in range(3)]
+    huge = torch.finfo(tensor(0.0).dtype).max
+    good1, good2, bad = Dataset(6, 0.5, y=y[0]), Dataset(6, 0.5, y=y[1]), Dataset(6, huge, y=y[2])
+    pyro.set_rng_seed(0)
+    guide = AmortizedSteinGuide(penalised_mean_model, amortized=True).setup(*good1.args, **good1.kwargs)
+    svgd = DistributedAmortizedSVGD(penalised_mean_model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=8)
+    svgd.step_batch([good1, good2])
+    assert svgd.datasets_seen == 2
+    with pytest.warns(NonFiniteDatasetWarning):
+        svgd.step_batch([good1, bad, good2])
+    assert svgd.datasets_seen == 4 and svgd.num_dropped_datasets == 1
+
+
 def test_shard_and_seed_helpers(monkeypatch):
     items = list(range(10))
     shards = [shard(items, r, 3) for r in range(3)]
