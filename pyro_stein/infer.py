@@ -160,13 +160,14 @@ class AmortizedSVGD:
             why = "the score is not finite at a particle"
         except NonFiniteLogJointError as e:
             why = str(e)
-        if not bool(finite.any()):
+        dropped = int((~finite).sum())
+        if dropped == len(datasets):
             raise NonFiniteLogJointError(f"every dataset of this batch is non-finite; dataset {first}: {why}")
-        self.num_dropped_datasets += int((~finite).sum())
+        self.num_dropped_datasets += dropped
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
             warnings.warn(
-                f"step {self.num_steps}: {int((~finite).sum())} of {len(datasets)} datasets left out of this step because "
+                f"step {self.num_steps}: {dropped} of {len(datasets)} datasets left out of this step because "
                 f"the log joint is not finite at some of their particles (dataset {first}: {why}). Training goes on; "
                 "further ones are counted in AmortizedSVGD.num_dropped_datasets without a warning. If that count "
                 "keeps growing, lower the learning rate.",
@@ -205,15 +206,15 @@ class AmortizedSVGD:
         if self.precondition == "variance" or (self.precondition == "auto" and guide.amortized and guide.whiten is None):
             # per-dataset, per-coordinate scale: each dataset moves in units of its own posterior sd
             phi = phi * zd.var(-2, keepdim=True)
-        self._num_used = len(datasets)
         if keep is None:
+            self._num_used = len(datasets)
             stat = stat.mean().detach()
             loss = -(z * phi).sum(-1).mean()
         else:  # the datasets left out contribute nothing; the loss and KSD are means over the others
-            w = keep.to(zd.dtype)
             self._num_used = int(keep.sum())
-            stat = (torch.where(keep, stat, torch.zeros_like(stat)).sum() / w.sum()).detach()
-            loss = -((z * phi).sum(-1).mean(-1) * w).sum() / w.sum()
+            stat = (torch.where(keep, stat, torch.zeros_like(stat)).sum() / self._num_used).detach()
+            per_dataset = (z * phi).sum(-1).mean(-1)
+            loss = -torch.where(keep, per_dataset, torch.zeros_like(per_dataset)).sum() / self._num_used
         for p in params:
             p.grad = None
         loss.backward()
