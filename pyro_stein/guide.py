@@ -180,7 +180,10 @@ class AmortizedSteinGuide(AutoContinuous):
     :param callable dataset_fn: ``(*args, **kwargs) -> Tensor[N, F]`` per-observation features.
     :param nn.Module encoder: a custom set encoder ``(features (B, N, F), mask (B, N)) -> (B, C)``
         exposing ``output_dim``. Default: :class:`~pyro_stein.nn.DeepSetEncoder`.
-    :param int context_dim: dataset encoding width for the default encoder.
+    :param int context_dim: dataset encoding width for the default encoder (learned part). Without
+        ``whiten="laplace"``, the default encoder also passes the ``F`` standardised feature means
+        through (``DeepSetEncoder(mean_features=True)``), so its encoding has ``context_dim + F``
+        coordinates.
     :param str vectorize: how the model's log joint is evaluated over particles, see
         :class:`~pyro_stein.logjoint.ModelLogDensity`.
     :param int num_summary_samples: draws used by :meth:`median` and :meth:`quantiles`.
@@ -503,7 +506,12 @@ class AmortizedSteinGuide(AutoContinuous):
             feats = self.dataset_features(*args, **kwargs)
             encoder = self._user_encoder
             if encoder is None:
-                cfg = self._network_configs.get("encoder") or {"feature_dim": feats.features.shape[-1], "output_dim": self.context_dim}
+                F = feats.features.shape[-1]
+                # without a per-dataset frame the sampler must place each posterior from the encoding alone: the
+                # feature means go to it unchanged (linear path); with a frame, its mode places the draws
+                cfg = self._network_configs.get("encoder") or (
+                    {"feature_dim": F, "output_dim": self.context_dim} if self.per_dataset_frames else
+                    {"feature_dim": F, "output_dim": self.context_dim + F, "mean_features": True})
                 encoder = DeepSetEncoder(**cfg)
                 encoder.to(dtype=init_loc.dtype, device=init_loc.device)
                 encoder.set_standardization(feats.features, feats.mask)

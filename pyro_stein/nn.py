@@ -144,7 +144,8 @@ class GaussianResidualSampler(nn.Module):
 
 
 class DeepSetEncoder(nn.Module):
-    """Permutation-invariant encoder of a dataset: ``[rho([mean_i phi(x_i), log n]), log n]``.
+    """Permutation-invariant encoder of a dataset: ``[rho([mean_i phi(x_i), log n]), log n]``, or with
+    ``mean_features=True`` ``[rho([mean_i phi(x_i), log n]), mean_i x_i, log n]``.
 
     Accepts a batch of datasets of different sizes padded to a common length with a boolean
     ``mask`` (``True`` for real observations). Features are standardised with fixed statistics
@@ -155,23 +156,36 @@ class DeepSetEncoder(nn.Module):
     :param int output_dim: dimension of the dataset encoding.
     :param int hidden_dim: width of ``phi`` and ``rho``.
     :param int num_layers: hidden layers of ``phi`` and ``rho``.
+    :param bool mean_features: also pass the mean of the standardised features ``mean_i x_i``
+        through, unchanged (``F`` of the ``output_dim`` coordinates; ``rho`` gives the other
+        ``output_dim - F - 1``). A posterior whose location is linear in a feature mean (a Gaussian
+        or Poisson mean, a proportion) then reaches the sampler along a linear path, which
+        extrapolates to datasets at the edge of the training range where ``rho`` alone bends.
 
     References: M. Zaheer et al., "Deep Sets", NeurIPS 2017.
     """
 
-    def __init__(self, feature_dim: int, output_dim: int = 32, hidden_dim: int = 128, num_layers: int = 2):
+    def __init__(
+        self, feature_dim: int, output_dim: int = 32, hidden_dim: int = 128, num_layers: int = 2, mean_features: bool = False
+    ):
         super().__init__()
         if not isinstance(feature_dim, int) or feature_dim < 1:
             raise ValueError(f"feature_dim must be a positive int, got {feature_dim!r}")
-        if not isinstance(output_dim, int) or output_dim < 2:
-            raise ValueError(f"output_dim must be an int >= 2 (the last coordinate is log n), got {output_dim!r}")
-        self.config = {"feature_dim": feature_dim, "output_dim": output_dim, "hidden_dim": hidden_dim, "num_layers": num_layers}
+        passed = feature_dim + 1 if mean_features else 1  # coordinates passed through: the feature means, log n
+        if not isinstance(output_dim, int) or output_dim < passed + 1:
+            raise ValueError(
+                f"output_dim must be an int >= {passed + 1} (the last coordinate is log n"
+                + (f", the {feature_dim} before it the feature means" if mean_features else "") + f"), got {output_dim!r}"
+            )
+        self.config = {"feature_dim": feature_dim, "output_dim": output_dim, "hidden_dim": hidden_dim,
+                       "num_layers": num_layers, "mean_features": bool(mean_features)}
         self.feature_dim = feature_dim
         self.output_dim = output_dim
+        self.mean_features = bool(mean_features)
         self.phi = mlp(feature_dim, hidden_dim, hidden_dim, num_layers)
         # the last context coordinate is log n itself: dataset size is the main driver of posterior
         # concentration, and passing it through lets the sampler's heads scale draws by it directly
-        self.rho = mlp(hidden_dim + 1, hidden_dim, output_dim - 1, num_layers)
+        self.rho = mlp(hidden_dim + 1, hidden_dim, output_dim - passed, num_layers)
         self.register_buffer("feature_loc", torch.zeros(feature_dim))
         self.register_buffer("feature_scale", torch.ones(feature_dim))
 
@@ -197,6 +211,13 @@ class DeepSetEncoder(nn.Module):
         count = mask.sum(-1, keepdim=True).to(features.dtype)
         if (count == 0).any():
             raise ValueError("a dataset has no observations (empty dataset); every dataset needs at least one")
-        h = self.phi((features - self.feature_loc) / self.feature_scale)
-        h = (h * mask.unsqueeze(-1).to(h.dtype)).sum(-2) / count
-        return torch.cat([self.rho(torch.cat([h, count.log()], -1)), count.log()], -1)
+        x = (features - self.feature_loc) / self.feature_scale
+        real = mask.unsqueeze(-1)
+
+        def mean(v: Tensor) -> Tensor:  # over the real rows; padding may hold anything, even NaN
+            return torch.where(real, v, torch.zeros_like(v)).sum(-2) / count
+
+        parts = [self.rho(torch.cat([mean(self.phi(x)), count.log()], -1))]
+        if self.mean_features:
+            parts.append(mean(x))
+        return torch.cat([*parts, count.log()], -1)
