@@ -180,10 +180,13 @@ class AmortizedSteinGuide(AutoContinuous):
     :param callable dataset_fn: ``(*args, **kwargs) -> Tensor[N, F]`` per-observation features.
     :param nn.Module encoder: a custom set encoder ``(features (B, N, F), mask (B, N)) -> (B, C)``
         exposing ``output_dim``. Default: :class:`~pyro_stein.nn.DeepSetEncoder`.
-    :param int context_dim: dataset encoding width for the default encoder (learned part). Without
-        ``whiten="laplace"``, the default encoder also passes the ``F`` standardised feature means
-        through (``DeepSetEncoder(mean_features=True)``), so its encoding has ``context_dim + F``
-        coordinates.
+    :param int context_dim: dataset encoding width for the default encoder (its learned part).
+    :param bool mean_features: the default encoder also passes the ``F`` standardised feature means
+        to the sampler unchanged (:class:`~pyro_stein.nn.DeepSetEncoder` with ``mean_features=True``;
+        encoding width ``context_dim + F``). For families whose posterior location is linear in a
+        feature mean (a Gaussian mean, a rate, a proportion), where it lets the location extrapolate
+        to datasets at the edge of the training range. Off by default: on sbibm's ``gaussian_linear``
+        at ``lr=1e-2`` it made training diverge (see the README).
     :param str vectorize: how the model's log joint is evaluated over particles, see
         :class:`~pyro_stein.logjoint.ModelLogDensity`.
     :param int num_summary_samples: draws used by :meth:`median` and :meth:`quantiles`.
@@ -256,6 +259,7 @@ class AmortizedSteinGuide(AutoContinuous):
         dataset_fn: Callable | None = None,
         encoder: nn.Module | None = None,
         context_dim: int = 32,
+        mean_features: bool = False,
         vectorize: str = "auto",
         num_summary_samples: int = 1000,
         create_plates: Callable | None = None,
@@ -296,6 +300,14 @@ class AmortizedSteinGuide(AutoContinuous):
         self.amortized = bool(amortized)
         self.dataset_fn = dataset_fn
         self.context_dim = int(context_dim)
+        if not isinstance(mean_features, bool):
+            raise TypeError(f"mean_features must be a bool, got {mean_features!r}")
+        if mean_features and not amortized:
+            raise ValueError("mean_features=True is for the dataset encoder of an amortized guide; pass amortized=True")
+        if mean_features and encoder is not None:
+            raise ValueError("mean_features=True configures the default encoder; build your encoder with "
+                             "DeepSetEncoder(..., mean_features=True) instead")
+        self.mean_features = mean_features
         self.vectorize = vectorize
         self.num_summary_samples = int(num_summary_samples)
         self._user_sampler = sampler
@@ -507,11 +519,9 @@ class AmortizedSteinGuide(AutoContinuous):
             encoder = self._user_encoder
             if encoder is None:
                 F = feats.features.shape[-1]
-                # without a per-dataset frame the sampler must place each posterior from the encoding alone: the
-                # feature means go to it unchanged (linear path); with a frame, its mode places the draws
                 cfg = self._network_configs.get("encoder") or (
-                    {"feature_dim": F, "output_dim": self.context_dim} if self.per_dataset_frames else
-                    {"feature_dim": F, "output_dim": self.context_dim + F, "mean_features": True})
+                    {"feature_dim": F, "output_dim": self.context_dim + F, "mean_features": True} if self.mean_features
+                    else {"feature_dim": F, "output_dim": self.context_dim})
                 encoder = DeepSetEncoder(**cfg)
                 encoder.to(dtype=init_loc.dtype, device=init_loc.device)
                 encoder.set_standardization(feats.features, feats.mask)
@@ -573,6 +583,7 @@ class AmortizedSteinGuide(AutoContinuous):
                 "init_scale": self.init_scale,
                 "amortized": self.amortized,
                 "context_dim": self.context_dim,
+                "mean_features": self.mean_features,
                 "vectorize": self.vectorize,
                 "num_summary_samples": self.num_summary_samples,
                 "moment_correction": self.moment_correction,
@@ -616,6 +627,7 @@ class AmortizedSteinGuide(AutoContinuous):
         guide = cls(
             model, sampler=sampler, encoder=encoder, dataset_fn=dataset_fn, init_scale=cfg["init_scale"],
             amortized=cfg["amortized"], context_dim=cfg["context_dim"], vectorize=cfg["vectorize"],
+            mean_features=cfg.get("mean_features", False) and encoder is None,
             num_summary_samples=cfg["num_summary_samples"],
             moment_correction=cfg.get("moment_correction", 0), correction_samples=cfg.get("correction_samples", 1000),
             whiten=cfg.get("whiten"), mcmc_steps=cfg.get("mcmc_steps", 0), mcmc_leapfrog=cfg.get("mcmc_leapfrog", 1),

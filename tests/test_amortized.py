@@ -71,7 +71,7 @@ def train(model, make_args, steps, site, batch_size=8, num_particles=32, lr=3e-3
     kw = {}
     if small:  # compact networks: a 1-D posterior family needs little capacity and trains faster
         like = tensor(0.0)  # user-built networks must live where the model's values live
-        # mean_features, as the default encoder has without whiten="laplace"
+        # the feature-mean pass-through (AmortizedSteinGuide(mean_features=True) for the default encoder)
         kw = dict(encoder=DeepSetEncoder(1, output_dim=8, hidden_dim=32, mean_features=True).to(like),
                   sampler=GaussianResidualSampler(1, context_dim=8, hidden_dim=32, init_scale=0.3).to(like))
     guide = AmortizedSteinGuide(model, amortized=True, **kw)
@@ -87,8 +87,8 @@ def test_amortized_accuracy_on_held_out_datasets():
     """20 held-out datasets of 20-30 observations: means within 0.2 posterior sd and sds within 20% of
     the exact posterior (4,000 draws each: MC s.e. 0.016 sd for the mean, 0.011 for the sd ratio).
 
-    The encoder passes the mean of y through (``mean_features``, as the default encoder does), so the
-    posterior mean, linear in it, extrapolates to held-out datasets near the edge of the prior. Spread
+    The encoder passes the mean of y through (``mean_features=True``, an option, off by default), so
+    the posterior mean, linear in it, extrapolates to held-out datasets near the edge of the prior. Spread
     over training seeds 0-7 (this test uses 0): worst mean error 0.09-0.19 sd, worst |sd ratio - 1|
     0.09-0.21; 7 of 8 seeds meet both targets (seed 4: sd 0.214). Without mean_features, seeds 0-3
     gave worst mean errors of 0.26-0.64 sd and none met the targets (seed 0's worst: the dataset
@@ -190,29 +190,37 @@ def test_mean_features_pass_the_masked_feature_means_through():
 
 
 @pytest.mark.parametrize("whiten", [None, "laplace"])
-def test_default_encoder_passes_feature_means_through_without_a_frame(whiten, tmp_path):
-    """The default encoder passes the feature means through (width context_dim + F) unless each dataset has a
-    Laplace frame (whose mode places the draws); save/load keeps the choice, and a file saved without it (an
-    earlier version) loads without it."""
+@pytest.mark.parametrize("mean_features", [False, True])
+def test_guide_mean_features_option_builds_and_saves_the_default_encoder(mean_features, whiten, tmp_path):
+    """mean_features=True gives the default encoder the feature-mean pass-through (width context_dim + F), with or
+    without a frame; off by default. save/load keeps it, and a file saved before the option loads without it."""
     pyro.set_rng_seed(0)
     stream = PriorPredictiveStream(regression_model, make_regression_args, {"y": "y"})
     d = stream.sample()
-    guide = AmortizedSteinGuide(regression_model, amortized=True, context_dim=16, whiten=whiten).setup(*d.args, **d.kwargs)
-    assert guide.encoder.mean_features == (whiten is None)
-    assert guide.encoder.output_dim == (18 if whiten is None else 16) and guide.sampler.context_dim == guide.encoder.output_dim + (2 if whiten else 0)
+    guide = AmortizedSteinGuide(regression_model, amortized=True, context_dim=16, whiten=whiten,
+                                mean_features=mean_features).setup(*d.args, **d.kwargs)
+    assert guide.encoder.mean_features == mean_features
+    assert guide.encoder.output_dim == (18 if mean_features else 16)
+    assert guide.sampler.context_dim == guide.encoder.output_dim + (2 if whiten else 0)  # + the frame summary (D = 1)
     guide.save(tmp_path / "g.pt")
-    assert AmortizedSteinGuide.load(tmp_path / "g.pt", regression_model, *d.args, **d.kwargs).encoder.mean_features == (whiten is None)
-    if whiten is None:  # a file from before mean_features: its encoder config has no such key
-        old = AmortizedSteinGuide(regression_model, amortized=True, context_dim=16)
-        old._network_configs = {"encoder": {"feature_dim": 2, "output_dim": 16}}
-        old.setup(*d.args, **d.kwargs)
-        old.save(tmp_path / "old.pt")
-        payload = torch.load(tmp_path / "old.pt", weights_only=True)
-        del payload["config"]["encoder"]["mean_features"]
+    loaded = AmortizedSteinGuide.load(tmp_path / "g.pt", regression_model, *d.args, **d.kwargs)
+    assert loaded.mean_features == mean_features and loaded.encoder.mean_features == mean_features
+    assert torch.equal(loaded.context(*d.args, **d.kwargs), guide.context(*d.args, **d.kwargs))
+    if not mean_features and whiten is None:  # a file from before the option: no such key in either config
+        payload = torch.load(tmp_path / "g.pt", weights_only=True)
+        del payload["config"]["mean_features"], payload["config"]["encoder"]["mean_features"]
         torch.save(payload, tmp_path / "old.pt")
-        loaded = AmortizedSteinGuide.load(tmp_path / "old.pt", regression_model, *d.args, **d.kwargs)
-        assert not loaded.encoder.mean_features and loaded.encoder.output_dim == 16
-        assert torch.equal(loaded.context(*d.args, **d.kwargs), old.context(*d.args, **d.kwargs))
+        old = AmortizedSteinGuide.load(tmp_path / "old.pt", regression_model, *d.args, **d.kwargs)
+        assert not old.encoder.mean_features and torch.equal(old.context(*d.args, **d.kwargs), guide.context(*d.args, **d.kwargs))
+
+
+def test_mean_features_argument_errors():
+    with pytest.raises(TypeError, match="mean_features must be a bool"):
+        AmortizedSteinGuide(mean_model, amortized=True, mean_features=1)
+    with pytest.raises(ValueError, match="pass amortized=True"):
+        AmortizedSteinGuide(mean_model, mean_features=True)
+    with pytest.raises(ValueError, match=r"DeepSetEncoder\(\.\.\., mean_features=True\)"):
+        AmortizedSteinGuide(mean_model, amortized=True, mean_features=True, encoder=DeepSetEncoder(1, output_dim=8))
 
 
 def test_feature_standardisation_is_refit_on_the_first_training_batch_only(tmp_path):
