@@ -154,21 +154,24 @@ class AmortizedSVGD:
         if bool(finite.all()):
             return None
         first = int((~finite).nonzero()[0, 0])
-        d = datasets[first]
-        try:  # the checked evaluation names the offending particle's sites
-            self._log_density.log_density_and_score(z[first].detach(), d.args, d.kwargs, plates[first])
-            why = "the score is not finite at a particle"
-        except NonFiniteLogJointError as e:
-            why = str(e)
         dropped = int((~finite).sum())
+
+        def why() -> str:  # a checked evaluation names the offending particle's sites (only for a message)
+            d = datasets[first]
+            try:
+                self._log_density.log_density_and_score(z[first].detach(), d.args, d.kwargs, plates[first])
+            except NonFiniteLogJointError as e:
+                return str(e)
+            return "the score is not finite at a particle"
+
         if dropped == len(datasets):
-            raise NonFiniteLogJointError(f"every dataset of this batch is non-finite; dataset {first}: {why}")
+            raise NonFiniteLogJointError(f"every dataset of this batch is non-finite; dataset {first}: {why()}")
         self.num_dropped_datasets += dropped
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
             warnings.warn(
                 f"step {self.num_steps}: {dropped} of {len(datasets)} datasets left out of this step because "
-                f"the log joint is not finite at some of their particles (dataset {first}: {why}). Training goes on; "
+                f"the log joint is not finite at some of their particles (dataset {first}: {why()}). Training goes on; "
                 "further ones are counted in AmortizedSVGD.num_dropped_datasets without a warning. If that count "
                 "keeps growing, lower the learning rate.",
                 NonFiniteDatasetWarning,
