@@ -354,8 +354,10 @@ def _sbibm_label(kind: str, rounds: int) -> str:
 def _section_amortized_sbibm(d: dict, out: Path) -> list[str]:
     cfg = d["config"]
     s = [f"## 3c. Amortized inference on sbibm tasks, family (c) (mode `{d['mode']}`)", ""]
+    first = next((v for v in d["sbibm"].values() if "lr" in v), {})  # results from before session 15 lack the keys
+    how = f", lr {first['lr']:g}, mean_features={first['mean_features']}" if first else ""
     s.append(f"One guide per task, trained on the task's prior predictive ({cfg['steps']} steps x {cfg['batch']} simulated "
-             f"datasets x {cfg['particles']} particles), then {cfg['draws']:,} draws for each of the first "
+             f"datasets x {cfg['particles']} particles{how}), then {cfg['draws']:,} draws for each of the first "
              f"{cfg['observations']} reference observations, raw and after rounds of the Stein moment correction. C2ST: "
              "early-stopping variant against the same number of reference draws; target: at or below NPE with 10^5 "
              "simulations.")
