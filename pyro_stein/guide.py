@@ -183,10 +183,11 @@ class AmortizedSteinGuide(AutoContinuous):
     :param int context_dim: dataset encoding width for the default encoder (its learned part).
     :param bool mean_features: the default encoder also passes the ``F`` standardised feature means
         to the sampler unchanged (:class:`~pyro_stein.nn.DeepSetEncoder` with ``mean_features=True``;
-        encoding width ``context_dim + F``). For families whose posterior location is linear in a
-        feature mean (a Gaussian mean, a rate, a proportion), where it lets the location extrapolate
-        to datasets at the edge of the training range. Off by default for now, so that the
-        default encoder and its benchmark figures are unchanged (see the README).
+        encoding width ``context_dim + F``), so that a posterior location that is linear in a
+        feature mean (a Gaussian mean, a rate, a proportion) extrapolates to datasets at the edge
+        of the training range. Default ``None``: on for an amortized guide with the default encoder
+        and no frame (``whiten=None``), off otherwise. With ``whiten="laplace"`` each dataset's own
+        frame already places the draws, and the option is the user's (pass ``True``).
     :param str vectorize: how the model's log joint is evaluated over particles, see
         :class:`~pyro_stein.logjoint.ModelLogDensity`.
     :param int num_summary_samples: draws used by :meth:`median` and :meth:`quantiles`.
@@ -259,7 +260,7 @@ class AmortizedSteinGuide(AutoContinuous):
         dataset_fn: Callable | None = None,
         encoder: nn.Module | None = None,
         context_dim: int = 32,
-        mean_features: bool = False,
+        mean_features: bool | None = None,
         vectorize: str = "auto",
         num_summary_samples: int = 1000,
         create_plates: Callable | None = None,
@@ -300,13 +301,15 @@ class AmortizedSteinGuide(AutoContinuous):
         self.amortized = bool(amortized)
         self.dataset_fn = dataset_fn
         self.context_dim = int(context_dim)
-        if not isinstance(mean_features, bool):
-            raise TypeError(f"mean_features must be a bool, got {mean_features!r}")
+        if mean_features is not None and not isinstance(mean_features, bool):
+            raise TypeError(f"mean_features must be a bool or None (the default), got {mean_features!r}")
         if mean_features and not amortized:
             raise ValueError("mean_features=True is for the dataset encoder of an amortized guide; pass amortized=True")
         if mean_features and encoder is not None:
             raise ValueError("mean_features=True configures the default encoder; build your encoder with "
                              "DeepSetEncoder(..., mean_features=True) instead")
+        if mean_features is None:  # on where it was measured to help: the default encoder without a frame
+            mean_features = bool(amortized) and encoder is None and whiten is None
         self.mean_features = mean_features
         self.vectorize = vectorize
         self.num_summary_samples = int(num_summary_samples)

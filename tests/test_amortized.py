@@ -87,7 +87,7 @@ def test_amortized_accuracy_on_held_out_datasets():
     """20 held-out datasets of 20-30 observations: means within 0.2 posterior sd and sds within 20% of
     the exact posterior (4,000 draws each: MC s.e. 0.016 sd for the mean, 0.011 for the sd ratio).
 
-    The encoder passes the mean of y through (``mean_features=True``, an option, off by default), so
+    The encoder passes the mean of y through (``mean_features=True``, the default without a frame), so
     the posterior mean, linear in it, extrapolates to held-out datasets near the edge of the prior. Spread
     over training seeds 0-7 (this test uses 0): worst mean error 0.09-0.19 sd, worst |sd ratio - 1|
     0.09-0.21; 7 of 8 seeds meet both targets (seed 4: sd 0.214). Without mean_features, seeds 0-3
@@ -190,28 +190,37 @@ def test_mean_features_pass_the_masked_feature_means_through():
 
 
 @pytest.mark.parametrize("whiten", [None, "laplace"])
-@pytest.mark.parametrize("mean_features", [False, True])
+@pytest.mark.parametrize("mean_features", [None, False, True])
 def test_guide_mean_features_option_builds_and_saves_the_default_encoder(mean_features, whiten, tmp_path):
     """mean_features=True gives the default encoder the feature-mean pass-through (width context_dim + F), with or
-    without a frame; off by default. save/load keeps it, and a file saved before the option loads without it."""
+    without a frame; the default (None) turns it on without a frame only. save/load keeps it, and a file saved
+    before the option (no such key: it was off) loads without it."""
     pyro.set_rng_seed(0)
     stream = PriorPredictiveStream(regression_model, make_regression_args, {"y": "y"})
     d = stream.sample()
     guide = AmortizedSteinGuide(regression_model, amortized=True, context_dim=16, whiten=whiten,
                                 mean_features=mean_features).setup(*d.args, **d.kwargs)
-    assert guide.encoder.mean_features == mean_features
-    assert guide.encoder.output_dim == (18 if mean_features else 16)
+    on = mean_features if mean_features is not None else whiten is None
+    assert guide.mean_features is on and guide.encoder.mean_features == on
+    assert guide.encoder.output_dim == (18 if on else 16)
     assert guide.sampler.context_dim == guide.encoder.output_dim + (2 if whiten else 0)  # + the frame summary (D = 1)
     guide.save(tmp_path / "g.pt")
     loaded = AmortizedSteinGuide.load(tmp_path / "g.pt", regression_model, *d.args, **d.kwargs)
-    assert loaded.mean_features == mean_features and loaded.encoder.mean_features == mean_features
+    assert loaded.mean_features == on and loaded.encoder.mean_features == on
     assert torch.equal(loaded.context(*d.args, **d.kwargs), guide.context(*d.args, **d.kwargs))
-    if not mean_features and whiten is None:  # a file from before the option: no such key in either config
+    if mean_features is False and whiten is None:  # a file from before the option: no such key in either config
         payload = torch.load(tmp_path / "g.pt", weights_only=True)
         del payload["config"]["mean_features"], payload["config"]["encoder"]["mean_features"]
         torch.save(payload, tmp_path / "old.pt")
         old = AmortizedSteinGuide.load(tmp_path / "old.pt", regression_model, *d.args, **d.kwargs)
         assert not old.encoder.mean_features and torch.equal(old.context(*d.args, **d.kwargs), guide.context(*d.args, **d.kwargs))
+
+
+def test_mean_features_default_is_off_with_a_user_encoder_or_without_amortization():
+    """The default (None) never conflicts: off for a non-amortized guide and for a user-supplied encoder."""
+    assert AmortizedSteinGuide(mean_model).mean_features is False
+    assert AmortizedSteinGuide(mean_model, amortized=True, encoder=DeepSetEncoder(1, output_dim=8)).mean_features is False
+    assert AmortizedSteinGuide(mean_model, amortized=True).mean_features is True
 
 
 def test_mean_features_argument_errors():

@@ -130,10 +130,11 @@ def main():
     stream = PriorPredictiveStream(model, make_args, obs_kwargs={"y": "y"})
     # amortized=True: the sampler takes a DeepSets encoding of the dataset as context. By default
     # the encoder sees one row per plate element: here the single column y_i. mean_features=True
-    # also hands the sampler the mean of y unchanged: this posterior's mean, sum(y) / (n + 1), is
-    # linear in it, and a linear path extrapolates to datasets at the edge of the prior, where the
-    # encoder's MLPs alone bend (without it, an earlier run's worst dataset was 0.13 sd off and one
-    # dataset's sd collapsed; see the README).
+    # (the default without a frame; written out here) also hands the sampler the mean of y
+    # unchanged: this posterior's mean, sum(y) / (n + 1), is linear in it, and a linear path
+    # extrapolates to datasets at the edge of the prior, where the encoder's MLPs alone bend
+    # (without it, an earlier run's worst dataset was 0.13 sd off and one dataset's sd collapsed;
+    # see the README).
     guide = AmortizedSteinGuide(model, amortized=True, mean_features=True)
     first = stream.sample()
     guide.setup(*first.args, **first.kwargs)  # build the networks from one example dataset
