@@ -522,9 +522,9 @@ class AmortizedSteinGuide(AutoContinuous):
             encoder = self._user_encoder
             if encoder is None:
                 F = feats.features.shape[-1]
-                cfg = self._network_configs.get("encoder") or (
-                    {"feature_dim": F, "output_dim": self.context_dim + F, "mean_features": True} if self.mean_features
-                    else {"feature_dim": F, "output_dim": self.context_dim})
+                cfg = self._network_configs.get("encoder") or {  # the passed-through feature means widen it by F
+                    "feature_dim": F, "output_dim": self.context_dim + (F if self.mean_features else 0),
+                    "mean_features": self.mean_features}
                 encoder = DeepSetEncoder(**cfg)
                 encoder.to(dtype=init_loc.dtype, device=init_loc.device)
                 encoder.set_standardization(feats.features, feats.mask)
