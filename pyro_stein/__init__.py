@@ -10,6 +10,7 @@ from .ebm import AmortizedMLE, ContrastiveDivergence, GaussianBernoulliRBM
 from .guide import AmortizedSteinGuide
 from .infer import AmortizedSVGD, NonFiniteDatasetWarning, refine
 from .kernels import IMQKernel, RadialKernel, RBFKernel
+from .laplace import LaplaceFrameWarning
 from .logjoint import NonFiniteLogJointError
 from .stein import ksd, stein_direction
 
@@ -23,6 +24,7 @@ __all__ = [
     "Dataset",
     "GaussianBernoulliRBM",
     "IMQKernel",
+    "LaplaceFrameWarning",
     "NonFiniteDatasetWarning",
     "NonFiniteLogJointError",
     "PriorPredictiveStream",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 from contextlib import ExitStack
 from typing import Callable, Sequence
 
@@ -18,7 +19,7 @@ from torch.distributions import constraints
 
 from .data import Dataset, DatasetFeatures, collate_features, default_dataset_fn
 from .kernels import IMQKernel
-from .laplace import laplace_frames
+from .laplace import LaplaceFrameWarning, laplace_frames
 from .logjoint import LatentSite, ModelLogDensity, latent_sites_from_trace, pack, unpack
 from .mcmc import hmc_polish, mala_polish
 from .nn import DeepSetEncoder, GaussianResidualSampler
@@ -240,7 +241,10 @@ class AmortizedSteinGuide(AutoContinuous):
         the frame states that directly. A custom ``sampler`` must accept that wider context.
         ``None`` (default): no frame.
     :param int laplace_evaluations: cap on the model evaluations of the per-dataset Newton search
-        (amortized ``whiten="laplace"``; default 50).
+        (amortized ``whiten="laplace"``; default 50). A dataset whose search reaches the cap keeps the
+        best point found as its frame's centre; the first such dataset raises a
+        :class:`~pyro_stein.laplace.LaplaceFrameWarning`, and all are counted in
+        ``guide.num_unconverged_frames``.
 
     References:
 
@@ -292,6 +296,7 @@ class AmortizedSteinGuide(AutoContinuous):
         self.mcmc_leapfrog = mcmc_leapfrog
         self.whiten = whiten
         self.laplace_evaluations = laplace_evaluations
+        self.num_unconverged_frames = 0  # datasets whose frame search hit laplace_evaluations (see frames)
         self._init_fn = init_to_mean_or_feasible() if init_loc_fn is None else init_loc_fn
         super().__init__(model, init_loc_fn=self._init_fn)
         self._raw_model = (model,)
@@ -502,8 +507,29 @@ class AmortizedSteinGuide(AutoContinuous):
                 found = laplace_frames(fn, init.expand(len(todo), -1).clone(), max_evaluations=self.laplace_evaluations)
             for j, i in enumerate(todo):
                 datasets[i].cache[key] = (found.loc[j], found.scale[j])
+            self._note_unconverged(found.converged, todo)
         got = [d.cache[key] for d in datasets]
         return torch.stack([g[0] for g in got]), torch.stack([g[1] for g in got])
+
+    def _note_unconverged(self, converged: Tensor, positions: list[int]) -> None:
+        """Count datasets whose mode search hit ``laplace_evaluations``; warn the first time (per guide)."""
+        missed = (~converged).nonzero().flatten().tolist()
+        if not missed:
+            return
+        first_time = self.num_unconverged_frames == 0
+        self.num_unconverged_frames += len(missed)
+        if first_time:
+            warnings.warn(
+                f"whiten='laplace': the mode search of {len(missed)} of {len(positions)} dataset(s) in this call (the "
+                f"first at position {positions[missed[0]]}) did not converge within laplace_evaluations="
+                f"{self.laplace_evaluations} batched model evaluations, so their frames are centred at the best point "
+                "found, which may be far from the posterior (e.g. a hierarchical scale running to 0 in a centred "
+                "parameterisation, whose log density has no proper mode). Raise laplace_evaluations, use a "
+                "non-centred parameterisation, or use whiten=None. Further ones are counted in "
+                "guide.num_unconverged_frames without a warning.",
+                LaplaceFrameWarning,
+                stacklevel=3,
+            )
 
     def _build_networks(self, init_loc: Tensor, args, kwargs) -> None:
         context_dim = encoding_dim = summary_dim = 0

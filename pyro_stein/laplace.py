@@ -33,7 +33,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["LaplaceFrame", "hessian_stencil", "laplace_frames", "newton_direction"]
+__all__ = ["LaplaceFrame", "LaplaceFrameWarning", "hessian_stencil", "laplace_frames", "newton_direction"]
 
 # step lengths tried together while a dataset is far from its mode
 _LADDER = (1.0, 0.2, 0.04)
@@ -42,6 +42,11 @@ _LADDER = (1.0, 0.2, 0.04)
 #: positions in the batch) at ``points`` ``(len(index), P, D)``; returns ``(len(index), P)`` and
 #: ``(len(index), P, D)``, non-finite values allowed.
 LogDensityAndScore = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+class LaplaceFrameWarning(UserWarning):
+    """A dataset's mode search stopped at its evaluation cap before converging, so its frame is centred at the best
+    point found, which may be far from the posterior mass."""
 
 
 class LaplaceFrame(NamedTuple):

@@ -7,7 +7,15 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_stein import AmortizedSteinGuide, AmortizedSVGD, Dataset, PriorPredictiveStream, RBFKernel, refine
+from pyro_stein import (
+    AmortizedSteinGuide,
+    AmortizedSVGD,
+    Dataset,
+    LaplaceFrameWarning,
+    PriorPredictiveStream,
+    RBFKernel,
+    refine,
+)
 from pyro_stein.data import collate_features
 from pyro_stein.diagnostics import guide_ksd, sbc
 from pyro_stein.nn import DeepSetEncoder, GaussianResidualSampler
@@ -486,6 +494,41 @@ def test_laplace_frame_summary_is_part_of_the_context(tmp_path):
     torch.save(payload, tmp_path / "linear.pt")
     linear = AmortizedSteinGuide.load(tmp_path / "linear.pt", regression_model, *d.args, **d.kwargs)
     assert torch.allclose(linear.context(*d.args, **d.kwargs)[6:], (raw[2] - raw.mean(0)) / raw.std(0))
+
+
+def centred_scale_model(n, y=None):
+    """s ~ HalfNormal(1); w ~ N(0, s^2 I_3); y_i ~ N(w_1, 10^2). In unconstrained ``(log s, w)`` the log joint
+    grows without bound as ``s -> 0`` with ``w = 0`` (it is ``-2 log s + O(1)`` there), so it has no proper mode."""
+    s = pyro.sample("s", dist.HalfNormal(tensor(1.0)))
+    w = pyro.sample("w", dist.Normal(tensor(0.0), s).expand([3]).to_event(1))
+    with pyro.plate("obs", n):
+        return pyro.sample("y", dist.Normal(w[0], 10.0), obs=y)
+
+
+def test_an_unconverged_frame_search_warns_once_and_is_counted():
+    """A dataset whose Newton search reaches ``laplace_evaluations`` is not silent: the first one warns (naming the
+    cap and the fixes), later ones are counted in ``num_unconverged_frames``; the frames are still returned."""
+    pyro.set_rng_seed(0)
+    datasets = [Dataset(5, y=10.0 * torch.randn(5).to(tensor(0.0))) for _ in range(3)]
+    guide = AmortizedSteinGuide(centred_scale_model, amortized=True, whiten="laplace", laplace_evaluations=5)
+    guide.setup(*datasets[0].args, **datasets[0].kwargs)
+    with pytest.warns(LaplaceFrameWarning, match=r"3 of 3 dataset\(s\).*laplace_evaluations=5.*non-centred"):
+        loc, scale = guide.frames(datasets[:3])
+    assert guide.num_unconverged_frames == 3
+    assert torch.isfinite(loc).all() and torch.isfinite(scale).all()
+    assert loc[:, 0].max() < 0, "the search heads for s -> 0, where the log joint grows without bound"
+    more = Dataset(5, y=10.0 * torch.randn(5).to(tensor(0.0)))
+    guide.frames([more])  # filterwarnings = error: a second warning would fail here
+    assert guide.num_unconverged_frames == 4
+    guide.frames(datasets)  # cached: no new search, nothing counted
+    assert guide.num_unconverged_frames == 4
+    # a model with a proper mode converges well within the default cap and is not counted
+    ok = AmortizedSteinGuide(regression_model, amortized=True, whiten="laplace")
+    stream = PriorPredictiveStream(regression_model, make_regression_args, {"y": "y"})
+    batch = [stream.sample() for _ in range(4)]
+    ok.setup(*batch[0].args, **batch[0].kwargs)
+    ok.frames(batch)
+    assert ok.num_unconverged_frames == 0
 
 
 def test_one_frame_search_per_new_dataset(monkeypatch):
