@@ -241,8 +241,8 @@ class AmortizedSteinGuide(AutoContinuous):
         the frame states that directly. A custom ``sampler`` must accept that wider context.
         ``None`` (default): no frame.
     :param int laplace_evaluations: cap on the model evaluations of the per-dataset Newton search
-        (amortized ``whiten="laplace"``; default 50). A dataset whose search reaches the cap keeps the
-        best point found as its frame's centre; the first such dataset raises a
+        (amortized ``whiten="laplace"``; default 50). A dataset whose search reaches the cap (or stalls)
+        keeps the best point found as its frame's centre; the first such dataset raises a
         :class:`~pyro_stein.laplace.LaplaceFrameWarning`, and all are counted in
         ``guide.num_unconverged_frames``.
 
@@ -296,7 +296,7 @@ class AmortizedSteinGuide(AutoContinuous):
         self.mcmc_leapfrog = mcmc_leapfrog
         self.whiten = whiten
         self.laplace_evaluations = laplace_evaluations
-        self.num_unconverged_frames = 0  # datasets whose frame search hit laplace_evaluations (see frames)
+        self.num_unconverged_frames = 0  # datasets whose frame search did not converge (see frames)
         self._init_fn = init_to_mean_or_feasible() if init_loc_fn is None else init_loc_fn
         super().__init__(model, init_loc_fn=self._init_fn)
         self._raw_model = (model,)
@@ -512,7 +512,7 @@ class AmortizedSteinGuide(AutoContinuous):
         return torch.stack([g[0] for g in got]), torch.stack([g[1] for g in got])
 
     def _note_unconverged(self, converged: Tensor, positions: list[int]) -> None:
-        """Count datasets whose mode search hit ``laplace_evaluations``; warn the first time (per guide)."""
+        """Count datasets whose mode search did not converge (cap reached or stalled); warn the first time (per guide)."""
         missed = (~converged).nonzero().flatten().tolist()
         if not missed:
             return
@@ -521,8 +521,9 @@ class AmortizedSteinGuide(AutoContinuous):
         if first_time:
             warnings.warn(
                 f"whiten='laplace': the mode search of {len(missed)} of {len(positions)} dataset(s) in this call (the "
-                f"first at position {positions[missed[0]]}) did not converge within laplace_evaluations="
-                f"{self.laplace_evaluations} batched model evaluations, so their frames are centred at the best point "
+                f"first at position {positions[missed[0]]}) did not converge (it reached laplace_evaluations="
+                f"{self.laplace_evaluations} batched model evaluations, or stalled), so their frames are centred at "
+                "the best point "
                 "found, which may be far from the posterior (e.g. a hierarchical scale running to 0 in a centred "
                 "parameterisation, whose log density has no proper mode). Raise laplace_evaluations, use a "
                 "non-centred parameterisation, or use whiten=None. Further ones are counted in "
