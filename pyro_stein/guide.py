@@ -523,9 +523,8 @@ class AmortizedSteinGuide(AutoContinuous):
                 f"whiten='laplace': the mode search of {len(missed)} of {len(positions)} dataset(s) in this call (the "
                 f"first at position {positions[missed[0]]}) did not converge (it reached laplace_evaluations="
                 f"{self.laplace_evaluations} batched model evaluations, or stalled), so their frames are centred at "
-                "the best point "
-                "found, which may be far from the posterior (e.g. a hierarchical scale running to 0 in a centred "
-                "parameterisation, whose log density has no proper mode). Raise laplace_evaluations, use a "
+                "the best point found, which may be far from the posterior (e.g. a hierarchical scale running to 0 in "
+                "a centred parameterisation, whose log density has no proper mode). Raise laplace_evaluations, use a "
                 "non-centred parameterisation, or use whiten=None. Further ones are counted in "
                 "guide.num_unconverged_frames without a warning.",
                 LaplaceFrameWarning,

@@ -45,8 +45,8 @@ LogDensityAndScore = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 class LaplaceFrameWarning(UserWarning):
-    """A dataset's mode search stopped at its evaluation cap before converging, so its frame is centred at the best
-    point found, which may be far from the posterior mass."""
+    """A dataset's mode search stopped before converging (at its evaluation cap, or stalled), so its frame is
+    centred at the best point found, which may be far from the posterior mass."""
 
 
 class LaplaceFrame(NamedTuple):

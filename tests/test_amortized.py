@@ -513,7 +513,7 @@ def test_an_unconverged_frame_search_warns_once_and_is_counted():
     guide = AmortizedSteinGuide(centred_scale_model, amortized=True, whiten="laplace", laplace_evaluations=5)
     guide.setup(*datasets[0].args, **datasets[0].kwargs)
     with pytest.warns(LaplaceFrameWarning, match=r"3 of 3 dataset\(s\).*laplace_evaluations=5.*non-centred"):
-        loc, scale = guide.frames(datasets[:3])
+        loc, scale = guide.frames(datasets)
     assert guide.num_unconverged_frames == 3
     assert torch.isfinite(loc).all() and torch.isfinite(scale).all()
     assert loc[:, 0].max() < 0, "the search heads for s -> 0, where the log joint grows without bound"
