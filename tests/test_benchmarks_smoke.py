@@ -70,7 +70,7 @@ def test_benchmarks_amortized_families_smoke(tmp_path):
         row = res["datasets"][0]
         assert "nuts" in row or "error" in row, row
         if "nuts" in row:  # every method timed and compared against the same reference
-            assert all(row[m]["wall_s"] > 0 for m in ("amortized", "corrected", "polished", "polished_hmc", "refined", "svi"))
+            assert all(row[m]["wall_s"] > 0 for m in ("amortized", "corrected", "polished", "polished_hmc", "polished_hmc3", "refined", "svi"))
             if part == "amortized_hier":  # family (b) has an exact reference, against which NUTS is scored too
                 assert res["reference"] == "exact" and row["nuts"]["worst_mean_err"] >= 0
     assert json.loads((tmp_path / "amortized.json").read_text())["reference"] == "NUTS"
