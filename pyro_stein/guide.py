@@ -20,7 +20,7 @@ from torch.distributions import constraints
 from .data import Dataset, DatasetFeatures, collate_features, default_dataset_fn
 from .kernels import IMQKernel
 from .laplace import LaplaceFrameWarning, laplace_frames
-from .logjoint import LatentSite, ModelLogDensity, latent_sites_from_trace, pack, unpack
+from .logjoint import LatentSite, ModelLogDensity, all_finite, latent_sites_from_trace, pack, unpack
 from .mcmc import hmc_polish, mala_polish
 from .nn import DeepSetEncoder, GaussianResidualSampler
 from .stein import ksd, stein_moment_correction, stein_moment_residual
@@ -855,7 +855,10 @@ class AmortizedSteinGuide(AutoContinuous):
 
         def score_and_residual(x):
             lp, s = self.log_density.log_density_and_score_batch(x, datasets, check=False)
-            finite = torch.isfinite(s).all(-1).all(-1)
+            if all_finite(s):
+                finite = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+            else:
+                finite = torch.isfinite(s).all(-1).all(-1)
             r = stein_moment_residual(x, zero_unless(finite, s)).masked_fill(~finite, float("inf"))
             return lp, s, _inf_if_not_finite(r)
 

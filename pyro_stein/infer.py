@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .data import Dataset, PriorPredictiveStream, as_dataset, iterate_batches
 from .guide import AmortizedSteinGuide
 from .kernels import RadialKernel, RBFKernel
-from .logjoint import ModelLogDensity, NonFiniteLogJointError
+from .logjoint import ModelLogDensity, NonFiniteLogJointError, all_finite
 from .stein import ksd_from_matrices, stein_direction_from_matrices
 
 __all__ = ["AmortizedSVGD", "NonFiniteDatasetWarning", "refine"]
@@ -150,8 +150,10 @@ class AmortizedSVGD:
         the first time; when every dataset of the batch is non-finite the step raises
         :class:`~pyro_stein.logjoint.NonFiniteLogJointError` naming the sites, parameters unchanged.
         """
+        if all_finite(score):
+            return None
         finite = torch.isfinite(score).all(-1).all(-1)
-        if bool(finite.all()):
+        if bool(finite.all()):  # the sum overflowed
             return None
         first = int((~finite).nonzero()[0, 0])
         dropped = int((~finite).sum())

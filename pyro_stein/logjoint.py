@@ -29,6 +29,7 @@ __all__ = [
     "ModelLogDensity",
     "NonFiniteLogJointError",
     "VectorizationWarning",
+    "all_finite",
     "latent_sites_from_trace",
     "pack",
     "unpack",
@@ -95,6 +96,16 @@ def pack(values: dict[str, Tensor], sites: Sequence[LatentSite], batch_dims: int
         batch = v.shape[:batch_dims]
         parts.append(s.transform.inv(v).reshape(batch + (-1,)))
     return torch.cat(parts, -1)
+
+
+def all_finite(*tensors: Tensor) -> bool:
+    """Whether every element of ``tensors`` is finite, for the price of one sum each.
+
+    A sum is NaN or infinite whenever a term is; it can also overflow with every term finite, and
+    then the answer is ``False`` too (one host-device synchronisation in all), so callers use ``False`` only to run their element-wise check
+    (about six times dearer: it dominated the cost of checking a ``(1000, 32)`` score).
+    """
+    return bool(torch.isfinite(sum(t.sum() for t in tensors)))
 
 
 def unpack(u: Tensor, sites: Sequence[LatentSite]) -> dict[str, tuple[Tensor, Tensor]]:
@@ -296,7 +307,7 @@ class ModelLogDensity:
             lp = self.log_density(u, args, kwargs, plates)
             (score,) = torch.autograd.grad(lp.sum(), u)
         lp = lp.detach()
-        if check:
+        if check and not all_finite(lp, score):
             bad = ~(torch.isfinite(lp) & torch.isfinite(score).all(-1))
             if bad.any():
                 row = int(bad.nonzero()[0, 0])
@@ -353,7 +364,7 @@ class ModelLogDensity:
             self._stack_ok = bool(torch.allclose(score[:2], want, rtol=1e-4, atol=1e-6, equal_nan=True))
             if not self._stack_ok:
                 return None
-        if check and not (torch.isfinite(lp).all() and torch.isfinite(score).all()):
+        if check and not all_finite(lp, score):
             return None  # the loop names the offending dataset, particle and site
         return lp, score
 

@@ -32,6 +32,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .logjoint import all_finite
+
 __all__ = ["hmc_polish", "mala_polish"]
 
 LogDensityAndScore = Callable[[Tensor], "tuple[Tensor, Tensor]"]
@@ -62,6 +64,8 @@ def _check_polish_arguments(z, num_steps: int, target_accept: float) -> None:
 
 def _mask_nonfinite(lp: Tensor, score: Tensor) -> tuple[Tensor, Tensor]:
     """``-inf`` log density and a zero score wherever either is not finite."""
+    if all_finite(lp, score):
+        return lp, score
     ok = torch.isfinite(lp) & torch.isfinite(score).all(-1)
     return torch.where(ok, lp, torch.full_like(lp, -math.inf)), torch.where(ok[:, None], score, torch.zeros_like(score))
 

@@ -6,7 +6,7 @@ import pyro.poutine as poutine
 import pytest
 import torch
 
-from pyro_stein.logjoint import ModelLogDensity, latent_sites_from_trace, site_log_prob, trace_log_prob_sum
+from pyro_stein.logjoint import ModelLogDensity, all_finite, latent_sites_from_trace, site_log_prob, trace_log_prob_sum
 
 from .conftest import DEVICE, DTYPE
 
@@ -29,6 +29,22 @@ def _bernoulli_case(name):
         "broadcast value": lambda: dist.Bernoulli(logits=logits[0]),
         "masked": lambda: dist.Bernoulli(logits=logits).mask(value > 0),
     }[name]()
+
+
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf"), "overflow"])
+def test_all_finite_is_false_whenever_an_element_is_not_finite(bad):
+    """The one-sum check says True only when every element is finite; an overflowing sum of finite values
+    says False (callers then run the element-wise check), never the reverse."""
+    lp, score = randn(7), randn(7, 3)
+    if bad == "overflow":
+        big = torch.finfo(DTYPE).max / 2
+        score[2] = big
+        assert torch.isfinite(score).all() and not all_finite(lp, score)
+        return
+    if bad is not None:
+        score[4, 1] = bad
+    assert all_finite(lp, score) == (bad is None)
+    assert all_finite(score.T, lp) == (bad is None)
 
 
 @pytest.mark.parametrize("name", ["logits", "probs", "torch", "independent", "broadcast value", "masked"])
