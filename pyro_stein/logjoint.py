@@ -200,6 +200,13 @@ def trace_log_prob_sum(trace: Any) -> Tensor:
     return total
 
 
+def _is_identity(transform: Transform) -> bool:
+    """Whether ``transform`` is the identity (``biject_to`` of an unconstrained support), maybe made independent."""
+    while isinstance(transform, torch.distributions.transforms.IndependentTransform):
+        transform = transform.base_transform
+    return isinstance(transform, torch.distributions.transforms.ComposeTransform) and not transform.parts
+
+
 def _is_deterministic(site: dict) -> bool:
     return site["type"] == "sample" and bool(site["infer"].get("_deterministic", False))
 
@@ -224,13 +231,15 @@ class ModelLogDensity:
         self._stack_ok: bool | None = None  # one vmap pass over datasets too: None = not yet checked
         self.dim = sum(s.size for s in self.sites)
         self._by_name = {s.name: s for s in self.sites}
+        self._identity = {s.name for s in self.sites if _is_identity(s.transform)}
 
     # ---- one particle --------------------------------------------------------------------
     def _condition_data(self, u: Tensor, plates: dict[str, Tensor]) -> tuple[dict, Tensor]:
         data = dict(plates)
         ladj = u.new_zeros(())
         for name, (uu, x) in unpack(u, self.sites).items():
-            ladj = ladj + self._by_name[name].transform.log_abs_det_jacobian(uu, x).sum()
+            if name not in self._identity:  # log|det J| = 0: no ops to run and differentiate
+                ladj = ladj + self._by_name[name].transform.log_abs_det_jacobian(uu, x).sum()
             data[name] = x
         return data, ladj
 

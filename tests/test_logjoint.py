@@ -31,6 +31,23 @@ def _bernoulli_case(name):
     }[name]()
 
 
+@pytest.mark.parametrize("support, identity", [
+    (dist.constraints.real, True), (dist.constraints.real_vector, True), (dist.constraints.independent(dist.constraints.real, 2), True),
+    (dist.constraints.positive, False), (dist.constraints.simplex, False), (dist.constraints.interval(0.0, 1.0), False),
+    (dist.constraints.independent(dist.constraints.positive, 1), False), (dist.constraints.lower_cholesky, False),
+])
+def test_identity_bijections_are_recognised(support, identity):
+    """Sites whose bijection is the identity skip the log|det J| term, which must then be exactly zero."""
+    from pyro_stein.logjoint import _is_identity
+    from pyro_stein.transforms import support_bijection
+
+    t = support_bijection(support)
+    assert _is_identity(t) == identity
+    if identity:
+        x = randn(3, 4)
+        assert torch.equal(t(x), x) and torch.equal(t.log_abs_det_jacobian(x, x), torch.zeros_like(t.log_abs_det_jacobian(x, x)))
+
+
 @pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf"), "overflow"])
 def test_all_finite_is_false_whenever_an_element_is_not_finite(bad):
     """The one-sum check says True only when every element is finite; an overflowing sum of finite values
