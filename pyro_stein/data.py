@@ -8,6 +8,8 @@ import pyro.poutine as poutine
 import torch
 from torch import Tensor
 
+from .logjoint import top_level
+
 __all__ = [
     "Dataset",
     "DatasetFeatures",
@@ -123,7 +125,8 @@ def default_dataset_fn(model: Callable, latent_values: dict, args: tuple, kwargs
     :raises ValueError: when observed sites disagree on the number of observations or there
         is no observed site; pass ``dataset_fn`` to the guide instead.
     """
-    tr = poutine.block(poutine.trace(poutine.condition(model, latent_values)).get_trace)(*args, **kwargs)
+    with top_level():  # e.g. inside Predictive(parallel=True): the model's plates keep their own dims
+        tr = poutine.block(poutine.trace(poutine.condition(model, latent_values)).get_trace)(*args, **kwargs)
     sites = _observed_sites(tr, latent_values)
     if not sites:
         raise ValueError(

@@ -12,8 +12,9 @@ density includes each bijection's ``log|det J|`` so that it is the density of ``
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import pyro
 import pyro.poutine as poutine
@@ -32,6 +33,7 @@ __all__ = [
     "all_finite",
     "latent_sites_from_trace",
     "pack",
+    "top_level",
     "unpack",
 ]
 
@@ -200,6 +202,29 @@ def trace_log_prob_sum(trace: Any) -> Tensor:
     return total
 
 
+@contextmanager
+def top_level() -> Iterator[None]:
+    """Run Pyro code as if called outside every enclosing handler, e.g. to evaluate the model from inside a
+    guide that :class:`~pyro.infer.Predictive` runs under its vectorizing plate.
+
+    :func:`~pyro.poutine.block` is not enough there: an enclosing plate keeps its dim allocated, so
+    the model's own plates would get other dims than when it is run on its own.
+    """
+    from pyro.poutine import runtime
+
+    stack, dims = runtime._PYRO_STACK[:], runtime._DIM_ALLOCATOR._stack
+    if not stack and not dims:
+        yield
+        return
+    runtime._PYRO_STACK.clear()
+    runtime._DIM_ALLOCATOR._stack = []
+    try:
+        yield
+    finally:
+        runtime._PYRO_STACK[:] = stack
+        runtime._DIM_ALLOCATOR._stack = dims
+
+
 def _is_identity(transform: Transform) -> bool:
     """Whether ``transform`` is the identity (``biject_to`` of an unconstrained support), maybe made independent."""
     while isinstance(transform, torch.distributions.transforms.IndependentTransform):
@@ -244,7 +269,8 @@ class ModelLogDensity:
         return data, ladj
 
     def _trace(self, data: dict, args: tuple, kwargs: dict):
-        return poutine.trace(poutine.condition(self.model, data)).get_trace(*args, **kwargs)
+        with top_level():
+            return poutine.trace(poutine.condition(self.model, data)).get_trace(*args, **kwargs)
 
     def _single_log_density(self, u: Tensor, args: tuple, kwargs: dict, plates: dict) -> Tensor:
         data, ladj = self._condition_data(u, plates)
