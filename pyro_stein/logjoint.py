@@ -294,9 +294,11 @@ class ModelLogDensity:
         try:
             with pyro.validation_enabled(False):
                 got = torch.func.vmap(fn, randomness="same")(probe)
-        except Exception as e:  # noqa: BLE001 - any failure means: not vmappable
+        except Exception as e:  # noqa: BLE001 - any failure means: not vmappable, unless the loop fails too
             if self.vectorize == "vmap":
                 raise
+            for row in probe.unbind(0):  # the model's own error (e.g. data of the wrong shape): raised, mode unset
+                fn(row)
             warnings.warn(
                 f"the model could not be evaluated for all particles at once with torch.func.vmap "
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); falling back to a "

@@ -235,6 +235,25 @@ def test_non_vectorizable_model_falls_back_to_loop_with_same_values():
     assert torch.allclose(lp, exact)
 
 
+def test_data_of_the_wrong_shape_raises_the_models_error_and_keeps_vectorization():
+    """A first evaluation that fails both under vmap and in the loop is the model's own error (here data of the
+    wrong shape): it is raised, with no VectorizationWarning, and the next evaluation is still vectorized."""
+    X, y = data()
+    guide = AmortizedSteinGuide(regression_model).setup(X, y)
+    from pyro_stein.logjoint import ModelLogDensity
+
+    ld = ModelLogDensity(regression_model, guide.sites)
+    u = torch.randn(5, guide.latent_dim, dtype=X.dtype, device=X.device)
+    wide = torch.cat([X, X], -1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VectorizationWarning)
+        with pytest.raises(RuntimeError):
+            ld.log_density(u, (wide, y))
+        assert ld._mode is None, "a failed first evaluation must not choose the loop"
+        ld.log_density(u, (X, y))
+    assert ld._mode == "vmap"
+
+
 def test_vmap_and_loop_agree_on_a_matrix_model():
     X, y = data()
     guide = AmortizedSteinGuide(regression_model).setup(X, y)
