@@ -274,7 +274,35 @@ class ModelLogDensity:
 
     def _single_log_density(self, u: Tensor, args: tuple, kwargs: dict, plates: dict) -> Tensor:
         data, ladj = self._condition_data(u, plates)
-        return trace_log_prob_sum(self._trace(data, args, kwargs)) + ladj
+        trace = self._trace(data, args, kwargs)
+        return trace_log_prob_sum(trace) + ladj + self._masked_out_anchor(u, trace)
+
+    def _masked_out_anchor(self, u: Tensor, trace) -> Tensor | float:
+        """``-|u_k|^2 / 2`` summed over the unconstrained entries of latent sites that a mask removes from the
+        model (``poutine.mask``, ``fn.mask``, e.g. the ``{name}_unobserved`` entries at observed positions
+        that ``obs_mask`` creates).
+
+        Those entries have no density at all, so without a term of their own they would drift without
+        bound and swamp the kernel's bandwidth. A standard normal on them (in unconstrained space) makes
+        the joint proper and leaves the posterior of everything else unchanged: the model never reads
+        them. Their draws are that standard normal, mapped to the support.
+        """
+        total = 0.0
+        for s in self.sites:
+            node = trace.nodes.get(s.name)
+            if node is None:
+                continue
+            fn, mask = node["fn"], node["mask"]
+            if isinstance(fn, pyro.distributions.MaskedDistribution):
+                mask = fn._mask if mask is None else mask & fn._mask
+            if mask is None or mask is True:
+                continue
+            batch = fn.batch_shape
+            off = ~torch.as_tensor(mask, device=u.device).expand(batch)
+            uu = u[s.offset : s.offset + s.size].reshape(s.unconstrained_shape)
+            off = off.reshape(batch + (1,) * (uu.dim() - len(batch))).to(u.dtype)
+            total = total - 0.5 * (off * uu.square()).sum()
+        return total
 
     # ---- many particles ------------------------------------------------------------------
     def _map(self, fn: Callable[[Tensor], Any], u: Tensor) -> Any:

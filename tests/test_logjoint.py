@@ -48,6 +48,34 @@ def test_identity_bijections_are_recognised(support, identity):
         assert torch.equal(t(x), x) and torch.equal(t.log_abs_det_jacobian(x, x), torch.zeros_like(t.log_abs_det_jacobian(x, x)))
 
 
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+@pytest.mark.parametrize("how", ["obs_mask", "fn.mask"])
+def test_latent_entries_a_mask_removes_get_a_standard_normal(how, vectorize):
+    """obs_mask makes a latent 'y_unobserved' whose entries at observed positions have no density; they get
+    -u^2/2 each (and only they), so the log density is the masked model's plus an independent N(0, 1)."""
+    y = randn(5)
+    m = torch.tensor([True, False, True, True, False], device=y.device)
+
+    def model():
+        mu = pyro.sample("mu", dist.Normal(y.new_tensor(0.0), 10.0))
+        with pyro.plate("n", 5):
+            if how == "obs_mask":
+                pyro.sample("y", dist.Normal(mu, 1.0), obs=y, obs_mask=m)
+            else:
+                pyro.sample("y_unobserved", dist.Normal(mu, 1.0).expand([5]).mask(~m))
+                pyro.sample("y_observed", dist.Normal(mu, 1.0).mask(m), obs=y)
+
+    ld = ModelLogDensity(model, latent_sites_from_trace(poutine.trace(model).get_trace()), vectorize)
+    assert [s.name for s in ld.sites] == ["mu", "y_unobserved"]
+    u = randn(4, 6).requires_grad_(True)
+    mu, yu = u[:, :1], u[:, 1:]
+    exact = (dist.Normal(0.0, 10.0).log_prob(mu[:, 0]) + (dist.Normal(mu, 1.0).log_prob(y) * m).sum(-1)
+             + (dist.Normal(mu, 1.0).log_prob(yu) * ~m).sum(-1) - 0.5 * (yu.square() * m).sum(-1))
+    (exact_score,) = torch.autograd.grad(exact.sum(), u)
+    lp, score = ld.log_density_and_score(u.detach())
+    assert torch.allclose(lp, exact.detach(), rtol=TOL, atol=TOL) and torch.allclose(score, exact_score, rtol=TOL, atol=TOL)
+
+
 @pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf"), "overflow"])
 def test_all_finite_is_false_whenever_an_element_is_not_finite(bad):
     """The one-sum check says True only when every element is finite; an overflowing sum of finite values
