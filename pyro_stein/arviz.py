@@ -20,6 +20,13 @@ Everything else is computed from the *model* given each posterior draw:
 * ``sample_stats``: ``lp``, the model's log joint density (scales and masks applied) per draw;
 * ``observed_data`` and ``constant_data``.
 
+**Subsampling.** All groups are computed on the *full* data: every subsampled
+:func:`pyro.plate` (``subsample_size=...`` or ``subsample=...``) is evaluated at all of its
+indices with scale 1, so ``log_likelihood``, ``posterior_predictive`` and ``observed_data`` have
+the same rows, and ``lp`` is the full-data log joint (not a rescaled minibatch estimate). The
+model must therefore be callable with the full data in its arguments (e.g. ``obs=y[idx]`` with
+the full ``y``), which is how a plate's random ``subsample_size`` is normally used.
+
 The model is evaluated once for all draws by wrapping it in an outermost :func:`pyro.plate`
 over the draws (this needs correctly annotated batch dimensions, as ``Predictive(...,
 parallel=True)`` does); with ``parallel=None`` the export falls back to a loop over draws when
@@ -28,8 +35,10 @@ vectorised evaluation fails.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -38,7 +47,8 @@ import torch
 from pyro import poutine
 from pyro.infer import Predictive
 from pyro.poutine.uncondition_messenger import UnconditionMessenger
-from pyro.poutine.util import prune_subsample_sites
+from pyro.poutine.subsample_messenger import SubsampleMessenger
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
 __all__ = ["to_inference_data", "to_inference_data_batch"]
 
@@ -90,10 +100,76 @@ def _site_dims(name, shape, batch_ndim, frames):
     return names
 
 
+# --- full-data evaluation of subsampled plates -------------------------------------------------
+# ``poutine.condition(model, {plate: torch.arange(size)})`` is not enough: a plate created with
+# ``subsample_size=k`` rejects an index tensor of another length ("subsample_size does not match
+# len(subsample)"). So, while ``_full_data()`` is active in the current thread, the plate's
+# ``_subsample`` helper is called without ``subsample_size``/``subsample``: the plate then draws
+# ``torch.arange(size)`` (on the plate's own device, or that of a given ``subsample``) and scales
+# by ``size / size = 1``. Other threads are not affected.
+_FULL_DATA = threading.local()
+_PATCH_LOCK = threading.Lock()
+_PATCH_USERS = 0
+_ORIGINAL_SUBSAMPLE = SubsampleMessenger.__dict__.get("_subsample")  # a staticmethod in pyro-ppl 1.9
+
+
+def _full_subsample(name, size=None, subsample_size=None, subsample=None, use_cuda=None, device=None):
+    if getattr(_FULL_DATA, "depth", 0) and size is not None:
+        if device is None and torch.is_tensor(subsample):
+            device = subsample.device
+        subsample_size = subsample = None
+    return _ORIGINAL_SUBSAMPLE.__func__(name, size, subsample_size, subsample, use_cuda, device)
+
+
+@contextlib.contextmanager
+def _full_data():
+    """Within this context every subsampled :func:`pyro.plate` uses all of its indices."""
+    global _PATCH_USERS
+    if not isinstance(_ORIGINAL_SUBSAMPLE, staticmethod):
+        raise ValueError("exporting a model that subsamples a plate needs pyro.plate's SubsampleMessenger._subsample "
+                         "helper (pyro-ppl 1.9), which this Pyro version lacks; export without subsampling")
+    with _PATCH_LOCK:
+        if _PATCH_USERS == 0:
+            SubsampleMessenger._subsample = staticmethod(_full_subsample)
+        _PATCH_USERS += 1
+    _FULL_DATA.depth = getattr(_FULL_DATA, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _FULL_DATA.depth -= 1
+        with _PATCH_LOCK:
+            _PATCH_USERS -= 1
+            if _PATCH_USERS == 0:
+                SubsampleMessenger._subsample = _ORIGINAL_SUBSAMPLE
+
+
+def _subsampled_plates(trace):
+    """``{plate name: full size}`` of the plates that use only part of their indices."""
+    return {
+        name: site["fn"].size
+        for name, site in trace.nodes.items()
+        if site_is_subsample(site) and site["value"].numel() < site["fn"].size
+    }
+
+
 def _model_structure(model, args, kwargs):
-    """Classify the model's sample sites from one prior trace."""
+    """Classify the model's sample sites from one prior trace (on the full data, see
+    :func:`_full_data`). Also returns whether the model subsamples plates."""
     with torch.no_grad(), poutine.block():
-        trace = prune_subsample_sites(poutine.trace(model).get_trace(*args, **kwargs))
+        trace = poutine.trace(model).get_trace(*args, **kwargs)
+        subsampled = _subsampled_plates(trace)
+        if subsampled:
+            try:
+                with _full_data():
+                    trace = poutine.trace(model).get_trace(*args, **kwargs)
+                    trace.compute_log_prob()  # e.g. observations of the subsample's size
+            except Exception as err:
+                raise ValueError(
+                    f"the model subsamples the plate(s) {sorted(subsampled)}; the ArviZ export "
+                    "evaluates it on the full data (every plate index), which failed. Pass the "
+                    "full data to the model (e.g. obs=y[idx] with the full y)"
+                ) from err
+    trace = prune_subsample_sites(trace)
     sites, nesting = {}, 0
     for name, node in trace.nodes.items():
         if node["type"] != "sample":
@@ -118,7 +194,7 @@ def _model_structure(model, args, kwargs):
         ll_shape = tuple(fn.log_prob(value).shape) if kind == "observed" else ()
         dims = _site_dims(name, shape, batch_ndim, node["cond_indep_stack"])
         sites[name] = _Site(kind, shape, batch_ndim, dims, value, ll_shape)
-    return sites, nesting
+    return sites, nesting, bool(subsampled)
 
 
 def _names(sites, kind):
@@ -286,11 +362,11 @@ def _export(
         raise TypeError(f"parallel must be None, True or False, got {parallel!r}")
     az = _import_arviz()
 
-    sites, nesting = _model_structure(model, args, kwargs)
+    sites, nesting, subsampled = _model_structure(model, args, kwargs)
     latents = _names(sites, "latent")
     if not latents:
         raise ValueError("model has no latent sample sites to export")
-    with torch.no_grad():
+    with torch.no_grad(), (_full_data() if subsampled else contextlib.nullcontext()):
         batches = [
             _draw_latents(guide, model, sites, num_samples, parallel, args, kwargs)
             for _ in range(num_chains)

@@ -342,3 +342,97 @@ def test_model_reusing_deterministic_value_in_plate(parallel):
     idata = to_inference_data(guide, model, sigma, y=y, num_samples=20, num_chains=2, parallel=parallel)
     assert idata.posterior_predictive["y"].shape == (2, 20, 4)
     assert idata.posterior["theta"].shape == (2, 20, 4)
+
+
+# --- subsampled plates: every group is computed on the full data ------------------------------
+
+N_FULL, N_SUB = 60, 10
+
+
+def _subsampled_model(y):
+    mu = pyro.sample("mu", dist.Normal(y.new_tensor(0.0), 5.0))
+    sigma = pyro.sample("sigma", dist.HalfNormal(y.new_tensor(2.0)))
+    with pyro.plate("data", len(y), subsample_size=N_SUB, device=y.device) as idx:
+        pyro.sample("y", dist.Normal(mu, sigma), obs=y[idx])
+
+
+def _fit_subsampled(model, *args, steps=10):
+    pyro.set_rng_seed(0)
+    guide = AutoNormal(model, init_scale=0.1)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    for _ in range(steps):
+        svi.step(*args)
+    return guide
+
+
+def _y_full():
+    return 2.0 + torch.randn(N_FULL, generator=torch.Generator().manual_seed(3), dtype=DTYPE).to(DEVICE)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_subsampled_plate_log_likelihood_and_lp_use_full_data(parallel):
+    """Regression: the pointwise log-likelihood used to be computed on a random subsample of the
+    rows (not those of observed_data) and lp was a rescaled minibatch estimate."""
+    y = _y_full()
+    guide = _fit_subsampled(_subsampled_model, y)
+    idata = to_inference_data(guide, _subsampled_model, y, num_samples=6, num_chains=2, parallel=parallel)
+    np.testing.assert_array_equal(idata["observed_data"]["y"].values, y.cpu().numpy())
+    mu = torch.as_tensor(idata["posterior"]["mu"].values, dtype=DTYPE, device=DEVICE)
+    sigma = torch.as_tensor(idata["posterior"]["sigma"].values, dtype=DTYPE, device=DEVICE)
+    expected = dist.Normal(mu[..., None], sigma[..., None]).log_prob(y)  # (chain, draw, N_FULL)
+    tol = dict(rtol=1e-12, atol=1e-12) if DTYPE == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    ll = idata["log_likelihood"]["y"]
+    assert ll.dims == ("chain", "draw", "data") and ll.shape == (2, 6, N_FULL)
+    np.testing.assert_allclose(ll.values, expected.cpu().numpy(), **tol)
+    np.testing.assert_allclose(ll.values.sum(-1), expected.sum(-1).cpu().numpy(), **tol)
+    lp = (
+        dist.Normal(mu.new_tensor(0.0), 5.0).log_prob(mu)
+        + dist.HalfNormal(mu.new_tensor(2.0)).log_prob(sigma)
+        + expected.sum(-1)  # unscaled: the full-data log joint, not N/n times a minibatch
+    )
+    np.testing.assert_allclose(idata["sample_stats"]["lp"].values, lp.cpu().numpy(), **tol)
+
+
+def test_subsampled_plate_groups_have_the_rows_of_observed_data():
+    from pyro.poutine.subsample_messenger import SubsampleMessenger
+
+    original = SubsampleMessenger.__dict__["_subsample"]
+    y = _y_full()
+    guide = _fit_subsampled(_subsampled_model, y)
+    idata = to_inference_data(guide, _subsampled_model, y, num_samples=5)
+    n_obs = idata["observed_data"].sizes["data"]
+    assert n_obs == N_FULL
+    assert idata["log_likelihood"].sizes["data"] == n_obs
+    assert idata["posterior_predictive"]["y"].shape == (1, 5, n_obs)
+    # the plate is patched for the export only: afterwards the model subsamples again
+    assert SubsampleMessenger.__dict__["_subsample"] is original
+    trace = pyro.poutine.trace(_subsampled_model).get_trace(y)
+    assert trace.nodes["y"]["value"].shape == (N_SUB,)
+
+
+def test_subsampled_plate_with_local_latents_and_presubsampled_data():
+    y = _y_full()
+
+    def local_model(y):
+        mu = pyro.sample("mu", dist.Normal(y.new_tensor(0.0), 5.0))
+        with pyro.plate("data", len(y), subsample_size=N_SUB, device=y.device) as idx:
+            z = pyro.sample("z", dist.Normal(mu, 1.0))
+            pyro.sample("y", dist.Normal(z, 1.0), obs=y[idx])
+
+    guide = _fit_subsampled(local_model, y, steps=3)
+    idata = to_inference_data(guide, local_model, y, num_samples=4)
+    assert idata["posterior"]["z"].shape == (1, 4, N_FULL)
+    z = torch.as_tensor(idata["posterior"]["z"].values[0], dtype=DTYPE, device=DEVICE)
+    np.testing.assert_allclose(
+        idata["log_likelihood"]["y"].values[0], dist.Normal(z, 1.0).log_prob(y).cpu().numpy(), rtol=1e-6
+    )
+
+    def batch_model(y_batch, idx):  # only the minibatch is passed: no full data to evaluate
+        mu = pyro.sample("mu", dist.Normal(y_batch.new_tensor(0.0), 5.0))
+        with pyro.plate("data", N_FULL, subsample=idx):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y_batch)
+
+    idx = torch.arange(N_SUB, device=DEVICE)
+    guide = _fit_subsampled(batch_model, y[idx], idx, steps=1)
+    with pytest.raises(ValueError, match="full data"):
+        to_inference_data(guide, batch_model, y[idx], idx, num_samples=3)
