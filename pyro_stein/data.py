@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
+import numbers
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import pyro.poutine as poutine
+import pyro.util
 import torch
 from torch import Tensor
 
@@ -113,20 +116,55 @@ def _observed_sites(trace, latent_names=()) -> list[dict]:
     return out
 
 
+def _ordered_arguments(model: Callable, args: tuple, kwargs: dict) -> list:
+    """The model's arguments in a canonical order: positional ones as given, then keyword ones in
+    the order of the model's signature, then keywords the signature does not name (e.g. taken by
+    ``**kwargs``) sorted by name; all keywords sorted by name when the signature cannot be read."""
+    try:
+        params = list(inspect.signature(model).parameters)
+    except (TypeError, ValueError):
+        params = []
+    rank = {name: i for i, name in enumerate(params)}
+    keys = sorted(kwargs, key=lambda k: (0, rank[k], "") if k in rank else (1, 0, k))
+    return list(args) + [kwargs[k] for k in keys]
+
+
 def default_dataset_fn(model: Callable, latent_values: dict, args: tuple, kwargs: dict) -> Tensor:
     """Per-observation features read from the model: the default ``dataset_fn``.
 
     The model is run once with its latent sites fixed at ``latent_values``. Every observed site
     (not ``pyro.deterministic``, not ``pyro.factor``) contributes its value, one row per element
-    of its outermost plate (a site outside any plate is one observation). Floating-point tensor
-    arguments with one row per observation (first dim equal to the number of observations, which
-    must exceed 1) are appended as covariates, so ``model(X, y)`` gives rows ``[x_i, y_i]``.
+    of its outermost plate (a site outside any plate is one observation); all observed sites
+    must have the same number of observations ``N``.
 
-    :raises ValueError: when observed sites disagree on the number of observations or there
-        is no observed site; pass ``dataset_fn`` to the guide instead.
+    Covariates: when ``N > 1``, every floating-point tensor argument whose first dim equals ``N``
+    (other than an observed value itself) is appended, reshaped to ``(N, -1)``, so ``model(X, y)``
+    gives rows ``[x_i, y_i]``. Tensor arguments of any other size (e.g. a vector of prior
+    parameters, or a covariate matrix whose row count differs from ``N``), integer or boolean
+    tensors, and all tensor arguments when ``N == 1`` are not encoded; give the guide a
+    ``dataset_fn`` if such arguments should inform the posterior.
+
+    Column order does not depend on how the dataset was written: the observed sites come first
+    (in the order the model visits them), then the covariates from the positional arguments in
+    order, then from the keyword arguments in the order of the model's signature (keywords the
+    signature does not name, e.g. taken by ``**kwargs``, after those, sorted by name; all
+    keywords sorted by name when the signature cannot be read). So ``Dataset(X=X, Z=Z, y=y)``,
+    ``Dataset(Z=Z, X=X, y=y)`` and ``Dataset(X, Z, y)`` give the same features for
+    ``model(X, Z, y=None)``.
+
+    :raises ValueError: when the model fails on the dataset, when observed sites disagree on the
+        number of observations or when there is no observed site; pass ``dataset_fn`` to the
+        guide instead in the last two cases.
     """
-    with top_level():  # e.g. inside Predictive(parallel=True): the model's plates keep their own dims
-        tr = poutine.block(poutine.trace(poutine.condition(model, latent_values)).get_trace)(*args, **kwargs)
+    try:
+        with top_level():  # e.g. inside Predictive(parallel=True): the model's plates keep their own dims
+            tr = poutine.block(poutine.trace(poutine.condition(model, latent_values)).get_trace)(*args, **kwargs)
+    except Exception as e:
+        raise ValueError(
+            f"the model failed on this dataset while its observations were being read "
+            f"({type(e).__name__}: {e}); check the dataset: it may be empty, or of a different form "
+            "(shapes, number of covariates, dtype) than the training datasets"
+        ) from e
     sites = _observed_sites(tr, latent_values)
     if not sites:
         raise ValueError(
@@ -153,13 +191,21 @@ def default_dataset_fn(model: Callable, latent_values: dict, args: tuple, kwargs
         n_obs = v.shape[0]
         cols.append(v)
     if n_obs > 1:
-        for a in list(args) + list(kwargs.values()):
+        for a in _ordered_arguments(model, args, kwargs):
             if isinstance(a, Tensor) and a.is_floating_point() and a.dim() >= 1 and a.shape[0] == n_obs:
                 if any(a is o for o in observed):
                     continue
                 cols.append(a.reshape(n_obs, -1))
     dtype = next((c.dtype for c in cols if c.is_floating_point()), torch.get_default_dtype())
     return torch.cat([c.to(dtype) for c in cols], -1)
+
+
+def _check_batch_size(batch_size: Any) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        raise TypeError(f"batch_size must be an int >= 1 (datasets per batch), got {batch_size!r} ({type(batch_size).__name__})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1 (datasets per batch), got {batch_size!r}")
+    return int(batch_size)
 
 
 class PriorPredictiveStream:
@@ -177,9 +223,15 @@ class PriorPredictiveStream:
             return Dataset(torch.randn(n, 5))
         stream = PriorPredictiveStream(model, make_args, obs_kwargs={"obs": "y"})
 
+    On the first sample the model is run once more with the simulated keywords set, to check
+    that every site named in ``obs_kwargs`` is then observed (a latent site named by mistake
+    would otherwise feed its own draw to the model as data).
+
     :param callable model: the Pyro model.
     :param callable make_args: ``() -> Dataset`` of the unobserved arguments.
     :param dict obs_kwargs: maps observed site names to the model keyword that holds them.
+    :raises ValueError: at the first sample, when a site of ``obs_kwargs`` is missing from the
+        model or is not observed with its keyword set.
     """
 
     def __init__(self, model: Callable, make_args: Callable[[], Any], obs_kwargs: dict[str, str]):
@@ -190,6 +242,7 @@ class PriorPredictiveStream:
         self.model = model
         self.make_args = make_args
         self.obs_kwargs = dict(obs_kwargs)
+        self._checked = False  # obs_kwargs checked against the model (on the first sample)
 
     def sample(self) -> Dataset:
         """One simulated dataset."""
@@ -205,12 +258,51 @@ class PriorPredictiveStream:
                 raise ValueError(f"obs_kwargs names site {site!r}, which the model does not have")
             kwargs[kw] = tr.nodes[site]["value"].detach()
         latents = {name: site["value"].detach() for name, site in tr.iter_stochastic_nodes() if name not in self.obs_kwargs}
+        if not self._checked:
+            self._check_observed(d.args, kwargs)
+            self._checked = True
         return Dataset(*d.args, **kwargs), latents
+
+    def _check_observed(self, args: tuple, kwargs: dict) -> None:
+        """Every site named in ``obs_kwargs`` must be observed when the model gets the simulated keywords."""
+        rng = pyro.util.get_rng_state()  # the check must not shift the stream's random numbers
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        try:
+            with poutine.block():
+                tr = poutine.trace(self.model).get_trace(*args, **kwargs)
+        except Exception as e:
+            raise ValueError(
+                f"the model failed when given the simulated observations as keywords "
+                f"({', '.join(f'{kw}= from site {s!r}' for s, kw in self.obs_kwargs.items())}): "
+                f"{type(e).__name__}: {e}; obs_kwargs must map each observed site to the keyword that feeds its obs="
+            ) from e
+        finally:
+            pyro.util.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+        observed = [
+            n for n, s in tr.nodes.items() if s["type"] == "sample" and s["is_observed"] and not s["infer"].get("_deterministic")
+        ]
+        for site, kw in self.obs_kwargs.items():
+            node = tr.nodes.get(site)
+            if node is not None and node["type"] == "sample" and node["is_observed"]:
+                continue
+            hint = f"observed sites: {', '.join(map(repr, observed))}" if observed else "the model has no observed site"
+            raise ValueError(
+                f"obs_kwargs maps site {site!r} to keyword {kw!r}, but {site!r} is a latent (unobserved) site of the "
+                f"model even with {kw}= set, so its simulated draw would be passed as data; obs_kwargs must name the "
+                f"observed site whose obs= the keyword {kw!r} feeds ({hint})"
+            )
 
     def batches(self, batch_size: int) -> Iterator[list[Dataset]]:
         """Endless batches of ``batch_size`` datasets."""
-        while True:
-            yield [self.sample() for _ in range(batch_size)]
+        batch_size = _check_batch_size(batch_size)  # checked now, not at the first batch
+
+        def gen():
+            while True:
+                yield [self.sample() for _ in range(batch_size)]
+
+        return gen()
 
     def __iter__(self) -> Iterator[Dataset]:
         while True:
@@ -218,11 +310,20 @@ class PriorPredictiveStream:
 
 
 def iterate_batches(datasets: Iterable, batch_size: int) -> Iterator[list[Dataset]]:
-    """Cycle endlessly over a finite collection in shuffled batches of ``batch_size``."""
+    """Cycle endlessly over a finite collection in shuffled batches of ``batch_size``.
+
+    :raises TypeError, ValueError: at the call, when ``batch_size`` is not an int >= 1 or the
+        collection is empty.
+    """
+    batch_size = _check_batch_size(batch_size)
     items = [as_dataset(d) for d in datasets]
     if not items:
         raise ValueError("the dataset collection is empty")
-    while True:
-        perm = torch.randperm(len(items)).tolist()
-        for i in range(0, len(items), batch_size):
-            yield [items[j] for j in perm[i : i + batch_size]]
+
+    def gen():
+        while True:
+            perm = torch.randperm(len(items)).tolist()
+            for i in range(0, len(items), batch_size):
+                yield [items[j] for j in perm[i : i + batch_size]]
+
+    return gen()

@@ -1,0 +1,203 @@
+"""Datasets: default per-observation features, prior predictive streams, batching."""
+
+import re
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_stein import Dataset, PriorPredictiveStream
+from pyro_stein.data import default_dataset_fn, iterate_batches
+
+from .conftest import tensor
+
+
+def two_covariate_model(X, Z, y=None):
+    """y_i ~ N(x_i w + z_i v, 0.5): two covariate matrices of different widths."""
+    w = pyro.sample("w", dist.Normal(X.new_zeros(X.shape[1]), 1.0).to_event(1))
+    v = pyro.sample("v", dist.Normal(Z.new_zeros(Z.shape[1]), 1.0).to_event(1))
+    with pyro.plate("data", X.shape[0]):
+        return pyro.sample("obs", dist.Normal(X @ w + Z @ v, 0.5), obs=y)
+
+
+def reversed_signature_model(Z, X, y=None):
+    """The same model, its covariates declared in the other order."""
+    return two_covariate_model(X, Z, y)
+
+
+def var_keyword_model(y=None, **covariates):
+    """Covariates only through ``**kwargs``: no declared order, so they are sorted by name."""
+    return two_covariate_model(covariates["X"], covariates["Z"], y)
+
+
+class UnreadableSignatureModel:
+    """A callable whose signature ``inspect.signature`` cannot read: keywords are sorted by name."""
+
+    __signature__ = "not a signature"
+
+    def __call__(self, *args, **kwargs):
+        return two_covariate_model(*args, **kwargs)
+
+
+def regression_model(X, y=None):
+    """sigma ~ HalfNormal(1), w ~ N(0, I); y_i ~ N(x_i w, sigma)."""
+    sigma = pyro.sample("sigma", dist.HalfNormal(tensor(1.0)))
+    w = pyro.sample("w", dist.Normal(X.new_zeros(X.shape[1]), 1.0).to_event(1))
+    with pyro.plate("data", X.shape[0]):
+        return pyro.sample("obs", dist.Normal(X @ w, sigma), obs=y)
+
+
+def covariates(n=6):
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(n, 2, generator=g).to(tensor(0.0))
+    Z = (5 + torch.randn(n, 3, generator=g)).to(tensor(0.0))
+    y = torch.randn(n, generator=g).to(tensor(0.0))
+    return X, Z, y
+
+
+TWO_COVARIATE_LATENTS = {"w": tensor([1.0, -1.0]), "v": tensor([0.5, 2.0, 0.0])}
+
+
+@pytest.mark.parametrize(
+    "model, first",
+    [
+        (two_covariate_model, "X"),
+        (reversed_signature_model, "Z"),
+        (var_keyword_model, "X"),
+        (UnreadableSignatureModel(), "X"),
+    ],
+    ids=["signature", "reversed-signature", "var-keyword", "unreadable-signature"],
+)
+@pytest.mark.parametrize(
+    "form",
+    ["X=,Z=,y=", "Z=,X=,y=", "y=,Z=,X=", "positional"],
+)
+def test_default_features_column_order_ignores_keyword_order(model, first, form):
+    X, Z, y = covariates()
+    named = {"X": X, "Z": Z}
+    if form == "positional":
+        if model is var_keyword_model:
+            pytest.skip("takes its covariates by keyword only")
+        args, kwargs = tuple(named[k] for k in (first, "XZ".replace(first, ""))), {"y": y}
+    else:
+        args, kwargs = (), {k: {"X": X, "Z": Z, "y": y}[k] for k in form.replace("=", "").split(",")}
+    feats = default_dataset_fn(model, TWO_COVARIATE_LATENTS, args, kwargs)
+    second = "XZ".replace(first, "")
+    expected = torch.cat([y.unsqueeze(-1), named[first], named[second]], -1)
+    assert feats.shape == (6, 6)
+    assert torch.equal(feats, expected)
+
+
+@pytest.mark.parametrize(
+    "make_dataset, original",
+    [
+        (lambda X, y: ((X[:0],), {"y": y[:0]}), "ZeroDivisionError"),  # empty dataset: a plate of size 0
+        (lambda X, y: ((torch.cat([X, X], -1),), {"y": y}), "RuntimeError"),  # 6 covariates, w has 3
+        (lambda X, y: ((X.tolist(),), {"y": y}), "AttributeError"),  # a list instead of a tensor
+    ],
+    ids=["empty", "wider-covariates", "not-a-tensor"],
+)
+def test_default_features_model_failure_is_explained(make_dataset, original):
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(10, 3, generator=g).to(tensor(0.0)), torch.randn(10, generator=g).to(tensor(0.0))
+    args, kwargs = make_dataset(X, y)
+    latents = {"sigma": tensor(1.0), "w": tensor([1.0, 0.0, -1.0])}
+    with pytest.raises(ValueError, match=rf"model failed on this dataset while its observations were being read \({original}") as info:
+        default_dataset_fn(regression_model, latents, args, kwargs)
+    assert "check the dataset" in str(info.value) and "empty" in str(info.value)
+    assert type(info.value.__cause__).__name__ == original
+
+
+def test_default_features_explicit_errors_kept():
+    with pytest.raises(ValueError, match="no observed sites"):
+        default_dataset_fn(regression_model, {"sigma": tensor(1.0), "w": tensor([1.0])}, (tensor([[1.0], [2.0]]),), {})
+
+
+@pytest.mark.parametrize(
+    "extra, appended",
+    [
+        (lambda n: tensor([1.0, 2.0, 3.0]), False),  # a 1-D prior-parameter vector of another length
+        (lambda n: torch.ones(n + 1, 2, dtype=tensor(0.0).dtype), False),  # a matrix with another row count
+        (lambda n: torch.arange(n), False),  # an integer tensor (e.g. group indices)
+        (lambda n: torch.ones(n, dtype=tensor(0.0).dtype), True),  # one row per observation: a covariate
+        (lambda n: torch.ones(n, 2, dtype=tensor(0.0).dtype), True),
+    ],
+    ids=["prior-vector", "other-row-count", "integer", "vector-covariate", "matrix-covariate"],
+)
+@pytest.mark.parametrize("n", [1, 4])
+def test_default_features_covariate_rule(extra, appended, n):
+    """Floating tensors with first dim == N are covariates, only when N > 1; other tensors are left alone."""
+
+    def model(X, extra, y=None):
+        return regression_model(X, y)
+
+    X, y = torch.ones(n, 1, dtype=tensor(0.0).dtype), torch.zeros(n, dtype=tensor(0.0).dtype)
+    e = extra(n).to(X.device)
+    feats = default_dataset_fn(model, {"sigma": tensor(1.0), "w": tensor([1.0])}, (X, e), {"y": y})
+    width = 1 + (1 + (e.reshape(n, -1).shape[1] if appended else 0) if n > 1 else 0)
+    assert feats.shape == (n, width)
+
+
+@pytest.mark.parametrize("site", ["sigma", "w"])
+def test_stream_rejects_latent_obs_site(site):
+    pyro.set_rng_seed(0)
+    stream = PriorPredictiveStream(regression_model, lambda: Dataset(torch.randn(8, 3).to(tensor(0.0))), obs_kwargs={site: "y"})
+    with pytest.raises(ValueError, match=rf"'{site}' is a latent \(unobserved\) site of the model even with y= set.*observed site whose obs=.*'obs'"):
+        stream.sample()
+
+
+def test_stream_checks_obs_sites_once_without_changing_the_draws():
+    calls = []
+
+    def counted(X, y=None):
+        calls.append(y is None)
+        return regression_model(X, y)
+
+    make = lambda: Dataset(torch.randn(8, 3).to(tensor(0.0)))  # noqa: E731
+    stream = PriorPredictiveStream(counted, make, obs_kwargs={"obs": "y"})
+    pyro.set_rng_seed(0)
+    (d1, l1), (d2, l2) = stream.sample_with_latents(), stream.sample_with_latents()
+    assert calls == [True, False, True]  # one checking run, on the first sample only
+    assert {"sigma", "w"} <= set(l1) and "obs" not in l1 and d1.kwargs["y"].shape == (8,) and not torch.equal(d1.kwargs["y"], d2.kwargs["y"])
+
+    unchecked = PriorPredictiveStream(counted, make, obs_kwargs={"obs": "y"})
+    unchecked._checked = True
+    pyro.set_rng_seed(0)
+    (e1, _), (e2, _) = unchecked.sample_with_latents(), unchecked.sample_with_latents()
+    assert torch.equal(d1.kwargs["y"], e1.kwargs["y"]) and torch.equal(d2.kwargs["y"], e2.kwargs["y"])
+
+
+BAD_BATCH_SIZES = [
+    (0, ValueError),
+    (-1, ValueError),
+    (1.5, TypeError),
+    (2.0, TypeError),
+    (True, TypeError),
+    ("4", TypeError),
+    (None, TypeError),
+]
+
+
+@pytest.mark.parametrize("batch_size, error", BAD_BATCH_SIZES)
+def test_iterate_batches_validates_batch_size(batch_size, error):
+    with pytest.raises(error, match=rf"batch_size must be an int >= 1.*got {re.escape(repr(batch_size))}"):
+        iterate_batches([Dataset(tensor([1.0]))], batch_size)
+
+
+@pytest.mark.parametrize("batch_size, error", BAD_BATCH_SIZES)
+def test_stream_batches_validates_batch_size(batch_size, error):
+    stream = PriorPredictiveStream(regression_model, lambda: Dataset(torch.randn(4, 2).to(tensor(0.0))), obs_kwargs={"obs": "y"})
+    with pytest.raises(error, match=rf"batch_size must be an int >= 1.*got {re.escape(repr(batch_size))}"):
+        stream.batches(batch_size)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 5])
+def test_iterate_batches_cycles_in_batches(batch_size):
+    items = [Dataset(tensor([float(i)])) for i in range(5)]
+    batches = iterate_batches(items, batch_size)
+    epoch = [next(batches) for _ in range(-(-5 // batch_size))]
+    assert all(len(b) == batch_size for b in epoch[:-1]) and 1 <= len(epoch[-1]) <= batch_size
+    assert sorted(float(d.args[0]) for b in epoch for d in b) == [0.0, 1.0, 2.0, 3.0, 4.0]
+    stream = PriorPredictiveStream(regression_model, lambda: Dataset(torch.randn(4, 2).to(tensor(0.0))), obs_kwargs={"obs": "y"})
+    assert len(next(stream.batches(batch_size))) == batch_size
