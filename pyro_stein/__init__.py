@@ -7,7 +7,7 @@ variational gradient, as a Pyro guide (:class:`AmortizedSteinGuide`) with an Inf
 
 from .data import Dataset, PriorPredictiveStream
 from .ebm import AmortizedMLE, ContrastiveDivergence, GaussianBernoulliRBM
-from .guide import AmortizedSteinGuide
+from .guide import AmortizedSteinGuide, ModelParameterWarning
 from .infer import AmortizedSVGD, NonFiniteDatasetWarning, refine
 from .kernels import IMQKernel, RadialKernel, RBFKernel
 from .laplace import LaplaceFrameWarning
@@ -25,6 +25,7 @@ __all__ = [
     "GaussianBernoulliRBM",
     "IMQKernel",
     "LaplaceFrameWarning",
+    "ModelParameterWarning",
     "NonFiniteDatasetWarning",
     "NonFiniteLogJointError",
     "PriorPredictiveStream",

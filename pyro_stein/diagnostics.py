@@ -76,9 +76,17 @@ def stein_discrepancy(
 def guide_ksd(guide, *args, num_samples: int = 500, kernel: RadialKernel | None = None, **kwargs) -> float:
     """``KSD^2`` of a guide's draws for the dataset ``(*args, **kwargs)``: a reference-free fit signal.
 
+    It scores the sampler's own draws, before any ``moment_correction`` or ``mcmc_steps`` polish,
+    so it says how well the trained sampler handles this dataset (large: refine, or retrain on
+    datasets like it); polished draws are usually closer to the posterior than it suggests.
+
     :param AmortizedSteinGuide guide: a (possibly amortized) guide.
-    :param int num_samples: draws to score.
+    :param int num_samples: draws to score (at least 2: the estimate pairs distinct draws).
     """
+    from .guide import _num_samples
+
+    if _num_samples(num_samples) < 2:
+        raise ValueError(f"num_samples must be at least 2 (the KSD pairs distinct draws), got {num_samples!r}")
     guide.setup(*args, **kwargs)
     z = guide.draw(num_samples, *guide.context_and_frame(*args, **kwargs))
     with torch.enable_grad():

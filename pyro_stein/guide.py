@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import operator
 import warnings
 from contextlib import ExitStack
 from typing import Callable, Sequence
@@ -26,7 +27,7 @@ from .nn import DeepSetEncoder, GaussianResidualSampler
 from .stein import ksd, stein_moment_correction, stein_moment_residual
 from .transforms import support_bijection
 
-__all__ = ["AmortizedSteinGuide", "SamplerDistribution", "init_to_mean_or_feasible"]
+__all__ = ["AmortizedSteinGuide", "ModelParameterWarning", "SamplerDistribution", "init_to_mean_or_feasible"]
 
 
 _CACHE_TOKENS = itertools.count()
@@ -53,9 +54,34 @@ def _inf_if_not_finite(x: Tensor) -> Tensor:
 def _discrete_site_error(name: str, fn) -> ValueError:
     return ValueError(
         f"latent site {name!r} is discrete ({type(fn).__name__}); AmortizedSteinGuide handles continuous latents "
-        "only. Marginalise it out of the model (enumerate it with @pyro.infer.config_enumerate and sum it out, "
-        "e.g. with pyro.ops / a logsumexp over its values), or make it observed."
+        "only, and does not enumerate. Sum it out of the model by hand (e.g. a mixture distribution such as "
+        "MixtureSameFamily, or pyro.factor with a logsumexp over its values), or make it observed."
     )
+
+
+def _num_samples(num_samples, arg: str = "num_samples") -> int:
+    """``num_samples`` as an ``int`` >= 1 (any integer type: ``numpy.int64``, a 0-d integer tensor)."""
+    try:
+        n = operator.index(num_samples)
+    except TypeError:
+        n = None
+    if n is None or isinstance(num_samples, bool) or n < 1:
+        raise ValueError(f"{arg} must be a positive int, got {num_samples!r}")
+    return n
+
+
+def _dataset_sequence(datasets, arg: str = "datasets"):
+    """``datasets`` itself, once it is known not to be a single dataset (a common slip)."""
+    if isinstance(datasets, (Dataset, dict, Tensor)):
+        raise TypeError(
+            f"{arg} must be a sequence of datasets (each a Dataset, a tuple of the model's arguments or a dict of its "
+            f"keyword arguments), got a single {type(datasets).__name__}: wrap it in a list"
+        )
+    return datasets
+
+
+class ModelParameterWarning(UserWarning):
+    """The model has ``pyro.param`` sites, which :class:`AmortizedSVGD` does not fit: they keep their values."""
 
 
 class init_to_mean_or_feasible:
@@ -377,6 +403,15 @@ class AmortizedSteinGuide(AutoContinuous):
             if site_is_subsample(site) and site["fn"].subsample_size is not None and site["fn"].subsample_size < site["fn"].size
         }
         self.deterministic_names = [n for n, s in full.nodes.items() if s["type"] == "sample" and s["infer"].get("_deterministic")]
+        params = [n for n, site in full.nodes.items() if site["type"] == "param"]
+        if params:
+            warnings.warn(
+                f"the model has pyro.param site(s) {params}: AmortizedSVGD fits the guide only, so they keep their "
+                "current values (inference is conditional on them). Fit them first (e.g. SVI with AutoNormal), "
+                "or make them latent sample sites with a prior.",
+                ModelParameterWarning,
+                stacklevel=3,
+            )
         self.log_density = ModelLogDensity(self._raw_model[0], self.sites, self.vectorize)
         init_loc = pack(self._init_values(), self.sites, batch_dims=0)
         if not torch.isfinite(init_loc).all():
@@ -706,7 +741,7 @@ class AmortizedSteinGuide(AutoContinuous):
             self.frame_summary_scale.copy_(torch.where(varies, sd, torch.ones_like(sd)))
         if self._user_encoder is not None:
             return
-        feats = collate_features([self._features_of(d) for d in datasets])
+        feats = collate_features([self._features_of(d, i) for i, d in enumerate(datasets)])
         self.encoder.set_standardization(feats.features, feats.mask)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -714,9 +749,13 @@ class AmortizedSteinGuide(AutoContinuous):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _init_values(self) -> dict:
+        """The prototype trace's latent values, in the networks' dtype and device once they exist (after ``.to()``)."""
         if self.prototype_trace is None:
             return {}
-        return {n: s["value"].detach() for n, s in self.prototype_trace.iter_stochastic_nodes()}
+        like = self._like() if self.sampler is not None else None
+        return {n: s["value"].detach() if like is None or not s["value"].is_floating_point()
+                else s["value"].detach().to(dtype=like.dtype, device=like.device)
+                for n, s in self.prototype_trace.iter_stochastic_nodes()}
 
     @staticmethod
     def _raw_frame_summary(frame: tuple[Tensor, Tensor]) -> Tensor:
@@ -742,7 +781,7 @@ class AmortizedSteinGuide(AutoContinuous):
 
     def _contexts(self, datasets: Sequence[Dataset], frame: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """:meth:`encode` of :class:`~pyro_stein.data.Dataset` objects (their features cached on them)."""
-        return self.encode(collate_features([self._features_of(d) for d in datasets]), frame)
+        return self.encode(collate_features([self._features_of(d, i) for i, d in enumerate(datasets)]), frame)
 
     def context(self, *args, **kwargs) -> Tensor | None:
         """The sampler's context for one dataset (``None`` for a non-amortized guide)."""
@@ -799,8 +838,7 @@ class AmortizedSteinGuide(AutoContinuous):
 
         :returns: ``{site: Tensor[num_samples, *site_shape]}`` in constrained space.
         """
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        num_samples = _num_samples(num_samples)
         self.setup(*args, **kwargs)
         n = max(num_samples, self.correction_samples) if self.moment_correction else num_samples
         data = [Dataset(*args, **kwargs)]
@@ -821,7 +859,8 @@ class AmortizedSteinGuide(AutoContinuous):
 
         if not self.amortized:
             raise ValueError("sample_posterior_batch needs an amortized guide (amortized=True)")
-        datasets = [as_dataset(d) for d in datasets]
+        num_samples = _num_samples(num_samples)
+        datasets = [as_dataset(d) for d in _dataset_sequence(datasets)]
         if not datasets:
             raise ValueError("datasets is empty")
         self.setup(*datasets[0].args, **datasets[0].kwargs)
@@ -909,12 +948,23 @@ class AmortizedSteinGuide(AutoContinuous):
                 out.append(hmc_polish(zi, fn, self.mcmc_steps, leapfrog, initial=initial)[0])
         return torch.stack(out)
 
-    def _features_of(self, dataset) -> Tensor:
+    def _features_of(self, dataset, position: int = 0) -> Tensor:
+        """One dataset's features ``(N, F)`` in the networks' dtype (cached on it); ``position`` (in its batch)
+        is what error messages call it."""
         key = ("features", self._cache_token)
         feats = dataset.cache.get(key)
         if feats is None:
-            f = self.dataset_features(*dataset.args, **dataset.kwargs)
-            feats = dataset.cache[key] = f.features[0, : int(f.mask[0].sum())]
+            try:
+                f = self.dataset_features(*dataset.args, **dataset.kwargs)
+            except (TypeError, ValueError) as e:
+                if not position:
+                    raise
+                raise type(e)(str(e).replace("dataset 0", f"dataset {position}").replace(
+                    "the dataset's", f"dataset {position}'s")) from e
+            feats = f.features[0, : int(f.mask[0].sum())]
+            if self.sampler is not None and feats.dtype != self._like().dtype:
+                feats = feats.to(self._like().dtype)  # e.g. integer features, or a dataset_fn in another precision
+            dataset.cache[key] = feats
         return feats
 
     def sample_latent(self, *args, **kwargs):

@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 __all__ = [
     "LatentSite",
+    "ModelEvaluationError",
     "ModelLogDensity",
     "NonFiniteLogJointError",
     "VectorizationWarning",
@@ -40,6 +41,10 @@ __all__ = [
 
 class NonFiniteLogJointError(ValueError):
     """The model's log joint (or its gradient) is not finite at some particle."""
+
+
+class ModelEvaluationError(ValueError):
+    """The model raised an error while its log density was evaluated at the guide's latent values."""
 
 
 class VectorizationWarning(UserWarning):
@@ -306,7 +311,22 @@ class ModelLogDensity:
 
     # ---- many particles ------------------------------------------------------------------
     def _map(self, fn: Callable[[Tensor], Any], u: Tensor) -> Any:
-        """Apply a one-particle function to every row of ``u`` (shape ``(P, D)``)."""
+        """Apply a one-particle function to every row of ``u`` (shape ``(P, D)``); an error the model raises
+        comes back as a :class:`ModelEvaluationError` that says where to look (chained to the original)."""
+        try:
+            return self._map_unchecked(fn, u)
+        except (NonFiniteLogJointError, ModelEvaluationError):
+            raise
+        except Exception as e:  # noqa: BLE001 - re-raised with context
+            layout = ", ".join(f"{s.name!r} {tuple(s.shape)}" for s in self.sites)
+            raise ModelEvaluationError(
+                f"the model raised {type(e).__name__} ({str(e).splitlines()[0] if str(e) else 'no message'}) when "
+                f"evaluated at the guide's latent values (sites {layout}). Check the arguments passed: data of "
+                "another form than the guide was set up with (e.g. another number of features or groups) changes "
+                "the latent sites' shapes, and needs a new guide."
+            ) from e
+
+    def _map_unchecked(self, fn: Callable[[Tensor], Any], u: Tensor) -> Any:
         if self._mode is None:
             self._mode = self._choose_mode(fn, u)
         if self._mode == "vmap":

@@ -38,6 +38,17 @@ def test_missing_site_and_bad_input_errors():
         stein_discrepancy(plated_model, torch.zeros(5), y)
 
 
+@pytest.mark.parametrize("n", [0, 1, 2.5, True])
+def test_guide_ksd_checks_num_samples(n):
+    from pyro_stein import AmortizedSteinGuide
+    from pyro_stein.diagnostics import guide_ksd
+
+    y = tensor([0.3, 1.2])
+    guide = AmortizedSteinGuide(plated_model).setup(y)
+    with pytest.raises(ValueError, match="num_samples must be"):
+        guide_ksd(guide, y, num_samples=n)
+
+
 def test_plot_sbc_writes_a_figure(tmp_path):
     pytest.importorskip("matplotlib")
     import matplotlib

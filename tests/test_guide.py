@@ -3,6 +3,7 @@
 import math
 import warnings
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
@@ -11,8 +12,8 @@ import torch
 from pyro.infer import Predictive
 from pyro.distributions import constraints
 
-from pyro_stein import AmortizedSteinGuide, AmortizedSVGD, NonFiniteLogJointError, RBFKernel
-from pyro_stein.logjoint import VectorizationWarning
+from pyro_stein import AmortizedSteinGuide, AmortizedSVGD, ModelParameterWarning, NonFiniteLogJointError, RBFKernel
+from pyro_stein.logjoint import ModelEvaluationError, VectorizationWarning
 
 from .conftest import tensor
 
@@ -247,8 +248,9 @@ def test_data_of_the_wrong_shape_raises_the_models_error_and_keeps_vectorization
     wide = torch.cat([X, X], -1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", VectorizationWarning)
-        with pytest.raises(RuntimeError):
+        with pytest.raises(ModelEvaluationError, match=r"'beta' \(3,\).*another number of features") as err:
             ld.log_density(u, (wide, y))
+        assert isinstance(err.value.__cause__, RuntimeError), "chained to the model's own error"
         assert ld._mode is None, "a failed first evaluation must not choose the loop"
         ld.log_density(u, (X, y))
     assert ld._mode == "vmap"
@@ -283,8 +285,34 @@ def test_discrete_latent_site_error_names_site():
     def model():
         pyro.sample("k", dist.Categorical(tensor([0.3, 0.7])))
 
-    with pytest.raises(ValueError, match=r"'k'.*config_enumerate"):
+    with pytest.raises(ValueError, match=r"'k' is discrete .*does not enumerate. Sum it out of the model by hand") as err:
         AmortizedSteinGuide(model).setup()
+    assert "config_enumerate" not in str(err.value), "enumeration does not help: the message must not suggest it"
+
+
+def test_model_parameters_are_flagged_and_left_alone():
+    def model():
+        shift = pyro.param("shift", tensor(0.5))
+        pyro.sample("x", dist.Normal(shift, tensor(1.0)))
+
+    pyro.clear_param_store()
+    with pytest.warns(ModelParameterWarning, match=r"\['shift'\].*keep their current values"):
+        guide = AmortizedSteinGuide(model).setup()
+    AmortizedSVGD(model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=4).step()
+    assert float(pyro.param("shift").detach()) == 0.5
+
+
+@pytest.mark.parametrize("n", [np.int64(7), torch.tensor(7), 7])
+def test_num_samples_accepts_any_integer_type(n):
+    guide = AmortizedSteinGuide(lambda: pyro.sample("x", dist.Normal(tensor(0.0), tensor(1.0)))).setup()
+    assert guide.sample_posterior(n)["x"].shape == (7,)
+
+
+@pytest.mark.parametrize("n", [0, -2, 2.0, True, torch.tensor(2.5), "3"])
+def test_num_samples_rejects_non_integers(n):
+    guide = AmortizedSteinGuide(lambda: pyro.sample("x", dist.Normal(tensor(0.0), tensor(1.0)))).setup()
+    with pytest.raises(ValueError, match="num_samples must be a positive int"):
+        guide.sample_posterior(n)
 
 
 def test_support_without_bijection_error_names_site():
