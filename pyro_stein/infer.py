@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
 from .data import Dataset, PriorPredictiveStream, as_dataset, iterate_batches
-from .guide import AmortizedSteinGuide
+from .guide import AmortizedSteinGuide, _dataset_sequence
 from .kernels import RadialKernel, RBFKernel
 from .logjoint import ModelLogDensity, NonFiniteLogJointError, all_finite
 from .stein import ksd_from_matrices, stein_direction_from_matrices
@@ -187,8 +187,21 @@ class AmortizedSVGD:
         if self._log_density is None:
             self._log_density = ModelLogDensity(self.model, guide.sites, guide.vectorize)
         params = _register_params(guide)
-        if getattr(guide, "_standardization_pending", False):
-            guide.fit_standardization(datasets)
+        if not getattr(guide, "_standardization_pending", False):
+            return self._move(guide, params, datasets)
+        saved = {name: b.clone() for name, b in guide.named_buffers()}
+        guide.fit_standardization(datasets)
+        try:
+            return self._move(guide, params, datasets)
+        except BaseException:  # a failed first step leaves no trace: the standardisation is fitted again next time
+            with torch.no_grad():
+                for name, b in guide.named_buffers():
+                    b.copy_(saved[name])
+            guide._standardization_pending = True
+            raise
+
+    def _move(self, guide: AmortizedSteinGuide, params: list[Tensor], datasets: Sequence[Dataset]) -> Tensor:
+        """The update itself (see :meth:`_update`)."""
         frame = guide.frames(datasets) if guide.per_dataset_frames else None  # per-dataset frames: amortized only
         if guide.amortized:
             z = guide.draw_whitened(self.num_particles, guide._contexts(datasets, frame))  # (B, n, D)
@@ -267,7 +280,7 @@ class AmortizedSVGD:
         non-finite it raises :class:`~pyro_stein.logjoint.NonFiniteLogJointError` naming the sites,
         the guide's parameters unchanged.
         """
-        datasets = [as_dataset(d) for d in datasets]
+        datasets = [as_dataset(d) for d in _dataset_sequence(datasets)]
         if not datasets:
             raise ValueError("step_batch needs at least one dataset")
         return float(self._update(datasets))
@@ -295,6 +308,9 @@ class AmortizedSVGD:
         if datasets is not None:
             if args or kwargs:
                 raise ValueError("pass either datasets=... or the model's *args/**kwargs to run(), not both")
+            _dataset_sequence(datasets)
+            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+                raise ValueError(f"batch_size must be an int >= 1 (datasets per step), got {batch_size!r}")
             if isinstance(datasets, PriorPredictiveStream):
                 batches = datasets.batches(batch_size)
             elif isinstance(datasets, Iterator):
@@ -352,7 +368,12 @@ def refine(
     refined._model = (model,)
     refined._pyro_name = f"{guide._pyro_name}_refined{id(refined)}"
     optim = optim or pyro.optim.Adam({"lr": 1e-3})
-    AmortizedSVGD(model, refined, optim, kernel=kernel, num_particles=num_particles, precondition=precondition).run(
-        num_steps, *args, progress_bar=progress_bar, **kwargs
-    )
+    try:
+        AmortizedSVGD(model, refined, optim, kernel=kernel, num_particles=num_particles, precondition=precondition).run(
+            num_steps, *args, progress_bar=progress_bar, **kwargs
+        )
+    finally:  # the copy keeps its weights; Pyro's param store forgets them (one refine per dataset must not pile up)
+        store = pyro.get_param_store()
+        for name in [n for n in store._params if n.startswith(f"{refined._pyro_name}$$$")]:
+            store._param_to_name.pop(store._params.pop(name), None)
     return refined

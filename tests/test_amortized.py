@@ -12,6 +12,7 @@ from pyro_stein import (
     AmortizedSVGD,
     Dataset,
     LaplaceFrameWarning,
+    NonFiniteLogJointError,
     PriorPredictiveStream,
     RBFKernel,
     refine,
@@ -348,6 +349,84 @@ def test_malformed_datasets_get_clear_errors():
         AmortizedSVGD(regression_model, guide, pyro.optim.Adam({"lr": 1e-3})).step_batch([42])
     with pytest.raises(ValueError, match="amortized"):
         AmortizedSteinGuide(regression_model).sample_posterior_batch(3, [d])
+
+
+def test_batch_errors_name_the_datasets_position_and_single_datasets_are_rejected():
+    pyro.set_rng_seed(0)
+    stream = PriorPredictiveStream(regression_model, make_regression_args, {"y": "y"})
+    good = [stream.sample() for _ in range(3)]
+    guide = AmortizedSteinGuide(regression_model, amortized=True).setup(*good[0].args, **good[0].kwargs)
+    nan = Dataset(good[2].args[0], y=torch.full_like(good[2].kwargs["y"], float("nan")))
+    with pytest.raises(ValueError, match="dataset 2 has non-finite features"):
+        guide.sample_posterior_batch(5, [good[0], good[1], nan])
+    with pytest.raises(ValueError, match="dataset 2 has non-finite features"):
+        AmortizedSVGD(regression_model, guide, pyro.optim.Adam({"lr": 1e-3}), num_particles=4).step_batch([good[0], good[1], nan])
+    with pytest.raises(TypeError, match="got a single Dataset: wrap it in a list"):
+        guide.sample_posterior_batch(5, good[0])
+    with pytest.raises(ValueError, match="num_samples must be a positive int, got 0"):
+        guide.sample_posterior_batch(0, good)
+
+
+def test_a_failed_first_step_leaves_the_standardisation_unfitted():
+    """The first step fits the encoder's feature standardisation on its batch; when that step raises (every
+    dataset non-finite), the buffers are restored and the next step fits them on its own batch."""
+    y = [torch.randn(6).to(tensor(0.0)) for _ in range(4)]
+    huge = torch.finfo(tensor(0.0).dtype).max
+    good = [Dataset(6, 0.5, y=y[0]), Dataset(6, 0.5, y=y[1])]
+    bad = [Dataset(6, huge, y=10 * y[2]), Dataset(6, huge, y=10 * y[3])]
+    guide = AmortizedSteinGuide(penalised_mean_model, amortized=True).setup(*good[0].args, **good[0].kwargs)
+    before = {k: v.clone() for k, v in guide.named_buffers()}
+    svgd = AmortizedSVGD(penalised_mean_model, guide, pyro.optim.Adam({"lr": 1e-3}), num_particles=8)
+    with pytest.raises(NonFiniteLogJointError, match="every dataset of this batch is non-finite"):
+        svgd.step_batch(bad)
+    assert all(torch.equal(before[k], v) for k, v in guide.named_buffers()), "the failed step changed buffers"
+    assert guide._standardization_pending
+    svgd.step_batch(good)
+    fresh = AmortizedSteinGuide(penalised_mean_model, amortized=True).setup(*good[0].args, **good[0].kwargs)
+    fresh.fit_standardization(good)
+    assert all(torch.equal(dict(fresh.named_buffers())[k], v) for k, v in guide.named_buffers()), (
+        "the standardisation must be the one fitted on the first step that succeeded")
+
+
+def test_refine_leaves_nothing_in_the_param_store():
+    pyro.set_rng_seed(0)
+    stream = PriorPredictiveStream(mean_model, make_mean_args, {"y": "y"})
+    d = stream.sample()
+    guide = AmortizedSteinGuide(mean_model, amortized=True).setup(*d.args, **d.kwargs)
+    AmortizedSVGD(mean_model, guide, pyro.optim.Adam({"lr": 1e-3}), num_particles=4).step_batch([d])
+    names = set(pyro.get_param_store().keys())
+    for _ in range(3):
+        refine(guide, 2, *d.args, num_particles=4, **d.kwargs)
+    assert set(pyro.get_param_store().keys()) == names
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
+def test_run_checks_batch_size_and_datasets(batch_size):
+    pyro.set_rng_seed(0)
+    stream = PriorPredictiveStream(mean_model, make_mean_args, {"y": "y"})
+    data = [stream.sample() for _ in range(3)]
+    guide = AmortizedSteinGuide(mean_model, amortized=True)
+    svgd = AmortizedSVGD(mean_model, guide, pyro.optim.Adam({"lr": 1e-3}), num_particles=4)
+    with pytest.raises(ValueError, match=f"batch_size must be an int >= 1 .*got {batch_size!r}"):
+        svgd.run(1, datasets=data, batch_size=batch_size, progress_bar=False)
+    with pytest.raises(TypeError, match="got a single Dataset: wrap it in a list"):
+        svgd.run(1, datasets=data[0], progress_bar=False)
+
+
+def test_guide_moved_to_another_dtype_keeps_working_and_casts_features():
+    """After guide.to(dtype) every model evaluation (feature read-out, frame search, KSD) uses values of that
+    dtype, and features of another dtype (here integers from a dataset_fn) are cast to the networks'."""
+    other = torch.float32 if tensor(0.0).dtype == torch.float64 else torch.float64
+    pyro.set_rng_seed(0)
+    stream = PriorPredictiveStream(regression_model, make_regression_args, {"y": "y"})
+    d = stream.sample()
+    moved = Dataset(d.args[0].to(other), y=d.kwargs["y"].to(other))
+    for kw in [{}, {"whiten": "laplace"}, {"dataset_fn": lambda x, y=None: torch.stack([x, y], -1).round().long()}]:
+        guide = AmortizedSteinGuide(regression_model, amortized=True, **kw).setup(*d.args, **d.kwargs)
+        guide.to(other)
+        beta = guide.sample_posterior(5, *moved.args, **moved.kwargs)["beta"]
+        assert beta.dtype == other and torch.isfinite(beta).all(), kw
+        assert math.isfinite(guide_ksd(guide, *moved.args, num_samples=20, **moved.kwargs)), kw
 
 
 def test_refine_starts_from_amortized_weights_and_leaves_original_alone():
