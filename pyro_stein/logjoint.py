@@ -355,7 +355,8 @@ class ModelLogDensity:
                 stacklevel=4,
             )
             return "loop"
-        want = [fn(row) for row in probe.unbind(0)]
+        with pyro.validation_enabled(False):  # as under vmap: a value outside a support is -inf, not an error
+            want = [fn(row) for row in probe.unbind(0)]
         got = got if isinstance(got, tuple) else (got,)
         want = list(zip(*[w if isinstance(w, tuple) else (w,) for w in want]))
         for g, w in zip(got, want):
@@ -470,7 +471,12 @@ class ModelLogDensity:
                     culprits.append(f"{name!r} (log_prob raised {type(e).__name__}: {e})")
                     continue
                 if not torch.isfinite(term):
-                    culprits.append(f"{name!r} (log_prob = {term.item()})")
+                    moved = name in self._by_name and not bool(site["fn"].support.check(site["value"]).all())
+                    culprits.append(f"{name!r} (log_prob = {term.item()}" + (
+                        f"; its value lies outside its support {site['fn'].support} here, although the guide maps "
+                        "into the support the site had at setup: the support depends on other latent values, which "
+                        "the guide cannot follow. Reparameterise, e.g. u = a * Uniform(0, 1) instead of "
+                        "Uniform(0, a))" if moved else ")"))
                     continue
                 if not term.requires_grad:
                     continue

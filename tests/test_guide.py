@@ -290,6 +290,21 @@ def test_discrete_latent_site_error_names_site():
     assert "config_enumerate" not in str(err.value), "enumeration does not help: the message must not suggest it"
 
 
+def test_a_support_that_depends_on_another_latent_is_named_in_the_error():
+    def model():
+        a = pyro.sample("a", dist.LogNormal(tensor(0.0), tensor(1.0)))
+        pyro.sample("u", dist.Uniform(tensor(0.0), a))
+
+    guide = AmortizedSteinGuide(model).setup()
+    from pyro_stein.logjoint import ModelLogDensity
+
+    ld = ModelLogDensity(model, guide.sites)
+    u = tensor([[-3.0, 2.0]])  # a = e^-3, u mapped into (0, a_init = 1): outside (0, a)
+    lp, score = ld.log_density_and_score(u, check=False)
+    msg = ld.describe_nonfinite(u[0], (), {}, {}, lp[0], score[0])
+    assert "'u' (log_prob = -inf; its value lies outside its support" in msg and "Reparameterise" in msg
+
+
 def test_model_parameters_are_flagged_and_left_alone():
     def model():
         shift = pyro.param("shift", tensor(0.5))
