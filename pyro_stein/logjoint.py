@@ -315,7 +315,7 @@ class ModelLogDensity:
         comes back as a :class:`ModelEvaluationError` that says where to look (chained to the original)."""
         try:
             return self._map_unchecked(fn, u)
-        except (NonFiniteLogJointError, ModelEvaluationError):
+        except (NonFiniteLogJointError, ModelEvaluationError, Warning):  # a warning raised as an error stays itself
             raise
         except Exception as e:  # noqa: BLE001 - re-raised with context
             layout = ", ".join(f"{s.name!r} {tuple(s.shape)}" for s in self.sites)

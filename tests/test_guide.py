@@ -256,6 +256,24 @@ def test_data_of_the_wrong_shape_raises_the_models_error_and_keeps_vectorization
     assert ld._mode == "vmap"
 
 
+def test_a_vectorization_warning_turned_error_is_not_reported_as_a_model_error():
+    y = tensor([0.5, 1.5])
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(tensor(0.0), tensor(1.0)))
+        if mu.item() > 100:  # not vmappable
+            raise RuntimeError
+        pyro.sample("y", dist.Normal(mu, 1.0).expand([2]).to_event(1), obs=y)
+
+    guide = AmortizedSteinGuide(model).setup(y)
+    from pyro_stein.logjoint import ModelLogDensity
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VectorizationWarning)
+        with pytest.raises(VectorizationWarning):
+            ModelLogDensity(model, guide.sites).log_density(tensor([[0.3], [-1.0]]), (y,))
+
+
 def test_vmap_and_loop_agree_on_a_matrix_model():
     X, y = data()
     guide = AmortizedSteinGuide(regression_model).setup(X, y)
