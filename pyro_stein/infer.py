@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
-from .data import Dataset, PriorPredictiveStream, as_dataset, iterate_batches
+from .data import Dataset, PriorPredictiveStream, _check_batch_size, as_dataset, iterate_batches
 from .guide import AmortizedSteinGuide, _dataset_sequence
 from .kernels import RadialKernel, RBFKernel
 from .logjoint import ModelLogDensity, NonFiniteLogJointError, all_finite
@@ -309,8 +309,7 @@ class AmortizedSVGD:
             if args or kwargs:
                 raise ValueError("pass either datasets=... or the model's *args/**kwargs to run(), not both")
             _dataset_sequence(datasets)
-            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-                raise ValueError(f"batch_size must be an int >= 1 (datasets per step), got {batch_size!r}")
+            batch_size = _check_batch_size(batch_size)
             if isinstance(datasets, PriorPredictiveStream):
                 batches = datasets.batches(batch_size)
             elif isinstance(datasets, Iterator):

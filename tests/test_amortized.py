@@ -407,7 +407,7 @@ def test_run_checks_batch_size_and_datasets(batch_size):
     data = [stream.sample() for _ in range(3)]
     guide = AmortizedSteinGuide(mean_model, amortized=True)
     svgd = AmortizedSVGD(mean_model, guide, pyro.optim.Adam({"lr": 1e-3}), num_particles=4)
-    with pytest.raises(ValueError, match=f"batch_size must be an int >= 1 .*got {batch_size!r}"):
+    with pytest.raises((TypeError, ValueError), match=f"batch_size must be an int >= 1 .*got {batch_size!r}"):
         svgd.run(1, datasets=data, batch_size=batch_size, progress_bar=False)
     with pytest.raises(TypeError, match="got a single Dataset: wrap it in a list"):
         svgd.run(1, datasets=data[0], progress_bar=False)
