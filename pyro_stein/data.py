@@ -63,6 +63,16 @@ def as_dataset(obj: Any) -> Dataset:
     )
 
 
+def _dataset_sequence(datasets: Any, arg: str = "datasets") -> Any:
+    """``datasets`` itself, once it is known not to be a single dataset (a common slip)."""
+    if isinstance(datasets, (Dataset, dict, Tensor)):
+        raise TypeError(
+            f"{arg} must be a sequence of datasets (each a Dataset, a tuple of the model's arguments or a dict of its "
+            f"keyword arguments), got a single {type(datasets).__name__}: wrap it in a list"
+        )
+    return datasets
+
+
 class DatasetFeatures(NamedTuple):
     """Padded per-observation features ``(B, N_max, F)`` and a boolean mask ``(B, N_max)``."""
 
@@ -70,12 +80,15 @@ class DatasetFeatures(NamedTuple):
     mask: Tensor
 
 
-def collate_features(items: Sequence[Tensor]) -> DatasetFeatures:
-    """Pad per-dataset feature matrices ``(N_b, F)`` to a batch with a mask (no NaN padding)."""
+def collate_features(items: Sequence[Tensor], start: int = 0) -> DatasetFeatures:
+    """Pad per-dataset feature matrices ``(N_b, F)`` to a batch with a mask (no NaN padding).
+
+    :param int start: the position of ``items[0]`` in the caller's batch (error messages use it).
+    """
     if len(items) == 0:
         raise ValueError("no datasets to collate")
     mats = []
-    for i, f in enumerate(items):
+    for i, f in enumerate(items, start):
         if not isinstance(f, Tensor):
             raise TypeError(f"dataset features must be a Tensor[num_observations, num_features], got {type(f).__name__} (dataset {i})")
         if f.dim() == 1:
@@ -86,7 +99,7 @@ def collate_features(items: Sequence[Tensor]) -> DatasetFeatures:
             raise ValueError(f"dataset {i} is empty (0 observations); every dataset needs at least one observation")
         if f.shape[1] != mats[0].shape[1] if mats else False:
             raise ValueError(
-                f"dataset {i} has {f.shape[1]} features per observation but dataset 0 has {mats[0].shape[1]}; "
+                f"dataset {i} has {f.shape[1]} features per observation but dataset {start} has {mats[0].shape[1]}; "
                 "all datasets must have the same feature width"
             )
         if not torch.isfinite(f).all():

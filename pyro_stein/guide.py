@@ -18,7 +18,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.distributions import constraints
 
-from .data import Dataset, DatasetFeatures, collate_features, default_dataset_fn
+from .data import Dataset, DatasetFeatures, _dataset_sequence, collate_features, default_dataset_fn
 from .kernels import IMQKernel
 from .laplace import LaplaceFrameWarning, laplace_frames
 from .logjoint import LatentSite, ModelLogDensity, all_finite, latent_sites_from_trace, pack, unpack
@@ -68,16 +68,6 @@ def _num_samples(num_samples, arg: str = "num_samples") -> int:
     if n is None or isinstance(num_samples, bool) or n < 1:
         raise ValueError(f"{arg} must be a positive int, got {num_samples!r}")
     return n
-
-
-def _dataset_sequence(datasets, arg: str = "datasets"):
-    """``datasets`` itself, once it is known not to be a single dataset (a common slip)."""
-    if isinstance(datasets, (Dataset, dict, Tensor)):
-        raise TypeError(
-            f"{arg} must be a sequence of datasets (each a Dataset, a tuple of the model's arguments or a dict of its "
-            f"keyword arguments), got a single {type(datasets).__name__}: wrap it in a list"
-        )
-    return datasets
 
 
 class ModelParameterWarning(UserWarning):
@@ -706,12 +696,16 @@ class AmortizedSteinGuide(AutoContinuous):
     # ------------------------------------------------------------------ datasets
     def dataset_features(self, *args, **kwargs) -> DatasetFeatures:
         """Per-observation features of the dataset in ``(*args, **kwargs)``, shape ``(1, N, F)`` with a mask."""
+        return self._dataset_features(Dataset(*args, **kwargs))
+
+    def _dataset_features(self, dataset: Dataset, position: int | None = None) -> DatasetFeatures:
+        """:meth:`dataset_features`; errors call the dataset by its ``position`` in its batch when given."""
         fn = self.dataset_fn or (lambda *a, **k: default_dataset_fn(self._raw_model[0], self._init_values(), a, k))
-        feats = fn(*args, **kwargs)
-        out = collate_features([feats])
+        out = collate_features([fn(*dataset.args, **dataset.kwargs)], start=position or 0)
         if getattr(self, "feature_dim", None) is not None and out.features.shape[-1] != self.feature_dim:
+            which = "the dataset's" if position is None else f"dataset {position}'s"
             raise ValueError(
-                f"the dataset's per-observation features have width {out.features.shape[-1]}, but the guide was set up "
+                f"{which} per-observation features have width {out.features.shape[-1]}, but the guide was set up "
                 f"with width {self.feature_dim}; pass a dataset of the same form as the training datasets"
             )
         return out
@@ -954,13 +948,7 @@ class AmortizedSteinGuide(AutoContinuous):
         key = ("features", self._cache_token)
         feats = dataset.cache.get(key)
         if feats is None:
-            try:
-                f = self.dataset_features(*dataset.args, **dataset.kwargs)
-            except (TypeError, ValueError) as e:
-                if not position:
-                    raise
-                raise type(e)(str(e).replace("dataset 0", f"dataset {position}").replace(
-                    "the dataset's", f"dataset {position}'s")) from e
+            f = self._dataset_features(dataset, position)
             feats = f.features[0, : int(f.mask[0].sum())]
             if self.sampler is not None and feats.dtype != self._like().dtype:
                 feats = feats.to(self._like().dtype)  # e.g. integer features, or a dataset_fn in another precision

@@ -14,8 +14,8 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
-from .data import Dataset, PriorPredictiveStream, _check_batch_size, as_dataset, iterate_batches
-from .guide import AmortizedSteinGuide, _dataset_sequence
+from .data import Dataset, PriorPredictiveStream, _check_batch_size, _dataset_sequence, as_dataset, iterate_batches
+from .guide import AmortizedSteinGuide
 from .kernels import RadialKernel, RBFKernel
 from .logjoint import ModelLogDensity, NonFiniteLogJointError, all_finite
 from .stein import ksd_from_matrices, stein_direction_from_matrices
@@ -38,6 +38,13 @@ def _register_params(guide: AmortizedSteinGuide) -> list[Tensor]:
             store._param_to_name[p] = full
         params.append(p)
     return params
+
+
+def _unregister_params(guide: AmortizedSteinGuide) -> None:
+    """Remove the names :func:`_register_params` gave the guide's parameters (the guide keeps its weights)."""
+    store = pyro.get_param_store()
+    for name in [n for n in store._params if n.startswith(f"{guide._pyro_name}$$$")]:
+        store._param_to_name.pop(store._params.pop(name), None)
 
 
 class AmortizedSVGD:
@@ -371,8 +378,6 @@ def refine(
         AmortizedSVGD(model, refined, optim, kernel=kernel, num_particles=num_particles, precondition=precondition).run(
             num_steps, *args, progress_bar=progress_bar, **kwargs
         )
-    finally:  # the copy keeps its weights; Pyro's param store forgets them (one refine per dataset must not pile up)
-        store = pyro.get_param_store()
-        for name in [n for n in store._params if n.startswith(f"{refined._pyro_name}$$$")]:
-            store._param_to_name.pop(store._params.pop(name), None)
+    finally:  # one refine per dataset must not pile copies up in Pyro's param store
+        _unregister_params(refined)
     return refined
