@@ -25,6 +25,8 @@ from torch import Tensor
 from torch.distributions import Transform
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .graphs import GraphedLogDensity
+
 __all__ = [
     "LatentSite",
     "ModelEvaluationError",
@@ -249,11 +251,17 @@ class ModelLogDensity:
     :param str vectorize: ``"auto"`` (try :func:`torch.func.vmap`, check it once against a loop,
         fall back to the loop with a :class:`VectorizationWarning`), ``"vmap"`` (vmap or fail) or
         ``"loop"`` (one particle at a time: slow, always correct).
+    :param bool record_graph: let :meth:`log_density_and_score` replay a recorded graph (a CUDA
+        graph on a GPU) when it is called again and again with the same arguments
+        (:class:`~pyro_stein.graphs.GraphedLogDensity`; its ``status`` is ``self.graphs.status``).
+        Only for vectorized models without subsampling.
     """
 
-    def __init__(self, model: Callable, sites: Sequence[LatentSite], vectorize: str = "auto"):
+    def __init__(self, model: Callable, sites: Sequence[LatentSite], vectorize: str = "auto", record_graph: bool = False):
         if vectorize not in ("auto", "vmap", "loop"):
             raise ValueError(f"vectorize must be 'auto', 'vmap' or 'loop', got {vectorize!r}")
+        if not isinstance(record_graph, bool):
+            raise TypeError(f"record_graph must be True or False, got {record_graph!r}")
         self.model = model
         self.sites = list(sites)
         self.vectorize = vectorize
@@ -262,6 +270,10 @@ class ModelLogDensity:
         self.dim = sum(s.size for s in self.sites)
         self._by_name = {s.name: s for s in self.sites}
         self._identity = {s.name for s in self.sites if _is_identity(s.transform)}
+        # repeated calls with the same arguments: replayed from a recorded graph (see pyro_stein.graphs)
+        self.graphs = (
+            GraphedLogDensity(self._single_log_density_no_plates, can_record=lambda: self._mode == "vmap") if record_graph else None
+        )
 
     # ---- one particle --------------------------------------------------------------------
     def _condition_data(self, u: Tensor, plates: dict[str, Tensor]) -> tuple[dict, Tensor]:
@@ -283,6 +295,9 @@ class ModelLogDensity:
         lp = trace_log_prob_sum(trace) + ladj
         anchor = self._masked_out_anchor(u, trace)
         return lp if anchor is None else lp + anchor
+
+    def _single_log_density_no_plates(self, u: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        return self._single_log_density(u, args, kwargs, {})
 
     def _masked_out_anchor(self, u: Tensor, trace) -> Tensor | None:
         """``-|u_k|^2 / 2`` summed over the unconstrained entries of latent sites that a mask removes from the
@@ -391,11 +406,17 @@ class ModelLogDensity:
         :param bool check: raise :class:`NonFiniteLogJointError` naming the offending sites when a
             value or gradient is not finite.
         """
-        u = u.detach().requires_grad_(True)
-        with torch.enable_grad():
-            lp = self.log_density(u, args, kwargs, plates)
-            (score,) = torch.autograd.grad(lp.sum(), u)
-        lp = lp.detach()
+        def eager() -> tuple[Tensor, Tensor]:
+            v = u.detach().requires_grad_(True)
+            with torch.enable_grad():
+                lp = self.log_density(v, args, kwargs, plates)
+                (score,) = torch.autograd.grad(lp.sum(), v)
+            return lp.detach(), score
+
+        if self.graphs is not None and self._mode != "loop" and not plates:  # the first call decides the mode
+            lp, score = self.graphs(u.detach(), args, kwargs or {}, eager)
+        else:
+            lp, score = eager()
         if check and not all_finite(lp, score):
             bad = ~(torch.isfinite(lp) & torch.isfinite(score).all(-1))
             if bad.any():

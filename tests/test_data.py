@@ -132,7 +132,7 @@ def test_default_features_covariate_rule(extra, appended, n):
     def model(X, extra, y=None):
         return regression_model(X, y)
 
-    X, y = torch.ones(n, 1, dtype=tensor(0.0).dtype), torch.zeros(n, dtype=tensor(0.0).dtype)
+    X, y = tensor(torch.ones(n, 1)), tensor(torch.zeros(n))
     e = extra(n).to(X.device)
     feats = default_dataset_fn(model, {"sigma": tensor(1.0), "w": tensor([1.0])}, (X, e), {"y": y})
     width = 1 + (1 + (e.reshape(n, -1).shape[1] if appended else 0) if n > 1 else 0)

@@ -1,0 +1,255 @@
+"""Recorded log densities (pyro_stein.graphs): the replay must give the model's own values, and the
+bookkeeping must record only when it is safe and re-record when the data change."""
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import pytest
+import torch
+
+from pyro_stein import AmortizedSteinGuide, AmortizedSVGD, NonFiniteLogJointError
+from pyro_stein.graphs import GraphedLogDensity
+from pyro_stein.logjoint import ModelLogDensity, latent_sites_from_trace
+
+from .conftest import DEVICE, tensor
+
+
+def logreg(X, y=None):
+    w = pyro.sample("w", dist.Normal(X.new_zeros(X.shape[-1]), 1.0).to_event(1))
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("y", dist.Bernoulli(logits=X @ w), obs=y)
+
+
+def hierarchical(sigma, y=None):
+    mu = pyro.sample("mu", dist.Normal(sigma.new_tensor(0.0), 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(sigma.new_tensor(5.0)))
+    with pyro.plate("groups", sigma.shape[-1]):
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+
+def masked(y):
+    mu = pyro.sample("mu", dist.Normal(y.new_tensor(0.0), 1.0))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=y, obs_mask=y > 0)
+
+
+def selected_rows(X, y):
+    w = pyro.sample("w", dist.Normal(X.new_zeros(X.shape[-1]), 1.0).to_event(1))
+    Xp = X[y > 0]  # boolean indexing of the data: traced fine, but waits for the device (no CUDA graph)
+    with pyro.plate("data", Xp.shape[0]):
+        pyro.sample("y", dist.Normal(Xp @ w, 1.0), obs=Xp.new_ones(Xp.shape[0]))
+
+
+def branching(X, y=None):
+    w = pyro.sample("w", dist.Normal(X.new_zeros(X.shape[-1]), 1.0).to_event(1))
+    scale = 1.0 if float(y.sum()) > 0 else 2.0  # Python control flow on data: cannot be recorded
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("y", dist.Normal(X @ w, scale), obs=y)
+
+
+def _data(n=40, d=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = tensor(torch.randn(n, d, generator=g))
+    return X, tensor(torch.randint(0, 2, (n,), generator=g).double())
+
+
+def _log_density(model, *args, **kwargs):
+    tr = poutine.trace(model).get_trace(*args, **kwargs)
+    return ModelLogDensity(model, latent_sites_from_trace(tr), record_graph=True)
+
+
+def _evaluate(ld, u, args, kwargs, times):
+    out = None
+    for _ in range(times):
+        out = ld.log_density_and_score(u, args, kwargs)
+    return out
+
+
+def _assert_close(got, want, what):
+    # float64 by default: the replay runs the same operations, so only rounding (summation order) differs
+    tol = 1e-9 if want[0].dtype == torch.float64 else 1e-4
+    for g, w, name in zip(got, want, ("log density", "score")):
+        scale = float(w.abs().max())
+        assert torch.allclose(g, w, rtol=tol, atol=tol * scale), f"{what}: replayed {name} differs from the model's by {float((g - w).abs().max()):.3g}"
+
+
+def _cases():
+    X, y = _data()
+    big_X, big_y = _data(n=5000, d=2, seed=1)  # above the CPU threshold of the custom Bernoulli log-prob Function
+    sigma = tensor(torch.linspace(0.5, 2.0, 8))
+    return {
+        "logreg": (logreg, (X,), {"y": y}),
+        "logreg-fused-bernoulli": (logreg, (big_X,), {"y": big_y}),
+        "hierarchical": (hierarchical, (sigma,), {"y": tensor(torch.linspace(-3.0, 3.0, 8))}),
+        "obs_mask": (masked, (tensor([1.0, -1.0, 2.0, -0.5]),), {}),
+    }
+
+
+@pytest.mark.parametrize("case", ["logreg", "logreg-fused-bernoulli", "hierarchical", "obs_mask"])
+def test_replay_equals_the_model(case):
+    model, args, kwargs = _cases()[case]
+    ld = _log_density(model, *args, **kwargs)
+    g = torch.Generator().manual_seed(1)
+    u = tensor(torch.randn(16, ld.dim, generator=g))
+    _evaluate(ld, u, args, kwargs, ld.graphs.min_calls)
+    assert ld.graphs.status == "replaying", ld.graphs.status
+    for shift in (0.0, 0.3):  # new particles through the same recording
+        got = ld.log_density_and_score(u + shift, args, kwargs)
+        reference = ModelLogDensity(model, ld.sites).log_density_and_score(u + shift, args, kwargs)
+        _assert_close(got, reference, f"{case}, particles shifted by {shift}")
+
+
+def test_records_only_after_min_calls_and_then_skips_the_model():
+    calls = []
+
+    def counted(X, y=None):
+        calls.append(1)
+        logreg(X, y)
+
+    X, y = _data()
+    ld = _log_density(counted, X, y=y)
+    u = tensor(torch.zeros(4, ld.dim))
+    for i in range(ld.graphs.min_calls - 1):
+        ld.log_density_and_score(u, (X,), {"y": y})
+        assert ld.graphs.status == "waiting", f"recorded after {i + 1} calls"
+    ld.log_density_and_score(u, (X,), {"y": y})
+    assert ld.graphs.status == "replaying"
+    before = len(calls)
+    ld.log_density_and_score(u, (X,), {"y": y})
+    assert len(calls) == before, "a replay ran the model's Python"
+
+
+def test_in_place_change_of_the_data_is_seen():
+    X, y = _data()
+    ld = _log_density(logreg, X, y=y)
+    u = tensor(torch.randn(8, ld.dim, generator=torch.Generator().manual_seed(2)))
+    _evaluate(ld, u, (X,), {"y": y}, ld.graphs.min_calls)
+    assert ld.graphs.status == "replaying"
+    y.copy_(1.0 - y)  # in place: the recording no longer matches (version changed); the values must follow
+    reference = ModelLogDensity(logreg, ld.sites).log_density_and_score(u, (X,), {"y": y})
+    for _ in range(ld.graphs.min_calls + 1):  # before and after the second recording
+        _assert_close(ld.log_density_and_score(u, (X,), {"y": y}), reference, "after y changed in place")
+    assert ld.graphs.num_recordings == 2 and ld.graphs.status == "replaying"
+
+
+def test_new_data_every_call_switches_recording_off():
+    X, y = _data()
+    ld = _log_density(logreg, X, y=y)
+    ld.graphs.min_calls = 1
+    u = tensor(torch.zeros(4, ld.dim))
+    for _ in range(ld.graphs.max_recordings + 1):
+        ld.log_density_and_score(u, (X.clone(),), {"y": y})
+    assert ld.graphs.status.startswith("off: the arguments changed"), ld.graphs.status
+
+
+@pytest.mark.parametrize(
+    "model, args, kwargs, reason",
+    [
+        (branching, _data(), {}, "recording failed"),
+        (logreg, (_data()[0],), {"y": _data()[1].tolist()}, "an argument is neither a tensor nor a plain value"),
+    ],
+    ids=["data-dependent-branch", "list-of-floats-is-plain"],
+)
+def test_unrecordable_models_fall_back_to_the_model(model, args, kwargs, reason):
+    if isinstance(kwargs.get("y"), list):  # a list of numbers is plain: recorded; an arbitrary object is not
+        kwargs = {"y": args[0].new_tensor(kwargs["y"])}
+        args = (args[0], object())
+
+        def model(X, extra, y=None):  # noqa: F811 - a model taking an opaque object
+            logreg(X, y)
+
+    ld = _log_density(model, *args, **kwargs)
+    u = tensor(torch.randn(4, ld.dim, generator=torch.Generator().manual_seed(3)))
+    got = _evaluate(ld, u, args, kwargs, ld.graphs.min_calls + 1)
+    assert ld.graphs.status.startswith(f"off: {reason}"), ld.graphs.status
+    reference = ModelLogDensity(model, ld.sites).log_density_and_score(u, args, kwargs)
+    _assert_close(got, reference, "fallback")
+
+
+def test_disagreeing_recording_is_not_used():
+    graphs = GraphedLogDensity(lambda r, args, kwargs: -(r**2).sum(), min_calls=1)
+    u = tensor(torch.ones(3, 2))
+    wrong = (tensor(torch.zeros(3)), tensor(torch.zeros(3, 2)))  # what the "model" claims
+    got = graphs(u, (), {}, lambda: wrong)
+    assert graphs.status == "off: the recorded graph disagreed with the model's own evaluation"
+    assert got is wrong
+
+
+def test_non_finite_values_are_still_caught_when_replaying():
+    def model(y):
+        s = pyro.sample("s", dist.LogNormal(y.new_tensor(0.0), 1.0))
+        pyro.sample("y", dist.Normal(0.0, 1.0 / (s - 1.0).abs()), obs=y)  # infinite scale at s = 1
+
+    y = tensor(0.5)
+    ld = _log_density(model, y)
+    u = tensor(torch.linspace(0.5, 1.5, 5)).unsqueeze(-1)
+    _evaluate(ld, u, (y,), {}, ld.graphs.min_calls)
+    assert ld.graphs.status == "replaying"
+    with pytest.raises(NonFiniteLogJointError, match="'y'"):
+        ld.log_density_and_score(u - 1.0, (y,), {})  # the replayed shape; row 2 is u = 0, i.e. s = 1
+
+
+def test_driver_records_and_can_be_told_not_to():
+    X, y = _data()
+    pyro.set_rng_seed(0)
+    svgd = AmortizedSVGD(logreg, AmortizedSteinGuide(logreg), pyro.optim.Adam({"lr": 1e-2}), num_particles=8)
+    for _ in range(25):
+        svgd.step(X, y)
+    assert svgd._log_density.graphs.status == "replaying"
+    pyro.clear_param_store()
+    off = AmortizedSVGD(logreg, AmortizedSteinGuide(logreg), pyro.optim.Adam({"lr": 1e-2}), num_particles=8, record_graph=False)
+    off.step(X, y)
+    assert off._log_density.graphs is None
+    with pytest.raises(TypeError, match="record_graph must be True or False"):
+        AmortizedSVGD(logreg, AmortizedSteinGuide(logreg), pyro.optim.Adam({"lr": 1e-2}), record_graph="yes")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_equals_the_model_and_survives_a_failed_capture():
+    if DEVICE.type != "cuda":
+        pytest.skip("run the suite with PYRO_STEIN_DEVICE=cuda")
+    for case in ("logreg", "hierarchical"):
+        model, args, kwargs = _cases()[case]
+        ld = _log_density(model, *args, **kwargs)
+        u = tensor(torch.randn(16, ld.dim, generator=torch.Generator().manual_seed(1)))
+        _evaluate(ld, u, args, kwargs, ld.graphs.min_calls)
+        assert ld.graphs.status == "replaying" and ld.graphs._recording.graph is not None
+        reference = ModelLogDensity(model, ld.sites).log_density_and_score(u + 0.1, args, kwargs)
+        _assert_close(ld.log_density_and_score(u + 0.1, args, kwargs), reference, f"{case} on the GPU")
+    X, y = _data()
+    ld = _log_density(selected_rows, X, y)
+    u = tensor(torch.randn(4, ld.dim, generator=torch.Generator().manual_seed(4)))
+    _evaluate(ld, u, (X, y), {}, ld.graphs.min_calls)
+    assert ld.graphs.status.startswith("replaying the traced graph, without a CUDA graph:"), ld.graphs.status
+    assert "waits for the device" in ld.graphs.status
+    reference = ModelLogDensity(selected_rows, ld.sites).log_density_and_score(u, (X, y), {})
+    _assert_close(ld.log_density_and_score(u, (X, y), {}), reference, "boolean-mask model on the GPU")
+    ld = _log_density(branching, X, y)
+    _evaluate(ld, tensor(torch.zeros(4, ld.dim)), (X, y), {}, ld.graphs.min_calls)
+    assert ld.graphs.status.startswith("off: recording failed")
+    cov = tensor([[2.0, 0.5], [0.5, 1.0]])
+
+    def correlated():  # the Cholesky factor is computed (and checked, which waits for the device) in the model
+        pyro.sample("x", dist.MultivariateNormal(cov.new_zeros(2), covariance_matrix=cov))
+
+    ld = _log_density(correlated)
+    u = tensor(torch.randn(8, 2, generator=torch.Generator().manual_seed(6)))
+    _evaluate(ld, u, (), {}, ld.graphs.min_calls)
+    assert ld.graphs.status.startswith("replaying"), ld.graphs.status
+    _assert_close(ld.log_density_and_score(u, (), {}), ModelLogDensity(correlated, ld.sites).log_density_and_score(u), "MVN on the GPU")
+    # the device and its random-number generator still work after the failed and the screened recordings
+    assert torch.randn(1000, device=DEVICE).abs().max() > 0
+
+
+def test_screening_finds_operations_a_cuda_graph_cannot_hold():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from pyro_stein.graphs import _capture_hazard
+
+    x = tensor(torch.randn(6, generator=torch.Generator().manual_seed(5)))
+    mask = x > 0
+    assert _capture_hazard(make_fx(lambda v: (v * 2.0).exp().sum())(x), x) is None
+    # on a GPU the synchronisation check may name the operation less precisely; both say why
+    assert "waits for the device" in _capture_hazard(make_fx(lambda v: v[mask].sum())(x), x)
+    assert "waits for the device" in _capture_hazard(make_fx(lambda v: torch.masked_select(v, mask).sum())(x), x)
