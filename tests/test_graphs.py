@@ -253,3 +253,15 @@ def test_screening_finds_operations_a_cuda_graph_cannot_hold():
     # on a GPU the synchronisation check may name the operation less precisely; both say why
     assert "waits for the device" in _capture_hazard(make_fx(lambda v: v[mask].sum())(x), x)
     assert "waits for the device" in _capture_hazard(make_fx(lambda v: torch.masked_select(v, mask).sum())(x), x)
+
+
+def test_disagreement_is_found_next_to_an_infinite_log_density():
+    def single(r, args, kwargs):  # -inf where r[0] == 0, else -|r|^2
+        return torch.where(r[0] == 0, torch.full_like(r[0], -torch.inf), -(r**2).sum())
+
+    graphs = GraphedLogDensity(single, min_calls=1)
+    u = tensor([[0.0, 1.0], [1.0, 1.0], [1.0, 1.0]])
+    true_score = torch.where(u[:, :1] == 0, torch.zeros_like(u), -2 * u)
+    wrong = (tensor([-torch.inf, -5.0, -2.0]), true_score)  # row 1 is wrong (-2 is right); row 0 is -inf in both
+    graphs(u, (), {}, lambda: wrong)
+    assert graphs.status == "off: the recorded graph disagreed with the model's own evaluation", graphs.status
