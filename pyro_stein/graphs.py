@@ -18,19 +18,25 @@ again and again with the same arguments, that Python does the same thing every t
 A recording is tied to the arguments it was made with: the same tensor objects (held, so their
 memory cannot be reused) at the same version (an in-place change to the data is seen, since the
 graph reads their memory, and it bumps the version, which triggers a new recording), the same
-particle shape and the same non-tensor values. Arguments of other types (modules, custom objects)
-switch recording off for that log density, as does a failed trace or capture, or a first replay
-that disagrees with the ordinary evaluation. Recording waits until the same arguments come back
+particle shape and the same non-tensor values (compared with their types: ``1``, ``1.0`` and
+``True`` differ, as do ``0.0`` and ``-0.0``). Recording waits until the same arguments come back
 ``min_calls`` times in a row, so one-off evaluations never pay for it (a trace takes about 0.1-0.3 s,
-plus about 2 s the first time in a process), and stops after ``max_recordings`` recordings
-(arguments that change every call, e.g. a new copy of the data each step, would only pay the
-recording cost).
+more the first time in a process), and stops after ``max_recordings`` recordings (arguments that
+change every call, e.g. a new copy of the data each step, would only pay the recording cost).
 
-The model must be a function of its latent values and its arguments: a model that reads state
-elsewhere (a global that is reassigned between calls, parameters replaced in the param store)
-would replay stale values. Pass ``record_graph=False`` to :class:`~pyro_stein.AmortizedSVGD` for
-such models. A CUDA graph keeps its intermediate buffers allocated between calls (for logistic
-regression with 10^6 rows and 128 particles, about 2 GB).
+Nothing is recorded (``status`` says why) for arguments other than dense tensors and plain values
+(modules, custom objects, sparse tensors), for models with ``pyro.param``/``pyro.module`` sites
+(their values can be replaced between calls), for graphs whose shapes depend on the data's values
+(boolean-mask selection, ``nonzero``, ``unique``: a write that bypasses the version counter, e.g.
+through a NumPy view, would otherwise meet frozen shapes), or when the trace fails or its first
+replay disagrees with the model's own evaluation. A replay that raises falls back to the model's
+own evaluation (which raises the model's error), and every ``verify_every``-th replay is compared
+with it: a difference means the model reads state other than its arguments (a global reassigned
+between calls, a module switched between ``train()`` and ``eval()``), and recording is switched off
+with a :class:`RecordedGraphWarning`. Between two such checks a replay can be stale, so pass
+``record_graph=False`` to :class:`~pyro_stein.AmortizedSVGD` for models that read such state. A
+CUDA graph keeps its intermediate buffers allocated between calls (for logistic regression with
+10^6 rows and 128 particles, about 2 GB).
 """
 
 from __future__ import annotations
@@ -43,76 +49,92 @@ import pyro
 import torch
 from torch import Tensor
 
-__all__ = ["GraphedLogDensity"]
+__all__ = ["GraphedLogDensity", "RecordedGraphWarning"]
 
-_STATIC_TYPES = (numbers.Number, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+_PLAIN_TYPES = (numbers.Number, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
 
 
-def _signature(u: Tensor, args: tuple, kwargs: dict) -> tuple[Any, list[Tensor]] | None:
-    """A hashable description of a call (tensors by shape/dtype/device/strides, other values by
-    value) and the list of its tensors; ``None`` when an argument has a type that cannot be compared
-    safely."""
+class RecordedGraphWarning(UserWarning):
+    """A recorded log density stopped matching the model's own evaluation; recording was switched off."""
+
+
+def _signature(u: Tensor, args: tuple, kwargs: dict) -> tuple[Any, list[Tensor], list[int]] | None:
+    """A hashable description of a call (tensors by shape/dtype/device/strides, other values by type
+    and value), its tensors and their versions; ``None`` when an argument cannot be compared safely
+    (other types, sparse or inference-mode tensors)."""
     tensors: list[Tensor] = []
 
     def walk(obj: Any) -> Any:
         if isinstance(obj, Tensor):
+            if obj.layout != torch.strided:
+                raise TypeError(f"{obj.layout} tensor")
             tensors.append(obj)
             return ("tensor", tuple(obj.shape), tuple(obj.stride()), obj.dtype, obj.device)
         if isinstance(obj, (tuple, list)):
             return (type(obj).__name__,) + tuple(walk(o) for o in obj)
         if isinstance(obj, dict):
             return ("dict",) + tuple((k, walk(v)) for k, v in obj.items())
-        if isinstance(obj, _STATIC_TYPES):
-            return obj
+        if isinstance(obj, _PLAIN_TYPES):
+            return (type(obj), repr(obj))  # 1, 1.0 and True (or 0.0 and -0.0) are different arguments
         raise TypeError(type(obj).__name__)
 
     try:
         key = (walk(u), walk(tuple(args)), walk(dict(kwargs)))
         hash(key)
-    except TypeError:
+        versions = [t._version for t in tensors]
+    except (TypeError, RuntimeError):  # RuntimeError: e.g. inference tensors have no version counter
         return None
-    return key, tensors
+    return key, tensors, versions
 
 
-# Operations that wait for the GPU (their output's size or value is needed on the host): a CUDA graph
-# cannot capture them. A capture that fails half-way can leave the device's random-number generator
-# in capture mode, so such graphs are screened out beforehand (see _capture_hazard).
-_SYNCING_OPS = {
-    "aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::nonzero_static", "aten::masked_select",
-    "aten::unique", "aten::_unique", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive",
-    "aten::is_nonzero", "aten::equal", "aten::allclose", "aten::bincount", "aten::histc",
-    "aten::repeat_interleave", "aten::_assert_async", "aten::masked_scatter", "aten::index_put", "aten::index_put_",
-    "aten::_linalg_check_errors",
+# Operations whose output's shape depends on the values of their input: a trace freezes that shape.
+_VALUE_SHAPED_OPS = {
+    "aten::nonzero", "aten::nonzero_static", "aten::masked_select", "aten::unique", "aten::_unique",
+    "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::unique_dim_consecutive",
+    "aten::bincount", "aten::repeat_interleave", "aten::_local_scalar_dense", "aten::item",
+}
+# Operations that wait for the GPU (a value is needed on the host): a CUDA graph cannot capture them. A
+# capture that fails half-way can leave the device's random-number generator in capture mode, so such
+# graphs are screened out beforehand (see _screen).
+_SYNCING_OPS = _VALUE_SHAPED_OPS | {
+    "aten::is_nonzero", "aten::equal", "aten::allclose", "aten::histc", "aten::_assert_async",
+    "aten::masked_scatter", "aten::index_put", "aten::index_put_", "aten::_linalg_check_errors",
 }
 
 
-def _capture_hazard(traced: torch.fx.GraphModule, u: Tensor) -> str | None:
-    """Why the traced graph cannot be captured as a CUDA graph on ``u.device`` (``None`` when it can):
-    an operation that synchronises with the host, indexing with a boolean mask, or a copy from host
-    memory (a constant made on the CPU and moved to the GPU). Found by running the graph once,
-    looking at each operation's inputs and outputs, with CUDA's synchronisation check set to raise
-    (which also catches operations that wait for the device inside their own implementation, e.g.
-    linear-algebra routines that check their result)."""
+def _screen(traced: torch.fx.GraphModule, u: Tensor) -> tuple[str | None, str | None]:
+    """Run the traced graph once at ``u`` and look at every operation: ``(frozen, hazard)``.
+
+    ``frozen`` says why the graph must not be replayed at all (an output shape that depends on the
+    data's values, e.g. boolean-mask selection), ``hazard`` why it cannot be captured as a CUDA
+    graph on ``u.device`` (an operation that synchronises with the host, or a copy from host memory,
+    e.g. a constant made on the CPU and moved to the GPU); ``None`` when there is none. On a GPU the
+    run uses CUDA's synchronisation check set to raise, which also catches operations that wait for
+    the device inside their own implementation (e.g. linear-algebra routines checking their result).
+    """
     device = u.device
-    found: list[str] = []
+    on_gpu = device.type == "cuda"
+    found: dict[str, str] = {}
 
     class Screen(torch.fx.Interpreter):
         def run_node(self, n):
-            out = super().run_node(n)
-            if n.op != "call_function" or found:
-                return out
+            if n.op != "call_function":
+                return super().run_node(n)
             name = getattr(getattr(n.target, "_schema", None), "name", str(n.target))
-            args = [a for a in torch.utils._pytree.tree_leaves((self.map_nodes_to_values(n.args, n), self.map_nodes_to_values(n.kwargs, n))) if isinstance(a, Tensor)]
+            leaves = torch.utils._pytree.tree_leaves((self.map_nodes_to_values(n.args, n), self.map_nodes_to_values(n.kwargs, n)))
+            args = [a for a in leaves if isinstance(a, Tensor)]
+            masked = name.startswith("aten::index") and any(a.dtype == torch.bool for a in args[1:])
+            if name in _VALUE_SHAPED_OPS or (masked and name == "aten::index"):
+                found.setdefault("frozen", f"{name}{' with a boolean mask' if masked else ''}")
+            if on_gpu and (name in _SYNCING_OPS or masked):
+                found.setdefault("hazard", f"{name}{' with a boolean mask' if masked else ''} waits for the device")
+            out = super().run_node(n)
             outs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, Tensor)]
-            if name in _SYNCING_OPS:
-                found.append(f"{name} waits for the device")
-            elif name.startswith("aten::index") and any(a.dtype == torch.bool for a in args[1:]):
-                found.append(f"{name} with a boolean mask waits for the device")
-            elif any(o.device == device for o in outs) and any(a.device != device and (a.dim() > 0 or "copy" in name or name.startswith("aten::to")) for a in args):
-                found.append(f"{name} copies a tensor from {next(a.device for a in args if a.device != device)} to {device}")
+            moved = [a for a in args if a.device != device and (a.dim() > 0 or "copy" in name or name.startswith("aten::to"))]
+            if on_gpu and moved and any(o.device == device for o in outs):
+                found.setdefault("hazard", f"{name} copies a tensor from {moved[0].device} to {device}")
             return out
 
-    on_gpu = device.type == "cuda"
     previous = torch.cuda.get_sync_debug_mode() if on_gpu else 0
     try:
         with warnings.catch_warnings():  # setting the mode warns that it is a prototype feature
@@ -122,54 +144,52 @@ def _capture_hazard(traced: torch.fx.GraphModule, u: Tensor) -> str | None:
             with torch.no_grad():
                 Screen(traced).run(u)
     except RuntimeError as e:
-        found.append(f"an operation waits for the device ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        found.setdefault("hazard", f"an operation waits for the device ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
     finally:
         if on_gpu:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.cuda.set_sync_debug_mode(previous)
-    return found[0] if found else None
+    return found.get("frozen"), found.get("hazard")
 
 
 class _Recording:
     """One traced graph (and, on a GPU, its CUDA graph) for one call signature."""
 
-    def __init__(self, fn: Callable[[Tensor], tuple[Tensor, Tensor]], u: Tensor, key: Any, tensors: list[Tensor]):
+    def __init__(self, fn: Callable[[Tensor], tuple[Tensor, Tensor]], u: Tensor, key: Any, tensors: list[Tensor], versions: list[int]):
         from torch.fx.experimental.proxy_tensor import make_fx
 
         self.key = key
         self.tensors = tensors[1:]  # the arguments' tensors (the first is u itself), held
-        self.versions = [t._version for t in self.tensors]
+        self.versions = versions[1:]
         with pyro.validation_enabled(False):
             self.traced = make_fx(fn)(u.detach())
         self.graph = None
-        self.hazard = _capture_hazard(self.traced, u.detach()) if u.device.type == "cuda" else None
-        if u.device.type == "cuda" and self.hazard is None:
+        self.frozen, self.hazard = _screen(self.traced, u.detach())
+        if u.device.type == "cuda" and self.frozen is None and self.hazard is None:
             self.static_u = u.detach().clone()
             stream = torch.cuda.current_stream(u.device)
             side = torch.cuda.Stream(device=u.device)
             side.wait_stream(stream)
-            with torch.cuda.stream(side):  # warm-up off the capturing stream (library handles, workspaces)
-                self.traced(self.static_u)
-            stream.wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.outputs = self.traced(self.static_u)
+            with torch.no_grad():
+                with torch.cuda.stream(side):  # warm-up off the capturing stream (library handles, workspaces)
+                    self.traced(self.static_u)
+                stream.wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    self.outputs = self.traced(self.static_u)
             self.graph = graph
 
-    def matches(self, key: Any, tensors: list[Tensor]) -> bool:
-        return (
-            key == self.key
-            and all(a is b for a, b in zip(tensors[1:], self.tensors))
-            and all(t._version == v for t, v in zip(self.tensors, self.versions))
-        )
+    def matches(self, key: Any, tensors: list[Tensor], versions: list[int]) -> bool:
+        return key == self.key and all(a is b for a, b in zip(tensors[1:], self.tensors)) and versions[1:] == self.versions
 
     def __call__(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        if self.graph is None:
-            return self.traced(u.detach())
-        self.static_u.copy_(u.detach())
-        self.graph.replay()
-        return tuple(o.clone() for o in self.outputs)
+        with torch.no_grad():  # values only: parameters the model reads must not collect gradients
+            if self.graph is None:
+                return tuple(o.detach() for o in self.traced(u.detach()))
+            self.static_u.copy_(u.detach())
+            self.graph.replay()
+            return tuple(o.clone() for o in self.outputs)
 
 
 def _close(got: tuple[Tensor, ...], want: tuple[Tensor, ...]) -> bool:
@@ -192,7 +212,9 @@ class GraphedLogDensity:
         vector ``row`` (a scalar tensor); it is traced under ``vmap(grad_and_value(...))``.
     :param int min_calls: record at the ``min_calls``-th consecutive call with the same arguments.
     :param int max_recordings: recordings allowed before graphs are switched off.
-    :param callable can_record: checked before recording (e.g. whether the model was found vectorizable).
+    :param int verify_every: compare every ``verify_every``-th replay with ``eager()``.
+    :param callable why_not: ``why_not(u, args, kwargs)``: a reason not to record (e.g. the model was
+        not found vectorizable, or has parameter sites), or ``None``; asked once, before recording.
 
     ``status`` says what happens: ``"waiting"``, ``"replaying"`` (on a GPU, possibly without a CUDA
     graph, when the traced graph waits for the device or copies host memory; the status says which
@@ -204,49 +226,71 @@ class GraphedLogDensity:
         single: Callable[[Tensor, tuple, dict], Tensor],
         min_calls: int = 20,
         max_recordings: int = 4,
-        can_record: Callable[[], bool] = lambda: True,
+        verify_every: int = 50,
+        why_not: Callable[[Tensor, tuple, dict], str | None] = lambda u, args, kwargs: None,
     ):
         self.single = single
-        self.can_record = can_record
+        self.why_not = why_not
         self.min_calls = min_calls
         self.max_recordings = max_recordings
+        self.verify_every = verify_every
         self.status = "waiting"
         self.num_recordings = 0
         self._recording: _Recording | None = None
-        self._pending: _Recording | tuple[Any, list[Tensor], list[int]] | None = None
+        self._replays = 0
+        self._pending: tuple[Any, list[Tensor], list[int]] | None = None
         self._pending_calls = 0
 
     def _off(self, reason: str) -> None:
         self.status = f"off: {reason}"
         self._recording = self._pending = None
 
+    def _replay(self, rec: _Recording, u: Tensor, eager: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        try:
+            got = rec(u)
+        except Exception as e:  # noqa: BLE001 - the model's own evaluation raises the model's error (or works)
+            self._off(f"a replay raised {type(e).__name__}")
+            return eager()
+        self._replays += 1
+        if self._replays % self.verify_every:
+            return got
+        want = eager()
+        if not _close(got, want):
+            self._off("a replay stopped matching the model's own evaluation")
+            warnings.warn(
+                "the recorded log density no longer matches the model's own evaluation: the model reads state "
+                "other than its latent values and arguments (a global reassigned between steps, parameters "
+                "replaced, a module switched between train() and eval()?). Recording is switched off; the steps "
+                f"since the last check (at most {self.verify_every - 1}) used the recording. Pass "
+                "record_graph=False to AmortizedSVGD for this model.",
+                RecordedGraphWarning,
+                stacklevel=5,
+            )
+        return want
+
     def __call__(self, u: Tensor, args: tuple, kwargs: dict, eager: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
         if self.status.startswith("off") or u.dim() != 2:
             return eager()
         sig = _signature(u, args, kwargs)
         if sig is None:
-            self._off("an argument is neither a tensor nor a plain value (number, string, None, dtype, device)")
+            self._off("an argument is neither a dense tensor nor a plain value (number, string, None, dtype, device)")
             return eager()
-        key, tensors = sig
+        key, tensors, versions = sig
         rec = self._recording
-        if rec is not None and rec.matches(key, tensors):
-            return rec(u)
+        if rec is not None and rec.matches(key, tensors, versions):
+            return self._replay(rec, u, eager)
         # arguments not seen last time: count consecutive calls with these before recording
         pend = self._pending
-        same = (
-            pend is not None
-            and pend[0] == key
-            and all(a is b for a, b in zip(tensors[1:], pend[1]))
-            and all(t._version == v for t, v in zip(pend[1], pend[2]))
-        )
+        same = pend is not None and pend[0] == key and all(a is b for a, b in zip(tensors[1:], pend[1])) and versions[1:] == pend[2]
         self._pending_calls = self._pending_calls + 1 if same else 1
         want = eager()  # errors (and non-finite values, checked by the caller) surface from the ordinary run
         if not same:
-            self._pending = (key, tensors[1:], [t._version for t in tensors[1:]])
+            self._pending = (key, tensors[1:], versions[1:])
         if self._pending_calls < self.min_calls:
             return want
-        if not self.can_record():
-            self._off("the model is not evaluated with torch.func.vmap")
+        reason = self.why_not(u, args, kwargs)
+        if reason is not None:
+            self._off(reason)
             return want
         if self.num_recordings >= self.max_recordings:
             self._off(f"the arguments changed after {self.num_recordings} recordings (a new data tensor every call?)")
@@ -260,7 +304,10 @@ class GraphedLogDensity:
             return lp, score
 
         try:
-            rec = _Recording(fn, u, key, tensors)
+            rec = _Recording(fn, u, key, tensors, versions)
+            if rec.frozen is not None:
+                self._off(f"the model's shapes depend on the data's values ({rec.frozen}); a recording would freeze them")
+                return want
             got = rec(u)
         except Exception as e:  # noqa: BLE001 - any failure only means: no graph for this model
             self._off(f"recording failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
@@ -268,6 +315,6 @@ class GraphedLogDensity:
         if not _close(got, tuple(w.detach() for w in want)):
             self._off("the recorded graph disagreed with the model's own evaluation")
             return want
-        self._recording = rec
+        self._recording, self._replays = rec, 0
         self.status = "replaying" if rec.hazard is None else f"replaying the traced graph, without a CUDA graph: {rec.hazard}"
         return want

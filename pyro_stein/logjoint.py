@@ -12,6 +12,7 @@ density includes each bijection's ``log|det J|`` so that it is the density of ``
 from __future__ import annotations
 
 import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -271,9 +272,11 @@ class ModelLogDensity:
         self._by_name = {s.name: s for s in self.sites}
         self._identity = {s.name for s in self.sites if _is_identity(s.transform)}
         # repeated calls with the same arguments: replayed from a recorded graph (see pyro_stein.graphs)
-        self.graphs = (
-            GraphedLogDensity(self._single_log_density_no_plates, can_record=lambda: self._mode == "vmap") if record_graph else None
-        )
+        if record_graph:
+            single, why_not = self._graph_callbacks()
+            self.graphs: GraphedLogDensity | None = GraphedLogDensity(single, why_not=why_not)
+        else:
+            self.graphs = None
 
     # ---- one particle --------------------------------------------------------------------
     def _condition_data(self, u: Tensor, plates: dict[str, Tensor]) -> tuple[dict, Tensor]:
@@ -296,8 +299,26 @@ class ModelLogDensity:
         anchor = self._masked_out_anchor(u, trace)
         return lp if anchor is None else lp + anchor
 
-    def _single_log_density_no_plates(self, u: Tensor, args: tuple, kwargs: dict) -> Tensor:
-        return self._single_log_density(u, args, kwargs, {})
+    def _graph_callbacks(self) -> tuple[Callable, Callable]:
+        """``single`` and ``why_not`` for :class:`GraphedLogDensity`, holding this object weakly (no reference
+        cycle: the data and any recording are freed as soon as the log density is)."""
+        ref = weakref.ref(self)
+
+        def single(u: Tensor, args: tuple, kwargs: dict) -> Tensor:
+            return ref()._single_log_density(u, args, kwargs, {})
+
+        def why_not(u: Tensor, args: tuple, kwargs: dict) -> str | None:
+            me = ref()
+            if me is None or me._mode != "vmap":
+                return "the model is not evaluated with torch.func.vmap"
+            with pyro.validation_enabled(False):
+                data, _ = me._condition_data(u[0].detach(), {})
+                trace = me._trace(data, args, kwargs)
+            if any(site["type"] == "param" for site in trace.nodes.values()):
+                return "the model has pyro.param/pyro.module sites, whose values can be replaced between calls"
+            return None
+
+        return single, why_not
 
     def _masked_out_anchor(self, u: Tensor, trace) -> Tensor | None:
         """``-|u_k|^2 / 2`` summed over the unconstrained entries of latent sites that a mask removes from the

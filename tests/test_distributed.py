@@ -189,7 +189,8 @@ def test_resume_two_rank_checkpoint_in_one_process(two_ranks):
     state = load_checkpoint(two_ranks["dir"] / "ckpt.pt", guide, svgd, example=make_args_with_obs())
     assert state["world_size"] == 2
     flat = torch.cat([p.detach().reshape(-1) for p in guide.parameters()])
-    assert torch.equal(flat.to(r0["flat"].dtype), r0["flat"])
+    # bit for bit, once rounded to this process's dtype (the ranks may have trained in another)
+    assert torch.equal(flat, r0["flat"].to(flat.dtype))
     assert svgd.num_steps == STEPS and svgd.datasets_seen == STEPS * 2 * BATCH
     stream = PriorPredictiveStream(mean_model, make_args, obs_kwargs={"y": "y"})
     svgd.run(3, datasets=stream, batch_size=2, progress_bar=False)

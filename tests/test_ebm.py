@@ -21,9 +21,14 @@ from pyro_stein.kernels import RBFKernel
 from pyro_stein.stein import stein_direction
 
 
-def _rbm(D, H, sigma=0.8, num_classes=None, seed=0, device="cpu"):
+# Exactness checks (hand-derived identities at 1e-9, gradcheck) run in float64 whatever the suite's dtype:
+# they test the mathematics, which single precision cannot resolve to those tolerances.
+F64 = torch.float64
+
+
+def _rbm(D, H, sigma=0.8, num_classes=None, seed=0, device="cpu", dtype=None):
     torch.manual_seed(seed)
-    rbm = GaussianBernoulliRBM(D, H, sigma=sigma, num_classes=num_classes, init_scale=0.5).to(device)
+    rbm = GaussianBernoulliRBM(D, H, sigma=sigma, num_classes=num_classes, init_scale=0.5).to(device=device, dtype=dtype)
     with torch.no_grad():
         for p in rbm.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -42,14 +47,14 @@ def _mmd2(x, y, h):
 # ------------------------------------------------------------------------------ RBM exactness
 @pytest.mark.parametrize("D", [1, 2])
 def test_log_partition_matches_numerical_integral(D, device):
-    rbm = _rbm(D, 3, device=device)
-    g = torch.linspace(-12, 12, 1201 if D == 2 else 20001, device=device)
+    rbm = _rbm(D, 3, device=device, dtype=F64)
+    g = torch.linspace(-12, 12, 1201 if D == 2 else 20001, device=device, dtype=F64)
     if D == 1:
         pts, w = g.unsqueeze(-1), torch.full_like(g, float(g[1] - g[0]))
     else:
         gx, gy = torch.meshgrid(g, g, indexing="ij")
         pts = torch.stack([gx.reshape(-1), gy.reshape(-1)], -1)
-        w = torch.full((pts.shape[0],), float(g[1] - g[0]) ** 2, device=device)
+        w = torch.full((pts.shape[0],), float(g[1] - g[0]) ** 2, device=device, dtype=F64)
     with torch.no_grad():
         logz_num = torch.logsumexp(-rbm(pts) + w.log(), 0)
         logz = rbm.log_partition()
@@ -57,8 +62,8 @@ def test_log_partition_matches_numerical_integral(D, device):
 
 
 def test_joint_rbm_partition_sums_over_labels(device):
-    rbm = _rbm(2, 3, num_classes=3, device=device)
-    g = torch.linspace(-12, 12, 801, device=device)
+    rbm = _rbm(2, 3, num_classes=3, device=device, dtype=F64)
+    g = torch.linspace(-12, 12, 801, device=device, dtype=F64)
     gx, gy = torch.meshgrid(g, g, indexing="ij")
     pts = torch.stack([gx.reshape(-1), gy.reshape(-1)], -1)
     dx2 = float(g[1] - g[0]) ** 2
@@ -75,8 +80,8 @@ def test_contrastive_gradient_with_exact_expectations_equals_autograd(device):
     """grad_theta mean log p(x) = -mean grad F(data) + E_{p(x, h)}[grad E(x, h)], the model
     expectation computed exactly from the enumerated p(h), equals autograd of the exact LL."""
     D, H, s = 3, 4, 0.8
-    rbm = _rbm(D, H, sigma=s, device=device)
-    x = torch.randn(7, D, device=device)
+    rbm = _rbm(D, H, sigma=s, device=device, dtype=F64)
+    x = torch.randn(7, D, device=device, dtype=F64)
     ll = rbm.log_likelihood(x).mean()
     auto = dict(zip(["W", "b", "c"], torch.autograd.grad(ll, [rbm.W, rbm.b, rbm.c])))
     with torch.no_grad():
@@ -97,12 +102,12 @@ def test_contrastive_gradient_with_exact_expectations_equals_autograd(device):
 
 
 def test_log_likelihood_normalized_and_gradcheck(device):
-    rbm = _rbm(2, 3, num_classes=2, device=device)
-    x = torch.randn(4, 2, device=device, requires_grad=True)
+    rbm = _rbm(2, 3, num_classes=2, device=device, dtype=F64)
+    x = torch.randn(4, 2, device=device, dtype=F64, requires_grad=True)
     y = torch.tensor([0, 1, 1, 0], device=device)
     assert torch.autograd.gradcheck(lambda x: rbm(x), (x,))
     assert torch.autograd.gradcheck(lambda x: rbm(x, y), (x,))
-    rbm2 = _rbm(2, 3, device=device)
+    rbm2 = _rbm(2, 3, device=device, dtype=F64)
 
     def fe_params(W, b, c):
         quad = (x.detach() - b).pow(2).sum(-1) / (2 * rbm2.sigma**2)

@@ -1,6 +1,8 @@
 """Recorded log densities (pyro_stein.graphs): the replay must give the model's own values, and the
 bookkeeping must record only when it is safe and re-record when the data change."""
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
@@ -8,7 +10,7 @@ import pytest
 import torch
 
 from pyro_stein import AmortizedSteinGuide, AmortizedSVGD, NonFiniteLogJointError
-from pyro_stein.graphs import GraphedLogDensity
+from pyro_stein.graphs import GraphedLogDensity, RecordedGraphWarning
 from pyro_stein.logjoint import ModelLogDensity, latent_sites_from_trace
 
 from .conftest import DEVICE, tensor
@@ -147,7 +149,7 @@ def test_new_data_every_call_switches_recording_off():
     "model, args, kwargs, reason",
     [
         (branching, _data(), {}, "recording failed"),
-        (logreg, (_data()[0],), {"y": _data()[1].tolist()}, "an argument is neither a tensor nor a plain value"),
+        (logreg, (_data()[0],), {"y": _data()[1].tolist()}, "an argument is neither a dense tensor nor a plain value"),
     ],
     ids=["data-dependent-branch", "list-of-floats-is-plain"],
 )
@@ -218,13 +220,6 @@ def test_cuda_graph_replay_equals_the_model_and_survives_a_failed_capture():
         reference = ModelLogDensity(model, ld.sites).log_density_and_score(u + 0.1, args, kwargs)
         _assert_close(ld.log_density_and_score(u + 0.1, args, kwargs), reference, f"{case} on the GPU")
     X, y = _data()
-    ld = _log_density(selected_rows, X, y)
-    u = tensor(torch.randn(4, ld.dim, generator=torch.Generator().manual_seed(4)))
-    _evaluate(ld, u, (X, y), {}, ld.graphs.min_calls)
-    assert ld.graphs.status.startswith("replaying the traced graph, without a CUDA graph:"), ld.graphs.status
-    assert "waits for the device" in ld.graphs.status
-    reference = ModelLogDensity(selected_rows, ld.sites).log_density_and_score(u, (X, y), {})
-    _assert_close(ld.log_density_and_score(u, (X, y), {}), reference, "boolean-mask model on the GPU")
     ld = _log_density(branching, X, y)
     _evaluate(ld, tensor(torch.zeros(4, ld.dim)), (X, y), {}, ld.graphs.min_calls)
     assert ld.graphs.status.startswith("off: recording failed")
@@ -242,17 +237,16 @@ def test_cuda_graph_replay_equals_the_model_and_survives_a_failed_capture():
     assert torch.randn(1000, device=DEVICE).abs().max() > 0
 
 
-def test_screening_finds_operations_a_cuda_graph_cannot_hold():
+def test_screening_finds_value_dependent_shapes():
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from pyro_stein.graphs import _capture_hazard
+    from pyro_stein.graphs import _screen
 
     x = tensor(torch.randn(6, generator=torch.Generator().manual_seed(5)))
     mask = x > 0
-    assert _capture_hazard(make_fx(lambda v: (v * 2.0).exp().sum())(x), x) is None
-    # on a GPU the synchronisation check may name the operation less precisely; both say why
-    assert "waits for the device" in _capture_hazard(make_fx(lambda v: v[mask].sum())(x), x)
-    assert "waits for the device" in _capture_hazard(make_fx(lambda v: torch.masked_select(v, mask).sum())(x), x)
+    assert _screen(make_fx(lambda v: (v * 2.0).exp().sum())(x), x) == (None, None)
+    assert _screen(make_fx(lambda v: v[mask].sum())(x), x)[0] == "aten::index with a boolean mask"
+    assert _screen(make_fx(lambda v: torch.masked_select(v, mask).sum())(x), x)[0] == "aten::masked_select"
 
 
 def test_disagreement_is_found_next_to_an_infinite_log_density():
@@ -265,3 +259,126 @@ def test_disagreement_is_found_next_to_an_infinite_log_density():
     wrong = (tensor([-torch.inf, -5.0, -2.0]), true_score)  # row 1 is wrong (-2 is right); row 0 is -inf in both
     graphs(u, (), {}, lambda: wrong)
     assert graphs.status == "off: the recorded graph disagreed with the model's own evaluation", graphs.status
+
+
+def test_shapes_that_depend_on_data_values_are_not_recorded():
+    """A write that bypasses the version counter (a NumPy view) must not meet a frozen selection size."""
+    X, y = _data()
+    ld = _log_density(selected_rows, X, y)
+    u = tensor(torch.randn(4, ld.dim, generator=torch.Generator().manual_seed(4)))
+    got = _evaluate(ld, u, (X, y), {}, ld.graphs.min_calls)
+    assert ld.graphs.status == "off: the model's shapes depend on the data's values (aten::index with a boolean mask); a recording would freeze them"
+    _assert_close(got, ModelLogDensity(selected_rows, ld.sites).log_density_and_score(u, (X, y), {}), "boolean-mask model")
+
+
+def test_replayed_values_carry_no_gradient_to_tensors_the_model_reads():
+    X, y = _data()
+    weight = tensor(torch.ones(X.shape[-1])).requires_grad_(True)  # e.g. a parameter the user fits elsewhere
+
+    def weighted(X, weight, y):
+        w = pyro.sample("w", dist.Normal(X.new_zeros(X.shape[-1]), 1.0).to_event(1))
+        with pyro.plate("data", X.shape[0]):
+            pyro.sample("y", dist.Bernoulli(logits=X @ (w * weight)), obs=y)
+
+    ld = _log_density(weighted, X, weight, y)
+    u = tensor(torch.randn(4, ld.dim, generator=torch.Generator().manual_seed(7)))
+    lp, score = _evaluate(ld, u, (X, weight, y), {}, ld.graphs.min_calls + 1)
+    assert ld.graphs.status == "replaying"
+    assert not lp.requires_grad and not score.requires_grad and weight.grad is None
+
+
+def test_models_with_parameter_sites_are_not_recorded():
+    X, y = _data()
+
+    def with_param(X, y):
+        s = pyro.param("s", X.new_tensor(1.0))
+        w = pyro.sample("w", dist.Normal(X.new_zeros(X.shape[-1]), s).to_event(1))
+        with pyro.plate("data", X.shape[0]):
+            pyro.sample("y", dist.Bernoulli(logits=X @ w), obs=y)
+
+    ld = _log_density(with_param, X, y)
+    _evaluate(ld, tensor(torch.zeros(4, ld.dim)), (X, y), {}, ld.graphs.min_calls)
+    assert ld.graphs.status == "off: the model has pyro.param/pyro.module sites, whose values can be replaced between calls"
+
+
+def test_plain_values_are_told_apart_by_type_and_sign():
+    def signed(y, c):
+        mu = pyro.sample("mu", dist.Normal(y.new_tensor(0.0), 1.0))
+        pyro.sample("y", dist.Normal(mu * math.copysign(1.0, c) + (2.0 if c is True else 0.0), 1.0), obs=y)
+
+    y = tensor(1.5)
+    ld = _log_density(signed, y, 0.0)
+    u = tensor(torch.randn(4, 1, generator=torch.Generator().manual_seed(8)))
+    _evaluate(ld, u, (y, 0.0), {}, ld.graphs.min_calls)
+    assert ld.graphs.status == "replaying"
+    plain = ModelLogDensity(signed, ld.sites)
+    for c in (-0.0, 1, True, 1.0):
+        _assert_close(ld.log_density_and_score(u, (y, c), {}), plain.log_density_and_score(u, (y, c)), f"c = {c!r}")
+
+
+def test_state_outside_the_arguments_is_caught_by_the_periodic_check():
+    X, y = _data()
+    state = {"scale": 0.1}  # e.g. an annealing factor changed between steps
+
+    def annealed(X, y):
+        with poutine.scale(scale=state["scale"]):
+            logreg(X, y)
+
+    ld = _log_density(annealed, X, y=y)
+    u = tensor(torch.randn(4, ld.dim, generator=torch.Generator().manual_seed(9)))
+    _evaluate(ld, u, (X,), {"y": y}, ld.graphs.min_calls)
+    assert ld.graphs.status == "replaying"
+    state["scale"] = 1.0
+    with pytest.warns(RecordedGraphWarning, match="reads state other than its latent values and arguments"):
+        _evaluate(ld, u, (X,), {"y": y}, ld.graphs.verify_every)
+    assert ld.graphs.status == "off: a replay stopped matching the model's own evaluation"
+    reference = ModelLogDensity(annealed, ld.sites).log_density_and_score(u, (X,), {"y": y})
+    _assert_close(ld.log_density_and_score(u, (X,), {"y": y}), reference, "after the switch-off")
+
+
+def test_a_replay_that_raises_gives_the_models_own_result():
+    X, y = _data()
+    ld = _log_density(logreg, X, y=y)
+    u = tensor(torch.randn(4, ld.dim, generator=torch.Generator().manual_seed(10)))
+    _evaluate(ld, u, (X,), {"y": y}, ld.graphs.min_calls)
+
+    def broken(v):
+        raise RuntimeError("planted")
+
+    ld.graphs._recording.traced = broken
+    got = ld.log_density_and_score(u, (X,), {"y": y})
+    assert ld.graphs.status == "off: a replay raised RuntimeError"
+    _assert_close(got, ModelLogDensity(logreg, ld.sites).log_density_and_score(u, (X,), {"y": y}), "fallback after a raising replay")
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("kind", ["sparse-csr", "inference-mode"])
+def test_unusual_argument_tensors_switch_recording_off_without_failing(kind):
+    X, y = _data()
+    if kind == "sparse-csr":
+        extra = X.to_sparse_csr()
+    else:
+        with torch.inference_mode():
+            extra = X.clone()
+
+    def model(X, extra, y):
+        logreg(X, y)
+
+    ld = _log_density(model, X, extra, y)
+    u = tensor(torch.zeros(4, ld.dim))
+    got = _evaluate(ld, u, (X, extra, y), {}, 2)
+    assert ld.graphs.status.startswith("off: an argument is neither a dense tensor nor a plain value")
+    _assert_close(got, ModelLogDensity(model, ld.sites).log_density_and_score(u, (X, extra, y)), kind)
+
+
+def test_a_dropped_log_density_is_freed_without_the_garbage_collector():
+    """The recording callbacks hold the log density weakly. (Once a trace exists, torch.fx's tracer keeps
+    frames that refer to it until the garbage collector runs.)"""
+    import weakref
+
+    X, y = _data()
+    ld = _log_density(logreg, X, y=y)
+    _evaluate(ld, tensor(torch.zeros(4, ld.dim)), (X,), {"y": y}, 2)  # waiting: holds the pending arguments
+    ref = weakref.ref(ld)
+    del ld
+    assert ref() is None, "the log density is kept alive by a reference cycle"
