@@ -7,6 +7,7 @@ variational gradient, as a Pyro guide (:class:`AmortizedSteinGuide`) with an Inf
 
 from .data import Dataset, PriorPredictiveStream
 from .ebm import AmortizedMLE, ContrastiveDivergence, GaussianBernoulliRBM
+from .graphs import RecordedGraphWarning
 from .guide import AmortizedSteinGuide, ModelParameterWarning
 from .infer import AmortizedSVGD, NonFiniteDatasetWarning, refine
 from .kernels import IMQKernel, RadialKernel, RBFKernel
@@ -31,6 +32,7 @@ __all__ = [
     "PriorPredictiveStream",
     "RBFKernel",
     "RadialKernel",
+    "RecordedGraphWarning",
     "__version__",
     "ksd",
     "refine",

@@ -88,10 +88,12 @@ class AmortizedSVGD:
         record the model's batched log density and score as a graph of tensor operations (a CUDA
         graph on a GPU) and replay it from then on: most of the Python cost of running the model
         goes away (on a GPU, a few ms per step). It applies to vectorized models without
-        subsampled plates trained on one dataset, and switches itself off for models it cannot
-        record (data-dependent Python control flow, arguments that are not tensors or plain
-        values); see :mod:`pyro_stein.graphs`. Set ``False`` for a model that reads state other
-        than its arguments (e.g. a global tensor reassigned between steps).
+        subsampled plates trained on one dataset, and switches itself off for models it should not
+        record (data-dependent Python control flow or shapes, ``pyro.param`` sites, arguments that
+        are not dense tensors or plain values); see :mod:`pyro_stein.graphs`. Every 50th replay is
+        checked against the model, with a :class:`~pyro_stein.graphs.RecordedGraphWarning` on a
+        difference; set ``False`` for a model that reads state other than its arguments (e.g. a
+        global reassigned between steps), which the replays between two checks would not see.
 
     References:
 
