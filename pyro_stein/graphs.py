@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import pyro
@@ -58,9 +59,26 @@ class RecordedGraphWarning(UserWarning):
     """A recorded log density stopped matching the model's own evaluation; recording was switched off."""
 
 
-def _signature(u: Tensor, args: tuple, kwargs: dict) -> tuple[Any, list[Tensor], list[int]] | None:
-    """A hashable description of a call (tensors by shape/dtype/device/strides, other values by type
-    and value), its tensors and their versions; ``None`` when an argument cannot be compared safely
+@dataclass(frozen=True, eq=False)
+class _Call:
+    """What a recording is tied to: a hashable ``key`` (tensors by shape/dtype/device/strides, other values
+    by type and value), the arguments' tensors (held, so their memory cannot be reused) and their versions."""
+
+    key: Any
+    tensors: tuple[Tensor, ...]
+    versions: tuple[int, ...]
+
+    def same(self, other: _Call | None) -> bool:
+        return (
+            other is not None
+            and self.key == other.key
+            and all(a is b for a, b in zip(self.tensors, other.tensors))
+            and self.versions == other.versions
+        )
+
+
+def _signature(u: Tensor, args: tuple, kwargs: dict) -> _Call | None:
+    """The :class:`_Call` of ``(u, args, kwargs)``; ``None`` when an argument cannot be compared safely
     (other types, sparse or inference-mode tensors)."""
     tensors: list[Tensor] = []
 
@@ -81,10 +99,10 @@ def _signature(u: Tensor, args: tuple, kwargs: dict) -> tuple[Any, list[Tensor],
     try:
         key = (walk(u), walk(tuple(args)), walk(dict(kwargs)))
         hash(key)
-        versions = [t._version for t in tensors]
+        held = tuple(tensors[1:])  # u (the first) is copied into the recording's input, not held
+        return _Call(key, held, tuple(t._version for t in held))
     except (TypeError, RuntimeError):  # RuntimeError: e.g. inference tensors have no version counter
         return None
-    return key, tensors, versions
 
 
 # Operations whose output's shape depends on the values of their input: a trace freezes that shape.
@@ -156,12 +174,10 @@ def _screen(traced: torch.fx.GraphModule, u: Tensor) -> tuple[str | None, str | 
 class _Recording:
     """One traced graph (and, on a GPU, its CUDA graph) for one call signature."""
 
-    def __init__(self, fn: Callable[[Tensor], tuple[Tensor, Tensor]], u: Tensor, key: Any, tensors: list[Tensor], versions: list[int]):
+    def __init__(self, fn: Callable[[Tensor], tuple[Tensor, Tensor]], u: Tensor, call: _Call):
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        self.key = key
-        self.tensors = tensors[1:]  # the arguments' tensors (the first is u itself), held
-        self.versions = versions[1:]
+        self.call = call
         with pyro.validation_enabled(False):
             self.traced = make_fx(fn)(u.detach())
         self.graph = None
@@ -179,9 +195,6 @@ class _Recording:
                 with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     self.outputs = self.traced(self.static_u)
             self.graph = graph
-
-    def matches(self, key: Any, tensors: list[Tensor], versions: list[int]) -> bool:
-        return key == self.key and all(a is b for a, b in zip(tensors[1:], self.tensors)) and versions[1:] == self.versions
 
     def __call__(self, u: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():  # values only: parameters the model reads must not collect gradients
@@ -238,7 +251,7 @@ class GraphedLogDensity:
         self.num_recordings = 0
         self._recording: _Recording | None = None
         self._replays = 0
-        self._pending: tuple[Any, list[Tensor], list[int]] | None = None
+        self._pending: _Call | None = None
         self._pending_calls = 0
 
     def _off(self, reason: str) -> None:
@@ -271,21 +284,19 @@ class GraphedLogDensity:
     def __call__(self, u: Tensor, args: tuple, kwargs: dict, eager: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
         if self.status.startswith("off") or u.dim() != 2:
             return eager()
-        sig = _signature(u, args, kwargs)
-        if sig is None:
+        call = _signature(u, args, kwargs)
+        if call is None:
             self._off("an argument is neither a dense tensor nor a plain value (number, string, None, dtype, device)")
             return eager()
-        key, tensors, versions = sig
         rec = self._recording
-        if rec is not None and rec.matches(key, tensors, versions):
+        if rec is not None and call.same(rec.call):
             return self._replay(rec, u, eager)
         # arguments not seen last time: count consecutive calls with these before recording
-        pend = self._pending
-        same = pend is not None and pend[0] == key and all(a is b for a, b in zip(tensors[1:], pend[1])) and versions[1:] == pend[2]
+        same = call.same(self._pending)
         self._pending_calls = self._pending_calls + 1 if same else 1
         want = eager()  # errors (and non-finite values, checked by the caller) surface from the ordinary run
         if not same:
-            self._pending = (key, tensors[1:], versions[1:])
+            self._pending = call
         if self._pending_calls < self.min_calls:
             return want
         reason = self.why_not(u, args, kwargs)
@@ -304,7 +315,7 @@ class GraphedLogDensity:
             return lp, score
 
         try:
-            rec = _Recording(fn, u, key, tensors, versions)
+            rec = _Recording(fn, u, call)
             if rec.frozen is not None:
                 self._off(f"the model's shapes depend on the data's values ({rec.frozen}); a recording would freeze them")
                 return want
