@@ -37,12 +37,23 @@ with a :class:`RecordedGraphWarning`. Between two such checks a replay can be st
 ``record_graph=False`` to :class:`~pyro_stein.AmortizedSVGD` for models that read such state. A
 CUDA graph keeps its intermediate buffers allocated between calls (for logistic regression with
 10^6 rows and 128 particles, each particles-by-rows intermediate takes 512 MB in float32).
+
+With ``share_across_data=True`` (what :class:`~pyro_stein.AmortizedSteinGuide` uses when it draws for
+new datasets), a recording is instead tied to the *shapes* of the arguments: the data tensors are
+inputs of the traced graph, so one recording serves every dataset with the same shapes, dtypes and
+plain values (e.g. every new dataset with the same number of groups). The trace then runs on fake
+tensors that have no values, so a model whose Python control flow reads the data's values
+(``if y.sum() > 0``, ``.item()``) cannot be traced and is never recorded, rather than recorded with
+one dataset's branch. A shape is recorded once it has come back ``min_calls`` times (not necessarily
+in a row); up to ``max_recordings`` shapes are kept, the least recently used dropped first. These
+recordings replay the traced graph (no CUDA graph: its inputs would have to be copied every call).
 """
 
 from __future__ import annotations
 
 import numbers
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -120,7 +131,7 @@ _SYNCING_OPS = _VALUE_SHAPED_OPS | {
 }
 
 
-def _screen(traced: torch.fx.GraphModule, u: Tensor) -> tuple[str | None, str | None]:
+def _screen(traced: torch.fx.GraphModule, u: Tensor, *data: Tensor) -> tuple[str | None, str | None]:
     """Run the traced graph once at ``u`` and look at every operation: ``(frozen, hazard)``.
 
     ``frozen`` says why the graph must not be replayed at all (an output shape that depends on the
@@ -160,7 +171,7 @@ def _screen(traced: torch.fx.GraphModule, u: Tensor) -> tuple[str | None, str | 
             if on_gpu:
                 torch.cuda.set_sync_debug_mode("error")
             with torch.no_grad():
-                Screen(traced).run(u)
+                Screen(traced).run(u, *data)
     except RuntimeError as e:
         found.setdefault("hazard", f"an operation waits for the device ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
     finally:
@@ -205,6 +216,72 @@ class _Recording:
             return tuple(o.clone() for o in self.outputs)
 
 
+def _with_tensors(obj: Any, tensors: Any) -> Any:
+    """``obj`` (arguments as walked by :func:`_signature`) with its tensors replaced, in order, by those of the
+    iterator ``tensors``."""
+    if isinstance(obj, Tensor):
+        return next(tensors)
+    if isinstance(obj, (tuple, list)) and not isinstance(obj, torch.Size):
+        items = [_with_tensors(o, tensors) for o in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # named tuples take fields
+    if isinstance(obj, dict):
+        return type(obj)((k, _with_tensors(v, tensors)) for k, v in obj.items())
+    return obj
+
+
+_ALIASES = ("aten::detach", "aten::lift_fresh_copy", "aten::alias")
+
+
+def _fold_constants(gm: torch.fx.GraphModule) -> None:
+    """Simplify a traced graph in place, for graphs without in-place operations: operations that read no
+    input (constants the model builds on every call, e.g. ``Normal(0., 5.)``'s tensors) are computed
+    once and stored, and aliases (``detach``, ``lift_fresh_copy``) are bypassed. Random operations are
+    never folded."""
+    graph = gm.graph
+    schemas = {n: getattr(n.target, "_schema", None) for n in graph.nodes if n.op == "call_function"}
+    if any(sc is None or sc.is_mutable for sc in schemas.values()):
+        return  # in-place writes (or ops we cannot inspect): a folded constant could be overwritten
+    const: dict = {}
+    for n in graph.nodes:
+        if n.op == "get_attr":
+            const[n] = getattr(gm, n.target)
+        elif (n.op == "call_function" and all(a in const for a in n.all_input_nodes)
+              and torch.Tag.nondeterministic_seeded not in getattr(n.target, "tags", ())):
+            const[n] = n.target(*torch.fx.node.map_arg(n.args, const.get), **torch.fx.node.map_arg(n.kwargs, const.get))
+    count = 0
+    for n in list(graph.nodes):
+        if n.op == "call_function" and n in const and isinstance(const[n], Tensor) and n.users:
+            name = f"_folded_{count}"
+            count += 1
+            gm.register_buffer(name, const[n])
+            with graph.inserting_before(n):
+                n.replace_all_uses_with(graph.get_attr(name))
+        elif n.op == "call_function" and schemas[n].name in _ALIASES:
+            n.replace_all_uses_with(n.args[0])
+    graph.eliminate_dead_code()
+    gm.recompile()
+
+
+class _SharedRecording:
+    """One traced graph ``(u, *data tensors) -> (log density, score)``, for any data of the recorded shapes.
+
+    Traced on fake tensors (no values), so Python that reads the data's values fails the trace
+    instead of freezing one dataset's branch into the graph; then simplified (:func:`_fold_constants`).
+    """
+
+    def __init__(self, fn: Callable[..., tuple[Tensor, Tensor]], u: Tensor, data: tuple[Tensor, ...]):
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        with pyro.validation_enabled(False):
+            self.traced = make_fx(fn, tracing_mode="fake")(u.detach(), *data)
+        _fold_constants(self.traced)
+        self.frozen, _ = _screen(self.traced, u.detach(), *data)
+
+    def __call__(self, u: Tensor, data: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            return tuple(o.detach() for o in self.traced(u.detach(), *data))
+
+
 def _close(got: tuple[Tensor, ...], want: tuple[Tensor, ...]) -> bool:
     """Agreement up to rounding (summation order differs between the traced and the eager run)."""
     for g, w in zip(got, want):
@@ -228,6 +305,10 @@ class GraphedLogDensity:
     :param int verify_every: compare every ``verify_every``-th replay with ``eager()``.
     :param callable why_not: ``why_not(u, args, kwargs)``: a reason not to record (e.g. the model was
         not found vectorizable, or has parameter sites), or ``None``; asked once, before recording.
+    :param bool share_across_data: tie recordings to the arguments' shapes rather than to the tensors
+        themselves (the data become inputs of the graph; see the module docstring). Then ``min_calls``
+        counts the calls with the same shapes (in any order), and ``max_recordings`` is the number
+        of shapes kept (least recently used dropped first).
 
     ``status`` says what happens: ``"waiting"``, ``"replaying"`` (on a GPU, possibly without a CUDA
     graph, when the traced graph waits for the device or copies host memory; the status says which
@@ -241,8 +322,12 @@ class GraphedLogDensity:
         max_recordings: int = 4,
         verify_every: int = 50,
         why_not: Callable[[Tensor, tuple, dict], str | None] = lambda u, args, kwargs: None,
+        share_across_data: bool = False,
     ):
         self.single = single
+        self.share_across_data = share_across_data
+        self._shared: OrderedDict[Any, _SharedRecording] = OrderedDict()  # by shape key, least recently used first
+        self._counts: dict[Any, int] = {}  # calls per shape key not yet recorded
         self.why_not = why_not
         self.min_calls = min_calls
         self.max_recordings = max_recordings
@@ -257,8 +342,10 @@ class GraphedLogDensity:
     def _off(self, reason: str) -> None:
         self.status = f"off: {reason}"
         self._recording = self._pending = None
+        self._shared.clear()
+        self._counts.clear()
 
-    def _replay(self, rec: _Recording, u: Tensor, eager: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    def _replay(self, rec: Callable[[Tensor], tuple[Tensor, Tensor]], u: Tensor, eager: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
         try:
             got = rec(u)
         except Exception as e:  # noqa: BLE001 - the model's own evaluation raises the model's error (or works)
@@ -275,7 +362,8 @@ class GraphedLogDensity:
                 "other than its latent values and arguments (a global reassigned between steps, parameters "
                 "replaced, a module switched between train() and eval()?). Recording is switched off; the steps "
                 f"since the last check (at most {self.verify_every - 1}) used the recording. Pass "
-                "record_graph=False to AmortizedSVGD for this model.",
+                "record_graph=False to AmortizedSVGD (training) or AmortizedSteinGuide (drawing for new datasets) "
+                "for this model.",
                 RecordedGraphWarning,
                 stacklevel=5,
             )
@@ -288,6 +376,8 @@ class GraphedLogDensity:
         if call is None:
             self._off("an argument is neither a dense tensor nor a plain value (number, string, None, dtype, device)")
             return eager()
+        if self.share_across_data:
+            return self._call_shared(call, u, args, kwargs, eager)
         rec = self._recording
         if rec is not None and call.same(rec.call):
             return self._replay(rec, u, eager)
@@ -310,7 +400,7 @@ class GraphedLogDensity:
         self._pending, self._pending_calls = None, 0
         single = self.single
 
-        def fn(v: Tensor) -> tuple[Tensor, Tensor]:
+        def fn(v: Tensor) -> tuple[Tensor, Tensor]:  # the data are constants of the graph (tied to these tensors)
             score, lp = torch.func.vmap(torch.func.grad_and_value(lambda r: single(r, args, kwargs)), randomness="same")(v)
             return lp, score
 
@@ -328,4 +418,50 @@ class GraphedLogDensity:
             return want
         self._recording, self._replays = rec, 0
         self.status = "replaying" if rec.hazard is None else f"replaying the traced graph, without a CUDA graph: {rec.hazard}"
+        return want
+
+    def _call_shared(self, call: _Call, u: Tensor, args: tuple, kwargs: dict, eager: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        data = call.tensors
+        rec = self._shared.get(call.key)
+        if rec is not None:
+            self._shared.move_to_end(call.key)
+            return self._replay(lambda v: rec(v, data), u, eager)
+        if len(self._counts) > 64 * max(self.max_recordings, 1):  # shapes that never come back: forget the counts
+            self._counts.clear()
+        calls = self._counts[call.key] = self._counts.get(call.key, 0) + 1
+        want = eager()  # errors (and non-finite values, checked by the caller) surface from the ordinary run
+        if calls < self.min_calls:
+            return want
+        reason = self.why_not(u, args, kwargs)
+        if reason is not None:
+            self._off(reason)
+            return want
+        del self._counts[call.key]
+        single = self.single
+
+        def fn(v: Tensor, *tensors: Tensor) -> tuple[Tensor, Tensor]:  # the data are inputs of the graph
+            a, k = _with_tensors((tuple(args), dict(kwargs)), iter(tensors))
+            score, lp = torch.func.vmap(torch.func.grad_and_value(lambda r: single(r, a, k)), randomness="same")(v)
+            return lp, score
+
+        try:
+            rec = _SharedRecording(fn, u, data)
+            if rec.frozen is not None:
+                self._off(f"the model's shapes depend on the data's values ({rec.frozen}); a recording would freeze them")
+                return want
+            got = rec(u, data)
+        except Exception as e:  # noqa: BLE001 - any failure only means: no graph for this model
+            self._off(
+                f"recording failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); a model whose "
+                "Python reads its data's values (if, .item()) cannot be recorded for all data of a shape"
+            )
+            return want
+        if not _close(got, tuple(w.detach() for w in want)):
+            self._off("the recorded graph disagreed with the model's own evaluation")
+            return want
+        self.num_recordings += 1
+        self._shared[call.key] = rec
+        while len(self._shared) > self.max_recordings:
+            self._shared.popitem(last=False)
+        self.status = "replaying"
         return want

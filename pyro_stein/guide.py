@@ -261,6 +261,16 @@ class AmortizedSteinGuide(AutoContinuous):
         keeps the best point found as its frame's centre; the first such dataset raises a
         :class:`~pyro_stein.laplace.LaplaceFrameWarning`, and all are counted in
         ``guide.num_unconverged_frames``.
+    :param bool record_graph: when the guide evaluates the model itself (the frame search, the
+        moment correction and the MCMC polish of :meth:`sample_posterior`), replay a graph recorded
+        once per shape of the arguments instead of running the model under vmap, once the same
+        shapes have come back 20 times: for an amortized guide, every new dataset with the same
+        number of observations (or groups) shares the recording, which costs 0.1-0.5 s once and
+        makes each evaluation cheaper (on family (b) of the amortization benchmark, 2.7 ms instead
+        of 4.3 ms at 1,000 draws on a CPU). Models whose Python reads the data's values are not
+        recorded. Default ``True``; see :mod:`pyro_stein.graphs` (``guide.log_density.graphs.status``
+        says what happened). Training records separately (``record_graph`` of
+        :class:`~pyro_stein.AmortizedSVGD`).
 
     References:
 
@@ -290,6 +300,7 @@ class AmortizedSteinGuide(AutoContinuous):
         mcmc_steps: int = 0,
         laplace_evaluations: int = 50,
         mcmc_leapfrog: int = 1,
+        record_graph: bool = True,
     ):
         if sampler is not None and not isinstance(sampler, nn.Module):
             raise TypeError(f"sampler must be a torch.nn.Module, got {type(sampler).__name__}")
@@ -306,6 +317,9 @@ class AmortizedSteinGuide(AutoContinuous):
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
         if whiten not in (None, "laplace"):
             raise ValueError(f"whiten must be None or 'laplace', got {whiten!r}")
+        if not isinstance(record_graph, bool):
+            raise TypeError(f"record_graph must be True or False, got {record_graph!r}")
+        self.record_graph = record_graph
         self.moment_correction = moment_correction
         self.correction_samples = correction_samples
         self.mcmc_steps = mcmc_steps
@@ -402,7 +416,8 @@ class AmortizedSteinGuide(AutoContinuous):
                 ModelParameterWarning,
                 stacklevel=3,
             )
-        self.log_density = ModelLogDensity(self._raw_model[0], self.sites, self.vectorize)
+        self.log_density = ModelLogDensity(self._raw_model[0], self.sites, self.vectorize,
+                                           record_graph=self.record_graph, share_across_data=True)
         init_loc = pack(self._init_values(), self.sites, batch_dims=0)
         if not torch.isfinite(init_loc).all():
             bad = [s.name for s in self.sites if not torch.isfinite(init_loc[s.offset : s.offset + s.size]).all()]
@@ -646,6 +661,7 @@ class AmortizedSteinGuide(AutoContinuous):
                 "mcmc_leapfrog": self.mcmc_leapfrog,
                 "whiten": self.whiten,
                 "laplace_evaluations": self.laplace_evaluations,
+                "record_graph": self.record_graph,
                 "frame_context": self.per_dataset_frames,
                 "frame_summary_squash": self._squash_frame_summary,
                 "sites": [[s.name, list(s.shape), list(s.unconstrained_shape)] for s in self.sites],
@@ -685,7 +701,7 @@ class AmortizedSteinGuide(AutoContinuous):
             num_summary_samples=cfg["num_summary_samples"],
             moment_correction=cfg.get("moment_correction", 0), correction_samples=cfg.get("correction_samples", 1000),
             whiten=cfg.get("whiten"), mcmc_steps=cfg.get("mcmc_steps", 0), mcmc_leapfrog=cfg.get("mcmc_leapfrog", 1),
-            laplace_evaluations=cfg.get("laplace_evaluations", 50),
+            laplace_evaluations=cfg.get("laplace_evaluations", 50), record_graph=cfg.get("record_graph", True),
         )
         guide._network_configs = {"sampler": cfg["sampler"], "encoder": cfg["encoder"], "sites": cfg["sites"]}
         guide._squash_frame_summary = bool(cfg.get("frame_summary_squash", False))  # as it was trained

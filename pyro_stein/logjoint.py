@@ -256,13 +256,22 @@ class ModelLogDensity:
         graph on a GPU) when it is called again and again with the same arguments
         (:class:`~pyro_stein.graphs.GraphedLogDensity`; its ``status`` is ``self.graphs.status``).
         Only for vectorized models without subsampling.
+    :param bool share_across_data: with ``record_graph``, tie each recording to the shapes of the
+        arguments rather than to the data tensors themselves, so that one recording serves every
+        dataset of the same shapes (``share_across_data`` of
+        :class:`~pyro_stein.graphs.GraphedLogDensity`; keeps up to 64 shapes).
     """
 
-    def __init__(self, model: Callable, sites: Sequence[LatentSite], vectorize: str = "auto", record_graph: bool = False):
+    def __init__(
+        self, model: Callable, sites: Sequence[LatentSite], vectorize: str = "auto", record_graph: bool = False,
+        share_across_data: bool = False,
+    ):
         if vectorize not in ("auto", "vmap", "loop"):
             raise ValueError(f"vectorize must be 'auto', 'vmap' or 'loop', got {vectorize!r}")
         if not isinstance(record_graph, bool):
             raise TypeError(f"record_graph must be True or False, got {record_graph!r}")
+        if not isinstance(share_across_data, bool):
+            raise TypeError(f"share_across_data must be True or False, got {share_across_data!r}")
         self.model = model
         self.sites = list(sites)
         self.vectorize = vectorize
@@ -272,11 +281,26 @@ class ModelLogDensity:
         self._by_name = {s.name: s for s in self.sites}
         self._identity = {s.name for s in self.sites if _is_identity(s.transform)}
         # repeated calls with the same arguments: replayed from a recorded graph (see pyro_stein.graphs)
-        if record_graph:
-            single, why_not = self._graph_callbacks()
-            self.graphs: GraphedLogDensity | None = GraphedLogDensity(single, why_not=why_not)
-        else:
-            self.graphs = None
+        self.graphs: GraphedLogDensity | None = self._new_graphs(share_across_data) if record_graph else None
+
+    def _new_graphs(self, share_across_data: bool) -> GraphedLogDensity:
+        single, why_not = self._graph_callbacks()
+        if share_across_data:
+            return GraphedLogDensity(single, why_not=why_not, share_across_data=True, max_recordings=64)
+        return GraphedLogDensity(single, why_not=why_not)
+
+    def __getstate__(self) -> dict:
+        # recordings are not copied (copy.deepcopy, e.g. by refine, or pickling): the copy records its own, with
+        # callbacks bound to itself
+        state = self.__dict__.copy()
+        graphs = state.pop("graphs")
+        state["_graphs_shared"] = None if graphs is None else graphs.share_across_data
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        shared = state.pop("_graphs_shared")
+        self.__dict__.update(state)
+        self.graphs = None if shared is None else self._new_graphs(shared)
 
     # ---- one particle --------------------------------------------------------------------
     def _condition_data(self, u: Tensor, plates: dict[str, Tensor]) -> tuple[dict, Tensor]:

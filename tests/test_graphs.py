@@ -382,3 +382,131 @@ def test_a_dropped_log_density_is_freed_without_the_garbage_collector():
     ref = weakref.ref(ld)
     del ld
     assert ref() is None, "the log density is kept alive by a reference cycle"
+
+
+# ---- recordings shared across data of the same shapes (what the guide uses when it draws for new datasets) ----
+def _shared_log_density(model, *args, **kwargs):
+    tr = poutine.trace(model).get_trace(*args, **kwargs)
+    return ModelLogDensity(model, latent_sites_from_trace(tr), record_graph=True, share_across_data=True)
+
+
+def _hier_data(seed, groups=8):
+    g = torch.Generator().manual_seed(seed)
+    return (tensor(0.5 + 2 * torch.rand(groups, generator=g)),), {"y": tensor(3 * torch.randn(groups, generator=g))}
+
+
+@pytest.mark.parametrize("case", ["logreg", "hierarchical", "obs_mask"])
+def test_shared_recording_equals_the_model_on_new_data_of_the_same_shape(case):
+    model, args, kwargs = _cases()[case]
+    ld = _shared_log_density(model, *args, **kwargs)
+    u = tensor(torch.randn(16, ld.dim, generator=torch.Generator().manual_seed(11)))
+    _evaluate(ld, u, args, kwargs, ld.graphs.min_calls)
+    assert ld.graphs.status == "replaying" and ld.graphs.num_recordings == 1, ld.graphs.status
+    plain = ModelLogDensity(model, ld.sites)
+    for seed in (1, 2):  # new data, same shapes: the same recording, the new data's values
+        g = torch.Generator().manual_seed(seed)
+        new_args = tuple(a + 0.5 * torch.rand(a.shape, generator=g).to(a) for a in args)
+        new_kwargs = {k: v.flip(0) for k, v in kwargs.items()}
+        got = ld.log_density_and_score(u, new_args, new_kwargs)
+        _assert_close(got, plain.log_density_and_score(u, new_args, new_kwargs), f"{case}, new data (seed {seed})")
+    assert ld.graphs.num_recordings == 1, "new data of the recorded shape were recorded again"
+
+
+def test_shared_recordings_are_kept_per_shape_least_recently_used_first():
+    args, kwargs = _hier_data(0)
+    ld = _shared_log_density(hierarchical, *args, **kwargs)
+    ld.graphs.max_recordings = 2
+    plain = ModelLogDensity(hierarchical, ld.sites)
+    u = tensor(torch.randn(6, ld.dim, generator=torch.Generator().manual_seed(12)))
+    for n in (6, 5, 6, 3):  # 6 and 5 particles recorded; 6 used again; 3 then pushes out 5, not 6
+        for _ in range(ld.graphs.min_calls):
+            got = ld.log_density_and_score(u[:n], args, kwargs)
+        _assert_close(got, plain.log_density_and_score(u[:n], args, kwargs), f"{n} particles")
+    kept = sorted(key[0][1][0] for key in ld.graphs._shared)  # the particle counts of the kept recordings
+    assert kept == [3, 6], f"kept {kept}: the least recently used shape (5 particles) should have gone"
+    assert ld.graphs.num_recordings == 3
+
+
+def test_counts_of_a_shape_need_not_be_consecutive():
+    (sigma, ), kw = _hier_data(0)
+    ld = _shared_log_density(hierarchical, sigma, **kw)
+    u = tensor(torch.zeros(4, ld.dim))
+    other = tensor(torch.zeros(5, ld.dim))
+    for i in range(ld.graphs.min_calls - 1):  # another shape in between every call
+        ld.log_density_and_score(u, *_hier_data(i))
+        ld.log_density_and_score(other, *_hier_data(i))
+        assert ld.graphs.status == "waiting", f"recorded after {i + 1} calls of each shape"
+    ld.log_density_and_score(u, *_hier_data(99))
+    assert ld.graphs.status == "replaying" and ld.graphs.num_recordings == 1
+
+
+def test_shared_recording_refuses_models_whose_python_reads_the_data():
+    X, y = _data()
+    ld = _shared_log_density(branching, X, y)
+    u = tensor(torch.randn(4, ld.dim, generator=torch.Generator().manual_seed(13)))
+    _evaluate(ld, u, (X, y), {}, ld.graphs.min_calls)
+    assert ld.graphs.status.startswith("off: recording failed"), ld.graphs.status
+    flipped = 1.0 - y  # the other branch, had the first dataset's been frozen into a graph
+    _assert_close(ld.log_density_and_score(u, (X, flipped), {}),
+                  ModelLogDensity(branching, ld.sites).log_density_and_score(u, (X, flipped)), "other branch")
+
+
+def test_folded_constants_are_computed_once_and_random_operations_are_not_folded():
+    from pyro_stein.graphs import _fold_constants
+
+    def fn(u):
+        return u * torch.ones(3, dtype=u.dtype).exp() + torch.randn(3, dtype=u.dtype)
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(fn)(tensor(torch.zeros(2, 3)))
+    _fold_constants(gm)
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert "aten.exp.default" not in targets and "aten.ones.default" not in targets, targets
+    assert "aten.randn.default" in targets, f"a random operation was folded into a constant: {targets}"
+    a, b = gm(tensor(torch.zeros(2, 3))), gm(tensor(torch.zeros(2, 3)))
+    assert not torch.equal(a, b), "the random term was frozen"
+
+
+def test_guide_draws_through_shared_recordings_and_can_be_told_not_to(tmp_path):
+    pyro.set_rng_seed(0)
+    args, kwargs = _hier_data(0)
+    guide = AmortizedSteinGuide(hierarchical, amortized=True, mcmc_steps=2, mcmc_leapfrog=3)
+    guide.setup(*args, **kwargs)
+    for seed in range(4):  # 2 x 3 leapfrog evaluations per call at the same particle shape
+        a, k = _hier_data(seed)
+        guide.sample_posterior(50, *a, **k)
+    assert guide.log_density.graphs.status == "replaying", guide.log_density.graphs.status
+    a, k = _hier_data(7)
+    pyro.set_rng_seed(5)
+    replayed = guide.sample_posterior(50, *a, **k)
+    graphs, guide.log_density.graphs = guide.log_density.graphs, None
+    pyro.set_rng_seed(5)
+    eager = guide.sample_posterior(50, *a, **k)
+    guide.log_density.graphs = graphs
+    for name in eager:
+        _assert_close((replayed[name], replayed[name]), (eager[name], eager[name]), f"draws of {name!r} with and without recordings")
+    guide.save(tmp_path / "g.pt")
+    off = AmortizedSteinGuide.load(tmp_path / "g.pt", hierarchical, *args, **kwargs)
+    assert off.log_density.graphs is not None, "record_graph=True (the default) was not restored"
+    off = AmortizedSteinGuide(hierarchical, amortized=True, record_graph=False)
+    off.setup(*args, **kwargs)
+    assert off.log_density.graphs is None
+    with pytest.raises(TypeError, match="record_graph must be True or False"):
+        AmortizedSteinGuide(hierarchical, record_graph=1)
+
+
+def test_a_copied_log_density_records_for_itself():
+    import copy
+
+    (sigma, ), kw = _hier_data(0)
+    ld = _shared_log_density(hierarchical, sigma, **kw)
+    u = tensor(torch.zeros(4, ld.dim))
+    _evaluate(ld, u, (sigma,), kw, ld.graphs.min_calls)
+    twin = copy.deepcopy(ld)
+    assert twin.graphs is not ld.graphs and twin.graphs.num_recordings == 0 and twin.graphs.share_across_data
+    _evaluate(twin, u, (sigma,), kw, twin.graphs.min_calls)
+    assert twin.graphs.status == "replaying"
+    del ld
+    _assert_close(twin.log_density_and_score(u, (sigma,), kw),
+                  ModelLogDensity(hierarchical, twin.sites).log_density_and_score(u, (sigma,), kw), "the copy, original gone")
