@@ -404,21 +404,30 @@ class GraphedLogDensity:
             score, lp = torch.func.vmap(torch.func.grad_and_value(lambda r: single(r, args, kwargs)), randomness="same")(v)
             return lp, score
 
-        try:
-            rec = _Recording(fn, u, call)
-            if rec.frozen is not None:
-                self._off(f"the model's shapes depend on the data's values ({rec.frozen}); a recording would freeze them")
-                return want
-            got = rec(u)
-        except Exception as e:  # noqa: BLE001 - any failure only means: no graph for this model
-            self._off(f"recording failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-            return want
-        if not _close(got, tuple(w.detach() for w in want)):
-            self._off("the recorded graph disagreed with the model's own evaluation")
+        rec = self._checked(lambda: _Recording(fn, u, call), lambda r: r(u), want)
+        if rec is None:
             return want
         self._recording, self._replays = rec, 0
         self.status = "replaying" if rec.hazard is None else f"replaying the traced graph, without a CUDA graph: {rec.hazard}"
         return want
+
+    def _checked(self, build: Callable[[], Any], first: Callable[[Any], tuple[Tensor, Tensor]], want: tuple[Tensor, Tensor],
+                 hint: str = "") -> Any:
+        """A recording from ``build()`` whose first replay ``first(recording)`` agrees with the model's ``want``;
+        ``None``, with recording switched off and the reason in ``status``, if it cannot be built or used."""
+        try:
+            rec = build()
+            if rec.frozen is not None:
+                self._off(f"the model's shapes depend on the data's values ({rec.frozen}); a recording would freeze them")
+                return None
+            got = first(rec)
+        except Exception as e:  # noqa: BLE001 - any failure only means: no graph for this model
+            self._off(f"recording failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}){hint}")
+            return None
+        if not _close(got, tuple(w.detach() for w in want)):
+            self._off("the recorded graph disagreed with the model's own evaluation")
+            return None
+        return rec
 
     def _call_shared(self, call: _Call, u: Tensor, args: tuple, kwargs: dict, eager: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
         data = call.tensors
@@ -444,20 +453,10 @@ class GraphedLogDensity:
             score, lp = torch.func.vmap(torch.func.grad_and_value(lambda r: single(r, a, k)), randomness="same")(v)
             return lp, score
 
-        try:
-            rec = _SharedRecording(fn, u, data)
-            if rec.frozen is not None:
-                self._off(f"the model's shapes depend on the data's values ({rec.frozen}); a recording would freeze them")
-                return want
-            got = rec(u, data)
-        except Exception as e:  # noqa: BLE001 - any failure only means: no graph for this model
-            self._off(
-                f"recording failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); a model whose "
-                "Python reads its data's values (if, .item()) cannot be recorded for all data of a shape"
-            )
-            return want
-        if not _close(got, tuple(w.detach() for w in want)):
-            self._off("the recorded graph disagreed with the model's own evaluation")
+        rec = self._checked(lambda: _SharedRecording(fn, u, data), lambda r: r(u, data), want,
+                            "; a model whose Python reads its data's values (if, .item()) cannot be recorded for all data "
+                            "of a shape")
+        if rec is None:
             return want
         self.num_recordings += 1
         self._shared[call.key] = rec
