@@ -43,9 +43,14 @@ FEW_CORRECTION_ROUNDS = 1
 # one prior-predictive dataset of each group count 5-30, so that the guide's recorded graphs (`record_graph`, one per
 # shape of the arguments, shared by every dataset of that shape) exist; its wall time is reported next to training.
 PREPARE_CALLS = 4
-# (correction rounds, mcmc_steps, mcmc_leapfrog) of the timed methods after "amortized"
-TIMED_POLISH = ((CORRECTION_ROUNDS, 0, 1), (CORRECTION_ROUNDS, MCMC_STEPS, 1), (CORRECTION_ROUNDS, HMC_STEPS, HMC_LEAPFROG),
-                (CORRECTION_ROUNDS, HMC_LONG_STEPS, HMC_LEAPFROG), (FEW_CORRECTION_ROUNDS, HMC_LONG_STEPS, HMC_LEAPFROG))
+# the timed methods after "amortized": method -> (correction rounds, mcmc_steps, mcmc_leapfrog) of `sample_posterior`
+TIMED_POLISH = {
+    "corrected": (CORRECTION_ROUNDS, 0, 1),
+    "polished": (CORRECTION_ROUNDS, MCMC_STEPS, 1),
+    "polished_hmc": (CORRECTION_ROUNDS, HMC_STEPS, HMC_LEAPFROG),
+    "polished_hmc3": (CORRECTION_ROUNDS, HMC_LONG_STEPS, HMC_LEAPFROG),
+    "polished_hmc3_r1": (FEW_CORRECTION_ROUNDS, HMC_LONG_STEPS, HMC_LEAPFROG),
+}
 NPE_C2ST = {"gaussian_linear": 0.506, "bernoulli_glm": 0.559}
 D_MAX = 20  # family (a): 5-20 features, zero-padded to D_MAX columns
 J_MAX = 30  # family (b): 5-30 groups, the group effects padded to J_MAX
@@ -361,7 +366,7 @@ def run_sbibm(mode: str, out: Path) -> dict:
     return result
 
 
-METHODS = ("amortized", "corrected", "polished", "polished_hmc", "polished_hmc3", "polished_hmc3_r1", "refined", "svi")
+METHODS = ("amortized", *TIMED_POLISH, "refined", "svi")
 METHOD_LABELS = {
     "amortized": "amortized (one sample_posterior call)",
     "corrected": f"amortized + {CORRECTION_ROUNDS} Stein moment-correction rounds",
@@ -417,6 +422,13 @@ def _run_family(name: str, mode: str, out: Path) -> dict:
     }
     print(f"  {name}: amortized training, {steps} steps in {train:.1f} s", flush=True)
     graphs = guide.log_density.graphs
+
+    def recordings() -> int:
+        return graphs.num_recordings if graphs is not None else 0
+
+    def graph_status() -> str:
+        return graphs.status if graphs is not None else "off (record_graph=False)"
+
     if fam.get("prepare_sizes"):
         pyro.set_rng_seed(777)  # preparation datasets: other prior-predictive draws (neither training nor held-out)
         wanted, prep = set(list(fam["prepare_sizes"])[: cfg.get("prepare_sizes")]), {}
@@ -426,16 +438,15 @@ def _run_family(name: str, mode: str, out: Path) -> dict:
                 prep.setdefault(fam["size_of"](d), d)
         t0 = time.perf_counter()
         for size in sorted(prep):
-            for rounds, steps, leapfrog in TIMED_POLISH:
+            for rounds, steps, leapfrog in TIMED_POLISH.values():
                 for _ in range(PREPARE_CALLS if cfg["datasets"] > 1 else 1):
                     _timed_draws(guide, prep[size], 1, rounds, steps, False, leapfrog)
         result["preparation"] = {
             "wall_s": time.perf_counter() - t0, "sizes": sorted(prep), "calls_per_method": PREPARE_CALLS,
-            "recordings": graphs.num_recordings if graphs is not None else 0,
-            "graph_status": graphs.status if graphs is not None else "off (record_graph=False)"}
+            "recordings": recordings(), "graph_status": graph_status()}
         print(f"  {name}: preparation over {len(prep)} sizes in {result['preparation']['wall_s']:.1f} s, "
               f"{result['preparation']['recordings']} recordings", flush=True)
-    recordings_before = graphs.num_recordings if graphs is not None else 0
+    recordings_before = recordings()
     pyro.set_rng_seed(12345)  # held-out datasets: new prior-predictive draws, never seen in training
     held = [stream.sample() for _ in range(cfg["datasets"])]
     flat, exact = fam["flat"], fam.get("exact")
@@ -457,13 +468,9 @@ def _run_family(name: str, mode: str, out: Path) -> dict:
         else:  # NUTS is the timing baseline and is scored like the other methods
             ref = exact(d)
             row["nuts"].update(_compare(nuts, ref))
-        for method, repeats, rounds, steps, leapfrog, warmup in (
-                ("amortized", 5, 0, 0, 1, True),  # warm-up: first call on this shape
-                ("corrected", 3, CORRECTION_ROUNDS, 0, 1, False),
-                ("polished", 3, CORRECTION_ROUNDS, MCMC_STEPS, 1, False),
-                ("polished_hmc", 3, CORRECTION_ROUNDS, HMC_STEPS, HMC_LEAPFROG, False),
-                ("polished_hmc3", 3, CORRECTION_ROUNDS, HMC_LONG_STEPS, HMC_LEAPFROG, False),
-                ("polished_hmc3_r1", 3, FEW_CORRECTION_ROUNDS, HMC_LONG_STEPS, HMC_LEAPFROG, False)):
+        for method, repeats, (rounds, steps, leapfrog), warmup in (
+                ("amortized", 5, (0, 0, 1), True),  # warm-up: first call on this shape
+                *((m, 3, polish, False) for m, polish in TIMED_POLISH.items())):
             draws, wall = _timed_draws(guide, d, repeats, rounds, steps, warmup, leapfrog)
             row[method] = dict(_compare(flat(draws, d), ref), wall_s=wall)
         pyro.set_rng_seed(0)
@@ -486,8 +493,8 @@ def _run_family(name: str, mode: str, out: Path) -> dict:
         sm["nuts"] = _accuracy_summary(ok, "nuts")
     result["summary"] = sm
     result["datasets"] = rows
-    result["recordings_during_held_out"] = (graphs.num_recordings if graphs is not None else 0) - recordings_before
-    result["graph_status"] = graphs.status if graphs is not None else "off (record_graph=False)"
+    result["recordings_during_held_out"] = recordings() - recordings_before
+    result["graph_status"] = graph_status()
     warm, num = cfg["nuts"]
     result["notes"] = (
         f"{fam['description']} One amortized guide is trained once on fresh simulated datasets; the held-out datasets "

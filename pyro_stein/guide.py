@@ -269,7 +269,8 @@ class AmortizedSteinGuide(AutoContinuous):
         makes each evaluation cheaper (on family (b) of the amortization benchmark, 2.7 ms instead
         of 4.3 ms at 1,000 draws on a CPU). Models whose Python reads the data's values are not
         recorded. Default ``True``; see :mod:`pyro_stein.graphs` (``guide.log_density.graphs.status``
-        says what happened). Training records separately (``record_graph`` of
+        says what happened). The frame searches during training go through these recordings too; the
+        training step's own evaluations record separately (``record_graph`` of
         :class:`~pyro_stein.AmortizedSVGD`).
 
     References:
