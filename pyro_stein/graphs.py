@@ -230,13 +230,84 @@ def _with_tensors(obj: Any, tensors: Any) -> Any:
 
 
 _ALIASES = ("aten::detach", "aten::lift_fresh_copy", "aten::alias")
+# operations whose value depends only on their input's shape, dtype and device (the shapes are fixed in a recording)
+_SHAPE_ONLY = ("aten::ones_like", "aten::zeros_like", "aten::full_like", "aten::new_zeros", "aten::new_ones",
+               "aten::new_full")
+# operations that keep the row-major order of their input's elements (when they keep their number too)
+_REORDERLESS = ("aten::view", "aten::_unsafe_view", "aten::reshape", "aten::unsqueeze", "aten::squeeze", "aten::expand",
+                "aten::slice", "aten::sum")
+# x op c == x exactly when every element of the constant c is (0 or 1); the key is (schema, which operand is c)
+_NEUTRAL = {("aten::add", 1): 0, ("aten::add", 0): 0, ("aten::sub", 1): 0, ("aten::mul", 1): 1, ("aten::mul", 0): 1,
+            ("aten::div", 1): 1, ("aten::pow", 1): 1}
+
+
+def _name(node: torch.fx.Node) -> str:
+    """The schema name of a traced operation (``aten::add`` for ``aten.add.Tensor``)."""
+    schema = getattr(node.target, "_schema", None)
+    return schema.name if schema is not None else str(node.target)
+
+
+def _meta(node: Any) -> Tensor | None:
+    """The tensor a traced node stands for (its fake value), if known."""
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return value if isinstance(value, Tensor) else None
+
+
+def _keeps_order(n: torch.fx.Node, name: str) -> bool:
+    """``n`` rearranges nothing: same elements in the same row-major order as its input (only the shape may differ)."""
+    src, out = _meta(n.args[0]) if n.args else None, _meta(n)
+    if name not in _REORDERLESS or src is None or out is None or src.dtype != out.dtype or src.numel() != out.numel():
+        return False
+    if name == "aten::sum":  # a sum over dimensions of size 1 only, with no dtype change
+        dims = n.args[1] if len(n.args) > 1 else None
+        return dims is not None and len(n.args) <= 3 and not n.kwargs and all(src.shape[d] == 1 for d in dims)
+    return True
+
+
+def _same_value(n: torch.fx.Node, name: str, const: dict) -> Any:
+    """An earlier node or input holding exactly ``n``'s value (same shape and dtype), or ``None``."""
+    out = _meta(n)
+    if out is None or n.kwargs.get("alpha", 1) != 1:
+        return None
+    if name == "aten::neg":
+        inner = n.args[0]
+        if isinstance(inner, torch.fx.Node) and inner.op == "call_function" and _name(inner) == "aten::neg":
+            return inner.args[0]
+    if _keeps_order(n, name):  # a chain of reshapes that comes back to an earlier shape
+        src = n.args[0]
+        while True:
+            m = _meta(src)
+            if m is not None and m.shape == out.shape:
+                return src
+            if not (isinstance(src, torch.fx.Node) and src.op == "call_function" and _keeps_order(src, _name(src))):
+                return None
+            src = src.args[0]
+    for i, operand in enumerate(n.args[:2]):
+        neutral = _NEUTRAL.get((name, i))
+        other = n.args[1 - i] if len(n.args) >= 2 else None
+        if neutral is None or not isinstance(other, torch.fx.Node) or _meta(other) is None:
+            continue
+        if _meta(other).shape != out.shape or _meta(other).dtype != out.dtype:
+            continue
+        value = const.get(operand, operand)
+        if isinstance(value, bool) or not isinstance(value, (numbers.Number, Tensor)):
+            continue
+        if (bool((value == neutral).all()) if isinstance(value, Tensor) else value == neutral):
+            return other
+    return None
 
 
 def _fold_constants(gm: torch.fx.GraphModule) -> None:
-    """Simplify a traced graph in place, for graphs without in-place operations: operations that read no
-    input (constants the model builds on every call, e.g. ``Normal(0., 5.)``'s tensors) are computed
-    once and stored, and aliases (``detach``, ``lift_fresh_copy``) are bypassed. Random operations are
-    never folded."""
+    """Simplify a traced graph in place, for graphs without in-place operations:
+
+    - operations that read no input (constants the model builds on every call, e.g. ``Normal(0., 5.)``'s
+      tensors) or only their input's shape (``ones_like``, ``new_zeros``) are computed once and stored;
+    - aliases (``detach``, ``lift_fresh_copy``) are bypassed;
+    - operations whose result equals an earlier value exactly are bypassed: ``x + 0``, ``x * 1``, ``x / 1``,
+      ``x ** 1``, ``-(-x)``, and reshapes (``view``, ``unsqueeze``, a sum over a dimension of size 1, ...)
+      that come back to an earlier shape; the backward pass of a traced log density has many of these.
+
+    Random operations are never folded."""
     graph = gm.graph
     schemas = {n: getattr(n.target, "_schema", None) for n in graph.nodes if n.op == "call_function"}
     if any(sc is None or sc.is_mutable for sc in schemas.values()):
@@ -245,9 +316,14 @@ def _fold_constants(gm: torch.fx.GraphModule) -> None:
     for n in graph.nodes:
         if n.op == "get_attr":
             const[n] = getattr(gm, n.target)
-        elif (n.op == "call_function" and all(a in const for a in n.all_input_nodes)
-              and torch.Tag.nondeterministic_seeded not in getattr(n.target, "tags", ())):
+        elif n.op != "call_function" or torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ()):
+            continue
+        elif all(a in const for a in n.all_input_nodes):
             const[n] = n.target(*torch.fx.node.map_arg(n.args, const.get), **torch.fx.node.map_arg(n.kwargs, const.get))
+        elif schemas[n].name in _SHAPE_ONLY and _meta(n.args[0]) is not None and n.all_input_nodes == [n.args[0]]:
+            like = _meta(n.args[0])
+            stand_in = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device=like.device)
+            const[n] = n.target(stand_in, *n.args[1:], **n.kwargs)
     count = 0
     for n in list(graph.nodes):
         if n.op == "call_function" and n in const and isinstance(const[n], Tensor) and n.users:
@@ -255,9 +331,18 @@ def _fold_constants(gm: torch.fx.GraphModule) -> None:
             count += 1
             gm.register_buffer(name, const[n])
             with graph.inserting_before(n):
-                n.replace_all_uses_with(graph.get_attr(name))
+                folded = graph.get_attr(name)
+            folded.meta["val"] = const[n]
+            const[folded] = const[n]
+            n.replace_all_uses_with(folded)
         elif n.op == "call_function" and schemas[n].name in _ALIASES:
             n.replace_all_uses_with(n.args[0])
+    graph.eliminate_dead_code()
+    for n in list(graph.nodes):
+        if n.op == "call_function" and n.users:
+            same = _same_value(n, schemas[n].name, const)
+            if same is not None and not (same.op == "placeholder" and any(u.op == "output" for u in n.users)):
+                n.replace_all_uses_with(same)  # (an input is never returned as an output: the caller owns it)
     graph.eliminate_dead_code()
     gm.recompile()
 

@@ -468,6 +468,32 @@ def test_folded_constants_are_computed_once_and_random_operations_are_not_folded
     assert not torch.equal(a, b), "the random term was frozen"
 
 
+@pytest.mark.parametrize("mode", ["real", "fake"])
+def test_folding_bypasses_exact_identities_only(mode):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from pyro_stein.graphs import _fold_constants
+
+    def fn(u, data):
+        zero, one = torch.zeros_like(u), torch.ones(u.shape[-1], dtype=u.dtype)
+        a = (u + zero) * one / one                     # bypassed: a is u
+        b = -(-(a ** 1.0)).unsqueeze(-1).sum(-1)       # bypassed: b is a
+        c = b - data.new_zeros(3)                      # bypassed: data's shape-only zeros
+        kept = zero[:1] - c + data.new_zeros(4, 2, 3)  # not bypassed: 0 - c is -c, and + zeros broadcasts to (4, 2, 3)
+        flags = (data > 0).to(torch.int64) * one       # not bypassed: the product is floating point
+        return c.exp(), kept.sum(0) * one.to(torch.int64), flags
+
+    u, data = tensor(torch.randn(2, 3, generator=torch.Generator().manual_seed(3))), tensor(torch.randn(3))
+    gm = make_fx(fn, tracing_mode=mode)(u, data)
+    before = gm(u, data)
+    _fold_constants(gm)
+    ops = sorted(n.target._schema.name for n in gm.graph.nodes if n.op == "call_function")
+    assert ops == ["aten::_to_copy", "aten::add", "aten::exp", "aten::gt", "aten::mul", "aten::sub", "aten::sum"], ops
+    for got, want in zip(gm(u, data), before):
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), (
+            "a bypassed operation changed a value, its dtype or its shape")
+
+
 def test_guide_draws_through_shared_recordings_and_can_be_told_not_to(tmp_path):
     pyro.set_rng_seed(0)
     args, kwargs = _hier_data(0)
