@@ -46,7 +46,11 @@ tensors that have no values, so a model whose Python control flow reads the data
 (``if y.sum() > 0``, ``.item()``) cannot be traced and is never recorded, rather than recorded with
 one dataset's branch. A shape is recorded once it has come back ``min_calls`` times (not necessarily
 in a row); up to ``max_recordings`` shapes are kept, the least recently used dropped first. These
-recordings replay the traced graph (no CUDA graph: its inputs would have to be copied every call).
+recordings replay the traced graph (no CUDA graph: its inputs would have to be copied every call),
+simplified first: constants are computed once and operations that return an earlier value exactly
+(``x + 0``, ``x * 1``, a reshape back to an earlier shape; the traced backward pass has many) are
+bypassed, which on the CPU takes family (b) of the amortization benchmark from 150 graph nodes to 94
+and a replay at 1,000 draws from 2.4 to 1.6 ms.
 """
 
 from __future__ import annotations
