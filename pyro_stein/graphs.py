@@ -345,8 +345,8 @@ def _fold_constants(gm: torch.fx.GraphModule) -> None:
     for n in list(graph.nodes):
         if n.op == "call_function" and n.users:
             same = _same_value(n, schemas[n].name, const)
-            if same is not None and not (same.op == "placeholder" and any(u.op == "output" for u in n.users)):
-                n.replace_all_uses_with(same)  # (an input is never returned as an output: the caller owns it)
+            if same is not None:
+                n.replace_all_uses_with(same)
     graph.eliminate_dead_code()
     gm.recompile()
 
@@ -365,10 +365,17 @@ class _SharedRecording:
             self.traced = make_fx(fn, tracing_mode="fake")(u.detach(), *data)
         _fold_constants(self.traced)
         self.frozen, _ = _screen(self.traced, u.detach(), *data)
+        # outputs that share memory with an input or a stored constant (a bypassed x * 1, a folded constant) are
+        # copied on every call: the caller owns what it gets back, and may write to it
+        with torch.no_grad():
+            outputs = self.traced(u.detach(), *data)
+        held = {t.untyped_storage().data_ptr() for t in (u, *data, *self.traced.buffers())}
+        self.copied = tuple(o.untyped_storage().data_ptr() in held for o in outputs)
 
     def __call__(self, u: Tensor, data: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
-            return tuple(o.detach() for o in self.traced(u.detach(), *data))
+            outputs = self.traced(u.detach(), *data)
+            return tuple(o.clone() if copy else o.detach() for o, copy in zip(outputs, self.copied))
 
 
 def _close(got: tuple[Tensor, ...], want: tuple[Tensor, ...]) -> bool:

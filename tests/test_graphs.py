@@ -494,6 +494,23 @@ def test_folding_bypasses_exact_identities_only(mode):
             "a bypassed operation changed a value, its dtype or its shape")
 
 
+def test_shared_recording_never_returns_its_input_or_a_stored_constant():
+    from pyro_stein.graphs import _SharedRecording
+
+    def fn(u, data):  # after folding: the score is u itself (u * 1 + 0), the log density a stored constant
+        return torch.ones(u.shape[0], dtype=u.dtype).exp() + data.new_zeros(()), u * 1.0 + torch.zeros_like(u)
+
+    u, data = tensor(torch.randn(4, 3, generator=torch.Generator().manual_seed(5))), tensor(torch.zeros(()))
+    rec = _SharedRecording(fn, u, (data,))
+    assert [n.op for n in rec.traced.graph.nodes if n.op == "call_function"] == [], "the identities were not bypassed"
+    u_before, (lp, score) = u.clone(), rec(u, (data,))
+    lp.add_(1.0)
+    score.add_(1.0)
+    assert torch.equal(u, u_before), "writing to the returned score changed the particles"
+    again = rec(u, (data,))
+    assert torch.equal(again[0], torch.full_like(again[0], math.e)), "writing to the returned log density changed the recording"
+
+
 def test_guide_draws_through_shared_recordings_and_can_be_told_not_to(tmp_path):
     pyro.set_rng_seed(0)
     args, kwargs = _hier_data(0)
