@@ -257,9 +257,9 @@ def _meta(node: Any) -> Tensor | None:
     return value if isinstance(value, Tensor) else None
 
 
-def _keeps_order(n: torch.fx.Node, name: str) -> bool:
+def _keeps_order(n: torch.fx.Node) -> bool:
     """``n`` rearranges nothing: same elements in the same row-major order as its input (only the shape may differ)."""
-    src, out = _meta(n.args[0]) if n.args else None, _meta(n)
+    name, src, out = _name(n), _meta(n.args[0]) if n.args else None, _meta(n)
     if name not in _REORDERLESS or src is None or out is None or src.dtype != out.dtype or src.numel() != out.numel():
         return False
     if name == "aten::sum":  # a sum over dimensions of size 1 only, with no dtype change
@@ -268,22 +268,23 @@ def _keeps_order(n: torch.fx.Node, name: str) -> bool:
     return True
 
 
-def _same_value(n: torch.fx.Node, name: str, const: dict) -> Any:
-    """An earlier node or input holding exactly ``n``'s value (same shape and dtype), or ``None``."""
-    out = _meta(n)
+def _same_value(n: torch.fx.Node, const: dict) -> Any:
+    """An earlier node or input holding exactly ``n``'s value (same shape and dtype), or ``None``; ``const``:
+    the values of the graph's constant nodes."""
+    name, out = _name(n), _meta(n)
     if out is None or n.kwargs.get("alpha", 1) != 1:
         return None
     if name == "aten::neg":
         inner = n.args[0]
         if isinstance(inner, torch.fx.Node) and inner.op == "call_function" and _name(inner) == "aten::neg":
             return inner.args[0]
-    if _keeps_order(n, name):  # a chain of reshapes that comes back to an earlier shape
+    if _keeps_order(n):  # a chain of reshapes that comes back to an earlier shape
         src = n.args[0]
         while True:
             m = _meta(src)
             if m is not None and m.shape == out.shape:
                 return src
-            if not (isinstance(src, torch.fx.Node) and src.op == "call_function" and _keeps_order(src, _name(src))):
+            if not (isinstance(src, torch.fx.Node) and src.op == "call_function" and _keeps_order(src)):
                 return None
             src = src.args[0]
     for i, operand in enumerate(n.args[:2]):
@@ -301,7 +302,7 @@ def _same_value(n: torch.fx.Node, name: str, const: dict) -> Any:
     return None
 
 
-def _fold_constants(gm: torch.fx.GraphModule) -> None:
+def _simplify(gm: torch.fx.GraphModule) -> None:
     """Simplify a traced graph in place, for graphs without in-place operations:
 
     - operations that read no input (constants the model builds on every call, e.g. ``Normal(0., 5.)``'s
@@ -344,7 +345,7 @@ def _fold_constants(gm: torch.fx.GraphModule) -> None:
     graph.eliminate_dead_code()
     for n in list(graph.nodes):
         if n.op == "call_function" and n.users:
-            same = _same_value(n, schemas[n].name, const)
+            same = _same_value(n, const)
             if same is not None:
                 n.replace_all_uses_with(same)
     graph.eliminate_dead_code()
@@ -355,7 +356,7 @@ class _SharedRecording:
     """One traced graph ``(u, *data tensors) -> (log density, score)``, for any data of the recorded shapes.
 
     Traced on fake tensors (no values), so Python that reads the data's values fails the trace
-    instead of freezing one dataset's branch into the graph; then simplified (:func:`_fold_constants`).
+    instead of freezing one dataset's branch into the graph; then simplified (:func:`_simplify`).
     """
 
     def __init__(self, fn: Callable[..., tuple[Tensor, Tensor]], u: Tensor, data: tuple[Tensor, ...]):
@@ -363,7 +364,7 @@ class _SharedRecording:
 
         with pyro.validation_enabled(False):
             self.traced = make_fx(fn, tracing_mode="fake")(u.detach(), *data)
-        _fold_constants(self.traced)
+        _simplify(self.traced)
         self.frozen, _ = _screen(self.traced, u.detach(), *data)
         # outputs that share memory with an input or a stored constant (a bypassed x * 1, a folded constant) are
         # copied on every call: the caller owns what it gets back, and may write to it
