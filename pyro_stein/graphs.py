@@ -45,7 +45,11 @@ plain values (e.g. every new dataset with the same number of groups). The trace 
 tensors that have no values, so a model whose Python control flow reads the data's values
 (``if y.sum() > 0``, ``.item()``) cannot be traced and is never recorded, rather than recorded with
 one dataset's branch. A shape is recorded once it has come back ``min_calls`` times (not necessarily
-in a row); up to ``max_recordings`` shapes are kept, the least recently used dropped first. These
+in a row); up to ``max_recordings`` shapes are kept, the least recently used dropped first. A
+recording dropped before it was replayed ``min_calls`` times cost more than it saved; once
+``max_recordings`` recordings have been dropped that way (datasets whose shapes rarely repeat, e.g.
+a new number of rows each time), recording is switched off, so such data are not traced over and
+over. These
 recordings replay the traced graph (no CUDA graph: its inputs would have to be copied every call),
 simplified first: constants are computed once and operations that return an earlier value exactly
 (``x + 0``, ``x * 1``, a reshape back to an earlier shape; the traced backward pass has many) are
@@ -372,8 +376,10 @@ class _SharedRecording:
             outputs = self.traced(u.detach(), *data)
         held = {t.untyped_storage().data_ptr() for t in (u, *data, *self.traced.buffers())}
         self.copied = tuple(o.untyped_storage().data_ptr() in held for o in outputs)
+        self.replays = 0
 
     def __call__(self, u: Tensor, data: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        self.replays += 1
         with torch.no_grad():
             outputs = self.traced(u.detach(), *data)
             return tuple(o.clone() if copy else o.detach() for o, copy in zip(outputs, self.copied))
@@ -425,6 +431,7 @@ class GraphedLogDensity:
         self.share_across_data = share_across_data
         self._shared: OrderedDict[Any, _SharedRecording] = OrderedDict()  # by shape key, least recently used first
         self._counts: dict[Any, int] = {}  # calls per shape key not yet recorded
+        self.num_wasted = 0  # shared recordings dropped before min_calls replays
         self.why_not = why_not
         self.min_calls = min_calls
         self.max_recordings = max_recordings
@@ -555,9 +562,14 @@ class GraphedLogDensity:
                             "of a shape")
         if rec is None:
             return want
+        rec.replays = 0  # the check above is not a replay
         self.num_recordings += 1
         self._shared[call.key] = rec
-        while len(self._shared) > self.max_recordings:
-            self._shared.popitem(last=False)
         self.status = "replaying"
+        while len(self._shared) > self.max_recordings:
+            _, dropped = self._shared.popitem(last=False)
+            self.num_wasted += dropped.replays < self.min_calls
+        if self.num_wasted >= max(self.max_recordings, 1):
+            self._off(f"the arguments' shapes rarely repeat: {self.num_wasted} recordings were dropped before "
+                      f"{self.min_calls} replays each, so recording costs more than it saves")
         return want

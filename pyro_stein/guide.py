@@ -268,8 +268,10 @@ class AmortizedSteinGuide(AutoContinuous):
         number of observations (or groups) shares the recording, which costs 0.1-0.5 s once and
         makes each evaluation cheaper (on family (b) of the amortization benchmark, 1.6 ms instead
         of 4.3 ms at 1,000 draws on a CPU). Models whose Python reads the data's values are not
-        recorded. Default ``True``; see :mod:`pyro_stein.graphs` (``guide.log_density.graphs.status``
-        says what happened). The frame searches during training go through these recordings too; the
+        recorded. Up to 64 shapes are kept; when datasets rarely share a shape (a new number of rows
+        almost every time), recordings are dropped before they are reused, and after 64 such drops
+        recording switches itself off: pass ``False`` to skip even those. Default ``True``; see
+        :mod:`pyro_stein.graphs` (``guide.log_density.graphs.status`` says what happened). The frame searches during training go through these recordings too; the
         training step's own evaluations record separately (``record_graph`` of
         :class:`~pyro_stein.AmortizedSVGD`).
 

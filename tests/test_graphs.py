@@ -427,6 +427,29 @@ def test_shared_recordings_are_kept_per_shape_least_recently_used_first():
     assert ld.graphs.num_recordings == 3
 
 
+@pytest.mark.parametrize("replayed", [False, True])
+def test_recording_stops_when_shapes_rarely_repeat(replayed):
+    """A recording dropped before ``min_calls`` replays cost more than it saved; after ``max_recordings`` such drops
+    recording is switched off (and the model's own evaluation is used). Recordings that were replayed enough before
+    being dropped do not count."""
+    args, kwargs = _hier_data(0)
+    ld = _shared_log_density(hierarchical, *args, **kwargs)
+    graphs = ld.graphs
+    graphs.max_recordings, graphs.min_calls = 2, 3
+    plain = ModelLogDensity(hierarchical, ld.sites)
+    u = tensor(torch.randn(8, ld.dim, generator=torch.Generator().manual_seed(13)))
+    for n in (2, 3, 4, 5, 6):  # a new particle count each time: recorded at its 3rd call, dropped two shapes later
+        for _ in range(graphs.min_calls * (2 if replayed else 1)):
+            got = ld.log_density_and_score(u[:n], args, kwargs)
+        _assert_close(got, plain.log_density_and_score(u[:n], args, kwargs), f"{n} particles")
+    if replayed:
+        assert graphs.status == "replaying" and graphs.num_wasted == 0, (graphs.status, graphs.num_wasted)
+        assert graphs.num_recordings == 5
+    else:  # 2 and 3 were dropped unreplayed when 4 and 5 were recorded: off after the 4th recording
+        assert graphs.status.startswith("off: the arguments' shapes rarely repeat"), graphs.status
+        assert graphs.num_recordings == 4 and not graphs._shared, "recording went on after it was switched off"
+
+
 def test_counts_of_a_shape_need_not_be_consecutive():
     (sigma, ), kw = _hier_data(0)
     ld = _shared_log_density(hierarchical, sigma, **kw)
