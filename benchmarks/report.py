@@ -278,9 +278,13 @@ def _section_amortized(d: dict, out: Path) -> list[str]:
     sm, labels = d["summary"], d["method_labels"]
     n = sm["num_datasets"]
     exact = d.get("reference") == "exact"
-    s.append(f"Per new dataset ({n} held-out datasets, {d['num_draws']} draws each, scored against "
-             f"{'the exact posterior' if exact else 'NUTS'}); medians over datasets, and how many datasets meet each "
-             "accuracy target (worst dimension):")
+    ess = [r["reference_ess"] for r in d["datasets"] if "reference_ess" in r]
+    against = "NUTS"
+    if exact:  # an importance-sampling reference says how many effective draws stand behind it
+        against = (f"the near-exact posterior: importance sampling, ESS {min(ess):,.0f}-{max(ess):,.0f}, Monte Carlo "
+                   f"error <= {1 / min(ess) ** 0.5:.3f} sd" if ess else "the exact posterior")
+    s.append(f"Per new dataset ({n} held-out datasets, {d['num_draws']} draws each, scored against {against}); medians "
+             "over datasets, and how many datasets meet each accuracy target (worst dimension):")
     s.append("")
 
     def summary_row(label, m, wall, speedup):
@@ -307,9 +311,10 @@ def _section_amortized(d: dict, out: Path) -> list[str]:
     ok = [r for r in d["datasets"] if "nuts" in r]
     scored = [*labels, "nuts"] if exact else list(labels)
     rows = [[r["size"], r["nuts"]["wall_s"]] + [v for m in scored for v in (r[m]["worst_mean_err"], r[m]["worst_sd_ratio"])]
-            for r in ok]
+            + ([r["reference_ess"]] if ess else []) for r in ok]
     s.append("<details><summary>per dataset (worst mean error in sd, worst sd ratio)</summary>\n")
-    s.append(_table([d["size_label"], "NUTS (s)"] + [f"{m} {k}" for m in scored for k in ("err", "sd")], rows))
+    s.append(_table([d["size_label"], "NUTS (s)"] + [f"{m} {k}" for m in scored for k in ("err", "sd")]
+                    + (["reference ESS"] if ess else []), rows))
     s.append("\n</details>\n")
 
     def draw(ax):
