@@ -271,9 +271,9 @@ class AmortizedSteinGuide(AutoContinuous):
         recorded. Up to 64 shapes are kept; when datasets rarely share a shape (a new number of rows
         almost every time), recordings are dropped before they are reused, and after 64 such drops
         recording switches itself off: pass ``False`` to skip even those. Default ``True``; see
-        :mod:`pyro_stein.graphs` (``guide.log_density.graphs.status`` says what happened). The frame searches during training go through these recordings too; the
-        training step's own evaluations record separately (``record_graph`` of
-        :class:`~pyro_stein.AmortizedSVGD`).
+        :mod:`pyro_stein.graphs` (``guide.log_density.graphs.status`` says what happened). The
+        frame searches during training go through these recordings too; the training step's own
+        evaluations record separately (``record_graph`` of :class:`~pyro_stein.AmortizedSVGD`).
 
     References:
 
