@@ -376,10 +376,9 @@ class _SharedRecording:
             outputs = self.traced(u.detach(), *data)
         held = {t.untyped_storage().data_ptr() for t in (u, *data, *self.traced.buffers())}
         self.copied = tuple(o.untyped_storage().data_ptr() in held for o in outputs)
-        self.replays = 0
+        self.replays = 0  # counted by GraphedLogDensity, which decides when a recording has paid for itself
 
     def __call__(self, u: Tensor, data: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
-        self.replays += 1
         with torch.no_grad():
             outputs = self.traced(u.detach(), *data)
             return tuple(o.clone() if copy else o.detach() for o, copy in zip(outputs, self.copied))
@@ -538,6 +537,7 @@ class GraphedLogDensity:
         rec = self._shared.get(call.key)
         if rec is not None:
             self._shared.move_to_end(call.key)
+            rec.replays += 1
             return self._replay(lambda v: rec(v, data), u, eager)
         if len(self._counts) > 64 * max(self.max_recordings, 1):  # shapes that never come back: forget the counts
             self._counts.clear()
@@ -562,7 +562,6 @@ class GraphedLogDensity:
                             "of a shape")
         if rec is None:
             return want
-        rec.replays = 0  # the check above is not a replay
         self.num_recordings += 1
         self._shared[call.key] = rec
         self.status = "replaying"

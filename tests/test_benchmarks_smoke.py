@@ -68,6 +68,7 @@ def test_benchmarks_amortized_sbibm_smoke(tmp_path):
 
 def test_benchmarks_amortized_families_smoke(tmp_path):
     _run(["--smoke", "--only", "amortized,amortized_hier"], tmp_path)
+    report = (tmp_path / "REPORT.md").read_text()
     for part in ("amortized", "amortized_hier"):
         res = json.loads((tmp_path / f"{part}.json").read_text())
         assert res["training"]["steps"] > 0 and len(res["datasets"]) == 1
@@ -79,7 +80,5 @@ def test_benchmarks_amortized_families_smoke(tmp_path):
             assert res["reference"] == "exact" and row["nuts"]["worst_mean_err"] >= 0
             if part == "amortized":  # family (a)'s is importance sampling: its effective sample size is reported
                 assert row["reference_ess"] > 1000, row["reference_ess"]
-                assert "scored against the near-exact posterior: importance sampling, ESS" in (
-                    tmp_path / "REPORT.md").read_text()
-    report = (tmp_path / "REPORT.md").read_text()
+                assert "scored against the near-exact posterior: importance sampling, ESS" in report
     assert "family (a)" in report and "family (b)" in report

@@ -202,7 +202,7 @@ def test_schools_exact_moments_match_dense_quadrature(J):
 
 def _logistic_moments_dense(X, y, num_t=300, num_w=81):
     """Posterior moments of ``(s, w)`` for benchmarks.amortized.logistic_model with ``k <= 2`` real columns, by a
-    dense grid over ``(log s, w_raw)`` (midpoint rule; t in [-12, 2.5], each w_raw in [-7, 7])."""
+    uniform grid over ``(log s, w_raw)`` (a Riemann sum; t in [-12, 2.5], each w_raw in [-7, 7])."""
     k = X.shape[1]
     t = torch.linspace(-12.0, 2.5, num_t, dtype=torch.float64)
     w1 = torch.linspace(-7.0, 7.0, num_w, dtype=torch.float64)
@@ -235,7 +235,7 @@ def test_logistic_reference_moments_match_dense_grid(k, scale):
     assert mean.shape == (k + 1,) and sd.shape == (k + 1,)
     assert ess > 50_000, f"the proposal fits badly: ESS {ess:.0f} of 200,000"
     # Monte Carlo error of the importance-sampling estimate: ~1/sqrt(ESS) sd on each mean, ~1/sqrt(2 ESS) relative on
-    # each sd (the weights' spread is in the ESS); 5 times that, with the grid's own error far smaller (~1e-4)
+    # each sd (the weights' spread is in the ESS); 5 times that, with the grid's own error far smaller (< 5e-5)
     tol = 5 / math.sqrt(ess)
     err = ((mean - mean_d).abs() / sd_d).max()
     assert err < tol, f"means differ from the dense grid by {err:.4f} sd, above 5 Monte Carlo errors ({tol:.4f})"
