@@ -189,9 +189,11 @@ def default_dataset_fn(model: Callable, latent_values: dict, args: tuple, kwargs
         value = site["value"]
         observed.append(value)
         frames = [f for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
-        if frames and value.dim() >= -min(f.dim for f in frames):
+        # plate dims count from the right of the batch shape, left of the site's event dims
+        batch_rank = value.dim() - site["fn"].event_dim
+        if frames and batch_rank >= -min(f.dim for f in frames):
             outer = min(frames, key=lambda f: f.dim)
-            d = value.dim() + outer.dim
+            d = batch_rank + outer.dim
             v = value.movedim(d, 0)
             v = v.reshape(v.shape[0], -1)
         else:

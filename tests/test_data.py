@@ -139,6 +139,29 @@ def test_default_features_covariate_rule(extra, appended, n):
     assert feats.shape == (n, width)
 
 
+def mvn_model(y=None):
+    """y_i ~ N(mu, I_3), one 3-vector per observation (an event dim inside the plate)."""
+    mu = pyro.sample("mu", dist.Normal(tensor(torch.zeros(3)), 1.0).to_event(1))
+    with pyro.plate("obs_plate", 7):
+        pyro.sample("y", dist.MultivariateNormal(mu, tensor(torch.eye(3))), obs=y)
+
+
+def nested_event_model(y=None):
+    """The plate of observations outside an inner plate of 2, each value a 3-vector: (7, 2, 3)."""
+    mu = pyro.sample("mu", dist.Normal(tensor(torch.zeros(3)), 1.0).to_event(1))
+    with pyro.plate("obs_plate", 7, dim=-2), pyro.plate("inner", 2, dim=-1):
+        pyro.sample("y", dist.Normal(mu, 1.0).to_event(1), obs=y)
+
+
+@pytest.mark.parametrize("model, shape", [(mvn_model, (7, 3)), (nested_event_model, (7, 2, 3))], ids=["mvn", "nested-to_event"])
+def test_default_features_observations_with_event_dims(model, shape):
+    """The plate's axis is counted left of the site's event dims: one row per observation, never transposed."""
+    y = tensor(torch.arange(float(torch.tensor(shape).prod())).reshape(shape))
+    feats = default_dataset_fn(model, {"mu": tensor(torch.zeros(3))}, (), {"y": y})
+    assert feats.shape == (7, y[0].numel()), f"expected one row per observation (7, {y[0].numel()}), got {tuple(feats.shape)}"
+    assert torch.equal(feats, y.reshape(7, -1)), "row i must hold observation i's values"
+
+
 @pytest.mark.parametrize("site", ["sigma", "w"])
 def test_stream_rejects_latent_obs_site(site):
     pyro.set_rng_seed(0)
