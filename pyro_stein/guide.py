@@ -216,9 +216,10 @@ class AmortizedSteinGuide(AutoContinuous):
         exact. It removes most of an amortized guide's location and scale error on a new dataset
         at the cost of one batched score evaluation per round. Draws made by :meth:`forward` (and
         so by :class:`~pyro.infer.Predictive`) are not corrected.
-    :param int correction_samples: the correction is estimated from at least this many draws
-        (default 1000; more than ``2 D`` are needed for the covariance part, otherwise only the
-        location is corrected).
+    :param int correction_samples: the correction is estimated, and the MCMC polish below runs
+        chains preconditioned by the covariance of, at least this many draws per dataset (default
+        1000; more than ``2 D`` are needed for the covariance part of the correction, otherwise only
+        the location is corrected); the first ``num_samples`` are returned.
     :param int mcmc_steps: preconditioned Metropolis-adjusted Langevin steps applied to the draws of
         :meth:`sample_posterior` and :meth:`sample_posterior_batch`, after the moment correction
         (default 0: off); see :func:`~pyro_stein.mcmc.mala_polish`. Each step leaves the posterior
@@ -853,10 +854,10 @@ class AmortizedSteinGuide(AutoContinuous):
         """
         num_samples = _num_samples(num_samples)
         self.setup(*args, **kwargs)
-        n = max(num_samples, self.correction_samples) if self.moment_correction else num_samples
+        n, keep = self._population(num_samples)
         data = [Dataset(*args, **kwargs)]
         z = self.draw(n, *self._context_and_frame(data[0]))  # one frame search, shared with _correct's dataset
-        z = self._polish(*self._correct(z.unsqueeze(0), data, num_samples), data)[0]
+        z = self._polish(*self._correct(z.unsqueeze(0), data, keep), data)[0, :num_samples]
         out = self._unpack_constrained(z)
         out.update(self.log_density.deterministic(z, self.deterministic_names, args, kwargs))
         return out
@@ -877,11 +878,18 @@ class AmortizedSteinGuide(AutoContinuous):
         if not datasets:
             raise ValueError("datasets is empty")
         self.setup(*datasets[0].args, **datasets[0].kwargs)
-        n = max(num_samples, self.correction_samples) if self.moment_correction else num_samples
+        n, keep = self._population(num_samples)
         frame = self.frames(datasets) if self.per_dataset_frames else None
         z = self.draw(n, self._contexts(datasets, frame), frame)
-        z = self._polish(*self._correct(z, datasets, num_samples), datasets)
+        z = self._polish(*self._correct(z, datasets, keep), datasets)[:, :num_samples]
         return self._unpack_constrained(z)
+
+    def _population(self, num_samples: int) -> tuple[int, int]:
+        """How many draws to make per dataset and how many of them to polish: at least
+        ``correction_samples`` when the draws are corrected (the moment estimates) or polished (the MCMC
+        preconditioner is their covariance), the first ``num_samples`` being returned."""
+        n = max(num_samples, self.correction_samples) if self.moment_correction or self.mcmc_steps else num_samples
+        return n, (n if self.mcmc_steps else num_samples)
 
     def _correct(self, z: Tensor, datasets: Sequence, keep: int) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """``moment_correction`` rounds of the Stein moment correction on draws ``z`` ``(B, n, D)``, one set

@@ -40,11 +40,29 @@ LogDensityAndScore = Callable[[Tensor], "tuple[Tensor, Tensor]"]
 
 
 def _preconditioner(z: Tensor) -> Tensor:
-    """A lower-triangular ``L`` with ``L L^T`` = the draws' covariance (diagonal when ``n <= D``), jittered."""
-    n, d = z.shape
-    zc = z - z.mean(0)
+    """A lower-triangular ``L`` with ``L L^T`` = the covariance of the finite draws (diagonal when there
+    are no more of them than ``D``), jittered.
+
+    :raises ValueError: when fewer than two draws are finite or the finite ones have no spread: the
+        population then sets no scale, and chains preconditioned by it would never move.
+    """
+    finite = torch.isfinite(z).all(-1)
+    zf = z if bool(finite.all()) else z[finite]
+    n, d = zf.shape
+    zc = zf - zf.mean(0)
     var = zc.pow(2).sum(0) / max(n - 1, 1)
-    floor = var.mean().clamp_min(torch.finfo(z.dtype).eps) * 1e-6
+    if n < 2 or not bool(var.max() > 0):
+        if z.shape[0] < 2:
+            what = f"z has {z.shape[0]} row"
+        elif n < 2:
+            what = f"only {n} of the {z.shape[0]} rows of z are finite"
+        else:
+            what = f"the {n} finite rows of z are all equal"
+        raise ValueError(
+            f"the MCMC preconditioner is the covariance of the draws to polish, but {what}; pass at least two "
+            "distinct finite draws (the guide polishes at least correction_samples draws per dataset)"
+        )
+    floor = var.mean() * 1e-6
     if n > d:
         cov = zc.T @ zc / (n - 1) + floor * torch.eye(d, dtype=z.dtype, device=z.device)
         chol, info = torch.linalg.cholesky_ex(cov)
@@ -144,6 +162,8 @@ def hmc_polish(
     :param tuple initial: the log density ``(n,)`` and score ``(n, D)`` at ``z`` when already known
         (saves one evaluation); values that are not finite count as outside the support.
     :returns: ``(polished draws (n, D), acceptance rate of each step (num_steps,))``.
+    :raises ValueError: when ``num_steps > 0`` and fewer than two rows of ``z`` are finite, or they are
+        all equal (the preconditioner is their covariance).
     """
     _check_polish_arguments(z, num_steps, target_accept)
     if isinstance(num_leapfrog, bool) or not isinstance(num_leapfrog, int) or num_leapfrog < 1:
@@ -195,6 +215,8 @@ def mala_polish(
     :param tuple initial: the log density ``(n,)`` and score ``(n, D)`` at ``z`` when already known
         (saves one evaluation); values that are not finite count as outside the support.
     :returns: ``(polished draws (n, D), acceptance rate of each step (num_steps,))``.
+    :raises ValueError: when ``num_steps > 0`` and fewer than two rows of ``z`` are finite, or they are
+        all equal (the preconditioner is their covariance).
     """
     _check_polish_arguments(z, num_steps, target_accept)
     rates = z.new_zeros(num_steps)

@@ -520,6 +520,22 @@ def test_polish_reuses_the_corrections_last_evaluation(leapfrog):
     assert counts[1] - counts[0] == 4 * leapfrog, f"model evaluations without / with the polish: {counts}"
 
 
+@pytest.mark.parametrize("correction", [0, 1])
+def test_small_requests_are_polished_within_a_full_population(correction):
+    """The MCMC preconditioner is the covariance of the draws polished, so ``sample_posterior(k)`` with ``k`` below
+    ``correction_samples`` polishes ``correction_samples`` draws and returns the first ``k`` (2 draws alone would
+    give a degenerate preconditioner, 1 an error)."""
+    X, y = data(n=30, d=2)
+    guide = AmortizedSteinGuide(linear_gaussian_model, moment_correction=correction, correction_samples=300,
+                                mcmc_steps=3).setup(X, y)
+    draws = []
+    for k in (1, 2, 300):
+        torch.manual_seed(0)
+        draws.append(guide.sample_posterior(k, X, y)["w"])
+    assert [tuple(d.shape) for d in draws] == [(1, 2), (2, 2), (300, 2)]
+    assert torch.equal(draws[0], draws[2][:1]) and torch.equal(draws[1], draws[2][:2])
+
+
 def test_mcmc_steps_argument_errors_and_persistence(tmp_path):
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="mcmc_steps must be an int >= 0"):

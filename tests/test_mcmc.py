@@ -99,7 +99,7 @@ def test_polish_rejects_proposals_outside_the_support(polish, name, _):
 
 @pytest.mark.parametrize("polish, name, _", KERNELS)
 def test_polish_arguments(polish, name, _):
-    z = torch.zeros(10, 2, dtype=DTYPE, device=DEVICE)
+    z = torch.randn(10, 2, dtype=DTYPE, device=DEVICE)
     same, rates = polish(z, banana, 0)
     assert same is z and rates.numel() == 0
     with pytest.raises(ValueError, match=r"z must be a Tensor of draws with shape \(n, D\)"):
@@ -110,6 +110,34 @@ def test_polish_arguments(polish, name, _):
         polish(z, banana, 1, target_accept=1.0)
     with pytest.raises(ValueError, match=r"log_density_and_score must return shapes \(10,\) and \(10, 2\)"):
         polish(z, lambda x: (x.sum(), x), 1)
+
+
+@pytest.mark.parametrize("polish, name, _", KERNELS)
+@pytest.mark.parametrize(
+    "make, what",
+    [
+        (lambda: torch.full((1, 2), 3.0), "z has 1 row"),
+        (lambda: torch.full((8, 2), 3.0), "the 8 finite rows of z are all equal"),
+        (lambda: torch.tensor([[0.0, 1.0], [math.inf, 0.0], [math.nan, 1.0]]), "only 1 of the 3 rows of z are finite"),
+    ],
+    ids=["one-draw", "identical", "one-finite"],
+)
+def test_polish_without_spread_raises(polish, name, _, make, what):
+    """The preconditioner is the draws' covariance: a population without spread would leave every chain in place."""
+    with pytest.raises(ValueError, match=rf"MCMC preconditioner is the covariance of the draws to polish, but {what}"):
+        polish(make().to(device=DEVICE, dtype=DTYPE), banana, 3)
+
+
+@pytest.mark.parametrize("polish, name, _", KERNELS)
+def test_polish_preconditioner_ignores_non_finite_rows(polish, name, _):
+    """One infinite row does not poison the preconditioner: the other chains still move (it stays where it is)."""
+    torch.manual_seed(0)
+    z = banana_draws(200, seed=1)
+    z[0, 0] = math.inf
+    out, rates = polish(z, banana, 5)
+    moved = (out[1:] != z[1:]).any(-1).float().mean()
+    assert moved > 0.5 and rates.max() > 0.3, f"{name}: {moved:.2f} of the finite chains moved, rates {rates.tolist()}"
+    assert torch.equal(out[0], z[0])
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.0, True])
