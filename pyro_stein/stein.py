@@ -180,8 +180,9 @@ def stein_moment_correction(z: Tensor, score: Tensor, affine: bool = True) -> tu
 
     :param Tensor z: draws ``(..., n, D)``.
     :param Tensor score: ``grad log p`` at ``z``, same shape.
-    :param bool affine: also correct the covariance (needs ``n > D``; a batch element whose
-        estimated precision is not positive definite gets the location step only).
+    :param bool affine: also correct the covariance (needs ``n > D``; a batch element whose draws'
+        covariance is singular or whose estimated precision is not positive definite gets the
+        location step only).
     :returns: ``(corrected draws, ok)``; ``ok`` ``(...)`` is ``False`` where the covariance step was
         skipped.
 
@@ -199,11 +200,14 @@ def stein_moment_correction(z: Tensor, score: Tensor, affine: bool = True) -> tu
     if not affine:
         return z + shift, ok
     # regression of scores on draws: Cov(s, z) = -P Cov_q  ->  P = -Cov(s, z) Cov_q^{-1}, symmetrised
-    p = -torch.linalg.solve(cov_q, cross.transpose(-1, -2)).transpose(-1, -2)  # cross @ inv(cov_q)
+    # (a batch element whose draws have a singular covariance, e.g. a constant coordinate, gets the fallback)
+    eye = torch.eye(d, dtype=z.dtype, device=z.device)
+    solved, singular = torch.linalg.solve_ex(cov_q, cross.transpose(-1, -2))
+    invertible = (singular == 0)[..., None, None]
+    p = torch.where(invertible, -solved.transpose(-1, -2), eye)  # cross @ inv(cov_q)
     p = 0.5 * (p + p.transpose(-1, -2))
     chol_p, info = torch.linalg.cholesky_ex(p)
-    ok = info == 0
-    eye = torch.eye(d, dtype=z.dtype, device=z.device)
+    ok = (info == 0) & invertible[..., 0, 0]
     okm = ok[..., None, None]
     # where P is not positive definite, fall back to P = Cov_q^{-1}: the location-only step, identity map
     cov_p = torch.where(okm, torch.cholesky_inverse(torch.where(okm, chol_p, eye)), cov_q)

@@ -337,6 +337,21 @@ def test_moment_correction_falls_back_when_precision_not_positive_definite():
     assert torch.allclose(out - out.mean(0), zc, rtol=RTOL, atol=ATOL * 1e3)
 
 
+def test_moment_correction_falls_back_per_element_when_the_draws_covariance_is_singular():
+    """A batch element whose draws have a constant coordinate gets the location step alone (``ok`` False); the
+    others are corrected as if alone, rather than the whole batch failing in the solve."""
+    z = randn(2, 300, 3, seed=10)
+    z[1, :, 2] = 0.5
+    s = -z
+    out, ok = stein_moment_correction(z, s)
+    assert ok.tolist() == [True, False]
+    alone, _ = stein_moment_correction(z[0], s[0])
+    assert torch.allclose(out[0], alone, rtol=RTOL, atol=ATOL * 1e3)
+    g = s[1].mean(0)
+    zc = z[1] - z[1].mean(0)
+    assert torch.allclose(out[1], z[1] + g @ (zc.T @ zc / 299), rtol=RTOL, atol=ATOL * 1e3), "location step: z + Cov_q g"
+
+
 def test_moment_correction_errors():
     z = randn(4, 6, seed=1)
     with pytest.raises(ValueError, match="more draws than dimensions"):
