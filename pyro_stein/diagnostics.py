@@ -127,20 +127,36 @@ def sbc(
 def plot_sbc(ranks: dict[str, Tensor], num_samples: int, bins: int = 20, path: str | None = None):
     """Histogram the SBC ranks of each site (pooled over elements) with the uniform band.
 
-    The grey band is the central 99% range of a bin count under uniformity (normal approximation).
+    Rank ``r`` (an integer in ``0..num_samples``) goes to bin ``floor(r * bins / (num_samples + 1))``;
+    when ``bins`` does not divide ``num_samples + 1`` the bins hold unequal numbers of ranks, and each
+    bin's expected count and band follow its own share. The grey band is the central 99% range of a
+    bin's count under uniformity (normal approximation).
 
+    :param dict ranks: ``{site: integer ranks}`` as returned by :func:`sbc`.
+    :param int num_samples: draws per rank (the ranks lie in ``0..num_samples``).
+    :param int bins: histogram bins, between 1 and ``num_samples + 1``.
+    :param str path: where to save the figure (optional).
     :returns: the matplotlib figure (also saved to ``path`` if given).
     """
     import matplotlib.pyplot as plt
 
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be the int >= 1 the ranks were computed with, got {num_samples!r}")
+    if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= num_samples + 1:
+        raise ValueError(f"bins must be an int between 1 and num_samples + 1 = {num_samples + 1}, got {bins!r}")
+    levels = num_samples + 1
+    share = torch.bincount(torch.arange(levels) * bins // levels, minlength=bins).double() / levels
     names = list(ranks)
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.6), squeeze=False)
     for ax, name in zip(axes[0], names):
-        r = ranks[name].reshape(-1).cpu().double()
-        counts = torch.histc(r, bins=bins, min=0, max=num_samples + 1)
-        expected = r.numel() / bins
-        half = 2.576 * (expected * (1 - 1 / bins)) ** 0.5
-        ax.axhspan(expected - half, expected + half, color="0.85")
+        r = ranks[name].reshape(-1).cpu().long()
+        if r.numel() and (r.min() < 0 or r.max() > num_samples):
+            raise ValueError(f"ranks of {name!r} lie in {int(r.min())}..{int(r.max())}, outside 0..num_samples = "
+                             f"0..{num_samples}: pass the num_samples the ranks were computed with")
+        counts = torch.bincount(r * bins // levels, minlength=bins).double()
+        expected = r.numel() * share
+        half = 2.576 * (expected * (1 - share)).sqrt()
+        ax.bar(torch.arange(bins).numpy(), (2 * half).numpy(), bottom=(expected - half).numpy(), width=1.0, color="0.85")
         ax.bar(torch.arange(bins).numpy(), counts.numpy(), width=0.9, color="C0")
         ax.set_title(name)
         ax.set_xticks([])

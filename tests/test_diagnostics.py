@@ -59,3 +59,33 @@ def test_plot_sbc_writes_a_figure(tmp_path):
     ranks = {"mu": torch.randint(0, 50, (200,)), "w": torch.randint(0, 50, (200, 3))}
     fig = plot_sbc(ranks, num_samples=49, path=tmp_path / "sbc.png")
     assert len(fig.axes) == 2 and (tmp_path / "sbc.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("num_samples, bins", [(100, 20), (99, 20), (30, 7)])
+def test_plot_sbc_bins_hold_their_share_of_ranks(num_samples, bins):
+    """Exactly uniform ranks fill every bin to its expected count, inside its band, whether or not ``bins`` divides
+    ``num_samples + 1`` (equal-width bins over 0..num_samples + 1 would give some bins one rank more)."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from pyro_stein.diagnostics import plot_sbc
+
+    ranks = {"mu": torch.arange(num_samples + 1).repeat(40)}
+    patches = plot_sbc(ranks, num_samples, bins=bins).axes[0].patches
+    band, bars = patches[:bins], patches[bins:]
+    heights = torch.tensor([b.get_height() for b in bars], dtype=torch.float64)
+    assert heights.sum() == ranks["mu"].numel()
+    for k, (lo, h) in enumerate(zip(band, heights)):
+        assert lo.get_y() <= h <= lo.get_y() + lo.get_height(), f"bin {k}: count {h} outside its 99% band"
+        assert h == pytest.approx(lo.get_y() + lo.get_height() / 2), f"bin {k}: count {h} is not its expected count"
+
+
+def test_plot_sbc_argument_errors():
+    from pyro_stein.diagnostics import plot_sbc
+
+    ranks = {"mu": torch.arange(10)}
+    with pytest.raises(ValueError, match="bins must be an int between 1 and num_samples"):
+        plot_sbc(ranks, 9, bins=11)
+    with pytest.raises(ValueError, match=r"ranks of 'mu' lie in 0..9, outside 0..num_samples = 0..5"):
+        plot_sbc(ranks, 5, bins=3)
