@@ -55,6 +55,8 @@ def stein_discrepancy(
     """
     if not isinstance(samples, dict) or not samples:
         raise TypeError("samples must be a non-empty dict {site_name: Tensor[num_samples, *site_shape]}")
+    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 2:
+        raise ValueError(f"max_samples must be an int >= 2 (the U-statistic needs pairs of draws), got {max_samples!r}")
     first = {k: v[0] for k, v in samples.items()}
     # fix the latent values without marking them observed, then drop plates' subsample sites
     fixed = InitMessenger(init_to_value(values=first))(model)

@@ -157,6 +157,11 @@ def feature_stein_direction(
     if score.shape != x.shape:
         raise ValueError(f"score shape {tuple(score.shape)} must equal particle shape {tuple(x.shape)}")
     n = x.shape[0]
+    if labels is not None and (not isinstance(labels, Tensor) or labels.shape != (n,)):
+        raise ValueError(
+            f"labels must be a Tensor of shape ({n},), one label per particle, got "
+            f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}"
+        )
     x = x.detach()
     s = score.detach().reshape(n, -1)
     mask = _interaction_mask(n, labels, leave_one_out, x)

@@ -121,6 +121,8 @@ def laplace_frames(
         raise ValueError(f"init must have shape (num_datasets, D), got {tuple(init.shape)}")
     if max_evaluations < 1:
         raise ValueError(f"max_evaluations must be >= 1, got {max_evaluations!r}")
+    if not tol > 0:
+        raise ValueError(f"tol must be a positive Newton decrement, got {tol!r}")
     num, dim = init.shape
     h = torch.finfo(init.dtype).eps ** (1 / 3)
     everyone = torch.arange(num, device=init.device)

@@ -99,6 +99,11 @@ def _finite_evaluator(log_density_and_score: LogDensityAndScore) -> LogDensityAn
                 f"log_density_and_score must return shapes ({x.shape[0]},) and {tuple(x.shape)}, "
                 f"got {tuple(lp.shape)} and {tuple(score.shape)}"
             )
+        if lp.dtype != x.dtype or score.dtype != x.dtype:
+            raise ValueError(
+                f"log_density_and_score must return the draws' dtype {x.dtype}, got {lp.dtype} and {score.dtype}; "
+                "evaluate the model in the dtype of z (or pass z in the model's dtype)"
+            )
         return _mask_nonfinite(lp, score)
 
     return evaluate

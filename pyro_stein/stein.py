@@ -154,6 +154,8 @@ def stein_moment_residual(z: Tensor, score: Tensor) -> Tensor:
     :returns: shape ``z.shape[:-2]``.
     """
     _check(z, score)
+    if z.shape[-2] < 2:
+        raise ValueError(f"stein_moment_residual needs at least 2 draws (a covariance), got {z.shape[-2]}")
     _, g, _, cov_q, cross = _linear_stein_moments(z, score)
     eye = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)
     mean_term = (g @ cov_q @ g.transpose(-1, -2))[..., 0, 0]

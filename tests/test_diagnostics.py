@@ -36,6 +36,9 @@ def test_missing_site_and_bad_input_errors():
         stein_discrepancy(plated_model, {"other": torch.zeros(5)}, y)
     with pytest.raises(TypeError, match="dict"):
         stein_discrepancy(plated_model, torch.zeros(5), y)
+    for bad in (-5, 0, 1, 2.5):
+        with pytest.raises(ValueError, match=rf"max_samples must be an int >= 2 .*got {bad}"):
+            stein_discrepancy(plated_model, {"mu": tensor(torch.randn(10))}, y, max_samples=bad)
 
 
 @pytest.mark.parametrize("n", [0, 1, 2.5, True])

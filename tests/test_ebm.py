@@ -308,6 +308,13 @@ def test_error_labels_to_unconditional_sampler():
         cond.step(torch.randn(8, 2), torch.zeros(7, dtype=torch.long))
 
 
+@pytest.mark.parametrize("labels", [torch.zeros(6, 1, dtype=torch.long), torch.zeros(5, dtype=torch.long), [0] * 6])
+def test_feature_stein_direction_checks_labels(labels):
+    x = torch.randn(6, 2)
+    with pytest.raises(ValueError, match=r"labels must be a Tensor of shape \(6,\), one label per particle"):
+        feature_stein_direction(x, -x, None, RBFKernel(), labels=labels)
+
+
 def test_error_exact_negatives():
     with pytest.raises(ValueError, match=r"exact=True .*\(persistent=False\)"):
         ContrastiveDivergence(GaussianBernoulliRBM(2, 3), torch.optim.SGD([nn.Parameter(torch.zeros(1))], 0.1),

@@ -177,3 +177,6 @@ def test_errors():
         laplace_frames(batched(log_p), t([1.0]))
     with pytest.raises(ValueError, match="max_evaluations"):
         laplace_frames(batched(log_p), t([[1.0]]), max_evaluations=0)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="tol must be a positive Newton decrement"):
+            laplace_frames(batched(log_p), t([[1.0]]), tol=bad)

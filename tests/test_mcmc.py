@@ -140,6 +140,13 @@ def test_polish_preconditioner_ignores_non_finite_rows(polish, name, _):
     assert torch.equal(out[0], z[0])
 
 
+@pytest.mark.parametrize("polish, name, _", KERNELS)
+def test_polish_checks_the_callbacks_dtype(polish, name, _):
+    z = torch.randn(10, 2, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"must return the draws' dtype torch.float64, got torch.float32"):
+        polish(z, lambda x: tuple(t.float() for t in banana(x)), 1)
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2.0, True])
 def test_hmc_num_leapfrog_errors(bad):
     with pytest.raises(ValueError, match="num_leapfrog must be an int >= 1"):

@@ -358,6 +358,8 @@ def test_moment_correction_errors():
         stein_moment_correction(z, z)
     with pytest.raises(ValueError, match="at least 2 draws"):
         stein_moment_correction(z[:1], z[:1], affine=False)
+    with pytest.raises(ValueError, match=r"stein_moment_residual needs at least 2 draws \(a covariance\), got 1"):
+        stein_moment_residual(z[:1], z[:1])
 
 
 def test_moment_residual_small_at_target_and_zero_after_exact_correction():
