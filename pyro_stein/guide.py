@@ -381,6 +381,22 @@ class AmortizedSteinGuide(AutoContinuous):
         return self
 
     def _setup_prototype(self, *args, **kwargs):
+        """Trace the model and build the networks, all or nothing: when it fails (e.g. on a malformed first
+        dataset), the guide is left unset-up, so a later call with good arguments sets it up afresh."""
+        registered = {name: set(getattr(self, name)) for name in ("_modules", "_buffers", "_parameters")}
+        try:
+            self._build_prototype(*args, **kwargs)
+        except BaseException:
+            for name, keys in registered.items():
+                table = getattr(self, name)
+                for key in set(table) - keys:
+                    del table[key]
+            self.prototype_trace = None
+            self.sampler = self.encoder = None
+            self.sites, self.subsample_plates, self.deterministic_names = [], {}, []
+            raise
+
+    def _build_prototype(self, *args, **kwargs):
         if isinstance(self._init_fn, init_to_mean_or_feasible):
             self._init_fn.like = _first_tensor([args, kwargs])
         # AutoGuide: trace the model (with init values) and collect plate frames.

@@ -620,3 +620,20 @@ def test_whiten_errors_and_persistence(tmp_path):
     assert loaded.whiten == "laplace"
     torch.testing.assert_close(loaded.whiten_scale, guide.whiten_scale, rtol=0, atol=0)
     torch.testing.assert_close(loaded.whiten_loc, guide.whiten_loc, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("first", ["nan-data", "no-observations"])
+def test_failed_first_setup_leaves_the_guide_unset(first):
+    """A first call that fails (a malformed dataset) leaves nothing half-built: the next call with good arguments sets
+    the guide up afresh (a partial setup made every later call fail, or baked the missing observations in as latents)."""
+    X, y = data(n=20, d=2)
+    guide = AmortizedSteinGuide(linear_gaussian_model, amortized=True)
+    with pytest.raises(ValueError):
+        if first == "nan-data":
+            guide.sample_posterior(5, X, y=torch.where(torch.arange(20, device=y.device) == 3, torch.nan, y))
+        else:
+            guide.sample_posterior(5, X)
+    assert guide.prototype_trace is None and guide.sampler is None and not list(guide.parameters())
+    assert not any(name.startswith("whiten") or name.startswith("feature") for name, _ in guide.named_buffers())
+    assert guide.sample_posterior(5, X, y)["w"].shape == (5, 2)
+    assert [s.name for s in guide.sites] == ["w"], "the observed site must not have become a latent"
