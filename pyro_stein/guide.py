@@ -931,10 +931,10 @@ class AmortizedSteinGuide(AutoContinuous):
 
         def score_and_residual(x):
             lp, s = self.log_density.log_density_and_score_batch(x, datasets, check=False)
-            if all_finite(s):
+            if all_finite(lp, s):
                 finite = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
-            else:
-                finite = torch.isfinite(s).all(-1).all(-1)
+            else:  # a draw outside the support (log density -inf) rules the dataset's round out too
+                finite = torch.isfinite(s).all(-1).all(-1) & torch.isfinite(lp).all(-1)
             r = stein_moment_residual(x, zero_unless(finite, s)).masked_fill(~finite, float("inf"))
             return lp, s, _inf_if_not_finite(r)
 

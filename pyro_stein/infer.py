@@ -153,27 +153,30 @@ class AmortizedSVGD:
         tr = poutine.block(poutine.trace(poutine.condition(self.model, self.guide._init_values())).get_trace)(*d.args, **d.kwargs)
         return {name: tr.nodes[name]["value"] for name in self.guide.subsample_plates if name in tr.nodes}
 
-    def _scores(self, z: Tensor, datasets: Sequence[Dataset], plates: Sequence[dict]) -> Tensor:
-        """Scores at ``z``: ``(n, D)`` for one dataset, checked (a non-finite value raises naming the sites);
-        ``(B, n, D)`` for a batch, unchecked (see :meth:`_drop_nonfinite`)."""
+    def _scores(self, z: Tensor, datasets: Sequence[Dataset], plates: Sequence[dict]) -> tuple[Tensor, Tensor]:
+        """Log densities and scores at ``z``: ``(n,)``, ``(n, D)`` for one dataset, checked (a non-finite value
+        raises naming the sites); ``(B, n)``, ``(B, n, D)`` for a batch, unchecked (see :meth:`_drop_nonfinite`)."""
         ld = self._log_density
         zd = z.detach()
         if zd.dim() == 2:
             d = datasets[0]
-            return ld.log_density_and_score(zd, d.args, d.kwargs, plates[0])[1]
-        return ld.score_batch(zd, datasets, plates, check=False)
+            return ld.log_density_and_score(zd, d.args, d.kwargs, plates[0])
+        return ld.log_density_and_score_batch(zd, datasets, plates, check=False)
 
-    def _drop_nonfinite(self, z: Tensor, score: Tensor, datasets: Sequence[Dataset], plates: Sequence[dict]) -> Tensor | None:
-        """Which datasets of a batch have finite scores at all their particles (``(B,)`` bool), ``None`` when all do.
+    def _drop_nonfinite(
+        self, z: Tensor, lp: Tensor, score: Tensor, datasets: Sequence[Dataset], plates: Sequence[dict]
+    ) -> Tensor | None:
+        """Which datasets of a batch have a finite log density and score at all their particles (``(B,)`` bool),
+        ``None`` when all do.
 
         A dataset with a non-finite log density or score at some particle (e.g. a scale overflowing in a
         rarely seen corner of the data) is left out of this step, with a :class:`NonFiniteDatasetWarning`
         the first time; when every dataset of the batch is non-finite the step raises
         :class:`~pyro_stein.logjoint.NonFiniteLogJointError` naming the sites, parameters unchanged.
         """
-        if all_finite(score):
+        if all_finite(lp, score):
             return None
-        finite = torch.isfinite(score).all(-1).all(-1)
+        finite = torch.isfinite(score).all(-1).all(-1) & torch.isfinite(lp).all(-1)
         if bool(finite.all()):  # the sum overflowed
             return None
         first = int((~finite).nonzero()[0, 0])
@@ -233,8 +236,8 @@ class AmortizedSVGD:
         # the sampler's outputs; without `whiten` they are the unconstrained latents themselves
         x = guide.unwhiten(z.detach(), frame)
         plates = [self._plates_for(d) for d in datasets]
-        raw = self._scores(x, datasets, plates)
-        keep = self._drop_nonfinite(x, raw, datasets, plates) if raw.dim() == 3 else None
+        lp, raw = self._scores(x, datasets, plates)
+        keep = self._drop_nonfinite(x, lp, raw, datasets, plates) if raw.dim() == 3 else None
         if keep is not None:
             raw = torch.where(keep[:, None, None], raw, torch.zeros_like(raw))
         score = guide.whiten_score(raw, frame)

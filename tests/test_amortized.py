@@ -314,6 +314,34 @@ def test_a_non_finite_dataset_is_left_out_of_the_step_and_the_rest_trains():
     assert all(torch.equal(before[k], v) for k, v in guide.state_dict().items()), "parameters changed by a failed step"
 
 
+def cutoff_mean_model(n, c, y=None):
+    """mu ~ N(0, 1); y_i ~ N(mu, 1); a factor that is -inf where |mu| > c and 0 elsewhere: its gradient is 0
+    everywhere, so a tiny c gives a log joint of -inf with a finite score at every particle that is not tiny."""
+    mu = pyro.sample("mu", dist.Normal(tensor(0.0), tensor(1.0)))
+    pyro.factor("cutoff", torch.where(mu.abs() > c, -math.inf, 0.0))
+    with pyro.plate("obs", n):
+        return pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+
+def test_a_dataset_with_an_infinite_log_joint_but_finite_score_is_left_out():
+    """The drop looks at the log joint too, not only at the score: particles outside the support (log joint -inf)
+    carry no usable Stein direction even where the score is finite."""
+    from pyro_stein import NonFiniteDatasetWarning, NonFiniteLogJointError
+
+    y = torch.randn(6).to(tensor(0.0))
+    good, bad = Dataset(6, 1e6, y=y), Dataset(6, 1e-30, y=y)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AmortizedSteinGuide(cutoff_mean_model, amortized=True).setup(*good.args, **good.kwargs)
+    svgd = AmortizedSVGD(cutoff_mean_model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=8)
+    svgd.step_batch([good, good])
+    with pytest.warns(NonFiniteDatasetWarning, match=r"1 of 2 datasets left out .*'cutoff'"):
+        svgd.step_batch([good, bad])
+    assert svgd.num_dropped_datasets == 1
+    with pytest.raises(NonFiniteLogJointError, match=r"every dataset of this batch is non-finite.*'cutoff'"):
+        svgd.step_batch([bad, bad])
+
+
 def test_per_dataset_kernels_never_mix_particles():
     """Each dataset gets its own (n x n) kernel: the kernel sees particles shaped (B, n, D)."""
     seen = []
