@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -47,8 +46,9 @@ import torch
 from pyro import poutine
 from pyro.infer import Predictive
 from pyro.poutine.uncondition_messenger import UnconditionMessenger
-from pyro.poutine.subsample_messenger import SubsampleMessenger
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+
+from .logjoint import full_data
 
 __all__ = ["to_inference_data", "to_inference_data_batch"]
 
@@ -100,47 +100,6 @@ def _site_dims(name, shape, batch_ndim, frames):
     return names
 
 
-# --- full-data evaluation of subsampled plates -------------------------------------------------
-# ``poutine.condition(model, {plate: torch.arange(size)})`` is not enough: a plate created with
-# ``subsample_size=k`` rejects an index tensor of another length ("subsample_size does not match
-# len(subsample)"). So, while ``_full_data()`` is active in the current thread, the plate's
-# ``_subsample`` helper is called without ``subsample_size``/``subsample``: the plate then draws
-# ``torch.arange(size)`` (on the plate's own device, or that of a given ``subsample``) and scales
-# by ``size / size = 1``. Other threads are not affected.
-_FULL_DATA = threading.local()
-_PATCH_LOCK = threading.Lock()
-_PATCH_USERS = 0
-_ORIGINAL_SUBSAMPLE = SubsampleMessenger.__dict__.get("_subsample")  # a staticmethod in pyro-ppl 1.9
-
-
-def _full_subsample(name, size=None, subsample_size=None, subsample=None, use_cuda=None, device=None):
-    if getattr(_FULL_DATA, "depth", 0) and size is not None:
-        if device is None and torch.is_tensor(subsample):
-            device = subsample.device
-        subsample_size = subsample = None
-    return _ORIGINAL_SUBSAMPLE.__func__(name, size, subsample_size, subsample, use_cuda, device)
-
-
-@contextlib.contextmanager
-def _full_data():
-    """Within this context every subsampled :func:`pyro.plate` uses all of its indices."""
-    global _PATCH_USERS
-    if not isinstance(_ORIGINAL_SUBSAMPLE, staticmethod):
-        raise ValueError("exporting a model that subsamples a plate needs pyro.plate's SubsampleMessenger._subsample "
-                         "helper (pyro-ppl 1.9), which this Pyro version lacks; export without subsampling")
-    with _PATCH_LOCK:
-        if _PATCH_USERS == 0:
-            SubsampleMessenger._subsample = staticmethod(_full_subsample)
-        _PATCH_USERS += 1
-    _FULL_DATA.depth = getattr(_FULL_DATA, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _FULL_DATA.depth -= 1
-        with _PATCH_LOCK:
-            _PATCH_USERS -= 1
-            if _PATCH_USERS == 0:
-                SubsampleMessenger._subsample = _ORIGINAL_SUBSAMPLE
 
 
 def _subsampled_plates(trace):
@@ -154,13 +113,13 @@ def _subsampled_plates(trace):
 
 def _model_structure(model, args, kwargs):
     """Classify the model's sample sites from one prior trace (on the full data, see
-    :func:`_full_data`). Also returns whether the model subsamples plates."""
+    :func:`~pyro_stein.logjoint.full_data`). Also returns whether the model subsamples plates."""
     with torch.no_grad(), poutine.block():
         trace = poutine.trace(model).get_trace(*args, **kwargs)
         subsampled = _subsampled_plates(trace)
         if subsampled:
             try:
-                with _full_data():
+                with full_data():
                     trace = poutine.trace(model).get_trace(*args, **kwargs)
                     trace.compute_log_prob()  # e.g. observations of the subsample's size
             except Exception as err:
@@ -366,7 +325,7 @@ def _export(
     latents = _names(sites, "latent")
     if not latents:
         raise ValueError("model has no latent sample sites to export")
-    with torch.no_grad(), (_full_data() if subsampled else contextlib.nullcontext()):
+    with torch.no_grad(), (full_data() if subsampled else contextlib.nullcontext()):
         batches = [
             _draw_latents(guide, model, sites, num_samples, parallel, args, kwargs)
             for _ in range(num_chains)

@@ -11,7 +11,7 @@ import pyro.util
 import torch
 from torch import Tensor
 
-from .logjoint import top_level
+from .logjoint import full_data, top_level
 
 __all__ = [
     "Dataset",
@@ -170,7 +170,9 @@ def default_dataset_fn(model: Callable, latent_values: dict, args: tuple, kwargs
         guide instead in the last two cases.
     """
     try:
-        with top_level():  # e.g. inside Predictive(parallel=True): the model's plates keep their own dims
+        # top_level: e.g. inside Predictive(parallel=True), the model's plates keep their own dims;
+        # full_data: a subsampled plate of observations is read whole (not a fresh random minibatch)
+        with top_level(), full_data():
             tr = poutine.block(poutine.trace(poutine.condition(model, latent_values)).get_trace)(*args, **kwargs)
     except Exception as e:
         raise ValueError(
@@ -208,7 +210,8 @@ def default_dataset_fn(model: Callable, latent_values: dict, args: tuple, kwargs
     if n_obs > 1:
         for a in _ordered_arguments(model, args, kwargs):
             if isinstance(a, Tensor) and a.is_floating_point() and a.dim() >= 1 and a.shape[0] == n_obs:
-                if any(a is o for o in observed):
+                # the observations themselves (also when the model indexes them, e.g. y[idx] in a subsampled plate)
+                if any(a is o or (a.shape == o.shape and a.dtype == o.dtype and torch.equal(a, o)) for o in observed):
                     continue
                 cols.append(a.reshape(n_obs, -1))
     dtype = next((c.dtype for c in cols if c.is_floating_point()), torch.get_default_dtype())

@@ -11,6 +11,7 @@ density includes each bijection's ``log|det J|`` so that it is the density of ``
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 import pyro
 import pyro.poutine as poutine
 from pyro.distributions.util import scale_and_mask, sum_rightmost
+from pyro.poutine.subsample_messenger import SubsampleMessenger
 from pyro.poutine.util import site_is_subsample
 import torch
 from torch import Tensor
@@ -231,6 +233,50 @@ def top_level() -> Iterator[None]:
     finally:
         runtime._PYRO_STACK[:] = stack
         runtime._DIM_ALLOCATOR._stack = dims
+
+
+# --- full-data evaluation of subsampled plates -------------------------------------------------
+# ``poutine.condition(model, {plate: torch.arange(size)})`` is not enough: a plate created with
+# ``subsample_size=k`` rejects an index tensor of another length ("subsample_size does not match
+# len(subsample)"). So, while ``full_data()`` is active in the current thread, the plate's
+# ``_subsample`` helper is called without ``subsample_size``/``subsample``: the plate then draws
+# ``torch.arange(size)`` (on the plate's own device, or that of a given ``subsample``) and scales
+# by ``size / size = 1``. Other threads are not affected.
+_FULL_DATA = threading.local()
+_PATCH_LOCK = threading.Lock()
+_PATCH_USERS = 0
+_ORIGINAL_SUBSAMPLE = SubsampleMessenger.__dict__.get("_subsample")  # a staticmethod in pyro-ppl 1.9
+
+
+def _full_subsample(name, size=None, subsample_size=None, subsample=None, use_cuda=None, device=None):
+    if getattr(_FULL_DATA, "depth", 0) and size is not None:
+        if device is None and torch.is_tensor(subsample):
+            device = subsample.device
+        subsample_size = subsample = None
+    return _ORIGINAL_SUBSAMPLE.__func__(name, size, subsample_size, subsample, use_cuda, device)
+
+
+@contextmanager
+def full_data():
+    """Within this context every subsampled :func:`pyro.plate` uses all of its indices."""
+    global _PATCH_USERS
+    if not isinstance(_ORIGINAL_SUBSAMPLE, staticmethod):
+        raise ValueError("evaluating a model that subsamples a plate on all of its data (ArviZ export, the default "
+                         "dataset features) needs pyro.plate's SubsampleMessenger._subsample helper (pyro-ppl 1.9), "
+                         "which this Pyro version lacks; drop the plate's subsample_size")
+    with _PATCH_LOCK:
+        if _PATCH_USERS == 0:
+            SubsampleMessenger._subsample = staticmethod(_full_subsample)
+        _PATCH_USERS += 1
+    _FULL_DATA.depth = getattr(_FULL_DATA, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _FULL_DATA.depth -= 1
+        with _PATCH_LOCK:
+            _PATCH_USERS -= 1
+            if _PATCH_USERS == 0:
+                SubsampleMessenger._subsample = _ORIGINAL_SUBSAMPLE
 
 
 def _is_identity(transform: Transform) -> bool:

@@ -162,6 +162,24 @@ def test_default_features_observations_with_event_dims(model, shape):
     assert torch.equal(feats, y.reshape(7, -1)), "row i must hold observation i's values"
 
 
+def subsampled_regression_model(X, y=None):
+    """regression_model with its plate of observations subsampled (10 rows per call)."""
+    sigma = pyro.sample("sigma", dist.HalfNormal(tensor(1.0)))
+    w = pyro.sample("w", dist.Normal(X.new_zeros(X.shape[1]), 1.0).to_event(1))
+    with pyro.plate("data", X.shape[0], subsample_size=10) as idx:
+        return pyro.sample("obs", dist.Normal(X[idx] @ w, sigma), obs=None if y is None else y[idx])
+
+
+def test_default_features_read_a_subsampled_plate_whole():
+    """The features of a model that subsamples its observations are those of the full data, the same on every call
+    (not a fresh random minibatch of 10 rows, with the covariates dropped for their row count)."""
+    X, _, y = covariates(n=40)
+    latents = {"sigma": tensor(1.0), "w": tensor([1.0, 0.0])}
+    full = default_dataset_fn(regression_model, latents, (X,), {"y": y})
+    sub = default_dataset_fn(subsampled_regression_model, latents, (X,), {"y": y})
+    assert full.shape == (40, 3) and torch.equal(sub, full)
+
+
 @pytest.mark.parametrize("site", ["sigma", "w"])
 def test_stream_rejects_latent_obs_site(site):
     pyro.set_rng_seed(0)
