@@ -924,6 +924,8 @@ class AmortizedSteinGuide(AutoContinuous):
         """
         if not self.moment_correction:
             return z[:, :keep], None
+        self._require_full_data(f"moment_correction={self.moment_correction}", "set guide.moment_correction = 0",
+                                why=" (a minibatch's score would move the draws differently on every call)")
         affine = z.shape[-2] > 2 * z.shape[-1]
 
         def zero_unless(ok, s):  # the scores of datasets that are not ok (not finite) replaced by zeros

@@ -213,6 +213,10 @@ def test_subsampled_plate_is_scaled_and_shared_by_particles():
     guide.mcmc_steps = 2
     with pytest.raises(ValueError, match=r"mcmc_steps=2 needs the full-data log density .* plates \['data'\]"):
         guide.sample_posterior(10, y, 5)
+    guide.mcmc_steps, guide.moment_correction = 0, 1
+    with pytest.raises(ValueError, match=r"moment_correction=1 needs the full-data log density .* plates \['data'\]"):
+        guide.sample_posterior(10, y, 5)
+    guide.moment_correction = 0
     with pytest.raises(ValueError, match=r"whiten='laplace' needs the full-data log density, .*use whiten=None or do not"):
         AmortizedSteinGuide(model, whiten="laplace").setup(y, 5)
 
