@@ -210,6 +210,10 @@ FAMILIES = {
         # one dataset would otherwise replay recordings that a new dataset does not have, flattering the timings)
         "size_of": lambda d: int(d.args[0].shape[0]), "guide_kwargs": {"whiten": "laplace", "record_graph": False},
         "svgd_kwargs": {}, "lr": 1e-2,
+        # longer HMC polish: where family (a)'s accuracy is reached, at what cost (session 24, one retrained guide on
+        # the 20 held-out datasets: 3 steps 11/20, 6 steps 17/20, 10 steps 19/20, 20 steps 20/20)
+        "extra_polish": {"polished_hmc10": (CORRECTION_ROUNDS, 10, HMC_LEAPFROG),
+                         "polished_hmc20": (CORRECTION_ROUNDS, 20, HMC_LEAPFROG)},
         "exact": lambda d: logistic_reference_moments(d.args[0], d.kwargs["y"]),
         "exact_note": ("near-exact: importance sampling from a nested-Laplace proposal, 400,000 draws, "
                        "`logistic_reference_moments`; its Monte Carlo error, 1 / sqrt(ESS) sd, is in each row"),
@@ -433,7 +437,6 @@ def run_sbibm(mode: str, out: Path) -> dict:
     return result
 
 
-METHODS = ("amortized", *TIMED_POLISH, "refined", "svi")
 METHOD_LABELS = {
     "amortized": "amortized (one sample_posterior call)",
     "corrected": f"amortized + {CORRECTION_ROUNDS} Stein moment-correction rounds",
@@ -447,6 +450,20 @@ METHOD_LABELS = {
     "refined": "semi-amortized: refine() then sample",
     "svi": "SVI AutoNormal from scratch",
 }
+
+
+def _polish_label(rounds: int, steps: int, leapfrog: int) -> str:
+    return f"amortized + {rounds} correction rounds + {steps} HMC steps x {leapfrog} leapfrogs"
+
+
+def _methods_of(fam: dict) -> tuple[dict, tuple, dict]:
+    """The family's timed polish settings (the common ones and its ``extra_polish``), its methods and their labels."""
+    extra = fam.get("extra_polish", {})
+    polish = {**TIMED_POLISH, **extra}
+    labels = {**{m: METHOD_LABELS[m] for m in ("amortized", *TIMED_POLISH)},
+              **{m: _polish_label(*v) for m, v in extra.items()},
+              **{m: METHOD_LABELS[m] for m in ("refined", "svi")}}
+    return polish, tuple(labels), labels
 
 
 def _median(xs: list) -> float:
@@ -470,8 +487,10 @@ def _run_family(name: str, mode: str, out: Path) -> dict:
     t_start = time.perf_counter()
     fam, cfg = FAMILIES[name], CONFIG[mode]
     model = fam["model"]
+    polish, methods, labels = _methods_of(fam)
     result = {"part": name, "mode": mode, "config": cfg, "machine": machine_info(), "num_draws": NUM_DRAWS,
-              "dtype": "torch.float32", "family": fam["title"], "method_labels": METHOD_LABELS, "size_label": fam["size"], "correction_rounds": CORRECTION_ROUNDS}
+              "dtype": "torch.float32", "family": fam["title"], "method_labels": labels, "size_label": fam["size"],
+              "correction_rounds": CORRECTION_ROUNDS}
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     stream = PriorPredictiveStream(model, fam["make_args"], obs_kwargs={"y": "y"})
@@ -505,7 +524,7 @@ def _run_family(name: str, mode: str, out: Path) -> dict:
                 prep.setdefault(fam["size_of"](d), d)
         t0 = time.perf_counter()
         for size in sorted(prep):
-            for rounds, steps, leapfrog in TIMED_POLISH.values():
+            for rounds, steps, leapfrog in polish.values():
                 for _ in range(PREPARE_CALLS if cfg["datasets"] > 1 else 1):
                     _timed_draws(guide, prep[size], 1, rounds, steps, False, leapfrog)
         result["preparation"] = {
@@ -539,7 +558,7 @@ def _run_family(name: str, mode: str, out: Path) -> dict:
             row["nuts"].update(_compare(nuts, ref))
         for method, repeats, (rounds, steps, leapfrog), warmup in (
                 ("amortized", 5, (0, 0, 1), True),  # warm-up: first call on this shape
-                *((m, 3, polish, False) for m, polish in TIMED_POLISH.items())):
+                *((m, 3, setting, False) for m, setting in polish.items())):
             draws, wall = _timed_draws(guide, d, repeats, rounds, steps, warmup, leapfrog)
             row[method] = dict(_compare(flat(draws, d), ref), wall_s=wall)
         pyro.set_rng_seed(0)
@@ -552,10 +571,10 @@ def _run_family(name: str, mode: str, out: Path) -> dict:
         rows.append(row)
         print(f"  {name} dataset {fam['size']}={row['size']}: NUTS {row['nuts']['wall_s']:.1f} s; " + "; ".join(
             f"{m} {row[m]['wall_s'] * 1e3:.0f} ms err {row[m]['worst_mean_err']:.2f} sd {row[m]['worst_sd_ratio']:.2f}"
-            for m in METHODS), flush=True)
+            for m in methods), flush=True)
     ok = [r for r in rows if "nuts" in r]
     sm = {"num_datasets": len(ok), "num_failed": len(rows) - len(ok), "nuts_wall_s": _median([r["nuts"]["wall_s"] for r in ok])}
-    for m in METHODS:
+    for m in methods:
         sm[m] = _accuracy_summary(ok, m)
         sm[m]["speedup_vs_nuts"] = sm["nuts_wall_s"] / sm[m]["wall_s"]
     if exact is not None:
@@ -574,6 +593,8 @@ def _run_family(name: str, mode: str, out: Path) -> dict:
         f"{HMC_STEPS * HMC_LEAPFROG} evaluations; median of 3); polished (HMC, 3 steps) = the same with "
         f"`mcmc_steps={HMC_LONG_STEPS}` ({HMC_LONG_STEPS * HMC_LEAPFROG} evaluations; median of 3); polished (HMC, 3 "
         f"steps, {FEW_CORRECTION_ROUNDS} round) = the same with `moment_correction={FEW_CORRECTION_ROUNDS}` (median of 3); "
+        + "".join(f"{labels[m]} = `moment_correction={r}, mcmc_steps={k}, mcmc_leapfrog={lf}` (median of 3); "
+                  for m, (r, k, lf) in fam.get("extra_polish", {}).items())
         + (f"before the held-out datasets, a preparation pass ({PREPARE_CALLS} calls per timed method on one other "
            "prior-predictive dataset of each size) lets the guide record its graphs (`record_graph`: one per shape of "
            "the arguments, shared by all datasets of that shape; its one-off cost is reported next to training); "
