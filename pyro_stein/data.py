@@ -10,6 +10,7 @@ import pyro.poutine as poutine
 import pyro.util
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten
 
 from .logjoint import full_data, top_level
 
@@ -29,12 +30,27 @@ class Dataset:
     Example: ``Dataset(X, y=y)`` for ``model(X, y=None)``.
     """
 
-    __slots__ = ("args", "kwargs", "cache")
+    __slots__ = ("args", "kwargs", "_cache", "_cache_state")
 
     def __init__(self, *args: Any, **kwargs: Any):
         self.args = tuple(args)
         self.kwargs = dict(kwargs)
-        self.cache: dict = {}  # per-guide derived data (e.g. encoder features); not part of the dataset
+        self._cache: dict = {}
+        self._cache_state = self._tensor_state()
+
+    def _tensor_state(self) -> tuple:
+        """Which tensors the arguments are, and their in-place version counters."""
+        leaves = tree_flatten((self.args, self.kwargs))[0]
+        return tuple((id(t), t._version) for t in leaves if isinstance(t, Tensor))
+
+    @property
+    def cache(self) -> dict:
+        """Per-guide data derived from the arguments (encoder features, Laplace frames); not part of the dataset.
+        Emptied when an argument tensor is modified in place or replaced, so it never outlives the data."""
+        state = self._tensor_state()
+        if state != self._cache_state:
+            self._cache, self._cache_state = {}, state
+        return self._cache
 
     def __repr__(self) -> str:
         def fmt(v):

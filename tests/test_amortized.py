@@ -674,3 +674,20 @@ def test_one_frame_search_per_new_dataset(monkeypatch):
         calls.clear()
         use()
         assert len(calls) == 1, f"{len(calls)} frame searches for one new dataset"
+
+
+@pytest.mark.parametrize("whiten", [None, "laplace"])
+def test_a_dataset_modified_in_place_gets_fresh_features_and_frame(whiten):
+    """What the guide caches on a Dataset (encoder features, Laplace frame) is dropped when its data change in place:
+    the draws then match those for a fresh Dataset holding the new data (before, the old posterior came back)."""
+    y = tensor(torch.linspace(-1.0, 1.0, 8))
+    guide = AmortizedSteinGuide(mean_model, amortized=True, whiten=whiten, moment_correction=1)
+    d = Dataset(8, y=y)
+    guide.sample_posterior_batch(500, [d])  # fills the cache
+    y.add_(10.0)
+    torch.manual_seed(0)
+    reused = guide.sample_posterior_batch(500, [d])["mu"]
+    torch.manual_seed(0)
+    fresh = guide.sample_posterior_batch(500, [Dataset(8, y=y.clone())])["mu"]
+    assert torch.equal(reused, fresh)
+    assert (reused.mean() - y.sum() / 9).abs() < 5 / 3 / math.sqrt(500), "the draws must follow the new data"

@@ -242,3 +242,15 @@ def test_iterate_batches_cycles_in_batches(batch_size):
     assert sorted(float(d.args[0]) for b in epoch for d in b) == [0.0, 1.0, 2.0, 3.0, 4.0]
     stream = PriorPredictiveStream(regression_model, lambda: Dataset(torch.randn(4, 2).to(tensor(0.0))), obs_kwargs={"obs": "y"})
     assert len(next(stream.batches(batch_size))) == batch_size
+
+
+def test_dataset_cache_is_emptied_when_its_tensors_change():
+    X, y = tensor(torch.ones(3, 1)), tensor(torch.zeros(3))
+    d = Dataset(X, y=y)
+    d.cache["k"] = 1
+    assert d.cache == {"k": 1}, "unchanged data keep the cache"
+    y.add_(1.0)
+    assert d.cache == {}, "an in-place change empties it"
+    d.cache["k"] = 2
+    d.kwargs["y"] = y.clone()
+    assert d.cache == {}, "a replaced argument empties it"
