@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -45,9 +46,12 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer import Predictive
+from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.poutine.uncondition_messenger import UnconditionMessenger
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
+from .data import Dataset
+from .guide import _first_tensor, init_to_mean_or_feasible
 from .logjoint import full_data
 
 __all__ = ["to_inference_data", "to_inference_data_batch"]
@@ -114,6 +118,11 @@ def _subsampled_plates(trace):
 def _model_structure(model, args, kwargs):
     """Classify the model's sample sites from one prior trace (on the full data, see
     :func:`~pyro_stein.logjoint.full_data`). Also returns whether the model subsamples plates."""
+    # latent sites take a feasible value without .sample() (as the guide's initialisation), so that
+    # ImproperUniform priors trace too; only shapes and observed values are read from this trace
+    init = init_to_mean_or_feasible()
+    init.like = _first_tensor([args, kwargs])
+    model = InitMessenger(init)(model)
     with torch.no_grad(), poutine.block():
         trace = poutine.trace(model).get_trace(*args, **kwargs)
         subsampled = _subsampled_plates(trace)
@@ -282,10 +291,11 @@ def _numpy(x, chains=None):
 
 
 def _check_count(value, name):
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
 
 
 def _check_mapping(value, name):
@@ -313,8 +323,8 @@ def _export(
         raise TypeError(f"guide must be a callable Pyro guide, got {type(guide).__name__}")
     if not callable(model):
         raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
-    _check_count(num_samples, "num_samples")
-    _check_count(num_chains, "num_chains")
+    num_samples = _check_count(num_samples, "num_samples")
+    num_chains = _check_count(num_chains, "num_chains")
     for value, name in ((coords, "coords"), (dims, "dims"), (constant_data, "constant_data")):
         _check_mapping(value, name)
     if parallel not in (None, True, False):
@@ -476,8 +486,8 @@ def to_inference_data_batch(guide, model, datasets: Sequence, **options) -> list
 
     :param guide: a fitted (typically amortized) Pyro guide.
     :param model: the Pyro model.
-    :param datasets: a list of ``(args, kwargs)`` pairs, one per dataset, passed to the model
-        and guide as ``model(*args, **kwargs)``.
+    :param datasets: a list of :class:`~pyro_stein.Dataset` objects or ``(args, kwargs)`` pairs,
+        one per dataset, passed to the model and guide as ``model(*args, **kwargs)``.
     :param options: keyword options of :func:`to_inference_data` (``num_samples``,
         ``num_chains``, ``coords``, ``dims``, ``log_likelihood``, ``posterior_predictive``,
         ``parallel``); ``constant_data`` may also be a list with one dict per dataset.
@@ -485,7 +495,7 @@ def to_inference_data_batch(guide, model, datasets: Sequence, **options) -> list
         the attribute ``dataset_index``.
     """
     if isinstance(datasets, (str, bytes)) or not isinstance(datasets, Sequence):
-        raise TypeError("datasets must be a list of (args, kwargs) pairs")
+        raise TypeError("datasets must be a list of pyro_stein.Dataset objects or (args, kwargs) pairs")
     allowed = set(inspect.signature(to_inference_data).parameters) - {"guide", "model", "args"}
     allowed.discard("kwargs")
     unknown = set(options) - allowed
@@ -507,8 +517,10 @@ def to_inference_data_batch(guide, model, datasets: Sequence, **options) -> list
     )
     results = []
     for i, item in enumerate(datasets):
+        if isinstance(item, Dataset):
+            item = (item.args, item.kwargs)
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
-            raise TypeError(f"datasets[{i}] must be an (args, kwargs) pair, got {item!r:.80}")
+            raise TypeError(f"datasets[{i}] must be a pyro_stein.Dataset or an (args, kwargs) pair, got {item!r:.80}")
         args, kwargs = item
         if not isinstance(args, (tuple, list)):
             raise TypeError(f"datasets[{i}][0] (args) must be a tuple or list")

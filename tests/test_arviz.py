@@ -11,6 +11,7 @@ from .conftest import DEVICE, DTYPE
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
+from pyro_stein import Dataset
 from pyro_stein.arviz import to_inference_data, to_inference_data_batch
 
 az = pytest.importorskip("arviz")
@@ -249,12 +250,13 @@ class _FakeAmortizedGuide:
 def test_batch_export_with_sample_posterior_fast_path():
     guide = _FakeAmortizedGuide()
     sigma = _t(SIGMA)
-    datasets = [((sigma,), {"y": _t(Y), "z": _t(Z)}), ((sigma,), {"y": _t(Y) + 100.0, "z": _t(Z)})]
+    # a pyro_stein.Dataset and an (args, kwargs) pair are both accepted, and numpy integer counts
+    datasets = [Dataset(sigma, y=_t(Y), z=_t(Z)), ((sigma,), {"y": _t(Y) + 100.0, "z": _t(Z)})]
     out = to_inference_data_batch(
         guide,
         model,
         datasets,
-        num_samples=10,
+        num_samples=np.int64(10),
         num_chains=2,
         constant_data=[{"shift": np.array(0.0)}, {"shift": np.array(100.0)}],
     )
@@ -439,3 +441,22 @@ def test_subsampled_plate_with_local_latents_and_presubsampled_data():
     guide = _fit_subsampled(batch_model, y[idx], idx, steps=1)
     with pytest.raises(ValueError, match="full data"):
         to_inference_data(guide, batch_model, y[idx], idx, num_samples=3)
+
+
+def test_export_with_an_improper_uniform_prior():
+    """The export reads the model's structure without sampling its priors, so an ImproperUniform site (which the
+    guide supports) exports; its posterior draws and log-likelihood are those of the guide."""
+    pytest.importorskip("arviz")
+    from pyro_stein import AmortizedSteinGuide
+
+    def flat_model(x):
+        m = pyro.sample("m", dist.ImproperUniform(dist.constraints.real, (), ()))
+        with pyro.plate("n", x.shape[0]):
+            pyro.sample("x", dist.Normal(m, 1.0), obs=x)
+
+    x = _t(np.linspace(-1.0, 3.0, 12))
+    idata = to_inference_data(AmortizedSteinGuide(flat_model, moment_correction=1), flat_model, x, num_samples=200)
+    assert idata["posterior"]["m"].shape == (1, 200)
+    # one correction round makes the (Gaussian) posterior N(mean x, 1/12) exact from the untrained sampler
+    np.testing.assert_allclose(float(idata["posterior"]["m"].mean()), float(x.mean()), atol=5 / np.sqrt(12 * 200))
+    assert idata["log_likelihood"]["x"].shape == (1, 200, 12)
