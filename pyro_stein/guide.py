@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 import operator
 import warnings
 from contextlib import ExitStack
@@ -57,6 +58,17 @@ def _discrete_site_error(name: str, fn) -> ValueError:
         "only, and does not enumerate. Sum it out of the model by hand (e.g. a mixture distribution such as "
         "MixtureSameFamily, or pyro.factor with a logsumexp over its values), or make it observed."
     )
+
+
+def _int_at_least(value, name: str, lo: int) -> int:
+    """``value`` as an ``int`` >= ``lo`` (any integer type, not ``bool``), else a ``ValueError`` naming ``name``."""
+    try:
+        n = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        n = None
+    if n is None or n < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+    return n
 
 
 def _num_samples(num_samples, arg: str = "num_samples") -> int:
@@ -308,6 +320,14 @@ class AmortizedSteinGuide(AutoContinuous):
     ):
         if sampler is not None and not isinstance(sampler, nn.Module):
             raise TypeError(f"sampler must be a torch.nn.Module, got {type(sampler).__name__}")
+        if encoder is not None and not isinstance(encoder, nn.Module):
+            raise TypeError(f"encoder must be a torch.nn.Module (e.g. pyro_stein.nn.DeepSetEncoder), got {type(encoder).__name__}")
+        if not isinstance(amortized, bool):
+            raise TypeError(f"amortized must be True or False, got {amortized!r}")
+        if create_plates is not None and not callable(create_plates):
+            raise TypeError(f"create_plates must be a callable (*args, **kwargs) -> plates, or None, got {type(create_plates).__name__}")
+        if isinstance(init_scale, bool) or not isinstance(init_scale, numbers.Real):
+            raise TypeError(f"init_scale must be a positive number, got {init_scale!r}")
         if encoder is not None and not amortized:
             raise ValueError("an encoder was given but amortized=False; pass amortized=True to use it")
         if dataset_fn is not None and not callable(dataset_fn):
@@ -317,8 +337,9 @@ class AmortizedSteinGuide(AutoContinuous):
         for name, v, lo in (("moment_correction", moment_correction, 0), ("correction_samples", correction_samples, 3),
                             ("mcmc_steps", mcmc_steps, 0), ("laplace_evaluations", laplace_evaluations, 1),
                             ("mcmc_leapfrog", mcmc_leapfrog, 1)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+            _int_at_least(v, name, lo)
+        context_dim = _int_at_least(context_dim, "context_dim", 1)
+        num_summary_samples = _int_at_least(num_summary_samples, "num_summary_samples", 1)
         if whiten not in (None, "laplace"):
             raise ValueError(f"whiten must be None or 'laplace', got {whiten!r}")
         if not isinstance(record_graph, bool):

@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
 from .data import Dataset, PriorPredictiveStream, _check_batch_size, _dataset_sequence, as_dataset, iterate_batches
-from .guide import AmortizedSteinGuide
+from .guide import AmortizedSteinGuide, _int_at_least
 from .kernels import RadialKernel, RBFKernel
 from .logjoint import ModelLogDensity, NonFiniteLogJointError, all_finite
 from .stein import ksd_from_matrices, stein_direction_from_matrices
@@ -131,7 +131,9 @@ class AmortizedSVGD:
         self.optim = optim
         self.kernel = kernel
         self.num_particles = num_particles
-        self.leave_one_out = bool(leave_one_out)
+        if not isinstance(leave_one_out, bool):
+            raise TypeError(f"leave_one_out must be True or False, got {leave_one_out!r}")
+        self.leave_one_out = leave_one_out
         if precondition not in ("auto", "variance", None):
             raise ValueError(f"precondition must be 'auto', 'variance' or None, got {precondition!r}")
         self.precondition = precondition
@@ -326,8 +328,7 @@ class AmortizedSVGD:
         :param int batch_size: datasets per step when ``datasets`` is a collection or stream.
         :param bool progress_bar: show a tqdm bar.
         """
-        if not isinstance(num_steps, int) or num_steps < 0:
-            raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}")
+        num_steps = _int_at_least(num_steps, "num_steps", 0)
         batches: Iterator | None = None
         if datasets is not None:
             if args or kwargs:

@@ -1,6 +1,7 @@
 """AmortizedSteinGuide and AmortizedSVGD: Pyro integration, supports, plates and error handling."""
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -373,6 +374,33 @@ def test_bad_driver_arguments():
         AmortizedSVGD(regression_model, object(), pyro.optim.Adam({"lr": 1e-2}))
     with pytest.raises(TypeError, match="nn.Module"):
         AmortizedSteinGuide(regression_model, sampler=lambda e: e)
+    with pytest.raises(TypeError, match="leave_one_out must be True or False, got 'no'"):
+        AmortizedSVGD(regression_model, guide, pyro.optim.Adam({"lr": 1e-2}), leave_one_out="no")
+    svgd = AmortizedSVGD(regression_model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=4)
+    for bad in (True, -1, 2.5):
+        with pytest.raises(ValueError, match=rf"num_steps must be an int >= 0, got {bad}"):
+            svgd.run(bad, X, y, progress_bar=False)
+    assert len(svgd.run(np.int64(2), X, y, progress_bar=False)) == 2, "numpy integers are integers"
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"encoder": 3, "amortized": True}, TypeError, "encoder must be a torch.nn.Module"),
+        ({"amortized": "yes"}, TypeError, "amortized must be True or False, got 'yes'"),
+        ({"create_plates": 3}, TypeError, "create_plates must be a callable"),
+        ({"init_scale": "a"}, TypeError, "init_scale must be a positive number, got 'a'"),
+        ({"init_scale": 0.0}, ValueError, "init_scale must be positive"),
+        ({"context_dim": 2.7}, ValueError, "context_dim must be an int >= 1, got 2.7"),
+        ({"context_dim": 0}, ValueError, "context_dim must be an int >= 1, got 0"),
+        ({"num_summary_samples": 0}, ValueError, "num_summary_samples must be an int >= 1, got 0"),
+    ],
+    ids=["encoder", "amortized", "create_plates", "init_scale-type", "init_scale-value", "context_dim-float",
+         "context_dim-zero", "num_summary_samples"],
+)
+def test_bad_guide_arguments(kwargs, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        AmortizedSteinGuide(regression_model, **kwargs)
 
 
 def test_custom_sampler_with_wrong_dim_is_rejected():
