@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import pyro.poutine as poutine
 import pyro.util
+from pyro.distributions import MaskedDistribution
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
@@ -202,18 +203,20 @@ def default_dataset_fn(model: Callable, latent_values: dict, args: tuple, kwargs
             "the model has no observed sites in these arguments, so the default dataset_fn has no data to encode; "
             "pass the observations to the model, or give the guide a dataset_fn(*args, **kwargs) -> Tensor[N, F]"
         )
-    cols, n_obs, observed = [], None, []
+    cols, n_obs, observed, used = [], None, [], None
     for site in sites:
         value = site["value"]
         observed.append(value)
         frames = [f for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
         # plate dims count from the right of the batch shape, left of the site's event dims
         batch_rank = value.dim() - site["fn"].event_dim
+        rows = None
         if frames and batch_rank >= -min(f.dim for f in frames):
             outer = min(frames, key=lambda f: f.dim)
             d = batch_rank + outer.dim
             v = value.movedim(d, 0)
             v = v.reshape(v.shape[0], -1)
+            rows = _rows_in_use(site, value.shape[:batch_rank], d)
         else:
             v = value.reshape(1, -1)
         if n_obs is not None and v.shape[0] != n_obs:
@@ -223,6 +226,8 @@ def default_dataset_fn(model: Callable, latent_values: dict, args: tuple, kwargs
             )
         n_obs = v.shape[0]
         cols.append(v)
+        if rows is not None:
+            used = rows if used is None else used | rows
     if n_obs > 1:
         for a in _ordered_arguments(model, args, kwargs):
             if isinstance(a, Tensor) and a.is_floating_point() and a.dim() >= 1 and a.shape[0] == n_obs:
@@ -231,7 +236,29 @@ def default_dataset_fn(model: Callable, latent_values: dict, args: tuple, kwargs
                     continue
                 cols.append(a.reshape(n_obs, -1))
     dtype = next((c.dtype for c in cols if c.is_floating_point()), torch.get_default_dtype())
-    return torch.cat([c.to(dtype) for c in cols], -1)
+    feats = torch.cat([c.to(dtype) for c in cols], -1)
+    return feats if used is None or bool(used.all()) else feats[used]
+
+
+def _rows_in_use(site: dict, batch_shape: torch.Size, axis: int) -> Tensor | None:
+    """Which observations (along the plate ``axis`` of the batch shape) a mask leaves in the model's log density:
+    those with at least one entry unmasked by ``poutine.mask`` or a top-level ``dist.mask``/``obs_mask``.
+    ``None`` when nothing is masked."""
+    masks = [site.get("mask")]
+    if isinstance(site["fn"], MaskedDistribution):
+        masks.append(site["fn"]._mask)
+    keep = None
+    for m in masks:
+        if m is None or m is True:
+            continue
+        try:
+            m = torch.as_tensor(m, device=site["value"].device).expand(batch_shape)
+        except RuntimeError:  # a mask over more than the site's batch shape: not read, every row kept
+            return None
+        keep = m if keep is None else keep & m
+    if keep is None:
+        return None
+    return keep.movedim(axis, 0).reshape(batch_shape[axis], -1).any(-1)
 
 
 def _check_batch_size(batch_size: Any) -> int:

@@ -180,6 +180,36 @@ def test_default_features_read_a_subsampled_plate_whole():
     assert full.shape == (40, 3) and torch.equal(sub, full)
 
 
+def padded_model(X, y, keep):
+    """regression_model on rows padded to a fixed count, the padding masked out with poutine.mask."""
+    sigma = pyro.sample("sigma", dist.HalfNormal(tensor(1.0)))
+    w = pyro.sample("w", dist.Normal(X.new_zeros(X.shape[1]), 1.0).to_event(1))
+    with pyro.plate("data", X.shape[0]), pyro.poutine.mask(mask=keep):
+        return pyro.sample("obs", dist.Normal(X @ w, sigma), obs=y)
+
+
+def dist_masked_model(X, y, keep):
+    """The same with the mask on the distribution (``dist.mask``)."""
+    sigma = pyro.sample("sigma", dist.HalfNormal(tensor(1.0)))
+    w = pyro.sample("w", dist.Normal(X.new_zeros(X.shape[1]), 1.0).to_event(1))
+    with pyro.plate("data", X.shape[0]):
+        return pyro.sample("obs", dist.Normal(X @ w, sigma).mask(keep), obs=y)
+
+
+@pytest.mark.parametrize("model", [padded_model, dist_masked_model], ids=["poutine.mask", "dist.mask"])
+def test_default_features_leave_out_masked_rows(model):
+    """Rows that a mask removes from the log density are not observations: a padded dataset has the features of
+    the unpadded one (the padding rows were encoded as observations)."""
+    X, _, y = covariates(n=6)
+    pad = 4
+    Xp = torch.cat([X, torch.zeros(pad, X.shape[1], dtype=X.dtype, device=X.device)])
+    yp = torch.cat([y, torch.zeros(pad, dtype=y.dtype, device=y.device)])
+    keep = torch.arange(6 + pad, device=X.device) < 6
+    latents = {"sigma": tensor(1.0), "w": tensor([1.0, 0.0])}
+    unpadded = default_dataset_fn(regression_model, latents, (X,), {"y": y})
+    assert torch.equal(default_dataset_fn(model, latents, (Xp, yp, keep), {}), unpadded)
+
+
 @pytest.mark.parametrize("site", ["sigma", "w"])
 def test_stream_rejects_latent_obs_site(site):
     pyro.set_rng_seed(0)
