@@ -19,7 +19,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.distributions import constraints
 
-from .data import Dataset, DatasetFeatures, _dataset_sequence, collate_features, default_dataset_fn
+from .data import Dataset, DatasetFeatures, LastDataset, _dataset_sequence, collate_features, default_dataset_fn
 from .kernels import IMQKernel
 from .laplace import LaplaceFrameWarning, laplace_frames
 from .logjoint import LatentSite, ModelLogDensity, all_finite, latent_sites_from_trace, pack, unpack
@@ -384,6 +384,9 @@ class AmortizedSteinGuide(AutoContinuous):
         # what this guide caches on Dataset objects (features, Laplace frames) is keyed by this token: unique per
         # guide for the process (an id() could be reused after the guide is freed); copies (refine) share it
         self._cache_token = next(_CACHE_TOKENS)
+        # calls with the same argument objects (Predictive's draws, repeated sample_posterior) share one Dataset, so
+        # its features and Laplace frame are computed once
+        self._dataset_of = LastDataset()
         # the standardised frame summary goes through asinh (see encode); guides saved before that keep it linear
         self._squash_frame_summary = True
 
@@ -555,7 +558,7 @@ class AmortizedSteinGuide(AutoContinuous):
     def frame_of(self, *args, **kwargs) -> tuple[Tensor, Tensor] | None:
         """The frame ``(m (D,), L (D, D))`` of the dataset ``(*args, **kwargs)`` for :meth:`draw` (amortized guides with
         ``whiten="laplace"``); ``None`` for other guides (their frame, if any, is part of the guide)."""
-        return self._frame_of_dataset(Dataset(*args, **kwargs))
+        return self._frame_of_dataset(self._dataset_of(args, kwargs))
 
     def _frame_of_dataset(self, dataset: Dataset) -> tuple[Tensor, Tensor] | None:
         if not self.per_dataset_frames:
@@ -753,7 +756,7 @@ class AmortizedSteinGuide(AutoContinuous):
     # ------------------------------------------------------------------ datasets
     def dataset_features(self, *args, **kwargs) -> DatasetFeatures:
         """Per-observation features of the dataset in ``(*args, **kwargs)``, shape ``(1, N, F)`` with a mask."""
-        return self._dataset_features(Dataset(*args, **kwargs))
+        return self._dataset_features(self._dataset_of(args, kwargs))
 
     def _dataset_features(self, dataset: Dataset, position: int | None = None) -> DatasetFeatures:
         """:meth:`dataset_features`; errors call the dataset by its ``position`` in its batch when given."""
@@ -840,7 +843,7 @@ class AmortizedSteinGuide(AutoContinuous):
 
     def context_and_frame(self, *args, **kwargs) -> tuple[Tensor | None, tuple[Tensor, Tensor] | None]:
         """:meth:`context` and :meth:`frame_of` of one dataset, its frame found once: what :meth:`draw` takes."""
-        return self._context_and_frame(Dataset(*args, **kwargs))
+        return self._context_and_frame(self._dataset_of(args, kwargs))
 
     def _context_and_frame(self, dataset: Dataset):
         frame = self._frame_of_dataset(dataset)
@@ -892,7 +895,7 @@ class AmortizedSteinGuide(AutoContinuous):
         num_samples = _num_samples(num_samples)
         self.setup(*args, **kwargs)
         n, keep = self._population(num_samples)
-        data = [Dataset(*args, **kwargs)]
+        data = [self._dataset_of(args, kwargs)]
         z = self.draw(n, *self._context_and_frame(data[0]))  # one frame search, shared with _correct's dataset
         z = self._polish(*self._correct(z.unsqueeze(0), data, keep), data)[0, :num_samples]
         out = self._unpack_constrained(z)

@@ -11,10 +11,9 @@ import pyro.poutine as poutine
 import torch
 from pyro.optim import PyroOptim
 from torch import Tensor
-from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
-from .data import Dataset, PriorPredictiveStream, _check_batch_size, _dataset_sequence, as_dataset, iterate_batches
+from .data import Dataset, LastDataset, PriorPredictiveStream, _check_batch_size, _dataset_sequence, as_dataset, iterate_batches
 from .guide import AmortizedSteinGuide, _int_at_least
 from .kernels import RadialKernel, RBFKernel
 from .logjoint import ModelLogDensity, NonFiniteLogJointError, all_finite
@@ -145,7 +144,7 @@ class AmortizedSVGD:
         self._warned_nonfinite = False
         self._num_used = 0
         self._log_density: ModelLogDensity | None = None
-        self._last_dataset: tuple[list, Dataset] | None = None
+        self._dataset_of = LastDataset()  # step(*args) on the same data: one Dataset, its cached features reused
 
     # ------------------------------------------------------------------ core update
     def _plates_for(self, d: Dataset) -> dict[str, Tensor]:
@@ -284,18 +283,6 @@ class AmortizedSVGD:
             log joint or its gradient is not finite; the guide's parameters are left unchanged.
         """
         return float(self._update([self._dataset_of(args, kwargs)]))
-
-    def _dataset_of(self, args: tuple, kwargs: dict) -> Dataset:
-        """The :class:`Dataset` of this step's arguments: last step's object when they are the same objects
-        (tensors unmodified), so what is cached on it (features, Laplace frames) is reused across steps."""
-        leaves = tree_flatten((args, kwargs))[0]
-        key = [(id(x), x._version if isinstance(x, Tensor) else None) for x in leaves]
-        last = self._last_dataset
-        if last is not None and last[0] == key:
-            return last[1]
-        d = Dataset(*args, **kwargs)
-        self._last_dataset = (key, d)  # d holds the arguments, so their ids are not reused while cached
-        return d
 
     def step_batch(self, datasets: Sequence[Any]) -> float:
         """One update over a batch of datasets (amortized guides); returns the mean ``KSD^2``.

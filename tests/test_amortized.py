@@ -668,11 +668,11 @@ def test_one_frame_search_per_new_dataset(monkeypatch):
     calls = []
     real = guide_module.laplace_frames
     monkeypatch.setattr(guide_module, "laplace_frames", lambda *a, **k: calls.append(1) or real(*a, **k))
-    for use in (lambda: guide.sample_posterior(10, *d.args, **d.kwargs),
-                lambda: guide.get_posterior(*d.args, **d.kwargs).rsample(),
-                lambda: guide_ksd(guide, *d.args, num_samples=10, **d.kwargs)):
+    for use in (lambda e: guide.sample_posterior(10, *e.args, **e.kwargs),
+                lambda e: guide.get_posterior(*e.args, **e.kwargs).rsample(),
+                lambda e: guide_ksd(guide, *e.args, num_samples=10, **e.kwargs)):
         calls.clear()
-        use()
+        use(d.map_tensors(torch.clone))  # new tensors: a new dataset for the guide
         assert len(calls) == 1, f"{len(calls)} frame searches for one new dataset"
 
 
@@ -691,3 +691,21 @@ def test_a_dataset_modified_in_place_gets_fresh_features_and_frame(whiten):
     fresh = guide.sample_posterior_batch(500, [Dataset(8, y=y.clone())])["mu"]
     assert torch.equal(reused, fresh)
     assert (reused.mean() - y.sum() / 9).abs() < 5 / 3 / math.sqrt(500), "the draws must follow the new data"
+
+
+def test_repeated_calls_on_the_same_data_search_the_frame_once(monkeypatch):
+    """Sequential Predictive calls the guide once per draw with the same argument objects: the Laplace frame is found
+    once (it was searched again for every draw); an in-place change of the data gives a new search."""
+    import pyro_stein.guide as guide_module
+
+    calls = []
+    original = guide_module.laplace_frames
+    monkeypatch.setattr(guide_module, "laplace_frames", lambda *a, **k: calls.append(1) or original(*a, **k))
+    y = tensor(torch.linspace(-1.0, 1.0, 8))
+    guide = AmortizedSteinGuide(mean_model, amortized=True, whiten="laplace")
+    pyro.infer.Predictive(mean_model, guide=guide, num_samples=20, parallel=False)(8, y=y)
+    guide.sample_posterior(10, 8, y=y)
+    assert len(calls) == 1, f"{len(calls)} frame searches for one dataset"
+    y.add_(10.0)
+    mu = guide.sample_posterior(10, 8, y=y)["mu"]
+    assert len(calls) == 2 and mu.mean() > 5, "the changed data must get their own frame"
