@@ -490,6 +490,42 @@ def test_folded_constants_are_computed_once_and_random_operations_are_not_folded
     a, b = gm(tensor(torch.zeros(2, 3))), gm(tensor(torch.zeros(2, 3)))
     assert not torch.equal(a, b), "the random term was frozen"
 
+def test_the_periodic_check_sees_a_change_in_a_coordinate_on_a_small_scale():
+    """The check's tolerance follows each coordinate's own scale: a stale replay of a coordinate whose scores are
+    ~1, next to one whose scores are ~100, is caught (a tolerance from the largest value over all coordinates
+    let it through)."""
+    state = {"scale": 1.0}
+
+    def two_scales(y):
+        a = pyro.sample("a", dist.Normal(tensor(0.0), 0.01))  # scores of order 100
+        b = pyro.sample("b", dist.Normal(tensor(0.0), state["scale"]))  # scores of order 1
+        pyro.sample("y", dist.Normal(a + b, 1.0), obs=y)
+
+    y = tensor(0.3)
+    ld = _log_density(two_scales, y)
+    u = tensor(torch.randn(16, 2, generator=torch.Generator().manual_seed(0)))
+    _evaluate(ld, u, (y,), {}, ld.graphs.min_calls)
+    assert ld.graphs.status == "replaying"
+    state["scale"] = 0.8
+    with pytest.warns(RecordedGraphWarning, match="reads state other than its latent values and arguments"):
+        _evaluate(ld, u, (y,), {}, ld.graphs.verify_every)
+    assert ld.graphs.status == "off: a replay stopped matching the model's own evaluation"
+
+
+def test_division_with_a_rounding_mode_is_not_bypassed():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from pyro_stein.graphs import _simplify
+
+    def fn(u):
+        return torch.div(u, 1.0, rounding_mode="floor"), torch.div(u, 1.0)
+
+    u = tensor(torch.tensor([0.5, -1.5, 2.25]))
+    gm = make_fx(fn)(u)
+    _simplify(gm)
+    floor, same = gm(u)
+    assert torch.equal(floor, u.floor()) and torch.equal(same, u)
+
 
 @pytest.mark.parametrize("mode", ["real", "fake"])
 def test_folding_bypasses_exact_identities_only(mode):
