@@ -96,7 +96,9 @@ def init_distributed(
     """Start the process group from ``torchrun``'s environment and pick this rank's device.
 
     Without ``torchrun`` (``RANK``/``WORLD_SIZE`` unset) nothing is started and the context says
-    world size 1, so the same script runs plainly with ``python script.py``.
+    world size 1, so the same script runs plainly with ``python script.py``. A process group the
+    caller has already started (e.g. ``mp.spawn`` workers calling ``init_process_group``) gives the
+    rank, world size and backend.
 
     :param str backend: ``"nccl"`` or ``"gloo"``; default NCCL when CUDA is available, else gloo.
     :param device: this rank's device; default ``cuda:LOCAL_RANK`` with NCCL, else CPU (with
@@ -106,6 +108,9 @@ def init_distributed(
     """
     rank, world_size, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
     cuda = torch.cuda.is_available()
+    if dist.is_available() and dist.is_initialized():  # a group the caller started (e.g. mp.spawn): it has the say
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        backend = dist.get_backend()
     if rank is None or world_size is None:
         if device is None:
             device = "cuda" if (backend == "nccl" and cuda) else "cpu"
@@ -157,6 +162,11 @@ def shard(collection: Sequence, rank: int | None = None, world_size: int | None 
     The shards of all ranks partition the collection; with world size 1 it is the whole list.
     """
     rank, world_size = _rank_world(rank, world_size)
+    for name, value, lo in (("world_size", world_size, 1), ("rank", rank, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+    if rank >= world_size:
+        raise ValueError(f"rank must be below world_size = {world_size}, got {rank}")
     items = list(collection)
     if len(items) < world_size:
         raise ValueError(f"a collection of {len(items)} datasets cannot be split over {world_size} ranks (one rank would get none)")
@@ -261,8 +271,10 @@ class DistributedAmortizedSVGD(AmortizedSVGD):
     def _update(self, datasets: Sequence[Dataset]) -> Tensor:
         guide = self.guide
         guide.setup(*datasets[0].args, **datasets[0].kwargs)
+        saved = None
         if not self._synced:
             if getattr(guide, "_standardization_pending", False):
+                saved = {name: b.clone() for name, b in guide.named_buffers()}
                 guide.fit_standardization(datasets)  # each rank on its own batch; rank 0's is broadcast next
             self.sync_parameters()
         real_optim, self._weight, self._reduced = self.optim, float(len(datasets)), False
@@ -272,6 +284,11 @@ class DistributedAmortizedSVGD(AmortizedSVGD):
         except Exception:
             if _active() and not self._reduced:
                 self._all_reduce_grads(failed=True)  # let the other ranks know, then raise here too
+            if saved is not None:  # as AmortizedSVGD: a failed first step leaves no standardisation behind
+                with torch.no_grad():
+                    for name, b in guide.named_buffers():
+                        b.copy_(saved[name])
+                guide._standardization_pending, self._synced = True, False
             raise
         finally:
             self.optim = real_optim

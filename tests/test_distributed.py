@@ -25,6 +25,7 @@ import torch
 from pyro_stein import AmortizedSteinGuide, AmortizedSVGD, Dataset, PriorPredictiveStream
 from pyro_stein.distributed import (
     DistributedAmortizedSVGD,
+    cleanup_distributed,
     init_distributed,
     load_checkpoint,
     max_parameter_deviation,
@@ -246,11 +247,54 @@ def test_shard_and_seed_helpers(monkeypatch):
     assert shard(items) == items  # no process group: world size 1
     with pytest.raises(ValueError, match="cannot be split"):
         shard([1], 0, 2)
+    for rank, world, message in ((2, 2, "rank must be below world_size = 2, got 2"), (-1, 2, "rank must be an int >= 0"),
+                                 (0, 0, "world_size must be an int >= 1")):
+        with pytest.raises(ValueError, match=message):
+            shard(items, rank, world)
     assert seed_rank(7) == 7 and seed_rank(7, rank=3) == 10
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
     ctx = init_distributed()
     assert (ctx.rank, ctx.world_size, ctx.backend, ctx.device.type, ctx.is_main) == (0, 1, None, "cpu", True)
+
+
+def test_init_distributed_reads_a_group_the_caller_started(monkeypatch, tmp_path):
+    """Started without torchrun's environment (e.g. mp.spawn + init_process_group), the group says the rank."""
+    import torch.distributed as dist
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ctx = init_distributed()
+        assert (ctx.rank, ctx.world_size, ctx.backend, ctx.device.type) == (0, 1, "gloo", "cpu")
+    finally:
+        cleanup_distributed()
+
+
+def test_a_failed_first_step_leaves_no_standardisation_behind():
+    """As AmortizedSVGD: the encoder's standardisation fitted on a first batch whose step fails is undone, and the
+    next batch fits it afresh."""
+    from pyro_stein import NonFiniteLogJointError
+
+    from .conftest import tensor
+    from .test_amortized import penalised_mean_model
+
+    huge = torch.finfo(tensor(0.0).dtype).max
+    bad = [Dataset(6, huge, y=tensor(torch.full((6,), 100.0)))] * 2
+    good = [Dataset(6, 0.5, y=tensor(torch.randn(6))) for _ in range(2)]
+    states = []
+    for cls in (AmortizedSVGD, DistributedAmortizedSVGD):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = AmortizedSteinGuide(penalised_mean_model, amortized=True).setup(*good[0].args, **good[0].kwargs)
+        svgd = cls(penalised_mean_model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=8)
+        with pytest.raises(NonFiniteLogJointError):
+            svgd.step_batch(bad)
+        svgd.step_batch(good)
+        states.append({k: v.clone() for k, v in guide.named_buffers()})
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0]), "the failed batch's standardisation stayed"
 
 
 # ------------------------------------------------------------------------------------------ the worker
