@@ -68,6 +68,7 @@ References:
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -286,6 +287,7 @@ class GaussianBernoulliRBM(nn.Module):
         marginal ``F(x) = -logsumexp_y(-F(x, y))``."""
         if x.dim() != 2 or x.shape[-1] != self.num_visible:
             raise ValueError(f"x must have shape (batch, {self.num_visible}), got {tuple(x.shape)}")
+        _check_labels(y, x.shape[0], "y")  # class indices: a bool tensor would select rows instead
         quad = (x - self.b).pow(2).sum(-1) / (2.0 * self.sigma**2)
         if self.num_classes is None:
             if y is not None:
@@ -587,7 +589,7 @@ def _check_labels(labels: Tensor | None, n: int, name: str = "labels") -> None:
         return
     if not isinstance(labels, Tensor):
         raise TypeError(f"{name} must be a tensor of integer class indices, got {type(labels).__name__}")
-    if labels.is_floating_point() or labels.is_complex():
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor (class indices), got dtype {labels.dtype}; use labels.long()")
     if labels.shape != (n,):
         raise ValueError(f"{name} must have shape (batch,) = ({n},), got {tuple(labels.shape)}")
@@ -730,6 +732,10 @@ class AmortizedMLE:
     def _check_inputs(self, data: Tensor, labels: Tensor | None) -> None:
         if not isinstance(data, Tensor):
             raise TypeError(f"data_batch must be a tensor of shape (batch, ...), got {type(data).__name__}")
+        if not data.is_floating_point():
+            raise TypeError(f"data_batch must be a floating-point tensor, got dtype {data.dtype}; use data.float()")
+        if not bool(torch.isfinite(data).all()):
+            raise ValueError("data_batch has non-finite values (NaN/inf); remove or impute them before training")
         if data.dim() < 2 or data.shape[0] < 1:
             raise ValueError(
                 f"data_batch must have shape (batch, *event_shape), got {tuple(data.shape)}; "
@@ -803,6 +809,22 @@ class AmortizedMLE:
         event = tuple(data_batch.shape[1:])
         self.energy.train()
         self.sampler.train()
+        # all or nothing: a step that fails (an energy not finite at the data or the samples) restores the sampler
+        saved = (copy.deepcopy(self.sampler.state_dict()), copy.deepcopy(self.sampler_optimizer.state_dict()))
+        try:
+            return self._step(data_batch, labels, n, event)
+        except BaseException:
+            self.sampler.load_state_dict(saved[0])
+            self.sampler_optimizer.load_state_dict(saved[1])
+            self.sampler_optimizer.zero_grad()
+            self.energy_optimizer.zero_grad()
+            raise
+
+    def _step(self, data_batch: Tensor, labels: Tensor | None, n: int, event: tuple[int, ...]) -> dict[str, float]:
+        # (0) the energy at the data: checked before anything moves
+        e_data = self._energy(data_batch, labels)
+        if not bool(torch.isfinite(e_data).all()):
+            raise ValueError("the energy is not finite at some data points (outside its support?); nothing was updated")
 
         # (1) sampler: follow the Stein direction of the current energy
         first_samples = None
@@ -817,6 +839,9 @@ class AmortizedMLE:
                 if self.compute_ksd:
                     z = x.detach().reshape(n, -1)
                     ksd_val = float(ksd_from_matrices(z, s.reshape(n, -1), self.kernel.matrices(z)))
+            if not bool(torch.isfinite(phi).all()):
+                raise ValueError("the Stein direction is not finite at the sampler's draws (the energy's gradient "
+                                 "overflowed or is NaN there); nothing was updated: lower the learning rates")
             phi_sq += float(phi.pow(2).sum(tuple(range(1, phi.dim()))).mean())
             self.sampler_optimizer.zero_grad()
             loss = -(x * phi).reshape(n, -1).sum(-1).mean()
@@ -825,13 +850,15 @@ class AmortizedMLE:
 
         # (2) energy: contrastive likelihood gradient
         self.energy_optimizer.zero_grad()
-        e_data = self._energy(data_batch, labels)
         e_samp = self._energy(first_samples, first_labels)
         closs = e_data.mean() - e_samp.mean()
         total = closs
         if self.energy_l2 > 0:
             total = total + self.energy_l2 * (e_data.pow(2).mean() + e_samp.pow(2).mean())
         total.backward()
+        grads = [p.grad for p in self.energy.parameters() if p.grad is not None]
+        if not bool(torch.isfinite(total)) or not all(bool(torch.isfinite(g).all()) for g in grads):
+            raise ValueError("the energy's contrastive loss or its gradient is not finite; nothing was updated")
         self.energy_optimizer.step()
         self.num_steps_taken += 1
         c = float(closs.detach())
@@ -958,14 +985,20 @@ class ContrastiveDivergence:
             raise ValueError(
                 f"data_batch must have shape (batch, {self.rbm.num_visible}), got {tuple(data_batch.shape)}"
             )
+        like = next(self.rbm.parameters())
+        if data_batch.dtype != like.dtype or data_batch.device != like.device:
+            raise ValueError(
+                f"data_batch is {data_batch.dtype} on {data_batch.device} but the RBM's parameters are {like.dtype} on "
+                f"{like.device}; convert one to the other (e.g. data.to(rbm.W))"
+            )
         if self.exact:
             neg = self.rbm.sample(data_batch.shape[0])
-        elif self.persistent:
-            if self.chains is None:
+        elif self.persistent:  # the chains are kept only once the step has succeeded
+            chains = self.chains
+            if chains is None:
                 m = self.num_chains or data_batch.shape[0]
-                self.chains = data_batch[torch.arange(m, device=data_batch.device) % data_batch.shape[0]].detach().clone()
-            self.chains = self.rbm.gibbs(self.chains, self.k)
-            neg = self.chains
+                chains = data_batch[torch.arange(m, device=data_batch.device) % data_batch.shape[0]].detach().clone()
+            neg = self.rbm.gibbs(chains, self.k)
         else:
             neg = self.rbm.gibbs(data_batch.detach(), self.k)
         self.optimizer.zero_grad()
@@ -973,6 +1006,8 @@ class ContrastiveDivergence:
         loss = e_data.mean() - e_neg.mean()
         loss.backward()
         self.optimizer.step()
+        if self.persistent and not self.exact:
+            self.chains = neg
         c = float(loss.detach())
         return {
             "contrastive_loss": c,

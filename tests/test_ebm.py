@@ -315,6 +315,67 @@ def test_feature_stein_direction_checks_labels(labels):
         feature_stein_direction(x, -x, None, RBFKernel(), labels=labels)
 
 
+class _CutoffEnergy(nn.Module):
+    """A quadratic energy that is +inf beyond |x| > limit: finite at the data, not at far samples."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.limit = limit
+
+    def forward(self, x):
+        e = self.scale * x.pow(2).sum(-1)
+        return torch.where(x.abs().amax(-1) > self.limit, torch.full_like(e, math.inf), e)
+
+
+@pytest.mark.parametrize("case", ["data-outside-support", "samples-outside-support", "nan-data", "integer-data"])
+def test_a_failed_step_updates_nothing(case):
+    """AmortizedMLE.step is all or nothing: when the energy is not finite at the data or at the samples (or the data
+    are malformed) it raises with the sampler, its optimiser state and the energy as they were."""
+    torch.manual_seed(0)
+    energy = _CutoffEnergy(limit=10.0)
+    sampler = MLPSampler(3, 2)
+    opt_s = torch.optim.Adam(sampler.parameters(), 1e-2)
+    drv = AmortizedMLE(energy, sampler, torch.optim.SGD(energy.parameters(), 0.1), opt_s, noise_dim=3, sampler_steps=2)
+    data = 1e-4 * torch.randn(8, 2)
+    drv.step(data)  # a good step first: the optimiser has state to protect
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (sampler, energy)]
+    adam_steps = [st["step"].clone() for st in opt_s.state.values()]
+    error, bad = ValueError, data.clone()
+    if case == "data-outside-support":
+        bad[3, 0] = 100.0
+    elif case == "samples-outside-support":  # the data stay inside; the sampler's draws (~0.1) fall outside
+        energy.limit = 1e-3
+    elif case == "nan-data":
+        bad[3, 0] = math.nan
+    elif case == "integer-data":
+        error, bad = TypeError, torch.zeros(8, 2, dtype=torch.long)
+    with pytest.raises(error):
+        drv.step(bad)
+    for was, m in zip(before, (sampler, energy)):
+        assert all(torch.equal(was[k], v) for k, v in m.state_dict().items()), f"{type(m).__name__} changed"
+    assert [st["step"] for st in opt_s.state.values()] == adam_steps, "the sampler's optimiser state changed"
+    assert drv.num_steps_taken == 1
+
+
+def test_persistent_chains_are_kept_only_after_a_successful_step():
+    rbm = GaussianBernoulliRBM(4, 3)
+    cd = ContrastiveDivergence(rbm, torch.optim.SGD(rbm.parameters(), 0.01), k=1, persistent=True)
+    own = rbm.W.dtype
+    other = torch.float32 if own == torch.float64 else torch.float64
+    with pytest.raises(ValueError, match=rf"data_batch is {other} on cpu but the RBM's parameters are {own}"):
+        cd.step(torch.randn(8, 4, dtype=other))
+    assert cd.chains is None, "a rejected batch must not start the chains"
+    cd.step(torch.randn(8, 4, dtype=own))
+    assert cd.chains is not None and cd.chains.dtype == own
+
+
+def test_rbm_rejects_boolean_labels():
+    rbm = GaussianBernoulliRBM(4, 3, num_classes=2)
+    with pytest.raises(TypeError, match="y must be an integer tensor"):
+        rbm(torch.randn(2, 4), torch.tensor([True, True]))
+
+
 def test_error_exact_negatives():
     with pytest.raises(ValueError, match=r"exact=True .*\(persistent=False\)"):
         ContrastiveDivergence(GaussianBernoulliRBM(2, 3), torch.optim.SGD([nn.Parameter(torch.zeros(1))], 0.1),
