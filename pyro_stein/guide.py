@@ -892,15 +892,18 @@ class AmortizedSteinGuide(AutoContinuous):
 
         :returns: ``{site: Tensor[num_samples, *site_shape]}`` in constrained space.
         """
-        num_samples = _num_samples(num_samples)
+        z = self._posterior_draws(_num_samples(num_samples), args, kwargs)
+        out = self._unpack_constrained(z)
+        out.update(self.log_density.deterministic(z, self.deterministic_names, args, kwargs))
+        return out
+
+    def _posterior_draws(self, num_samples: int, args: tuple, kwargs: dict) -> Tensor:
+        """The unconstrained draws ``(num_samples, D)`` behind :meth:`sample_posterior`."""
         self.setup(*args, **kwargs)
         n, keep = self._population(num_samples)
         data = [self._dataset_of(args, kwargs)]
         z = self.draw(n, *self._context_and_frame(data[0]))  # one frame search, shared with _correct's dataset
-        z = self._polish(*self._correct(z.unsqueeze(0), data, keep), data)[0, :num_samples]
-        out = self._unpack_constrained(z)
-        out.update(self.log_density.deterministic(z, self.deterministic_names, args, kwargs))
-        return out
+        return self._polish(*self._correct(z.unsqueeze(0), data, keep), data)[0, :num_samples]
 
     @torch.no_grad()
     def sample_posterior_batch(self, num_samples: int, datasets: Sequence) -> dict[str, Tensor]:
@@ -1054,10 +1057,15 @@ class AmortizedSteinGuide(AutoContinuous):
 
     @torch.no_grad()
     def quantiles(self, quantiles, *args, **kwargs) -> dict[str, Tensor]:
-        """Empirical posterior quantiles: ``{site: Tensor[len(quantiles), *site_shape]}``."""
-        samples = self.sample_posterior(self.num_summary_samples, *args, **kwargs)
+        """Empirical posterior quantiles: ``{site: Tensor[len(quantiles), *site_shape]}``.
+
+        Taken coordinate-wise in the unconstrained space and mapped to each site's support, as Pyro's
+        ``AutoContinuous`` does: the same as constrained quantiles for element-wise supports (positive,
+        interval), and always inside the support for the others (a simplex, a Cholesky factor)."""
+        self.setup(*args, **kwargs)
         like = self._like()
         q = torch.as_tensor(quantiles, dtype=like.dtype, device=like.device).reshape(-1)
         if ((q < 0) | (q > 1)).any():
             raise ValueError(f"quantiles must lie in [0, 1], got {quantiles!r}")
-        return {k: torch.quantile(v.to(like.dtype), q, dim=0) for k, v in samples.items() if k not in self.deterministic_names}
+        z = self._posterior_draws(self.num_summary_samples, args, kwargs)
+        return self._unpack_constrained(torch.quantile(z.to(like.dtype), q, dim=0))

@@ -94,6 +94,28 @@ def test_sample_posterior_median_quantiles():
         guide.sample_posterior(0, X, y)
 
 
+def test_median_and_quantiles_stay_in_the_support():
+    """Quantiles are taken in unconstrained space and mapped, so a simplex or a Cholesky factor stays one (element-wise
+    medians of simplex draws do not sum to 1); for element-wise supports they are the constrained quantiles."""
+
+    def model():
+        p = pyro.sample("p", dist.Dirichlet(tensor(torch.ones(3))))
+        L = pyro.sample("L", dist.LKJCholesky(3, tensor(1.0)))
+        s = pyro.sample("s", dist.LogNormal(tensor(0.0), tensor(1.0)))
+        return p, L, s
+
+    guide = AmortizedSteinGuide(model, init_scale=1.0, num_summary_samples=501)
+    med = guide.median()
+    for name in ("p", "L"):
+        support = guide.log_density.sites[[x.name for x in guide.sites].index(name)].transform.codomain
+        assert bool(support.check(med[name]).all()), f"median of {name!r} is outside its support: {med[name]}"
+    torch.manual_seed(0)
+    q = guide.quantiles([0.1, 0.9])["s"]
+    torch.manual_seed(0)
+    draws = guide.sample_posterior(501)["s"]
+    assert torch.allclose(q, torch.quantile(draws, tensor([0.1, 0.9])))
+
+
 def test_default_sampler_starts_gaussian_at_init():
     X, y = data()
     guide = AmortizedSteinGuide(regression_model, init_scale=0.1).setup(X, y)
