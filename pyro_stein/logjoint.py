@@ -441,7 +441,8 @@ class ModelLogDensity:
         if self._mode == "vmap":
             with pyro.validation_enabled(False):
                 return torch.func.vmap(fn, randomness="same")(u)
-        outs = [fn(row) for row in u.unbind(0)]
+        with pyro.validation_enabled(False):  # as under vmap: a value outside a support is -inf, not an error
+            outs = [fn(row) for row in u.unbind(0)]
         if isinstance(outs[0], tuple):
             return tuple(torch.stack(o) for o in zip(*outs))
         return torch.stack(outs)
@@ -624,6 +625,8 @@ class ModelLogDensity:
             tr = self._trace(data, args, kwargs)
             return tuple(tr.nodes[n]["value"] for n in names)
 
+        if self._mode is None:  # the log density, not this function, decides between vmap and the loop
+            self.log_density(u[:2], args, kwargs)
         out = self._map(fn, u)
         return dict(zip(names, out))
 

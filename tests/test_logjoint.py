@@ -245,3 +245,52 @@ def test_score_batch_stacks_datasets_that_share_non_tensor_arguments():
     assert ld._stack_ok is True
     want = torch.stack([d.kwargs["y"].sum() - 5 * z[b] - z[b] / 4 for b, d in enumerate(datasets)])  # d/dmu log p
     assert torch.allclose(got, want, rtol=1e3 * TOL, atol=1e3 * TOL), f"max diff {(got - want).abs().max()}"
+
+
+def _half_normal_scale_model(y):
+    s = pyro.sample("s", dist.HalfNormal(torch.tensor(1.0, dtype=y.dtype, device=y.device)))
+    with pyro.plate("d", y.shape[0]):
+        pyro.sample("y", dist.Normal(0.0, s), obs=y)
+
+
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+def test_unchecked_evaluation_gives_non_finite_values_on_both_paths(vectorize):
+    """check=False (the moment correction, the MCMC polish and the frame search) returns non-finite values for the
+    caller to reject on the loop path too, as under vmap (Pyro's validation raised there)."""
+    y = torch.tensor([0.1, -0.2, 0.3], dtype=DTYPE, device=DEVICE)
+    tr = poutine.trace(_half_normal_scale_model).get_trace(y)
+    ld = ModelLogDensity(_half_normal_scale_model, latent_sites_from_trace(tr), vectorize=vectorize)
+    u = torch.tensor([[0.0], [-1e4]], dtype=DTYPE, device=DEVICE)  # exp(-1e4) underflows to a zero scale
+    with pyro.validation_enabled(True):
+        lp, score = ld.log_density_and_score(u, (y,), {}, check=False)
+    assert torch.isfinite(lp[0]) and not torch.isfinite(lp[1]), lp
+
+
+class _PythonBranchNormal(dist.Normal):
+    """A log_prob with Python control flow on values: torch.func.vmap cannot batch it."""
+
+    def log_prob(self, value):
+        lp = super().log_prob(value)
+        return lp - 1.0 if bool((self.loc > 0).all()) else lp
+
+
+def _branching_model(y):
+    mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=y.dtype, device=y.device), 1.0))
+    pyro.deterministic("mu2", 2 * mu)
+    with pyro.plate("d", y.shape[0]):
+        pyro.sample("y", _PythonBranchNormal(mu, 1.0), obs=y)
+
+
+def test_the_log_density_chooses_the_evaluation_mode_even_when_a_deterministic_site_comes_first():
+    """Asking for deterministic sites first must not fix vmap for a log density that cannot be vmapped."""
+    from pyro_stein.logjoint import VectorizationWarning
+
+    y = torch.linspace(-1.0, 1.0, 5, dtype=DTYPE, device=DEVICE)
+    tr = poutine.trace(_branching_model).get_trace(y)
+    ld = ModelLogDensity(_branching_model, latent_sites_from_trace(tr))
+    u = torch.tensor([[0.5], [-0.5], [0.2]], dtype=DTYPE, device=DEVICE)
+    with pytest.warns(VectorizationWarning):
+        mu2 = ld.deterministic(u, ["mu2"], (y,), {})["mu2"]
+    assert ld._mode == "loop" and torch.allclose(mu2, 2 * u[:, 0])
+    lp, _ = ld.log_density_and_score(u, (y,), {})
+    assert torch.isfinite(lp).all()
