@@ -206,13 +206,22 @@ class DeepSetEncoder(nn.Module):
                 f"dataset features must have shape (..., num_observations, {self.feature_dim}), "
                 f"got {tuple(features.shape)}"
             )
+        if features.dtype != self.feature_loc.dtype:
+            raise ValueError(f"dataset features are {features.dtype} but the encoder is {self.feature_loc.dtype}; "
+                             "convert one to the other (e.g. encoder.to(features.dtype))")
         if mask is None:
             mask = torch.ones(features.shape[:-1], dtype=torch.bool, device=features.device)
+        elif not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != features.shape[:-1]:
+            got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"mask must be a bool tensor of shape {tuple(features.shape[:-1])} (True for real "
+                             f"observations), got {got}")
         count = mask.sum(-1, keepdim=True).to(features.dtype)
         if (count == 0).any():
             raise ValueError("a dataset has no observations (empty dataset); every dataset needs at least one")
-        x = (features - self.feature_loc) / self.feature_scale
         real = mask.unsqueeze(-1)
+        # padding rows are zeroed before the networks see them: a NaN there would reach no output but would make
+        # the gradients of phi NaN (0 * NaN in the backward pass)
+        x = torch.where(real, (features - self.feature_loc) / self.feature_scale, torch.zeros_like(features))
 
         def mean(v: Tensor) -> Tensor:  # over the real rows; padding may hold anything, even NaN
             return torch.where(real, v, torch.zeros_like(v)).sum(-2) / count
