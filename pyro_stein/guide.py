@@ -502,8 +502,15 @@ class AmortizedSteinGuide(AutoContinuous):
             return loss
 
         with torch.enable_grad():
-            for _ in range(5):
-                opt.step(closure)
+            try:
+                for _ in range(5):
+                    opt.step(closure)
+            except RuntimeError as e:  # e.g. an overflow inside L-BFGS when the log density grows without bound
+                raise ValueError(
+                    f"whiten='laplace': the mode search failed ({str(e).splitlines()[0]}); the posterior may have no "
+                    "proper mode (e.g. a centred hierarchical model whose log density grows without bound as a scale "
+                    "goes to 0): use a non-centred parameterisation or whiten=None"
+                ) from e
             mode = z.detach()
             hess = torch.autograd.functional.hessian(neg_log_p, mode)
         if not (torch.isfinite(mode).all() and torch.isfinite(hess).all()):

@@ -180,9 +180,19 @@ def test_encoder_is_permutation_invariant_and_mask_aware():
     batch = collate_features([short, x[0]])
     assert batch.features.shape == (2, 10, 3) and batch.mask[0].sum() == 4
     assert _equal_up_to_rounding(enc(batch.features, batch.mask)[0], enc(short.unsqueeze(0))[0])
-    # padding values are ignored
+    # padding values are ignored, also by the gradients (NaN padding made every gradient of phi NaN)
     batch.features[0, 4:] = 1e6
     assert _equal_up_to_rounding(enc(batch.features, batch.mask)[0], enc(short.unsqueeze(0))[0])
+    batch.features[0, 4:] = math.nan
+    enc(batch.features, batch.mask).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in enc.parameters())
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(2, 10\)"):
+        enc(batch.features, batch.mask[:, :9])
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor"):
+        enc(batch.features, batch.mask.float())
+    other = torch.float32 if x.dtype == torch.float64 else torch.float64
+    with pytest.raises(ValueError, match=rf"dataset features are {other} but the encoder is {x.dtype}"):
+        enc(batch.features.to(other), batch.mask)
 
 
 def test_mean_features_pass_the_masked_feature_means_through():

@@ -667,6 +667,17 @@ def test_whiten_errors_and_persistence(tmp_path):
 
     with pytest.raises(ValueError, match="not positive definite"):
         AmortizedSteinGuide(flat_model, whiten="laplace").setup(tensor(0.0))
+
+    def centred_model(X, y):  # log density unbounded as tau -> 0 with w = 0: L-BFGS overflows (float32)
+        tau = pyro.sample("tau", dist.HalfNormal(X.new_tensor(1.0)))
+        w = pyro.sample("w", dist.Normal(X.new_zeros(X.shape[1]), tau).to_event(1))
+        with pyro.plate("data", X.shape[0]):
+            pyro.sample("y", dist.Bernoulli(logits=X @ w), obs=y)
+
+    g = torch.Generator().manual_seed(0)
+    Xc, yc = torch.randn(30, 3, generator=g), (torch.rand(30, generator=g) < 0.5).float()
+    with pytest.raises(ValueError, match=r"whiten='laplace'.*whiten=None"):  # the search's own failure, explained
+        AmortizedSteinGuide(centred_model, whiten="laplace").setup(Xc, yc)
     X, y = data(n=10, d=2)
     guide = AmortizedSteinGuide(linear_gaussian_model, whiten="laplace").setup(X, y)
     guide.save(tmp_path / "g.pt")
