@@ -326,6 +326,9 @@ class ModelLogDensity:
         self.dim = sum(s.size for s in self.sites)
         self._by_name = {s.name: s for s in self.sites}
         self._identity = {s.name for s in self.sites if _is_identity(s.transform)}
+        # masked-out latent entries that the model reads elsewhere get no standard normal (see _masked_out_anchor);
+        # found by one probe at the first evaluation (None: not probed yet)
+        self._read_masked: dict[str, Tensor] | None = None
         # repeated calls with the same arguments: replayed from a recorded graph (see pyro_stein.graphs)
         self.graphs: GraphedLogDensity | None = self._new_graphs(share_across_data) if record_graph else None
 
@@ -390,6 +393,37 @@ class ModelLogDensity:
 
         return single, why_not
 
+    def _probe_masked_reads(self, u: Tensor, args: tuple, kwargs: dict) -> None:
+        """Find the masked-out latent entries that other sites read (e.g. ``with poutine.mask(mask=False):`` around
+        a prior, the flat-prior idiom, whose value the likelihood uses): the gradient of the model's log density
+        (without Jacobians or anchor) at two points is non-zero there. Once, eagerly, before any evaluation."""
+        self._read_masked = {}
+        probe = torch.stack([torch.zeros_like(u[0]), torch.full_like(u[0], 0.5)]).detach()
+        try:
+            with torch.enable_grad(), pyro.validation_enabled(False):
+                data, _ = self._condition_data(probe[0], {})
+                trace = self._trace(data, args, kwargs)
+                if not any(self._mask_of(trace.nodes[s.name]) is not None for s in self.sites if s.name in trace.nodes):
+                    return
+                read = torch.zeros_like(probe[0], dtype=torch.bool)
+                for row in probe:
+                    v = row.clone().requires_grad_(True)
+                    data, _ = self._condition_data(v, {})
+                    (g,) = torch.autograd.grad(trace_log_prob_sum(self._trace(data, args, kwargs)), v, allow_unused=True)
+                    if g is not None:
+                        read |= torch.isfinite(g) & (g != 0)
+        except Exception:  # noqa: BLE001 - the evaluation itself will raise the model's error with context
+            return
+        self._read_masked = {s.name: read[s.offset : s.offset + s.size].reshape(s.unconstrained_shape)
+                             for s in self.sites if bool(read[s.offset : s.offset + s.size].any())}
+
+    @staticmethod
+    def _mask_of(node: dict) -> Any:
+        fn, mask = node["fn"], node["mask"]
+        if isinstance(fn, pyro.distributions.MaskedDistribution):
+            mask = fn._mask if mask is None else mask & fn._mask
+        return None if mask is None or mask is True else mask
+
     def _masked_out_anchor(self, u: Tensor, trace) -> Tensor | None:
         """``-|u_k|^2 / 2`` summed over the unconstrained entries of latent sites that a mask removes from the
         model (``poutine.mask``, ``fn.mask``, e.g. the ``{name}_unobserved`` entries at observed positions
@@ -398,22 +432,25 @@ class ModelLogDensity:
         Those entries have no density at all, so without a term of their own they would drift without
         bound and swamp the kernel's bandwidth. A standard normal on them (in unconstrained space) makes
         the joint proper and leaves the posterior of everything else unchanged: the model never reads
-        them. Their draws are that standard normal, mapped to the support. ``None`` when no latent is masked.
+        them. Their draws are that standard normal, mapped to the support. Masked-out entries that the
+        model does read (a prior masked to make it flat, its value used by the likelihood) get nothing:
+        their density is what the rest of the model says. ``None`` when no latent is masked.
         """
         total = None
         for s in self.sites:
             node = trace.nodes.get(s.name)
             if node is None:
                 continue
-            fn, mask = node["fn"], node["mask"]
-            if isinstance(fn, pyro.distributions.MaskedDistribution):
-                mask = fn._mask if mask is None else mask & fn._mask
-            if mask is None or mask is True:
+            mask = self._mask_of(node)
+            if mask is None:
                 continue
-            batch = fn.batch_shape
+            batch = node["fn"].batch_shape
             off = ~torch.as_tensor(mask, device=u.device).expand(batch)
             uu = u[s.offset : s.offset + s.size].reshape(s.unconstrained_shape)
             off = off.reshape(batch + (1,) * (uu.dim() - len(batch))).to(u.dtype)
+            read = (self._read_masked or {}).get(s.name)
+            if read is not None:
+                off = off * (~read).to(u.dtype)
             term = -0.5 * (off * uu.square()).sum()
             total = term if total is None else total + term
         return total
@@ -488,6 +525,8 @@ class ModelLogDensity:
         """
         kwargs = kwargs or {}
         plates = plates or {}
+        if self._read_masked is None:
+            self._probe_masked_reads(u, args, kwargs)
         return self._map(lambda row: self._single_log_density(row, args, kwargs, plates), u)
 
     def log_density_and_score(
@@ -498,6 +537,12 @@ class ModelLogDensity:
         :param bool check: raise :class:`NonFiniteLogJointError` naming the offending sites when a
             value or gradient is not finite.
         """
+        if u.dim() != 2 or u.shape[-1] != self.dim:
+            raise ValueError(
+                f"u must hold one packed unconstrained latent vector per row, shape (num_particles, {self.dim}) for "
+                f"sites {[s.name for s in self.sites]}, got {tuple(u.shape)}"
+            )
+
         def eager() -> tuple[Tensor, Tensor]:
             v = u.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -531,6 +576,8 @@ class ModelLogDensity:
     ) -> tuple[Tensor, Tensor]:
         """Log densities ``(B, P)`` and scores ``(B, P, D)``, one particle set per dataset (see :meth:`score_batch`)."""
         plates = list(plates) if plates is not None else [{}] * len(datasets)
+        if self._read_masked is None and len(datasets):
+            self._probe_masked_reads(z[0], datasets[0].args, datasets[0].kwargs)
         if len(datasets) > 1 and self._mode == "vmap" and self._stack_ok is not False and not any(plates):
             stacked = _stack_arguments(datasets)
             if stacked is not None:

@@ -76,6 +76,26 @@ def test_latent_entries_a_mask_removes_get_a_standard_normal(how, vectorize):
     assert torch.allclose(lp, exact.detach(), rtol=TOL, atol=TOL) and torch.allclose(score, exact_score, rtol=TOL, atol=TOL)
 
 
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+def test_a_masked_out_prior_that_the_model_reads_gets_no_standard_normal(vectorize):
+    """The flat-prior idiom, a prior masked out with poutine.mask whose value the likelihood uses: its density is the
+    likelihood's alone (a standard normal added there shifted this posterior mean by 1.4 sd)."""
+    y = randn(6) + 4.0
+
+    def model():
+        with poutine.mask(mask=False):
+            mu = pyro.sample("mu", dist.Normal(y.new_tensor(0.0), 1.0))
+        with pyro.plate("n", 6):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    ld = ModelLogDensity(model, latent_sites_from_trace(poutine.trace(model).get_trace()), vectorize)
+    u = randn(4, 1).requires_grad_(True)
+    exact = dist.Normal(u, 1.0).log_prob(y).sum(-1)
+    (exact_score,) = torch.autograd.grad(exact.sum(), u)
+    lp, score = ld.log_density_and_score(u.detach())
+    assert torch.allclose(lp, exact.detach(), rtol=TOL, atol=TOL) and torch.allclose(score, exact_score, rtol=TOL, atol=TOL)
+
+
 @pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf"), "overflow"])
 def test_all_finite_is_false_whenever_an_element_is_not_finite(bad):
     """The one-sum check says True only when every element is finite; an overflowing sum of finite values
@@ -279,6 +299,15 @@ def _branching_model(y):
     pyro.deterministic("mu2", 2 * mu)
     with pyro.plate("d", y.shape[0]):
         pyro.sample("y", _PythonBranchNormal(mu, 1.0), obs=y)
+
+
+def test_particles_of_the_wrong_width_are_named():
+    y = torch.tensor([0.1, -0.2, 0.3], dtype=DTYPE, device=DEVICE)
+    tr = poutine.trace(_half_normal_scale_model).get_trace(y)
+    ld = ModelLogDensity(_half_normal_scale_model, latent_sites_from_trace(tr))
+    for bad in (torch.zeros(2, 3), torch.zeros(4)):
+        with pytest.raises(ValueError, match=r"shape \(num_particles, 1\) for sites \['s'\]"):
+            ld.log_density_and_score(bad.to(DTYPE), (y,), {})
 
 
 def test_the_log_density_chooses_the_evaluation_mode_even_when_a_deterministic_site_comes_first():
