@@ -116,7 +116,7 @@ class init_to_mean_or_feasible:
         except NotImplementedError as e:
             raise ValueError(
                 f"latent site {site['name']!r} has support {fn.support}, which has no bijection to real space ({e}); "
-                "reparametrise it (e.g. sample a lower-Cholesky factor instead of a positive-definite matrix)"
+                "reparametrise it (e.g. sample unconstrained values and map them onto the support in the model)"
             ) from None
         return transform(torch.zeros(transform.inverse_shape(fn.shape()), **kw)).detach()
 
