@@ -22,7 +22,7 @@ from torch.distributions import constraints
 from .data import Dataset, DatasetFeatures, LastDataset, _dataset_sequence, collate_features, default_dataset_fn
 from .kernels import IMQKernel
 from .laplace import LaplaceFrameWarning, laplace_frames
-from .logjoint import LatentSite, ModelLogDensity, all_finite, latent_sites_from_trace, pack, unpack
+from .logjoint import LatentSite, ModelLogDensity, all_finite, full_data, latent_sites_from_trace, pack, top_level, unpack
 from .mcmc import hmc_polish, mala_polish
 from .nn import DeepSetEncoder, GaussianResidualSampler
 from .stein import ksd, stein_moment_correction, stein_moment_residual
@@ -69,6 +69,13 @@ def _int_at_least(value, name: str, lo: int) -> int:
     if n is None or n < lo:
         raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
     return n
+
+
+def _has_tensor_bounds(support) -> bool:
+    """Whether a support has bounds held in tensors (which may come from the data), e.g. ``Uniform(0, hi)``'s."""
+    while hasattr(support, "base_constraint"):
+        support = support.base_constraint
+    return any(isinstance(getattr(support, k, None), Tensor) for k in ("lower_bound", "upper_bound"))
 
 
 def _num_samples(num_samples, arg: str = "num_samples") -> int:
@@ -1021,12 +1028,46 @@ class AmortizedSteinGuide(AutoContinuous):
                 out.append(hmc_polish(zi, fn, self.mcmc_steps, leapfrog, initial=initial)[0])
         return torch.stack(out)
 
+    def _check_supports(self, dataset, position: int) -> None:
+        """Raise when a latent site's support for this dataset differs from the one the guide was set up with.
+
+        Every dataset's draws go through the bijections of the setup trace; a support whose bounds come from the
+        data (``Uniform(0, y.max())``) would put another dataset's draws outside its support, silently. Only sites
+        whose support has tensor bounds are checked (one model trace per new dataset)."""
+        bounded = [x for x in self.sites if _has_tensor_bounds(x.support)]
+        if not bounded:
+            return
+        with top_level(), full_data(), pyro.validation_enabled(False):
+            tr = poutine.block(poutine.trace(poutine.condition(self._raw_model[0], self._init_values())).get_trace)(
+                *dataset.args, **dataset.kwargs)
+        for site in bounded:
+            node = tr.nodes.get(site.name)
+            if node is None:
+                continue
+            new = node["fn"].support
+            try:
+                fresh = support_bijection(new)
+                probe = torch.linspace(-2.0, 2.0, site.size, dtype=self._like().dtype,
+                                       device=self._like().device).reshape(site.unconstrained_shape)
+                same = bool(torch.allclose(fresh(probe), site.transform(probe)))
+            except (NotImplementedError, RuntimeError):  # a support of another kind or shape: not the same
+                same = False
+            if not same:
+                raise ValueError(
+                    f"latent site {site.name!r} has support {new} for dataset {position} but {site.support} "
+                    "for the dataset the guide was set up with: an amortized guide maps every dataset's draws with "
+                    "one bijection, so a support must not depend on the data. Write the site with a fixed support "
+                    "and put the data in the model (e.g. theta = hi * pyro.sample('u', Uniform(0, 1)))"
+                )
+
     def _features_of(self, dataset, position: int = 0) -> Tensor:
         """One dataset's features ``(N, F)`` in the networks' dtype (cached on it); ``position`` (in its batch)
         is what error messages call it."""
         key = ("features", self._cache_token)
         feats = dataset.cache.get(key)
         if feats is None:
+            if self.amortized:
+                self._check_supports(dataset, position)
             f = self._dataset_features(dataset, position)
             feats = f.features[0, : int(f.mask[0].sum())]
             if self.sampler is not None and feats.dtype != self._like().dtype:

@@ -66,6 +66,7 @@ class LatentSite:
     :ivar Transform transform: ``biject_to(support)``: unconstrained -> constrained.
     :ivar int offset: start of the site's slice in the packed vector.
     :ivar int event_dim: the site distribution's event dim.
+    :ivar support: the site's support in the trace the packing was made from.
     """
 
     name: str
@@ -75,6 +76,7 @@ class LatentSite:
     offset: int
     event_dim: int
     cond_indep_stack: tuple = field(default=(), repr=False)
+    support: Any = field(default=None, repr=False)
 
     @property
     def size(self) -> int:
@@ -94,7 +96,8 @@ def latent_sites_from_trace(trace) -> list[LatentSite]:
             continue
         transform = support_bijection(site["fn"].support)
         ushape = transform.inv(site["value"].detach()).shape
-        s = LatentSite(name, site["value"].shape, ushape, transform, offset, site["fn"].event_dim, site["cond_indep_stack"])
+        s = LatentSite(name, site["value"].shape, ushape, transform, offset, site["fn"].event_dim, site["cond_indep_stack"],
+                       site["fn"].support)
         sites.append(s)
         offset += s.size
     return sites

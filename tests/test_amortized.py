@@ -719,3 +719,20 @@ def test_repeated_calls_on_the_same_data_search_the_frame_once(monkeypatch):
     y.add_(10.0)
     mu = guide.sample_posterior(10, 8, y=y)["mu"]
     assert len(calls) == 2 and mu.mean() > 5, "the changed data must get their own frame"
+
+
+def bounded_mean_model(hi, y=None):
+    """theta ~ Uniform(0, hi), y_i ~ N(theta, 0.5): the support of theta comes from the data."""
+    theta = pyro.sample("theta", dist.Uniform(tensor(0.0), hi))
+    with pyro.plate("obs", 5):
+        return pyro.sample("y", dist.Normal(theta, 0.5), obs=y)
+
+
+def test_a_support_that_depends_on_the_data_is_refused_for_a_new_dataset():
+    """An amortized guide maps every dataset with the setup's bijections: a dataset whose support differs raises
+    naming the site (its draws were silently confined to the setup's interval); equal supports pass."""
+    guide = AmortizedSteinGuide(bounded_mean_model, amortized=True)
+    guide.sample_posterior(10, tensor(1.0), y=tensor(torch.full((5,), 0.5)))
+    assert guide.sample_posterior(10, tensor(1.0), y=tensor(torch.full((5,), 0.2)))["theta"].shape == (10,)
+    with pytest.raises(ValueError, match=r"latent site 'theta' has support Interval\(lower_bound=0\.0, upper_bound=10"):
+        guide.sample_posterior(10, tensor(10.0), y=tensor(torch.full((5,), 5.0)))
