@@ -232,14 +232,17 @@ def main():
     # ------------------------------------------------------------ 5. cost per dataset: amortized vs NUTS
     amort_t, corr_t, nuts_t, nuts_err = [], [], [], []
     for d in held_out[:NUM_TIMED]:
+        # each timed call on a new copy of the data: the guide reuses what it computed for the argument objects
+        # it saw last, and the time asked for is that of a new dataset
+        first, second = d.map_tensors(torch.clone), d.map_tensors(torch.clone)
         t0 = time.perf_counter()
         with torch.no_grad():
-            guide.sample_posterior(TIMED_DRAWS, *d.args, **d.kwargs)
+            guide.sample_posterior(TIMED_DRAWS, *first.args, **first.kwargs)
         amort_t.append(time.perf_counter() - t0)
         guide.moment_correction = 2
         t0 = time.perf_counter()
         with torch.no_grad():
-            guide.sample_posterior(TIMED_DRAWS, *d.args, **d.kwargs)
+            guide.sample_posterior(TIMED_DRAWS, *second.args, **second.kwargs)
         corr_t.append(time.perf_counter() - t0)
         guide.moment_correction = 0
         t0 = time.perf_counter()
