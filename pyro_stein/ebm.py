@@ -809,13 +809,17 @@ class AmortizedMLE:
         event = tuple(data_batch.shape[1:])
         self.energy.train()
         self.sampler.train()
-        # all or nothing: a step that fails (an energy not finite at the data or the samples) restores the sampler
-        saved = (copy.deepcopy(self.sampler.state_dict()), copy.deepcopy(self.sampler_optimizer.state_dict()))
+        # all or nothing: every check that can fail runs before the first update, except the Stein direction of a
+        # second or later sampler sub-step; only then is the sampler's state kept to be restored
+        saved = None
+        if self.sampler_steps > 1:
+            saved = (copy.deepcopy(self.sampler.state_dict()), copy.deepcopy(self.sampler_optimizer.state_dict()))
         try:
             return self._step(data_batch, labels, n, event)
         except BaseException:
-            self.sampler.load_state_dict(saved[0])
-            self.sampler_optimizer.load_state_dict(saved[1])
+            if saved is not None:
+                self.sampler.load_state_dict(saved[0])
+                self.sampler_optimizer.load_state_dict(saved[1])
             self.sampler_optimizer.zero_grad()
             self.energy_optimizer.zero_grad()
             raise
@@ -826,39 +830,38 @@ class AmortizedMLE:
         if not bool(torch.isfinite(e_data).all()):
             raise ValueError("the energy is not finite at some data points (outside its support?); nothing was updated")
 
-        # (1) sampler: follow the Stein direction of the current energy
-        first_samples = None
+        # (1) sampler: follow the Stein direction of the current energy; the energy's gradient (2) is taken at the
+        # first draws, before the sampler moves (the sampler's updates do not touch the energy's parameters)
         ksd_val = float("nan")
         phi_sq = 0.0
         for t in range(self.sampler_steps):
             ys = self._sample_labels(labels, n)
             x = self._draw(n, ys, data_batch, event)
             phi, s = self.direction(x, ys)
-            if t == 0:
-                first_samples, first_labels = x.detach(), ys
-                if self.compute_ksd:
-                    z = x.detach().reshape(n, -1)
-                    ksd_val = float(ksd_from_matrices(z, s.reshape(n, -1), self.kernel.matrices(z)))
             if not bool(torch.isfinite(phi).all()):
                 raise ValueError("the Stein direction is not finite at the sampler's draws (the energy's gradient "
                                  "overflowed or is NaN there); nothing was updated: lower the learning rates")
+            if t == 0:
+                if self.compute_ksd:
+                    z = x.detach().reshape(n, -1)
+                    ksd_val = float(ksd_from_matrices(z, s.reshape(n, -1), self.kernel.matrices(z)))
+                # (2) energy: contrastive likelihood gradient at the data and these samples
+                self.energy_optimizer.zero_grad()
+                e_samp = self._energy(x.detach(), ys)
+                closs = e_data.mean() - e_samp.mean()
+                total = closs
+                if self.energy_l2 > 0:
+                    total = total + self.energy_l2 * (e_data.pow(2).mean() + e_samp.pow(2).mean())
+                total.backward()
+                grads = [p.grad for p in self.energy.parameters() if p.grad is not None]
+                if not bool(torch.isfinite(total)) or not all(bool(torch.isfinite(g).all()) for g in grads):
+                    raise ValueError("the energy's contrastive loss or its gradient is not finite; nothing was updated")
             phi_sq += float(phi.pow(2).sum(tuple(range(1, phi.dim()))).mean())
             self.sampler_optimizer.zero_grad()
             loss = -(x * phi).reshape(n, -1).sum(-1).mean()
             loss.backward()
             self.sampler_optimizer.step()
 
-        # (2) energy: contrastive likelihood gradient
-        self.energy_optimizer.zero_grad()
-        e_samp = self._energy(first_samples, first_labels)
-        closs = e_data.mean() - e_samp.mean()
-        total = closs
-        if self.energy_l2 > 0:
-            total = total + self.energy_l2 * (e_data.pow(2).mean() + e_samp.pow(2).mean())
-        total.backward()
-        grads = [p.grad for p in self.energy.parameters() if p.grad is not None]
-        if not bool(torch.isfinite(total)) or not all(bool(torch.isfinite(g).all()) for g in grads):
-            raise ValueError("the energy's contrastive loss or its gradient is not finite; nothing was updated")
         self.energy_optimizer.step()
         self.num_steps_taken += 1
         c = float(closs.detach())
