@@ -8,12 +8,11 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import pyro.poutine as poutine
 import pyro.util
-from pyro.distributions import MaskedDistribution
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-from .logjoint import full_data, top_level
+from .logjoint import full_data, site_mask, top_level
 
 __all__ = [
     "Dataset",
@@ -276,19 +275,12 @@ def _rows_in_use(site: dict, batch_shape: torch.Size, axis: int) -> Tensor | Non
     """Which observations (along the plate ``axis`` of the batch shape) a mask leaves in the model's log density:
     those with at least one entry unmasked by ``poutine.mask`` or a top-level ``dist.mask``/``obs_mask``.
     ``None`` when nothing is masked."""
-    masks = [site.get("mask")]
-    if isinstance(site["fn"], MaskedDistribution):
-        masks.append(site["fn"]._mask)
-    keep = None
-    for m in masks:
-        if m is None or m is True:
-            continue
-        try:
-            m = torch.as_tensor(m, device=site["value"].device).expand(batch_shape)
-        except RuntimeError:  # a mask over more than the site's batch shape: not read, every row kept
-            return None
-        keep = m if keep is None else keep & m
-    if keep is None:
+    mask = site_mask(site)
+    if mask is None:
+        return None
+    try:
+        keep = torch.as_tensor(mask, device=site["value"].device).expand(batch_shape)
+    except RuntimeError:  # a mask over more than the site's batch shape: not read, every row kept
         return None
     return keep.movedim(axis, 0).reshape(batch_shape[axis], -1).any(-1)
 

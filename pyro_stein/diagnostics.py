@@ -55,8 +55,9 @@ def stein_discrepancy(
     """
     if not isinstance(samples, dict) or not samples:
         raise TypeError("samples must be a non-empty dict {site_name: Tensor[num_samples, *site_shape]}")
-    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 2:
-        raise ValueError(f"max_samples must be an int >= 2 (the U-statistic needs pairs of draws), got {max_samples!r}")
+    from .guide import _int_at_least
+
+    _int_at_least(max_samples, "max_samples", 2, "an int >= 2 (the U-statistic needs pairs of draws)")
     first = {k: v[0] for k, v in samples.items()}
     # fix the latent values without marking them observed, then drop plates' subsample sites
     fixed = InitMessenger(init_to_value(values=first))(model)
@@ -142,8 +143,9 @@ def plot_sbc(ranks: dict[str, Tensor], num_samples: int, bins: int = 20, path: s
     """
     import matplotlib.pyplot as plt
 
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be the int >= 1 the ranks were computed with, got {num_samples!r}")
+    from .guide import _int_at_least
+
+    num_samples = _int_at_least(num_samples, "num_samples", 1, "the int >= 1 the ranks were computed with")
     if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= num_samples + 1:
         raise ValueError(f"bins must be an int between 1 and num_samples + 1 = {num_samples + 1}, got {bins!r}")
     levels = num_samples + 1

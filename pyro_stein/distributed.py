@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -46,8 +47,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .data import Dataset, as_dataset
-from .guide import AmortizedSteinGuide
-from .infer import AmortizedSVGD, _register_params
+from .guide import AmortizedSteinGuide, _int_at_least
+from .infer import AmortizedSVGD, _fitted_standardization, _register_params
 from .logjoint import NonFiniteLogJointError
 
 __all__ = [
@@ -162,9 +163,7 @@ def shard(collection: Sequence, rank: int | None = None, world_size: int | None 
     The shards of all ranks partition the collection; with world size 1 it is the whole list.
     """
     rank, world_size = _rank_world(rank, world_size)
-    for name, value, lo in (("world_size", world_size, 1), ("rank", rank, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-            raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+    world_size, rank = _int_at_least(world_size, "world_size", 1), _int_at_least(rank, "rank", 0)
     if rank >= world_size:
         raise ValueError(f"rank must be below world_size = {world_size}, got {rank}")
     items = list(collection)
@@ -271,28 +270,24 @@ class DistributedAmortizedSVGD(AmortizedSVGD):
     def _update(self, datasets: Sequence[Dataset]) -> Tensor:
         guide = self.guide
         guide.setup(*datasets[0].args, **datasets[0].kwargs)
-        saved = None
-        if not self._synced:
-            if getattr(guide, "_standardization_pending", False):
-                saved = {name: b.clone() for name, b in guide.named_buffers()}
-                guide.fit_standardization(datasets)  # each rank on its own batch; rank 0's is broadcast next
-            self.sync_parameters()
-        real_optim, self._weight, self._reduced = self.optim, float(len(datasets)), False
-        self.optim = lambda params: self._reduce_then_step(real_optim, params)
-        try:
-            stat = super()._update(datasets)
-        except Exception:
-            if _active() and not self._reduced:
-                self._all_reduce_grads(failed=True)  # let the other ranks know, then raise here too
-            if saved is not None:  # as AmortizedSVGD: a failed first step leaves no standardisation behind
-                with torch.no_grad():
-                    for name, b in guide.named_buffers():
-                        b.copy_(saved[name])
-                guide._standardization_pending, self._synced = True, False
-            raise
-        finally:
-            self.optim = real_optim
-        return stat
+        with ExitStack() as undo:
+            refit = not self._synced and getattr(guide, "_standardization_pending", False)
+            if refit:  # each rank on its own batch; rank 0's is broadcast next; undone, as in AmortizedSVGD, on failure
+                undo.enter_context(_fitted_standardization(guide, datasets))
+            if not self._synced:
+                self.sync_parameters()
+            real_optim, self._weight, self._reduced = self.optim, float(len(datasets)), False
+            self.optim = lambda params: self._reduce_then_step(real_optim, params)
+            try:
+                return super()._update(datasets)
+            except Exception:
+                if _active() and not self._reduced:
+                    self._all_reduce_grads(failed=True)  # let the other ranks know, then raise here too
+                if refit:
+                    self._synced = False  # the standardisation is fitted and broadcast again next time
+                raise
+            finally:
+                self.optim = real_optim
 
     def _all_reduce_grads(self, failed: bool = False) -> tuple[float, list[Tensor]]:
         """Sum ``[B * grad, has_grad, B, failed]`` over ranks; returns (total B, params with a gradient)."""

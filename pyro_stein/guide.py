@@ -22,7 +22,8 @@ from torch.distributions import constraints
 from .data import Dataset, DatasetFeatures, LastDataset, _dataset_sequence, collate_features, default_dataset_fn
 from .kernels import IMQKernel
 from .laplace import LaplaceFrameWarning, laplace_frames
-from .logjoint import LatentSite, ModelLogDensity, all_finite, full_data, latent_sites_from_trace, pack, top_level, unpack
+from .logjoint import (LatentSite, ModelLogDensity, all_finite, finite_sets, full_data, latent_sites_from_trace, pack,
+                       top_level, unpack)
 from .mcmc import hmc_polish, mala_polish
 from .nn import DeepSetEncoder, GaussianResidualSampler
 from .stein import ksd, stein_moment_correction, stein_moment_residual
@@ -60,14 +61,15 @@ def _discrete_site_error(name: str, fn) -> ValueError:
     )
 
 
-def _int_at_least(value, name: str, lo: int) -> int:
-    """``value`` as an ``int`` >= ``lo`` (any integer type, not ``bool``), else a ``ValueError`` naming ``name``."""
+def _int_at_least(value, name: str, lo: int, expected: str | None = None) -> int:
+    """``value`` as an ``int`` >= ``lo`` (any integer type: ``numpy.int64``, a 0-d integer tensor; not ``bool``),
+    else a ``ValueError`` naming ``name`` and what was ``expected`` (default "an int >= lo")."""
     try:
         n = None if isinstance(value, bool) else operator.index(value)
     except TypeError:
         n = None
     if n is None or n < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+        raise ValueError(f"{name} must be {expected or f'an int >= {lo}'}, got {value!r}")
     return n
 
 
@@ -79,14 +81,8 @@ def _has_tensor_bounds(support) -> bool:
 
 
 def _num_samples(num_samples, arg: str = "num_samples") -> int:
-    """``num_samples`` as an ``int`` >= 1 (any integer type: ``numpy.int64``, a 0-d integer tensor)."""
-    try:
-        n = operator.index(num_samples)
-    except TypeError:
-        n = None
-    if n is None or isinstance(num_samples, bool) or n < 1:
-        raise ValueError(f"{arg} must be a positive int, got {num_samples!r}")
-    return n
+    """``num_samples`` as an ``int`` >= 1 (see :func:`_int_at_least`)."""
+    return _int_at_least(num_samples, arg, 1, "a positive int")
 
 
 class ModelParameterWarning(UserWarning):
@@ -977,7 +973,7 @@ class AmortizedSteinGuide(AutoContinuous):
             if all_finite(lp, s):
                 finite = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
             else:  # a draw outside the support (log density -inf) rules the dataset's round out too
-                finite = torch.isfinite(s).all(-1).all(-1) & torch.isfinite(lp).all(-1)
+                finite = finite_sets(lp, s)
             r = stein_moment_residual(x, zero_unless(finite, s)).masked_fill(~finite, float("inf"))
             return lp, s, _inf_if_not_finite(r)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 import warnings
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 from .data import Dataset, LastDataset, PriorPredictiveStream, _check_batch_size, _dataset_sequence, as_dataset, iterate_batches
 from .guide import AmortizedSteinGuide, _int_at_least
 from .kernels import RadialKernel, RBFKernel
-from .logjoint import ModelLogDensity, NonFiniteLogJointError, all_finite
+from .logjoint import ModelLogDensity, NonFiniteLogJointError, all_finite, finite_sets
 from .stein import ksd_from_matrices, stein_direction_from_matrices
 
 __all__ = ["AmortizedSVGD", "NonFiniteDatasetWarning", "refine"]
@@ -44,6 +45,23 @@ def _unregister_params(guide: AmortizedSteinGuide) -> None:
     store = pyro.get_param_store()
     for name in [n for n in store._params if n.startswith(f"{guide._pyro_name}$$$")]:
         store._param_to_name.pop(store._params.pop(name), None)
+
+
+@contextmanager
+def _fitted_standardization(guide: AmortizedSteinGuide, datasets: Sequence[Dataset]) -> Iterator[None]:
+    """Fit the guide's encoder standardisation on ``datasets`` for the block that follows (the first training
+    step): if the block fails, the buffers are restored and the fit is left pending, so a failed first step
+    leaves no trace and the next batch is fitted afresh."""
+    saved = {name: b.clone() for name, b in guide.named_buffers()}
+    guide.fit_standardization(datasets)
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for name, b in guide.named_buffers():
+                b.copy_(saved[name])
+        guide._standardization_pending = True
+        raise
 
 
 class AmortizedSVGD:
@@ -177,7 +195,7 @@ class AmortizedSVGD:
         """
         if all_finite(lp, score):
             return None
-        finite = torch.isfinite(score).all(-1).all(-1) & torch.isfinite(lp).all(-1)
+        finite = finite_sets(lp, score)
         if bool(finite.all()):  # the sum overflowed
             return None
         first = int((~finite).nonzero()[0, 0])
@@ -214,16 +232,8 @@ class AmortizedSVGD:
         params = _register_params(guide)
         if not getattr(guide, "_standardization_pending", False):
             return self._move(guide, params, datasets)
-        saved = {name: b.clone() for name, b in guide.named_buffers()}
-        guide.fit_standardization(datasets)
-        try:
+        with _fitted_standardization(guide, datasets):
             return self._move(guide, params, datasets)
-        except BaseException:  # a failed first step leaves no trace: the standardisation is fitted again next time
-            with torch.no_grad():
-                for name, b in guide.named_buffers():
-                    b.copy_(saved[name])
-            guide._standardization_pending = True
-            raise
 
     def _move(self, guide: AmortizedSteinGuide, params: list[Tensor], datasets: Sequence[Dataset]) -> Tensor:
         """The update itself (see :meth:`_update`)."""

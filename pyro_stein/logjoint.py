@@ -282,6 +282,20 @@ def full_data():
                 SubsampleMessenger._subsample = _ORIGINAL_SUBSAMPLE
 
 
+def site_mask(site: dict) -> Any:
+    """The mask a sample site's log density is multiplied by (``poutine.mask`` and a top-level ``fn.mask``, e.g.
+    ``obs_mask``'s), or ``None`` when nothing is masked."""
+    fn, mask = site["fn"], site["mask"]
+    if isinstance(fn, pyro.distributions.MaskedDistribution):
+        mask = fn._mask if mask is None else mask & fn._mask
+    return None if mask is None or mask is True else mask
+
+
+def finite_sets(lp: Tensor, score: Tensor) -> Tensor:
+    """Which particle sets ``(B,)`` have a finite log density ``(B, P)`` and score ``(B, P, D)`` at every particle."""
+    return torch.isfinite(score).all(-1).all(-1) & torch.isfinite(lp).all(-1)
+
+
 def _is_identity(transform: Transform) -> bool:
     """Whether ``transform`` is the identity (``biject_to`` of an unconstrained support), maybe made independent."""
     while isinstance(transform, torch.distributions.transforms.IndependentTransform):
@@ -401,31 +415,22 @@ class ModelLogDensity:
         a prior, the flat-prior idiom, whose value the likelihood uses): the gradient of the model's log density
         (without Jacobians or anchor) at two points is non-zero there. Once, eagerly, before any evaluation."""
         self._read_masked = {}
-        probe = torch.stack([torch.zeros_like(u[0]), torch.full_like(u[0], 0.5)]).detach()
+        read = torch.zeros_like(u[0], dtype=torch.bool)
         try:
             with torch.enable_grad(), pyro.validation_enabled(False):
-                data, _ = self._condition_data(probe[0], {})
-                trace = self._trace(data, args, kwargs)
-                if not any(self._mask_of(trace.nodes[s.name]) is not None for s in self.sites if s.name in trace.nodes):
-                    return
-                read = torch.zeros_like(probe[0], dtype=torch.bool)
-                for row in probe:
-                    v = row.clone().requires_grad_(True)
+                for value in (0.0, 0.5):
+                    v = torch.full_like(u[0], value).detach().requires_grad_(True)
                     data, _ = self._condition_data(v, {})
-                    (g,) = torch.autograd.grad(trace_log_prob_sum(self._trace(data, args, kwargs)), v, allow_unused=True)
+                    trace = self._trace(data, args, kwargs)
+                    if not any(site_mask(trace.nodes[s.name]) is not None for s in self.sites if s.name in trace.nodes):
+                        return  # no latent is masked: nothing to find
+                    (g,) = torch.autograd.grad(trace_log_prob_sum(trace), v, allow_unused=True)
                     if g is not None:
                         read |= torch.isfinite(g) & (g != 0)
         except Exception:  # noqa: BLE001 - the evaluation itself will raise the model's error with context
             return
         self._read_masked = {s.name: read[s.offset : s.offset + s.size].reshape(s.unconstrained_shape)
                              for s in self.sites if bool(read[s.offset : s.offset + s.size].any())}
-
-    @staticmethod
-    def _mask_of(node: dict) -> Any:
-        fn, mask = node["fn"], node["mask"]
-        if isinstance(fn, pyro.distributions.MaskedDistribution):
-            mask = fn._mask if mask is None else mask & fn._mask
-        return None if mask is None or mask is True else mask
 
     def _masked_out_anchor(self, u: Tensor, trace) -> Tensor | None:
         """``-|u_k|^2 / 2`` summed over the unconstrained entries of latent sites that a mask removes from the
@@ -444,7 +449,7 @@ class ModelLogDensity:
             node = trace.nodes.get(s.name)
             if node is None:
                 continue
-            mask = self._mask_of(node)
+            mask = site_mask(node)
             if mask is None:
                 continue
             batch = node["fn"].batch_shape
