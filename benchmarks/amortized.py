@@ -292,29 +292,22 @@ def _timed(fn, repeats=1):
     return out, statistics.median(times)
 
 
-def _as_new(d) -> tuple[list, dict]:
-    """``d``'s arguments as new tensors (copied outside any timing): the guide has cached nothing for them (a guide
-    reuses the features and Laplace frame of the argument objects it saw last), so each call pays what a new
-    dataset costs."""
-    fresh = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
-    return [fresh(a) for a in d.args], {k: fresh(v) for k, v in d.kwargs.items()}
-
-
 def _timed_draws(guide, d, repeats: int, rounds: int = 0, mcmc_steps: int = 0, warmup: bool = False, leapfrog: int = 1):
     """``NUM_DRAWS`` draws for dataset ``d`` with the given post-processing, and the median wall time of
-    ``repeats`` calls (after one untimed call when ``warmup``), each on new copies of its arguments; the
-    guide's settings are reset to none."""
+    ``repeats`` calls (after one untimed call when ``warmup``); the guide's settings are reset to none.
+
+    Each call gets new copies of ``d``'s tensors (made before the timing): a guide reuses the features and
+    Laplace frame of the argument objects it saw last, and the time wanted is a new dataset's."""
+    copies = iter([Dataset(*d.args, **d.kwargs).map_tensors(torch.clone) for _ in range(repeats + warmup)])
     guide.moment_correction, guide.mcmc_steps, guide.mcmc_leapfrog = rounds, mcmc_steps, leapfrog
+
+    def call():
+        e = next(copies)
+        return guide.sample_posterior(NUM_DRAWS, *e.args, **e.kwargs)
+
     try:
         if warmup:
-            args, kwargs = _as_new(d)
-            guide.sample_posterior(NUM_DRAWS, *args, **kwargs)
-        copies = iter([_as_new(d) for _ in range(repeats)])
-
-        def call():
-            args, kwargs = next(copies)
-            return guide.sample_posterior(NUM_DRAWS, *args, **kwargs)
-
+            call()
         return _timed(call, repeats)
     finally:
         guide.moment_correction, guide.mcmc_steps, guide.mcmc_leapfrog = 0, 0, 1
