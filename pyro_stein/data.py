@@ -262,8 +262,10 @@ def default_dataset_fn(model: Callable, latent_values: dict, args: tuple, kwargs
     if n_obs > 1:
         for a in _ordered_arguments(model, args, kwargs):
             if isinstance(a, Tensor) and a.is_floating_point() and a.dim() >= 1 and a.shape[0] == n_obs:
-                # the observations themselves (also when the model indexes them, e.g. y[idx] in a subsampled plate)
-                if any(a is o or (a.shape == o.shape and a.dtype == o.dtype and torch.equal(a, o)) for o in observed):
+                # the observations themselves (also when the model indexes them, e.g. y[idx] in a subsampled plate,
+                # or reshapes them, e.g. y[:, None] for a vector-valued site)
+                if any(a is o or (a.numel() == o.numel() and a.dtype == o.dtype and torch.equal(a.reshape(o.shape), o))
+                       for o in observed):
                     continue
                 cols.append(a.reshape(n_obs, -1))
     dtype = next((c.dtype for c in cols if c.is_floating_point()), torch.get_default_dtype())
@@ -273,13 +275,14 @@ def default_dataset_fn(model: Callable, latent_values: dict, args: tuple, kwargs
 
 def _rows_in_use(site: dict, batch_shape: torch.Size, axis: int) -> Tensor | None:
     """Which observations (along the plate ``axis`` of the batch shape) a mask leaves in the model's log density:
-    those with at least one entry unmasked by ``poutine.mask`` or a top-level ``dist.mask``/``obs_mask``.
+    those with at least one entry unmasked by ``poutine.mask`` or a ``dist.mask``/``obs_mask`` (also inside ``.to_event``).
     ``None`` when nothing is masked."""
-    mask = site_mask(site)
-    if mask is None:
-        return None
     try:
-        keep = torch.as_tensor(mask, device=site["value"].device).expand(batch_shape)
+        keep = site_mask(site)
+        if keep is None:
+            return None
+        # the mask's dims past the distribution's batch shape are event dims that .to_event made of masked batch dims
+        keep = keep.expand(batch_shape + keep.shape[len(site["fn"].batch_shape):])
     except RuntimeError:  # a mask over more than the site's batch shape: not read, every row kept
         return None
     return keep.movedim(axis, 0).reshape(batch_shape[axis], -1).any(-1)

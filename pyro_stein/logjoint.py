@@ -282,13 +282,34 @@ def full_data():
                 SubsampleMessenger._subsample = _ORIGINAL_SUBSAMPLE
 
 
-def site_mask(site: dict) -> Any:
-    """The mask a sample site's log density is multiplied by (``poutine.mask`` and a top-level ``fn.mask``, e.g.
-    ``obs_mask``'s), or ``None`` when nothing is masked."""
-    fn, mask = site["fn"], site["mask"]
-    if isinstance(fn, pyro.distributions.MaskedDistribution):
-        mask = fn._mask if mask is None else mask & fn._mask
-    return None if mask is None or mask is True else mask
+def site_mask(site: dict) -> Tensor | None:
+    """Which entries of a sample site the model's log density keeps, as a bool tensor over the dimensions the masks
+    cover (the site's batch shape, plus the event dimensions that ``.to_event(...)`` made of a masked distribution's
+    batch dimensions), or ``None`` when nothing is masked.
+
+    It combines ``poutine.mask`` (``site["mask"]``), a ``fn.mask(...)`` (e.g. ``obs_mask``'s) and a mask written inside
+    ``.to_event(...)`` (an ``Independent`` wrapping a ``MaskedDistribution``)."""
+    fn = site["fn"]
+    masks = [] if site["mask"] is None or site["mask"] is True else [(site["mask"], fn.batch_shape)]
+    while True:  # the masks of the wrapped distributions, each over its own (longer) batch shape
+        if isinstance(fn, pyro.distributions.MaskedDistribution):
+            if fn._mask is not True:
+                masks.append((fn._mask, fn.batch_shape))
+            fn = fn.base_dist
+        elif isinstance(fn, torch.distributions.Independent):
+            fn = fn.base_dist
+        else:
+            break
+    if not masks:
+        return None
+    shape = max((s for _, s in masks), key=len)
+    device = site["value"].device if isinstance(site.get("value"), Tensor) else None
+    keep = None
+    for mask, over in masks:
+        m = torch.as_tensor(mask, device=device).expand(over)
+        m = m.reshape(over + (1,) * (len(shape) - len(over))).expand(shape)
+        keep = m if keep is None else keep & m
+    return keep
 
 
 def finite_sets(lp: Tensor, score: Tensor) -> Tensor:
@@ -452,10 +473,8 @@ class ModelLogDensity:
             mask = site_mask(node)
             if mask is None:
                 continue
-            batch = node["fn"].batch_shape
-            off = ~torch.as_tensor(mask, device=u.device).expand(batch)
             uu = u[s.offset : s.offset + s.size].reshape(s.unconstrained_shape)
-            off = off.reshape(batch + (1,) * (uu.dim() - len(batch))).to(u.dtype)
+            off = (~mask.to(u.device)).reshape(mask.shape + (1,) * (uu.dim() - mask.dim())).to(u.dtype)
             read = (self._read_masked or {}).get(s.name)
             if read is not None:
                 off = off * (~read).to(u.dtype)

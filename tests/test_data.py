@@ -196,7 +196,16 @@ def dist_masked_model(X, y, keep):
         return pyro.sample("obs", dist.Normal(X @ w, sigma).mask(keep), obs=y)
 
 
-@pytest.mark.parametrize("model", [padded_model, dist_masked_model], ids=["poutine.mask", "dist.mask"])
+def event_masked_model(X, y, keep):
+    """The same with each observation a vector of one entry, the mask written inside ``.to_event(1)``."""
+    sigma = pyro.sample("sigma", dist.HalfNormal(tensor(1.0)))
+    w = pyro.sample("w", dist.Normal(X.new_zeros(X.shape[1]), 1.0).to_event(1))
+    with pyro.plate("data", X.shape[0]):
+        return pyro.sample("obs", dist.Normal((X @ w)[:, None], sigma).mask(keep[:, None]).to_event(1), obs=y[:, None])
+
+
+@pytest.mark.parametrize("model", [padded_model, dist_masked_model, event_masked_model],
+                         ids=["poutine.mask", "dist.mask", "dist.mask inside to_event"])
 def test_default_features_leave_out_masked_rows(model):
     """Rows that a mask removes from the log density are not observations: a padded dataset has the features of
     the unpadded one (the padding rows were encoded as observations)."""

@@ -49,15 +49,20 @@ def test_identity_bijections_are_recognised(support, identity):
 
 
 @pytest.mark.parametrize("vectorize", ["vmap", "loop"])
-@pytest.mark.parametrize("how", ["obs_mask", "fn.mask"])
+@pytest.mark.parametrize("how", ["obs_mask", "fn.mask", "fn.mask inside to_event"])
 def test_latent_entries_a_mask_removes_get_a_standard_normal(how, vectorize):
     """obs_mask makes a latent 'y_unobserved' whose entries at observed positions have no density; they get
-    -u^2/2 each (and only they), so the log density is the masked model's plus an independent N(0, 1)."""
+    -u^2/2 each (and only they), so the log density is the masked model's plus an independent N(0, 1). The same
+    for a mask written inside ``.to_event(1)``, where the masked dimension is an event dimension of the site."""
     y = randn(5)
     m = torch.tensor([True, False, True, True, False], device=y.device)
 
     def model():
         mu = pyro.sample("mu", dist.Normal(y.new_tensor(0.0), 10.0))
+        if how == "fn.mask inside to_event":
+            pyro.sample("y_unobserved", dist.Normal(mu, 1.0).expand([5]).mask(~m).to_event(1))
+            pyro.sample("y_observed", dist.Normal(mu, 1.0).expand([5]).mask(m).to_event(1), obs=y)
+            return
         with pyro.plate("n", 5):
             if how == "obs_mask":
                 pyro.sample("y", dist.Normal(mu, 1.0), obs=y, obs_mask=m)
