@@ -15,7 +15,9 @@ accepted only when it raises the log density enough (Armijo). Far from a mode, w
 can overshoot badly, a ladder of step lengths is evaluated in the same batched call and the
 longest acceptable one is taken, so backtracking costs no extra evaluation; when none is
 acceptable the next direction is damped (Levenberg-Marquardt), which shortens it most along
-nearly flat directions of the Hessian, where a Newton step runs off. Datasets are processed
+nearly flat directions of the Hessian, where a Newton step runs off. At a stationary point that
+is not a mode (a minimum or saddle of ``log p``, where the Newton step vanishes) the search steps
+off along the direction of upward curvature. Datasets are processed
 together but never interact; converged datasets drop out.
 
 References:
@@ -54,7 +56,7 @@ class LaplaceFrame(NamedTuple):
 
     loc: Tensor
     scale: Tensor
-    converged: Tensor  # (B,) bool: Newton decrement below the tolerance
+    converged: Tensor  # (B,) bool: Newton decrement below the tolerance at a point where log p curves down
     num_evaluations: int  # batched model evaluations used (each one stencil of 2 D + 1 points)
 
 
@@ -98,6 +100,18 @@ def newton_direction(
     return step, decrement, (vec * lam.unsqueeze(-2)) @ vec.transpose(-1, -2)
 
 
+def _escape_direction(grad: Tensor, hess: Tensor, rel: float = 1e-4) -> tuple[Tensor, Tensor]:
+    """Where ``log p`` curves upwards (``hess``, the Hessian of ``-log p``, has an eigenvalue below ``-rel`` times its
+    largest magnitude), the eigenvector of the most negative eigenvalue, scaled to one sd of that curvature and signed
+    uphill: the way off a stationary point that is not a mode (a minimum or saddle of ``log p``, where the gradient,
+    and so the saddle-free Newton step, vanishes). Returns ``(direction (B, D), needed (B,) bool)``."""
+    lam, vec = torch.linalg.eigh(hess)
+    low, v = lam[..., 0], vec[..., 0]
+    needed = low < -rel * lam.abs().amax(-1)
+    sign = torch.where((grad * v).sum(-1) < 0, -1.0, 1.0).to(v.dtype)
+    return v * (sign / (-low).clamp_min(torch.finfo(lam.dtype).tiny).sqrt()).unsqueeze(-1), needed
+
+
 def laplace_frames(
     fn: LogDensityAndScore,
     init: Tensor,
@@ -114,6 +128,8 @@ def laplace_frames(
         distance to the mode, in the frame's sds) and take that last Newton step without evaluating
         it: near a mode the log density is close to quadratic, so the returned mode is then about
         ``tol^2`` sds from the true one (the scale is the Hessian's at the last evaluated point).
+        A point with a small decrement where ``log p`` curves upwards (a minimum or saddle) is not a
+        mode: the search steps off it along that curvature, and stops unconverged if no step gains.
     :param float armijo: sufficient-increase constant of the line search.
     :raises ValueError: if the log density or score is not finite at a starting point.
     """
@@ -146,42 +162,51 @@ def laplace_frames(
             "in this batch; check those datasets, or start from a different init_loc_fn"
         )
     step, dec, abs_hess = newton_direction(grad, hess)
+    escape_dir, curved_up = _escape_direction(grad, hess)
     mu = torch.zeros(num, dtype=z.dtype, device=z.device)  # Levenberg-Marquardt damping of each direction
     stalled = torch.zeros(num, dtype=torch.bool, device=z.device)
     ladder = torch.tensor(_LADDER, dtype=z.dtype, device=z.device)
     while evaluations < max_evaluations:
-        idx = everyone[(dec > tol) & ~stalled]
-        direction = step[idx]
-        damped = mu[idx] > 0
+        # a dataset whose decrement is small at a point where log p curves upwards (a minimum or saddle: e.g. the
+        # symmetric start of a bimodal posterior) is not at a mode; it steps off along that curvature
+        escape = (dec <= tol) & curved_up
+        idx = everyone[((dec > tol) | escape) & ~stalled]
+        esc = escape[idx]
+        direction = torch.where(esc[:, None], escape_dir[idx], step[idx])
+        damped = (mu[idx] > 0) & ~esc
         if damped.any():
             direction = torch.where(damped[:, None], newton_direction(grad[idx], hess[idx], damping=mu[idx])[0], direction)
             # a direction damped to nothing (under 0.001 sds) cannot make progress: the dataset stops where it is
             move = (direction.unsqueeze(-2) @ abs_hess[idx] @ direction.unsqueeze(-1)).flatten().clamp_min(0).sqrt()
             stalled[idx[move < 1e-3]] = True
-            idx, direction = idx[move >= 1e-3], direction[move >= 1e-3]
+            idx, direction, esc = idx[move >= 1e-3], direction[move >= 1e-3], esc[move >= 1e-3]
         if not idx.numel():
             break
         # far from a mode (decrement > 1) a full Newton step can overshoot by orders of magnitude: the whole
         # ladder of step lengths is tried in the same evaluation, so a backtrack costs no extra one
-        lengths = ladder if bool((dec[idx] > 1).any()) else ladder[:1]  # (K,)
+        lengths = ladder if bool((dec[idx] > 1).any() or esc.any()) else ladder[:1]  # (K,)
         cand = z[idx, None] + lengths[:, None] * direction[:, None]  # (n, K, D)
         lp_c, grad_c, hess_c, ok_c = evaluate(idx, cand)
         evaluations += 1
         slope = (grad[idx] * direction).sum(-1, keepdim=True)  # d log p / d length at 0 (> 0: an ascent direction)
-        good = ok_c & (lp_c >= lp[idx, None] + armijo * lengths * slope)
+        # an escape (where the slope is ~0) must gain a fifth of what its curvature promises, lengths^2 / 2 nats
+        gain = torch.where(esc[:, None], 0.1 * lengths.square(), armijo * lengths * slope)
+        good = ok_c & (lp_c >= lp[idx, None] + gain)
         accept = good.any(-1)
+        stalled[idx[esc & ~accept]] = True  # no way up found: the dataset stops there, unconverged
         best = good.to(torch.int8).argmax(-1)  # the longest acceptable length (the ladder decreases)
         pick = lambda x: x[torch.arange(len(idx), device=x.device), best]  # noqa: E731
         acc = idx[accept]
         z[acc], lp[acc], grad[acc], hess[acc] = pick(cand)[accept], pick(lp_c)[accept], pick(grad_c)[accept], pick(hess_c)[accept]
         if acc.numel():
             step[acc], dec[acc], abs_hess[acc] = newton_direction(grad[acc], hess[acc])
+            escape_dir[acc], curved_up[acc] = _escape_direction(grad[acc], hess[acc])
         # no length acceptable: damp the direction 10x more (from 0.001 of the largest curvature), which shortens
         # it most along nearly flat directions of |H|, where a Newton step runs off; after a success, a tenth as much
         lam_max = abs_hess[idx].diagonal(dim1=-2, dim2=-1).amax(-1)
         relaxed = torch.where(mu[idx] / 10 < 1e-3 * lam_max, torch.zeros_like(lam_max), mu[idx] / 10)
         mu[idx] = torch.where(accept, relaxed, torch.maximum(10 * mu[idx], 1e-3 * lam_max))
-    converged = dec <= tol  # dec is always the current point's (undamped) decrement
+    converged = (dec <= tol) & ~curved_up  # dec is always the current point's (undamped) decrement
     # converged datasets take their last Newton step without evaluating it: within tol of the mode the log
     # density is close to quadratic, so the step lands ~tol^2 from it (at no cost)
     z = torch.where(converged[:, None], z + step, z)

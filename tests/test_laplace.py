@@ -144,6 +144,36 @@ def test_saddle_free_steps_leave_a_local_minimum_of_log_p():
     torch.testing.assert_close(frame.scale @ frame.scale.transpose(-1, -2), t([[[1 / 8, 0.0], [0.0, 1 / 2]]]), **tol)
 
 
+@pytest.mark.parametrize("kind", ["minimum", "saddle"])
+def test_a_stationary_point_that_is_not_a_mode_is_left(kind):
+    """The search starts where the gradient is exactly zero but log p curves upwards, so the Newton step and its
+    decrement vanish there: log p = -(z1^2 - 1)^2 (- z2^2 for the saddle, + z2^2 / 10 - z2^4 for the minimum's second
+    coordinate pinned by a quartic) from the origin. The modes are z1 = +-1 (curvature 8), z2 = 0 (curvature 2), or
+    z2 = +-sqrt(1 / 20) (curvature 2 / 5) for the minimum. It must find a mode, not report the origin as converged."""
+
+    def log_p(idx, x):
+        quad = -x[..., 1] ** 2 if kind == "saddle" else x[..., 1] ** 2 / 10 - x[..., 1] ** 4
+        return -((x[..., 0] ** 2 - 1) ** 2) + quad
+
+    frame = laplace_frames(batched(log_p), t([[0.0, 0.0]]), tol=TOL)
+    tol = dict(rtol=1e-6, atol=1e-6) if F64 else dict(rtol=1e-2, atol=1e-2)
+    assert bool(frame.converged.all()), "the search stopped unconverged"
+    z2, c2 = (0.0, 2.0) if kind == "saddle" else (frame.loc[0, 1].sign() * (1 / 20) ** 0.5, 2 / 5)
+    torch.testing.assert_close(frame.loc.abs(), t([[1.0, abs(float(z2))]]), **tol)
+    torch.testing.assert_close(frame.scale @ frame.scale.transpose(-1, -2), t([[[1 / 8, 0.0], [0.0, 1 / c2]]]), **tol)
+
+
+def test_a_flat_stationary_point_is_not_reported_as_converged():
+    """log p = +z^2 / 2 - z^4 / 4 has a minimum at 0; with evaluations for the first step only, the search cannot
+    reach a mode (+-1) and must say so instead of reporting the minimum as converged."""
+
+    def log_p(idx, x):
+        return x[..., 0] ** 2 / 2 - x[..., 0] ** 4 / 4
+
+    frame = laplace_frames(batched(log_p), t([[0.0]]), max_evaluations=1, tol=TOL)
+    assert not bool(frame.converged.any())
+
+
 def test_only_unconverged_datasets_are_evaluated_and_non_finite_steps_are_rejected():
     """Dataset 0 starts at its mode; dataset 1's log density is -inf beyond z = 2, where its full Newton step lands."""
     seen = []
