@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import pyro.poutine as poutine
 import pyro.util
@@ -46,7 +46,9 @@ class Dataset:
     @property
     def cache(self) -> dict:
         """Per-guide data derived from the arguments (encoder features, Laplace frames); not part of the dataset.
-        Emptied when an argument tensor is modified in place or replaced, so it never outlives the data."""
+        Emptied when an argument tensor is replaced or modified in place by a PyTorch operation (which bumps the
+        tensor's version counter). Writes that PyTorch does not see, through a NumPy array sharing the memory
+        (``torch.from_numpy``) or through ``.data``, do not empty it: after such a write pass new tensors."""
         state = self._tensor_state()
         if state != self._cache_state:
             self._cache, self._cache_state = {}, state
@@ -247,7 +249,11 @@ def default_dataset_fn(model: Callable, latent_values: dict, args: tuple, kwargs
             d = batch_rank + outer.dim
             v = value.movedim(d, 0)
             v = v.reshape(v.shape[0], -1)
-            rows = _rows_in_use(site, value.shape[:batch_rank], d)
+            keep = _entries_in_use(site, value, batch_rank, d)
+            if keep is None:  # every row of this site is observed
+                rows = torch.ones(v.shape[0], dtype=torch.bool, device=v.device)
+            else:  # a row counts when any entry is observed; masked entries (maybe NaN placeholders) read as 0
+                rows, v = keep.any(-1), torch.where(keep, v, torch.zeros_like(v))
         else:
             v = value.reshape(1, -1)
         if n_obs is not None and v.shape[0] != n_obs:
@@ -273,19 +279,20 @@ def default_dataset_fn(model: Callable, latent_values: dict, args: tuple, kwargs
     return feats if used is None or bool(used.all()) else feats[used]
 
 
-def _rows_in_use(site: dict, batch_shape: torch.Size, axis: int) -> Tensor | None:
-    """Which observations (along the plate ``axis`` of the batch shape) a mask leaves in the model's log density:
-    those with at least one entry unmasked by ``poutine.mask`` or a ``dist.mask``/``obs_mask`` (also inside ``.to_event``).
-    ``None`` when nothing is masked."""
+def _entries_in_use(site: dict, value: Tensor, batch_rank: int, axis: int) -> Tensor | None:
+    """Which entries of an observed site's ``value`` a mask leaves in the model's log density (``poutine.mask``, a
+    ``dist.mask``/``obs_mask``, also inside ``.to_event``), laid out as its feature rows: the plate ``axis`` first, the
+    rest flattened. ``None`` when nothing is masked."""
     try:
         keep = site_mask(site)
         if keep is None:
             return None
         # the mask's dims past the distribution's batch shape are event dims that .to_event made of masked batch dims
-        keep = keep.expand(batch_shape + keep.shape[len(site["fn"].batch_shape):])
-    except RuntimeError:  # a mask over more than the site's batch shape: not read, every row kept
+        keep = keep.expand(value.shape[:batch_rank] + keep.shape[len(site["fn"].batch_shape):])
+        keep = keep.reshape(keep.shape + (1,) * (value.dim() - keep.dim())).expand(value.shape)
+    except RuntimeError:  # a mask over more than the site's batch shape: not read, every entry kept
         return None
-    return keep.movedim(axis, 0).reshape(batch_shape[axis], -1).any(-1)
+    return keep.movedim(axis, 0).reshape(value.shape[axis], -1)
 
 
 def _check_batch_size(batch_size: Any) -> int:
@@ -323,8 +330,15 @@ class PriorPredictiveStream:
     """
 
     def __init__(self, model: Callable, make_args: Callable[[], Any], obs_kwargs: dict[str, str]):
+        if not callable(model):
+            raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
         if not callable(make_args):
             raise TypeError("make_args must be a callable returning the model's arguments for one dataset")
+        if not isinstance(obs_kwargs, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in obs_kwargs.items()):
+            raise TypeError(
+                f"obs_kwargs must be a dict mapping observed site names to the model keywords that feed their obs= "
+                f"(str -> str, e.g. {{'obs': 'y'}}), got {obs_kwargs!r}"
+            )
         if not obs_kwargs:
             raise ValueError("obs_kwargs must map at least one observed site name to a model keyword")
         self.model = model
@@ -344,6 +358,12 @@ class PriorPredictiveStream:
         for site, kw in self.obs_kwargs.items():
             if site not in tr.nodes:
                 raise ValueError(f"obs_kwargs names site {site!r}, which the model does not have")
+            if tr.nodes[site]["is_observed"]:
+                raise ValueError(
+                    f"site {site!r} is already observed in the arguments make_args returned (its {kw}= was passed?), "
+                    "so the stream would hand back those fixed observations instead of a prior-predictive draw; "
+                    "make_args must leave the observations out"
+                )
             kwargs[kw] = tr.nodes[site]["value"].detach()
         latents = {name: site["value"].detach() for name, site in tr.iter_stochastic_nodes() if name not in self.obs_kwargs}
         if not self._checked:
@@ -398,7 +418,12 @@ class PriorPredictiveStream:
 
 
 def iterate_batches(datasets: Iterable, batch_size: int) -> Iterator[list[Dataset]]:
-    """Cycle endlessly over a finite collection in shuffled batches of ``batch_size``.
+    """Cycle endlessly over a finite collection in shuffled batches of ``batch_size`` datasets (all of them when
+    the collection is smaller).
+
+    Every batch is full and holds distinct datasets: a batch that runs past the end of one shuffled pass is
+    completed from the next pass, which takes those datasets last; so over any run of passes each dataset is
+    used equally often, give or take one.
 
     :raises TypeError, ValueError: at the call, when ``batch_size`` is not an int >= 1 or the
         collection is empty.
@@ -407,11 +432,16 @@ def iterate_batches(datasets: Iterable, batch_size: int) -> Iterator[list[Datase
     items = [as_dataset(d) for d in datasets]
     if not items:
         raise ValueError("the dataset collection is empty")
+    size = min(batch_size, len(items))
 
     def gen():
+        queue: list[int] = []
         while True:
-            perm = torch.randperm(len(items)).tolist()
-            for i in range(0, len(items), batch_size):
-                yield [items[j] for j in perm[i : i + batch_size]]
+            if len(queue) < size:  # the next pass, with the datasets still queued from this one moved to its end
+                perm = torch.randperm(len(items)).tolist()
+                queued = set(queue)
+                queue += [j for j in perm if j not in queued] + [j for j in perm if j in queued]
+            batch, queue = queue[:size], queue[size:]
+            yield [items[j] for j in batch]
 
     return gen()

@@ -219,6 +219,44 @@ def test_default_features_leave_out_masked_rows(model):
     assert torch.equal(default_dataset_fn(model, latents, (Xp, yp, keep), {}), unpadded)
 
 
+def test_default_features_keep_rows_another_site_observes():
+    """A row masked in one observed site but observed in another stays (it was dropped, losing the other site's
+    data); the masked entry, here a NaN placeholder for a missing value, reads as 0."""
+
+    def model(y1, y2, m1):
+        mu = pyro.sample("mu", dist.Normal(tensor(0.0), 1.0))
+        with pyro.plate("N", y1.shape[0]):
+            pyro.sample("a", dist.Normal(mu, 1.0).mask(m1), obs=y1)
+            pyro.sample("b", dist.Normal(mu, 1.0), obs=y2)
+
+    y1, y2 = tensor([1.0, float("nan"), 3.0, 4.0]), tensor([10.0, 20.0, 30.0, 40.0])
+    m1 = torch.tensor([True, False, True, False], device=y1.device)
+    feats = default_dataset_fn(model, {"mu": tensor(0.0)}, (y1.nan_to_num(2.0), y2, m1), {})
+    expected = tensor([[1.0, 10.0], [0.0, 20.0], [3.0, 30.0], [0.0, 40.0]])
+    assert torch.equal(feats, expected)
+    # a NaN placeholder is masked out of the log density, and so out of the features
+    assert torch.equal(default_dataset_fn(model, {"mu": tensor(0.0)}, (y1, y2, m1), {}), expected)
+
+
+def test_stream_rejects_make_args_that_pass_the_observations():
+    """make_args returning y= would make the stream hand back those fixed observations with fresh latents."""
+    y = torch.zeros(8).to(tensor(0.0))
+    stream = PriorPredictiveStream(regression_model, lambda: Dataset(torch.randn(8, 3).to(y), y=y), obs_kwargs={"obs": "y"})
+    with pytest.raises(ValueError, match="'obs' is already observed in the arguments make_args returned.*leave the observations out"):
+        stream.sample()
+
+
+@pytest.mark.parametrize("model, obs_kwargs, match", [
+    (None, {"obs": "y"}, "model must be a callable"),
+    (regression_model, "y", "obs_kwargs must be a dict mapping"),
+    (regression_model, ["y"], "obs_kwargs must be a dict mapping"),
+    (regression_model, {"obs": 3}, "obs_kwargs must be a dict mapping"),
+])
+def test_stream_checks_its_arguments(model, obs_kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        PriorPredictiveStream(model, lambda: Dataset(torch.randn(8, 3)), obs_kwargs=obs_kwargs)
+
+
 @pytest.mark.parametrize("site", ["sigma", "w"])
 def test_stream_rejects_latent_obs_site(site):
     pyro.set_rng_seed(0)
@@ -272,13 +310,16 @@ def test_stream_batches_validates_batch_size(batch_size, error):
         stream.batches(batch_size)
 
 
-@pytest.mark.parametrize("batch_size", [1, 2, 3, 5])
-def test_iterate_batches_cycles_in_batches(batch_size):
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 5, 7])
+def test_iterate_batches_cycles_in_full_batches(batch_size):
+    """Every batch is full (the whole collection when it is smaller) and holds distinct datasets; over 2 * 3 * 5 * 7
+    batches' worth of passes every dataset is used equally often."""
     items = [Dataset(tensor([float(i)])) for i in range(5)]
     batches = iterate_batches(items, batch_size)
-    epoch = [next(batches) for _ in range(-(-5 // batch_size))]
-    assert all(len(b) == batch_size for b in epoch[:-1]) and 1 <= len(epoch[-1]) <= batch_size
-    assert sorted(float(d.args[0]) for b in epoch for d in b) == [0.0, 1.0, 2.0, 3.0, 4.0]
+    size = min(batch_size, 5)
+    drawn = [[int(d.args[0]) for d in next(batches)] for _ in range(5 * 42 // size)]
+    assert all(len(b) == size and len(set(b)) == size for b in drawn), drawn
+    assert torch.bincount(torch.tensor(sum(drawn, [])), minlength=5).tolist() == [42] * 5
     stream = PriorPredictiveStream(regression_model, lambda: Dataset(torch.randn(4, 2).to(tensor(0.0))), obs_kwargs={"obs": "y"})
     assert len(next(stream.batches(batch_size))) == batch_size
 

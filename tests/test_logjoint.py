@@ -48,6 +48,21 @@ def test_identity_bijections_are_recognised(support, identity):
         assert torch.equal(t(x), x) and torch.equal(t.log_abs_det_jacobian(x, x), torch.zeros_like(t.log_abs_det_jacobian(x, x)))
 
 
+@pytest.mark.parametrize("support", [dist.constraints.lower_cholesky, dist.constraints.positive_definite])
+def test_bijections_with_cache_cache_their_inverse(support):
+    """Pyro calls transform.with_cache() (e.g. in TransformedDistribution): the bijection with a cache returns the
+    input it mapped from when inverted, and maps as the one without."""
+    from pyro_stein.transforms import support_bijection
+
+    t = support_bijection(support)
+    cached = t.with_cache(1)
+    assert cached.with_cache(1) is cached and cached._cache_size == 1
+    x = randn(2, 6)
+    y = cached(x)
+    torch.testing.assert_close(y, t(x), rtol=0, atol=0)
+    assert cached.inv(y) is x
+
+
 @pytest.mark.parametrize("vectorize", ["vmap", "loop"])
 @pytest.mark.parametrize("how", ["obs_mask", "fn.mask", "fn.mask inside to_event"])
 def test_latent_entries_a_mask_removes_get_a_standard_normal(how, vectorize):
