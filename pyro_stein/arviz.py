@@ -30,7 +30,8 @@ the full ``y``), which is how a plate's random ``subsample_size`` is normally us
 The model is evaluated once for all draws by wrapping it in an outermost :func:`pyro.plate`
 over the draws (this needs correctly annotated batch dimensions, as ``Predictive(...,
 parallel=True)`` does); with ``parallel=None`` the export falls back to a loop over draws when
-vectorised evaluation fails.
+vectorised evaluation fails or when its values at the first and last draws differ from the loop's
+(a model written for one draw at a time can run under the plate and mix the draws).
 """
 
 from __future__ import annotations
@@ -146,7 +147,9 @@ def _model_structure(model, args, kwargs):
         fn, value = node["fn"], node["value"]
         shape = tuple(value.shape)
         if infer.get("_deterministic"):
-            kind, batch_ndim = "deterministic", len(shape)
+            # pyro.deterministic's default event_dim is the value's whole rank, which says nothing of its plates:
+            # every dim may then be a plate's; a smaller event_dim given by the model fixes the batch rank
+            kind, batch_ndim = "deterministic", len(shape) - fn.event_dim if fn.event_dim < len(shape) else len(shape)
         else:
             batch_ndim = len(fn.batch_shape)
             nesting = max(nesting, batch_ndim)
@@ -283,6 +286,25 @@ def _evaluate_sequential(model, sites, draws, n, predictive, args, kwargs):
     return stack(det), stack(ll), stack(pp), torch.stack(lp)
 
 
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    tol = 1e-9 if a.dtype == torch.float64 else 1e-4
+    a, b = a.to(b.dtype), b
+    same = (a - b).abs() <= tol * (1 + b.abs())
+    return bool((same | (a.isnan() & b.isnan()) | (a == b)).all())
+
+
+def _agrees_with_loop(model, sites, draws, n, vectorized, args, kwargs) -> bool:
+    """Whether the vectorised evaluation gives the loop's values at the first and last draws: a model written for
+    one draw at a time (``w.sum()`` over all of a site's dims, say) can run under the draws plate without error and
+    mix the draws, which only this comparison catches."""
+    idx = sorted({0, n - 1})
+    det, ll, _, lp = vectorized
+    sub = {name: v[idx] for name, v in draws.items()}
+    det_l, ll_l, _, lp_l = _evaluate_sequential(model, sites, sub, len(idx), False, args, kwargs)
+    pairs = [(lp[idx], lp_l)] + [(det[k][idx], det_l[k]) for k in det] + [(ll[k][idx], ll_l[k]) for k in ll]
+    return all(a.shape == b.shape and _close(a, b) for a, b in pairs)
+
+
 def _numpy(x, chains=None):
     x = x.detach()
     if chains is not None:
@@ -358,6 +380,10 @@ def _export(
             except Exception:
                 if parallel:
                     raise
+            if lp is not None and parallel is None and not _agrees_with_loop(
+                model, sites, draws, n, (det, ll, pp, lp), args, kwargs
+            ):
+                det = ll = pp = lp = None  # the model mixes draws under the plate: evaluate it draw by draw
         if lp is None:
             det, ll, pp, lp = _evaluate_sequential(model, sites, draws, n, predictive, args, kwargs)
 
@@ -454,7 +480,8 @@ def to_inference_data(
     :param bool log_likelihood: whether to add the ``log_likelihood`` group.
     :param bool posterior_predictive: whether to add the ``posterior_predictive`` group.
     :param parallel: ``True`` to evaluate the guide and model vectorised over draws, ``False``
-        to loop over draws, ``None`` (default) to try vectorised first and loop on failure.
+        to loop over draws, ``None`` (default) to try vectorised first and loop when that fails or
+        disagrees with the loop at the first and last draws.
     :param kwargs: keyword arguments of the model (and the guide). Names clashing with the
         parameters above cannot be passed; use :func:`to_inference_data_batch` for those.
     :returns: ``arviz.InferenceData`` or ``xarray.DataTree``.

@@ -221,6 +221,59 @@ def test_fallback_to_loop_for_unvectorizable_model(fitted):
         np.testing.assert_allclose(ll["z"].values[1, 3], expected.cpu(), rtol=1e-6)
 
 
+class _FixedDraws:
+    """A guide with fixed draws, through the ``sample_posterior`` fast path."""
+
+    def __init__(self, draws):
+        self.draws = draws
+
+    def __call__(self, *args, **kwargs):  # pragma: no cover - never called by the export
+        raise AssertionError("the export should use sample_posterior")
+
+    def sample_posterior(self, num_samples, *args, **kwargs):
+        return {k: v[:num_samples] for k, v in self.draws.items()}
+
+
+def test_default_export_loops_when_the_model_mixes_draws_under_the_plate():
+    """``w.sum()`` is right for one draw; under the draws plate it sums every draw's weights and raises nothing,
+    so the vectorised export gave each draw the same total (and wrong likelihoods). The default compares with the
+    loop at two draws and falls back to it; the values are then the hand-computed ones."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5, generator=g).to(DEVICE, DTYPE), torch.randn(5, generator=g).to(DEVICE, DTYPE)
+
+    def summing_model(y):
+        w = pyro.sample("w", dist.Normal(y.new_zeros(3), 1.0).to_event(1))
+        pyro.deterministic("w_total", w.sum())
+        with pyro.plate("N", 5):
+            pyro.sample("y", dist.Normal(w.sum() + x, 1.0), obs=y)
+
+    w = torch.randn(4, 3, generator=g).to(DEVICE, DTYPE)
+    idata = to_inference_data(_FixedDraws({"w": w}), summing_model, y, num_samples=4, posterior_predictive=False)
+    total = w.sum(-1)
+    ll = dist.Normal(total[:, None] + x, 1.0).log_prob(y)
+    np.testing.assert_allclose(idata["posterior"]["w_total"].values[0], total.cpu(), rtol=1e-6)
+    np.testing.assert_allclose(idata["log_likelihood"]["y"].values[0], ll.cpu(), rtol=1e-6)
+    lp = dist.Normal(0.0, 1.0).log_prob(w).sum(-1) + ll.sum(-1)
+    np.testing.assert_allclose(idata["sample_stats"]["lp"].values[0], lp.cpu(), rtol=1e-6)
+
+
+def test_a_deterministic_site_with_event_dims_gets_its_plate_dim():
+    """``pyro.deterministic(..., event_dim=1)`` in a plate of 3 with 3-vectors: the plate is axis 0 (it was named on
+    the event axis, the sizes being equal)."""
+
+    def vector_model(y):
+        with pyro.plate("group", 3):
+            a = pyro.sample("a", dist.Normal(y.new_zeros(()), 1.0))
+            pyro.deterministic("abc", torch.stack([a, 2 * a, 3 * a], -1), event_dim=1)
+            pyro.sample("y", dist.Normal(a, 1.0), obs=y)
+
+    y = torch.zeros(3, device=DEVICE, dtype=DTYPE)
+    a = torch.randn(5, 3, generator=torch.Generator().manual_seed(0)).to(DEVICE, DTYPE)
+    idata = to_inference_data(_FixedDraws({"a": a}), vector_model, y, num_samples=5)
+    assert idata["posterior"]["abc"].dims == ("chain", "draw", "group", "abc_dim_1")
+    np.testing.assert_allclose(idata["posterior"]["abc"].values[0, :, :, 2], 3 * a.cpu(), rtol=1e-12)
+
+
 def test_optional_groups_and_no_observations(fitted):
     idata = _export(fitted, log_likelihood=False, posterior_predictive=False)
     assert _groups(idata) == {"posterior", "sample_stats", "observed_data"}
