@@ -7,6 +7,7 @@ import numbers
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import pyro.poutine as poutine
+from pyro.poutine.util import site_is_subsample
 import pyro.util
 import torch
 from torch import Tensor
@@ -365,7 +366,8 @@ class PriorPredictiveStream:
                     "make_args must leave the observations out"
                 )
             kwargs[kw] = tr.nodes[site]["value"].detach()
-        latents = {name: site["value"].detach() for name, site in tr.iter_stochastic_nodes() if name not in self.obs_kwargs}
+        latents = {name: site["value"].detach() for name, site in tr.iter_stochastic_nodes()
+                   if name not in self.obs_kwargs and not site_is_subsample(site)}  # no plates' index sites
         if not self._checked:
             self._check_observed(d.args, kwargs)
             self._checked = True

@@ -49,6 +49,8 @@ def stein_discrepancy(
     :param callable model: the Pyro model.
     :param dict samples: ``{site: Tensor[S, *site_shape]}`` constrained draws of every latent site
         (extra keys such as deterministic sites are ignored), e.g. ``mcmc.get_samples()``.
+    :raises ValueError: when a latent site is missing, its draws have another shape than the site
+        (e.g. grouped by chain) or the sites hold different numbers of draws.
     :param RadialKernel kernel: default :class:`~pyro_stein.IMQKernel`.
     :param int max_samples: use at most this many draws (the cost is quadratic).
     :returns: the estimate (near 0 for exact draws; may be slightly negative).
@@ -58,17 +60,37 @@ def stein_discrepancy(
     from .guide import _int_at_least
 
     _int_at_least(max_samples, "max_samples", 2, "an int >= 2 (the U-statistic needs pairs of draws)")
-    first = {k: v[0] for k, v in samples.items()}
-    # fix the latent values without marking them observed, then drop plates' subsample sites
-    fixed = InitMessenger(init_to_value(values=first))(model)
-    tr = prune_subsample_sites(poutine.block(poutine.trace(fixed).get_trace)(*args, **kwargs))
+    # the model's latent sites and their shapes, from a trace at the guide's initial values (not at the samples,
+    # whose shapes are what is checked; no prior .sample() either, so that ImproperUniform priors trace)
+    from .guide import _first_tensor, init_to_mean_or_feasible
+
+    init = init_to_mean_or_feasible()
+    init.like = _first_tensor([args, kwargs])
+    tr = prune_subsample_sites(poutine.block(poutine.trace(InitMessenger(init)(model)).get_trace)(*args, **kwargs))
     sites = latent_sites_from_trace(tr)
     missing = [s.name for s in sites if s.name not in samples]
     if missing:
         raise ValueError(f"samples lack the latent site(s) {missing}; pass draws of every latent site of the model")
-    num = min(int(v.shape[0]) for v in samples.values())
+    for site in sites:
+        v = samples[site.name]
+        if not isinstance(v, Tensor) or v.dim() == 0:
+            raise TypeError(f"samples[{site.name!r}] must be a Tensor[num_samples, *site_shape], got "
+                            f"{tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}")
+        got = tuple(v.shape[1:])
+        if got != tuple(site.shape):
+            raise ValueError(
+                f"samples[{site.name!r}] has draws of shape {got}, but the site's shape is {tuple(site.shape)}; pass "
+                "Tensor[num_samples, *site_shape] (e.g. mcmc.get_samples(), not group_by_chain=True: flatten the chains)"
+            )
+    counts = {int(samples[s.name].shape[0]) for s in sites}
+    if len(counts) > 1:
+        raise ValueError(f"the latent sites' samples hold different numbers of draws {sorted(counts)}; pass the same draws of every site")
+    num = counts.pop()
     if num < 2:
         raise ValueError("stein_discrepancy needs at least 2 draws")
+    # the latent sites again, traced at the first draw (the shapes and supports the log density packs)
+    fixed = InitMessenger(init_to_value(values={s.name: samples[s.name][0] for s in sites}))(model)
+    sites = latent_sites_from_trace(prune_subsample_sites(poutine.block(poutine.trace(fixed).get_trace)(*args, **kwargs)))
     n = min(num, max_samples)
     u = pack({s.name: samples[s.name][:n] for s in sites}, sites)
     _, score = ModelLogDensity(model, sites).log_density_and_score(u, args, kwargs)
@@ -114,16 +136,31 @@ def sbc(
         :meth:`pyro_stein.PriorPredictiveStream.sample_with_latents`.
     :returns: ``{site: LongTensor[num_datasets, *site_shape]}`` of ranks.
     """
+    from .guide import _int_at_least
+
     if not callable(simulate):
         raise TypeError("simulate must be a callable returning (Dataset, {site: true value})")
+    num_datasets = _int_at_least(num_datasets, "num_datasets", 1)
+    num_samples = _int_at_least(num_samples, "num_samples", 1)
     ranks: dict[str, list[Tensor]] = {}
     for _ in range(num_datasets):
         dataset, truth = simulate()
         dataset = as_dataset(dataset)
         draws = guide.sample_posterior(num_samples, *dataset.args, **dataset.kwargs)
+        unknown = sorted(set(truth) - set(draws))
+        if unknown:
+            raise ValueError(
+                f"simulate returned true values of {unknown}, which are not among the guide's sites {sorted(draws)}; "
+                "key the true values by the model's latent site names"
+            )
         for name, value in truth.items():
-            if name in draws:
-                ranks.setdefault(name, []).append((draws[name] < value.to(draws[name])).sum(0))
+            value = torch.as_tensor(value).to(draws[name])
+            if value.shape != draws[name].shape[1:]:
+                raise ValueError(
+                    f"the true value of {name!r} has shape {tuple(value.shape)}, but the site's draws have shape "
+                    f"{tuple(draws[name].shape[1:])}; simulate must return one value of each site per dataset"
+                )
+            ranks.setdefault(name, []).append((draws[name] < value).sum(0))
     return {k: torch.stack(v) for k, v in ranks.items()}
 
 
@@ -148,6 +185,12 @@ def plot_sbc(ranks: dict[str, Tensor], num_samples: int, bins: int = 20, path: s
     num_samples = _int_at_least(num_samples, "num_samples", 1, "the int >= 1 the ranks were computed with")
     if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= num_samples + 1:
         raise ValueError(f"bins must be an int between 1 and num_samples + 1 = {num_samples + 1}, got {bins!r}")
+    if not isinstance(ranks, dict) or not ranks:
+        raise TypeError(f"ranks must be a non-empty dict {{site: integer ranks}} as sbc returns, got {type(ranks).__name__}")
+    for name, r in ranks.items():
+        if not isinstance(r, Tensor) or r.is_floating_point() or r.is_complex() or r.dtype == torch.bool:
+            raise TypeError(f"ranks[{name!r}] must be an integer Tensor (as sbc returns), got "
+                            f"{r.dtype if isinstance(r, Tensor) else type(r).__name__}")
     levels = num_samples + 1
     share = torch.bincount(torch.arange(levels) * bins // levels, minlength=bins).double() / levels
     names = list(ranks)

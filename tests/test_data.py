@@ -238,6 +238,14 @@ def test_default_features_keep_rows_another_site_observes():
     assert torch.equal(default_dataset_fn(model, {"mu": tensor(0.0)}, (y1, y2, m1), {}), expected)
 
 
+def test_stream_latents_are_the_latent_sites_only():
+    """sample_with_latents gave the plate's index site ('data') as a latent too, which sbc then rejects."""
+    pyro.set_rng_seed(0)
+    stream = PriorPredictiveStream(regression_model, lambda: Dataset(torch.randn(8, 3).to(tensor(0.0))), obs_kwargs={"obs": "y"})
+    _, latents = stream.sample_with_latents()
+    assert sorted(latents) == ["sigma", "w"]
+
+
 def test_stream_rejects_make_args_that_pass_the_observations():
     """make_args returning y= would make the stream hand back those fixed observations with fresh latents."""
     y = torch.zeros(8).to(tensor(0.0))

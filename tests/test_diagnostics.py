@@ -41,6 +41,60 @@ def test_missing_site_and_bad_input_errors():
             stein_discrepancy(plated_model, {"mu": tensor(torch.randn(10))}, y, max_samples=bad)
 
 
+def test_draws_grouped_by_chain_are_rejected_not_read_as_a_wider_site():
+    """(chains, draws) for a scalar site was read as 4 draws of a 100-vector, giving a confident, wrong KSD."""
+    y = tensor([0.3, 1.2])
+    with pytest.raises(ValueError, match=r"samples\['mu'\] has draws of shape \(100,\), but the site's shape is \(\).*group_by_chain"):
+        stein_discrepancy(plated_model, {"mu": tensor(torch.randn(4, 100))}, y)
+
+
+def test_extra_keys_play_no_part():
+    """Only the latent sites' draws count: an extra key with fewer draws (or a 0-d value) changes nothing."""
+    y = tensor([0.3, 1.2])
+    mu = tensor(torch.randn(200, generator=torch.Generator().manual_seed(0)))
+    plain = stein_discrepancy(plated_model, {"mu": mu}, y)
+    assert stein_discrepancy(plated_model, {"mu": mu, "det": mu[:10], "zero": tensor(1.0)}, y) == plain
+
+
+def test_sites_with_different_numbers_of_draws_are_rejected():
+    def two_sites(y):
+        a = pyro.sample("a", dist.Normal(tensor(0.0), 1.0))
+        b = pyro.sample("b", dist.Normal(tensor(0.0), 1.0))
+        pyro.sample("y", dist.Normal(a + b, 1.0), obs=y)
+
+    with pytest.raises(ValueError, match=r"different numbers of draws \[10, 20\]"):
+        stein_discrepancy(two_sites, {"a": tensor(torch.randn(10)), "b": tensor(torch.randn(20))}, tensor(0.5))
+
+
+class _PriorGuide:
+    """Prior draws of plated_model's mu for any dataset (calibrated for SBC by construction)."""
+
+    def sample_posterior(self, num_samples, y):
+        return {"mu": tensor(torch.randn(num_samples))}
+
+
+@pytest.mark.parametrize("truth, match", [
+    ({"MU": tensor(0.0)}, r"true values of \['MU'\], which are not among the guide's sites \['mu'\]"),
+    ({"mu": tensor([0.0, 1.0, 2.0])}, r"true value of 'mu' has shape \(3,\), but the site's draws have shape \(\)"),
+])
+def test_sbc_rejects_true_values_that_do_not_fit(truth, match):
+    from pyro_stein import Dataset
+    from pyro_stein.diagnostics import sbc
+
+    with pytest.raises(ValueError, match=match):
+        sbc(_PriorGuide(), lambda: (Dataset(tensor([0.5])), truth), num_datasets=2, num_samples=9)
+
+
+@pytest.mark.parametrize("arg", ["num_datasets", "num_samples"])
+@pytest.mark.parametrize("bad", [0, 2.0, True])
+def test_sbc_checks_its_counts(arg, bad):
+    from pyro_stein import Dataset
+    from pyro_stein.diagnostics import sbc
+
+    with pytest.raises((TypeError, ValueError), match=arg):
+        sbc(_PriorGuide(), lambda: (Dataset(tensor([0.5])), {"mu": tensor(0.0)}), **{arg: bad})
+
+
 @pytest.mark.parametrize("n", [0, 1, 2.5, True])
 def test_guide_ksd_checks_num_samples(n):
     from pyro_stein import AmortizedSteinGuide
@@ -87,6 +141,10 @@ def test_plot_sbc_bins_hold_their_share_of_ranks(num_samples, bins):
 def test_plot_sbc_argument_errors():
     from pyro_stein.diagnostics import plot_sbc
 
+    for bad, match in (({}, "ranks must be a non-empty dict"), (torch.arange(10), "ranks must be a non-empty dict"),
+                       ({"mu": torch.tensor([0.5, 3.7])}, r"ranks\['mu'\] must be an integer Tensor")):
+        with pytest.raises(TypeError, match=match):
+            plot_sbc(bad, 99)
     ranks = {"mu": torch.arange(10)}
     with pytest.raises(ValueError, match="bins must be an int between 1 and num_samples"):
         plot_sbc(ranks, 9, bins=11)
