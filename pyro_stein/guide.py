@@ -85,6 +85,28 @@ def _num_samples(num_samples, arg: str = "num_samples") -> int:
     return _int_at_least(num_samples, arg, 1, "a positive int")
 
 
+class _IntOption:
+    """A guide option held as an ``int`` >= ``lo``, checked (and converted, e.g. from ``numpy.int64``) whenever it is
+    set, in the constructor or later as ``guide.<name> = value``, with an error naming the option."""
+
+    def __init__(self, lo: int, expected: str | None = None):
+        self.lo, self.expected = lo, expected
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        try:
+            return obj.__dict__[self.name]
+        except KeyError:
+            raise AttributeError(self.name) from None
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__[self.name] = _int_at_least(value, f"guide.{self.name}", self.lo, self.expected)
+
+
 class ModelParameterWarning(UserWarning):
     """The model has ``pyro.param`` sites, which :class:`AmortizedSVGD` does not fit: they keep their values."""
 
@@ -298,6 +320,12 @@ class AmortizedSteinGuide(AutoContinuous):
     [2] Q. Liu, D. Wang, "Stein Variational Gradient Descent", NeurIPS 2016.
     """
 
+    moment_correction = _IntOption(0)
+    correction_samples = _IntOption(3)
+    mcmc_steps = _IntOption(0)
+    mcmc_leapfrog = _IntOption(1, "an int >= 1 (1: MALA steps)")
+    laplace_evaluations = _IntOption(1)
+
     def __init__(
         self,
         model: Callable,
@@ -337,10 +365,6 @@ class AmortizedSteinGuide(AutoContinuous):
             raise TypeError("dataset_fn must be a callable (*args, **kwargs) -> Tensor[num_observations, num_features]")
         if not init_scale > 0:
             raise ValueError(f"init_scale must be positive, got {init_scale!r}")
-        for name, v, lo in (("moment_correction", moment_correction, 0), ("correction_samples", correction_samples, 3),
-                            ("mcmc_steps", mcmc_steps, 0), ("laplace_evaluations", laplace_evaluations, 1),
-                            ("mcmc_leapfrog", mcmc_leapfrog, 1)):
-            _int_at_least(v, name, lo)
         context_dim = _int_at_least(context_dim, "context_dim", 1)
         num_summary_samples = _int_at_least(num_summary_samples, "num_summary_samples", 1)
         if whiten not in (None, "laplace"):
@@ -348,12 +372,14 @@ class AmortizedSteinGuide(AutoContinuous):
         if not isinstance(record_graph, bool):
             raise TypeError(f"record_graph must be True or False, got {record_graph!r}")
         self.record_graph = record_graph
-        self.moment_correction = moment_correction
-        self.correction_samples = correction_samples
-        self.mcmc_steps = mcmc_steps
-        self.mcmc_leapfrog = mcmc_leapfrog
+        # checked and held as ints (_IntOption), here and when set later; a tensor must not reach PyroModule's
+        # __setattr__ before its __init__, so each is converted first
+        self.moment_correction = _int_at_least(moment_correction, "moment_correction", 0)
+        self.correction_samples = _int_at_least(correction_samples, "correction_samples", 3)
+        self.mcmc_steps = _int_at_least(mcmc_steps, "mcmc_steps", 0)
+        self.mcmc_leapfrog = _int_at_least(mcmc_leapfrog, "mcmc_leapfrog", 1, "an int >= 1 (1: MALA steps)")
         self.whiten = whiten
-        self.laplace_evaluations = laplace_evaluations
+        self.laplace_evaluations = _int_at_least(laplace_evaluations, "laplace_evaluations", 1)
         self.num_unconverged_frames = 0  # datasets whose frame search did not converge (see frames)
         self._init_fn = init_to_mean_or_feasible() if init_loc_fn is None else init_loc_fn
         super().__init__(model, init_loc_fn=self._init_fn)
@@ -965,7 +991,7 @@ class AmortizedSteinGuide(AutoContinuous):
                                 why=" (a minibatch's score would move the draws differently on every call)")
         affine = z.shape[-2] > 2 * z.shape[-1]
 
-        def zero_unless(ok, s):  # the scores of datasets that are not ok (not finite) replaced by zeros
+        def zero_unless(ok, s):  # the values of datasets that are not ok (not finite) replaced by zeros
             return torch.where(ok[:, None, None], s, torch.zeros_like(s))
 
         def score_and_residual(x):
@@ -985,7 +1011,9 @@ class AmortizedSteinGuide(AutoContinuous):
         for _ in range(self.moment_correction):
             if not active.any():
                 break
-            moved, _ = stein_moment_correction(z, zero_unless(torch.isfinite(resid), score), affine)
+            # datasets whose draws are not all in the support (infinite residual) take no part: zero draws and scores
+            ok = torch.isfinite(resid)
+            moved, _ = stein_moment_correction(zero_unless(ok, z), zero_unless(ok, score), affine)
             new_lp, new_score, new_resid = score_and_residual(moved)
             better = active & (new_resid < resid)
             # the KSD decides only where the residual did not improve: computed lazily, for those datasets
@@ -1008,8 +1036,6 @@ class AmortizedSteinGuide(AutoContinuous):
         if not self.mcmc_steps:
             return z
         leapfrog = self.mcmc_leapfrog
-        if isinstance(leapfrog, bool) or not isinstance(leapfrog, int) or leapfrog < 1:
-            raise ValueError(f"guide.mcmc_leapfrog must be an int >= 1 (1: MALA steps), got {leapfrog!r}")
         self._require_full_data(f"mcmc_steps={self.mcmc_steps}", "set guide.mcmc_steps = 0",
                                 why=" (a Metropolis-Hastings test on a minibatch estimate is not exact)")
         out = []

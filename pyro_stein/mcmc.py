@@ -62,9 +62,11 @@ def _preconditioner(z: Tensor) -> Tensor:
             f"the MCMC preconditioner is the covariance of the draws to polish, but {what}; pass at least two "
             "distinct finite draws (the guide polishes at least correction_samples draws per dataset)"
         )
-    floor = var.mean() * 1e-6
+    # jitter relative to each coordinate's own variance (a floor relative to their mean made a coordinate 10^4 times
+    # narrower than another wider than its spread, so the chains rejected every step), with a tiny one for none
+    floor = var * 1e-6 + var.max() * 1e-12
     if n > d:
-        cov = zc.T @ zc / (n - 1) + floor * torch.eye(d, dtype=z.dtype, device=z.device)
+        cov = zc.T @ zc / (n - 1) + torch.diag(floor)
         chol, info = torch.linalg.cholesky_ex(cov)
         if int(info) == 0:
             return chol
@@ -72,12 +74,14 @@ def _preconditioner(z: Tensor) -> Tensor:
 
 
 def _check_polish_arguments(z, num_steps: int, target_accept: float) -> None:
-    if not isinstance(z, Tensor) or z.dim() != 2:
-        raise ValueError(f"z must be a Tensor of draws with shape (n, D), got {getattr(z, 'shape', type(z).__name__)}")
+    if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[-1] == 0:
+        raise ValueError(f"z must be a Tensor of draws with shape (n, D), D >= 1, got {getattr(z, 'shape', type(z).__name__)}")
+    if not z.is_floating_point():
+        raise TypeError(f"z must be a floating-point Tensor (the draws), got dtype {z.dtype}")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
         raise ValueError(f"num_steps must be an int >= 0, got {num_steps!r}")
-    if not 0.0 < target_accept < 1.0:
-        raise ValueError(f"target_accept must lie in (0, 1), got {target_accept!r}")
+    if isinstance(target_accept, bool) or not isinstance(target_accept, (int, float)) or not 0.0 < target_accept < 1.0:
+        raise ValueError(f"target_accept must be a number in (0, 1), got {target_accept!r}")
 
 
 def _mask_nonfinite(lp: Tensor, score: Tensor) -> tuple[Tensor, Tensor]:
@@ -120,6 +124,8 @@ def _start(z: Tensor, evaluate: LogDensityAndScore, initial: tuple[Tensor, Tenso
             f"initial must be a pair (log density, score) at z with shapes ({z.shape[0]},) and {tuple(z.shape)}, "
             f"got {got}"
         )
+    if initial[0].dtype != z.dtype or initial[1].dtype != z.dtype:
+        raise ValueError(f"initial must be in the draws' dtype {z.dtype}, got {initial[0].dtype} and {initial[1].dtype}")
     return _mask_nonfinite(*initial)
 
 

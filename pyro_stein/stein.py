@@ -187,13 +187,22 @@ def stein_moment_correction(z: Tensor, score: Tensor, affine: bool = True) -> tu
         location step only).
     :returns: ``(corrected draws, ok)``; ``ok`` ``(...)`` is ``False`` where the covariance step was
         skipped.
+    :raises ValueError: when a draw or score is not finite.
 
     References: Q. Liu, D. Wang, "Stein Variational Gradient Descent as Moment Matching", NeurIPS 2018.
     """
+    if not isinstance(z, Tensor) or not isinstance(score, Tensor):
+        raise TypeError(f"z and score must be Tensors, got {type(z).__name__} and {type(score).__name__}")
     _check(z, score)
     n, d = z.shape[-2], z.shape[-1]
     if n < 2:
         raise ValueError(f"stein_moment_correction needs at least 2 draws, got {n}")
+    if not (torch.isfinite(z).all() and torch.isfinite(score).all()):
+        bad = int((~(torch.isfinite(z) & torch.isfinite(score)).all(-1)).sum())
+        raise ValueError(
+            f"z and score must be finite, but {bad} draw(s) are not: their moments would make every corrected draw "
+            "NaN; leave those draws out (or pass a zero score and a finite z for a batch element not to correct)"
+        )
     if affine and n <= d:
         raise ValueError(f"affine=True needs more draws than dimensions (n={n}, D={d}); draw more or pass affine=False")
     m, g, zc, cov_q, cross = _linear_stein_moments(z, score)

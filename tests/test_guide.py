@@ -602,11 +602,35 @@ def test_mcmc_steps_argument_errors_and_persistence(tmp_path):
     guide.save(tmp_path / "g.pt")
     loaded = AmortizedSteinGuide.load(tmp_path / "g.pt", linear_gaussian_model, X, y)
     assert loaded.mcmc_steps == 3 and loaded.mcmc_leapfrog == 2
-    loaded.mcmc_leapfrog = 0  # set after construction: checked when used
     with pytest.raises(ValueError, match=r"guide.mcmc_leapfrog must be an int >= 1 \(1: MALA steps\), got 0"):
-        loaded.sample_posterior(7, X, y)
-    loaded.mcmc_leapfrog = 2
+        loaded.mcmc_leapfrog = 0  # set after construction: checked too
+    assert loaded.mcmc_leapfrog == 2
     assert loaded.sample_posterior(7, X, y)["w"].shape == (7, 2)
+
+
+@pytest.mark.parametrize("option, bad", [("moment_correction", -1), ("moment_correction", 1.5), ("correction_samples", 2.5),
+                                         ("correction_samples", -5), ("mcmc_steps", "3"), ("laplace_evaluations", 0)])
+def test_options_set_after_construction_are_checked(option, bad):
+    """The README sets these as attributes; a bad value was accepted silently (moment_correction=-1 drew
+    correction_samples draws and corrected nothing) or failed later with a message not naming it."""
+    guide = AmortizedSteinGuide(linear_gaussian_model)
+    before = getattr(guide, option)
+    with pytest.raises(ValueError, match=rf"guide.{option} must be an int >= \d+"):
+        setattr(guide, option, bad)
+    assert getattr(guide, option) == before
+
+
+def test_integer_options_of_any_integer_type_are_held_as_ints():
+    """numpy and 0-d tensor integers were accepted by the constructor but stored as they were, so the polish
+    rejected np.int64 later and a tensor broke the construction."""
+    np = pytest.importorskip("numpy")
+    X, y = data(n=10, d=2)
+    guide = AmortizedSteinGuide(linear_gaussian_model, mcmc_steps=np.int64(2), mcmc_leapfrog=np.int64(2),
+                                moment_correction=torch.tensor(1)).setup(X, y)
+    assert (guide.mcmc_steps, guide.mcmc_leapfrog, guide.moment_correction) == (2, 2, 1)
+    assert all(type(v) is int for v in (guide.mcmc_steps, guide.mcmc_leapfrog, guide.moment_correction))
+    guide.correction_samples = np.int32(50)
+    assert type(guide.correction_samples) is int and guide.sample_posterior(5, X, y)["w"].shape == (5, 2)
 
 
 def _concentrated_linear_data():

@@ -86,6 +86,28 @@ def test_polish_converges_from_a_shifted_narrow_start_on_a_gaussian(polish, name
     )
 
 
+@pytest.mark.parametrize("polish, name, steps", [pytest.param(mala_polish, "MALA", 20, id="mala"), pytest.param(
+    lambda z, f, n, **kw: hmc_polish(z, f, n, 3, **kw), "HMC(3 leapfrogs)", 10, id="hmc")])
+def test_polish_does_not_depend_on_the_units_of_a_coordinate(polish, name, steps):
+    """A Gaussian with sds (1, 1e-4) from a start twice too wide converges as one with sds (1, 1) does. The
+    preconditioner's jitter was relative to the mean variance, which made the narrow coordinate's proposal 7x too
+    wide: every step was rejected, and the first coordinate stayed 1.57x too wide (35 standard errors)."""
+    torch.manual_seed(0)
+    n = 4000
+    sd = torch.tensor([1.0, 1e-4], dtype=DTYPE, device=DEVICE)
+
+    def gauss(z):
+        w = z / sd
+        return -0.5 * w.square().sum(-1), -w / sd
+
+    z, rates = polish(2 * sd * torch.randn(n, 2, dtype=DTYPE, device=DEVICE), gauss, steps)
+    z_mean, z_var = _moment_z(z, torch.zeros_like(sd), sd.square())
+    assert z_mean.max() < 4.5 and z_var.max() < 4.5, (
+        f"{steps} {name} steps from a start twice too wide: mean errors {z_mean.tolist()} and variance errors "
+        f"{z_var.tolist()} Monte Carlo standard errors ({n} chains; acceptance {rates.tolist()}); limit 4.5"
+    )
+
+
 @pytest.mark.parametrize("polish, name, _", KERNELS)
 def test_polish_rejects_proposals_outside_the_support(polish, name, _):
     def half_line(z):  # log density of Exp(1) on z > 0, -inf elsewhere
@@ -106,8 +128,13 @@ def test_polish_arguments(polish, name, _):
         polish(z[0], banana, 1)
     with pytest.raises(ValueError, match="num_steps must be an int >= 0"):
         polish(z, banana, -1)
-    with pytest.raises(ValueError, match="target_accept must lie in"):
-        polish(z, banana, 1, target_accept=1.0)
+    for bad in (1.0, None, "0.5", True):
+        with pytest.raises(ValueError, match="target_accept must be a number in"):
+            polish(z, banana, 1, target_accept=bad)
+    with pytest.raises(TypeError, match="z must be a floating-point Tensor"):
+        polish(torch.ones(10, 2, dtype=torch.long, device=DEVICE), banana, 1)
+    with pytest.raises(ValueError, match=r"z must be a Tensor of draws with shape \(n, D\), D >= 1"):
+        polish(z[:, :0], banana, 1)
     with pytest.raises(ValueError, match=r"log_density_and_score must return shapes \(10,\) and \(10, 2\)"):
         polish(z, lambda x: (x.sum(), x), 1)
 
@@ -175,3 +202,6 @@ def test_polish_initial_saves_one_evaluation_and_changes_nothing(polish, name, _
         polish(z0, banana, 1, initial=(z0[:, 0], z0[:10]))
     with pytest.raises(ValueError, match="initial must be a pair .* got Tensor"):
         polish(z0, banana, 1, initial=z0)
+    other = torch.float32 if DTYPE == torch.float64 else torch.float64
+    with pytest.raises(ValueError, match=f"initial must be in the draws' dtype {DTYPE}"):
+        polish(z0, banana, 1, initial=tuple(t.to(other) for t in banana(z0)))

@@ -328,6 +328,16 @@ def test_moment_correction_batches_independently():
         assert torch.allclose(out[b], alone, rtol=RTOL, atol=ATOL * 1e3)
 
 
+def test_moment_correction_rejects_non_finite_draws_and_non_tensors():
+    """One infinite draw made every corrected draw NaN, silently."""
+    z = randn(200, 2, seed=9)
+    z[3, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"z and score must be finite, but 1 draw\(s\) are not"):
+        stein_moment_correction(z, torch.where(torch.isfinite(z), -z, torch.zeros_like(z)))
+    with pytest.raises(TypeError, match="z and score must be Tensors, got list and list"):
+        stein_moment_correction([[0.0, 1.0]], [[0.0, 1.0]])
+
+
 def test_moment_correction_falls_back_when_precision_not_positive_definite():
     z = randn(200, 2, seed=9)
     out, ok = stein_moment_correction(z, z.clone())  # score of exp(+|z|^2 / 2): no positive-definite precision
