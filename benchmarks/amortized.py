@@ -257,7 +257,11 @@ def _moments(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _compare(draws: torch.Tensor, ref: tuple[torch.Tensor, torch.Tensor]) -> dict:
     """Worst-dimension standardized mean error and sd ratio of ``draws`` against reference moments ``(mean, sd)``."""
     mean, sd = _moments(draws)
-    return {"worst_mean_err": float(((mean - ref[0]).abs() / ref[1]).max()), "worst_sd_ratio": worst_ratio(sd / ref[1])}
+    ratio = sd / ref[1]
+    # worst_sd_ratio (the ratio farthest from 1 on a log scale) is what the tables show; the "sd within 20 %" test
+    # needs every dimension's |ratio - 1|, which that one ratio does not bound (0.82 is "worse" than 1.21 on a log scale)
+    return {"worst_mean_err": float(((mean - ref[0]).abs() / ref[1]).max()), "worst_sd_ratio": worst_ratio(ratio),
+            "max_sd_dev": float((ratio - 1).abs().max())}
 
 
 def _nuts(model, d, cfg):
@@ -479,6 +483,12 @@ def _median(xs: list) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def _sd_dev(row: dict) -> float:
+    """The largest |sd ratio - 1| over the dimensions; results written before session 25 hold only the ratio
+    farthest from 1 on a log scale, whose |r - 1| can understate it (a 0.82 stored for a dimension at 1.21)."""
+    return row.get("max_sd_dev", abs(row["worst_sd_ratio"] - 1))
+
+
 def _accuracy_summary(rows: list, m: str) -> dict:
     """Method ``m`` over the datasets ``rows``: median wall time and errors, and how many datasets meet the targets."""
     return {
@@ -487,8 +497,11 @@ def _accuracy_summary(rows: list, m: str) -> dict:
         "max_mean_err": max((r[m]["worst_mean_err"] for r in rows), default=float("nan")),
         "sd_ratio": _median([r[m]["worst_sd_ratio"] for r in rows]),
         "mean_err_ok": sum(r[m]["worst_mean_err"] < 0.2 for r in rows),
-        "sd_ok": sum(abs(r[m]["worst_sd_ratio"] - 1) <= 0.2 for r in rows),
-        "both_ok": sum(r[m]["worst_mean_err"] < 0.2 and abs(r[m]["worst_sd_ratio"] - 1) <= 0.2 for r in rows),
+        "sd_ok": sum(_sd_dev(r[m]) <= 0.2 for r in rows),
+        "both_ok": sum(r[m]["worst_mean_err"] < 0.2 and _sd_dev(r[m]) <= 0.2 for r in rows),
+        # datasets counted as meeting the sd target on a stored log-scale ratio in (0.8, 1/1.2]: another dimension
+        # may be more than 20 % too wide (results before session 25 cannot tell)
+        "sd_ok_uncertain": sum("max_sd_dev" not in r[m] and 0.8 <= r[m]["worst_sd_ratio"] <= 1 / 1.2 for r in rows),
     }
 
 

@@ -299,6 +299,16 @@ def _section_amortized(d: dict, out: Path) -> list[str]:
     s.append(_table(["method", "median wall (s)", "NUTS / method", "median mean err (sd)", "worst mean err (sd)",
                      "median sd ratio", "mean err < 0.2", "sd within 20%", "both"], rows))
     s.append("")
+    # results written before session 25 kept only the sd ratio farthest from 1 on a log scale: a dataset whose stored
+    # ratio lies in [0.8, 1/1.2] passed the "within 20 %" test though another dimension may be up to 1.25x off
+    uncertain = {m: sum(1 for r in d["datasets"] if "nuts" in r and m in r and "max_sd_dev" not in r[m]
+                        and 0.8 <= r[m]["worst_sd_ratio"] <= 1 / 1.2) for m in labels}
+    if any(uncertain.values()):
+        s.append("Caveat (results written before the per-dimension sd test): the 'sd within 20%' and 'both' counts may "
+                 "include datasets whose recorded worst sd ratio (the one farthest from 1 on a log scale) lies in "
+                 "0.80-0.83, where another dimension can be 1.20-1.25x too wide: " + ", ".join(
+                     f"{labels[m]}: {k}" for m, k in uncertain.items() if k) + ". Rerunning settles them.")
+        s.append("")
     met = {m: sm[m]["both_ok"] == n and n > 0 and sm[m]["speedup_vs_nuts"] >= 1000 for m in labels}
     s.append("Target (>= 1000x faster than NUTS with both accuracy targets on every dataset): " + ", ".join(
         f"{m}: {'met' if v else 'NOT met'}" for m, v in met.items()) + ".")
