@@ -499,9 +499,6 @@ def _accuracy_summary(rows: list, m: str) -> dict:
         "mean_err_ok": sum(r[m]["worst_mean_err"] < 0.2 for r in rows),
         "sd_ok": sum(_sd_dev(r[m]) <= 0.2 for r in rows),
         "both_ok": sum(r[m]["worst_mean_err"] < 0.2 and _sd_dev(r[m]) <= 0.2 for r in rows),
-        # datasets counted as meeting the sd target on a stored log-scale ratio in (0.8, 1/1.2]: another dimension
-        # may be more than 20 % too wide (results before session 25 cannot tell)
-        "sd_ok_uncertain": sum("max_sd_dev" not in r[m] and 0.8 <= r[m]["worst_sd_ratio"] <= 1 / 1.2 for r in rows),
     }
 
 

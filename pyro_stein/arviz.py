@@ -121,9 +121,7 @@ def _model_structure(model, args, kwargs):
     :func:`~pyro_stein.logjoint.full_data`). Also returns whether the model subsamples plates."""
     # latent sites take a feasible value without .sample() (as the guide's initialisation), so that
     # ImproperUniform priors trace too; only shapes and observed values are read from this trace
-    init = init_to_mean_or_feasible()
-    init.like = _first_tensor([args, kwargs])
-    model = InitMessenger(init)(model)
+    model = InitMessenger(init_to_mean_or_feasible(like=_first_tensor([args, kwargs])))(model)
     with torch.no_grad(), poutine.block():
         trace = poutine.trace(model).get_trace(*args, **kwargs)
         subsampled = _subsampled_plates(trace)

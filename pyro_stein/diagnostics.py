@@ -60,14 +60,14 @@ def stein_discrepancy(
     from .guide import _int_at_least
 
     _int_at_least(max_samples, "max_samples", 2, "an int >= 2 (the U-statistic needs pairs of draws)")
-    # the model's latent sites and their shapes, from a trace at the guide's initial values (not at the samples,
-    # whose shapes are what is checked; no prior .sample() either, so that ImproperUniform priors trace)
     from .guide import _first_tensor, init_to_mean_or_feasible
 
-    init = init_to_mean_or_feasible()
-    init.like = _first_tensor([args, kwargs])
-    tr = prune_subsample_sites(poutine.block(poutine.trace(InitMessenger(init)(model)).get_trace)(*args, **kwargs))
-    sites = latent_sites_from_trace(tr)
+    def latent_sites(init_fn):  # the latent sites of a trace whose latents take init_fn's values (no .sample())
+        tr = poutine.block(poutine.trace(InitMessenger(init_fn)(model)).get_trace)(*args, **kwargs)
+        return latent_sites_from_trace(prune_subsample_sites(tr))
+
+    # their shapes from the guide's initial values, not from the samples, whose shapes are what is checked
+    sites = latent_sites(init_to_mean_or_feasible(like=_first_tensor([args, kwargs])))
     missing = [s.name for s in sites if s.name not in samples]
     if missing:
         raise ValueError(f"samples lack the latent site(s) {missing}; pass draws of every latent site of the model")
@@ -88,9 +88,8 @@ def stein_discrepancy(
     num = counts.pop()
     if num < 2:
         raise ValueError("stein_discrepancy needs at least 2 draws")
-    # the latent sites again, traced at the first draw (the shapes and supports the log density packs)
-    fixed = InitMessenger(init_to_value(values={s.name: samples[s.name][0] for s in sites}))(model)
-    sites = latent_sites_from_trace(prune_subsample_sites(poutine.block(poutine.trace(fixed).get_trace)(*args, **kwargs)))
+    # again at the first draw: the supports (and bijections) the log density packs the draws with
+    sites = latent_sites(init_to_value(values={s.name: samples[s.name][0] for s in sites}))
     n = min(num, max_samples)
     u = pack({s.name: samples[s.name][:n] for s in sites}, sites)
     _, score = ModelLogDensity(model, sites).log_density_and_score(u, args, kwargs)

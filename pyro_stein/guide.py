@@ -120,8 +120,8 @@ class init_to_mean_or_feasible:
     from :attr:`like` (the guide sets it to a tensor from the model's arguments).
     """
 
-    def __init__(self):
-        self.like: Tensor | None = None
+    def __init__(self, like: Tensor | None = None):
+        self.like = like
 
     def __call__(self, site: dict) -> Tensor:
         fn = site["fn"]
@@ -372,14 +372,13 @@ class AmortizedSteinGuide(AutoContinuous):
         if not isinstance(record_graph, bool):
             raise TypeError(f"record_graph must be True or False, got {record_graph!r}")
         self.record_graph = record_graph
-        # checked and held as ints (_IntOption), here and when set later; a tensor must not reach PyroModule's
-        # __setattr__ before its __init__, so each is converted first
-        self.moment_correction = _int_at_least(moment_correction, "moment_correction", 0)
-        self.correction_samples = _int_at_least(correction_samples, "correction_samples", 3)
-        self.mcmc_steps = _int_at_least(mcmc_steps, "mcmc_steps", 0)
-        self.mcmc_leapfrog = _int_at_least(mcmc_leapfrog, "mcmc_leapfrog", 1, "an int >= 1 (1: MALA steps)")
+        # checked and held as ints by their _IntOption descriptors, here and when set later; set through object's
+        # __setattr__, as PyroModule's would reject a 0-d tensor value before its own __init__
+        for name, value in (("moment_correction", moment_correction), ("correction_samples", correction_samples),
+                            ("mcmc_steps", mcmc_steps), ("mcmc_leapfrog", mcmc_leapfrog),
+                            ("laplace_evaluations", laplace_evaluations)):
+            object.__setattr__(self, name, value)
         self.whiten = whiten
-        self.laplace_evaluations = _int_at_least(laplace_evaluations, "laplace_evaluations", 1)
         self.num_unconverged_frames = 0  # datasets whose frame search did not converge (see frames)
         self._init_fn = init_to_mean_or_feasible() if init_loc_fn is None else init_loc_fn
         super().__init__(model, init_loc_fn=self._init_fn)

@@ -80,6 +80,27 @@ def _stencil_derivatives(score: Tensor, step: float) -> tuple[Tensor, Tensor]:
     return score[..., 0, :], 0.5 * (hess + hess.transpose(-1, -2))
 
 
+def _newton_terms(
+    grad: Tensor, hess: Tensor, rel_floor: float = 1e-6, damping: Tensor | None = None, escape_rel: float = 1e-4
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`newton_direction`'s ``(step, decrement, |H|)`` and, from the same eigendecomposition, the way off a
+    stationary point that is not a mode ``(direction (B, D), needed (B,) bool)``: where ``log p`` curves upwards
+    (``hess``, the Hessian of ``-log p``, has an eigenvalue below ``-escape_rel`` times its largest magnitude), the
+    eigenvector of the most negative eigenvalue, scaled to one sd of that curvature and signed uphill (at a minimum
+    or saddle of ``log p`` the gradient, and so the saddle-free Newton step, vanishes)."""
+    lam, vec = torch.linalg.eigh(hess)
+    low, v = lam[..., 0], vec[..., 0]
+    needed = low < -escape_rel * lam.abs().amax(-1)
+    sign = torch.where((grad * v).sum(-1) < 0, -1.0, 1.0).to(v.dtype)
+    escape = v * (sign / (-low).clamp_min(torch.finfo(lam.dtype).tiny).sqrt()).unsqueeze(-1)
+    lam = lam.abs()
+    lam = torch.maximum(lam, rel_floor * lam.amax(-1, keepdim=True).clamp_min(torch.finfo(lam.dtype).tiny))
+    g = (vec.transpose(-1, -2) @ grad.unsqueeze(-1)).squeeze(-1)
+    step = (vec @ (g / (lam if damping is None else lam + damping.unsqueeze(-1))).unsqueeze(-1)).squeeze(-1)
+    decrement = (g.square() / lam).sum(-1).sqrt()
+    return step, decrement, (vec * lam.unsqueeze(-2)) @ vec.transpose(-1, -2), escape, needed
+
+
 def newton_direction(
     grad: Tensor, hess: Tensor, rel_floor: float = 1e-6, damping: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -91,25 +112,7 @@ def newton_direction(
     decrement and ``|H|`` stay undamped): it shortens the step most along nearly flat directions,
     where an undamped step would run off.
     """
-    lam, vec = torch.linalg.eigh(hess)
-    lam = lam.abs()
-    lam = torch.maximum(lam, rel_floor * lam.amax(-1, keepdim=True).clamp_min(torch.finfo(lam.dtype).tiny))
-    g = (vec.transpose(-1, -2) @ grad.unsqueeze(-1)).squeeze(-1)
-    step = (vec @ (g / (lam if damping is None else lam + damping.unsqueeze(-1))).unsqueeze(-1)).squeeze(-1)
-    decrement = (g.square() / lam).sum(-1).sqrt()
-    return step, decrement, (vec * lam.unsqueeze(-2)) @ vec.transpose(-1, -2)
-
-
-def _escape_direction(grad: Tensor, hess: Tensor, rel: float = 1e-4) -> tuple[Tensor, Tensor]:
-    """Where ``log p`` curves upwards (``hess``, the Hessian of ``-log p``, has an eigenvalue below ``-rel`` times its
-    largest magnitude), the eigenvector of the most negative eigenvalue, scaled to one sd of that curvature and signed
-    uphill: the way off a stationary point that is not a mode (a minimum or saddle of ``log p``, where the gradient,
-    and so the saddle-free Newton step, vanishes). Returns ``(direction (B, D), needed (B,) bool)``."""
-    lam, vec = torch.linalg.eigh(hess)
-    low, v = lam[..., 0], vec[..., 0]
-    needed = low < -rel * lam.abs().amax(-1)
-    sign = torch.where((grad * v).sum(-1) < 0, -1.0, 1.0).to(v.dtype)
-    return v * (sign / (-low).clamp_min(torch.finfo(lam.dtype).tiny).sqrt()).unsqueeze(-1), needed
+    return _newton_terms(grad, hess, rel_floor, damping)[:3]
 
 
 def laplace_frames(
@@ -161,8 +164,7 @@ def laplace_frames(
             f"whiten='laplace': the log density or its score is not finite at the starting point of dataset(s) {bad} "
             "in this batch; check those datasets, or start from a different init_loc_fn"
         )
-    step, dec, abs_hess = newton_direction(grad, hess)
-    escape_dir, curved_up = _escape_direction(grad, hess)
+    step, dec, abs_hess, escape_dir, curved_up = _newton_terms(grad, hess)
     mu = torch.zeros(num, dtype=z.dtype, device=z.device)  # Levenberg-Marquardt damping of each direction
     stalled = torch.zeros(num, dtype=torch.bool, device=z.device)
     ladder = torch.tensor(_LADDER, dtype=z.dtype, device=z.device)
@@ -199,8 +201,7 @@ def laplace_frames(
         acc = idx[accept]
         z[acc], lp[acc], grad[acc], hess[acc] = pick(cand)[accept], pick(lp_c)[accept], pick(grad_c)[accept], pick(hess_c)[accept]
         if acc.numel():
-            step[acc], dec[acc], abs_hess[acc] = newton_direction(grad[acc], hess[acc])
-            escape_dir[acc], curved_up[acc] = _escape_direction(grad[acc], hess[acc])
+            step[acc], dec[acc], abs_hess[acc], escape_dir[acc], curved_up[acc] = _newton_terms(grad[acc], hess[acc])
         # no length acceptable: damp the direction 10x more (from 0.001 of the largest curvature), which shortens
         # it most along nearly flat directions of |H|, where a Newton step runs off; after a success, a tenth as much
         lam_max = abs_hess[idx].diagonal(dim1=-2, dim2=-1).amax(-1)
