@@ -6,7 +6,7 @@ import itertools
 import numbers
 import operator
 import warnings
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from typing import Callable, Sequence
 
 import pyro
@@ -22,7 +22,7 @@ from torch.distributions import constraints
 from .data import Dataset, DatasetFeatures, LastDataset, _dataset_sequence, collate_features, default_dataset_fn
 from .kernels import IMQKernel
 from .laplace import LaplaceFrameWarning, laplace_frames
-from .logjoint import (LatentSite, ModelLogDensity, all_finite, finite_sets, full_data, latent_sites_from_trace, pack,
+from .logjoint import (LatentSite, ModelLogDensity, VectorizationWarning, all_finite, finite_sets, full_data, latent_sites_from_trace, pack,
                        top_level, unpack)
 from .mcmc import hmc_polish, mala_polish
 from .nn import DeepSetEncoder, GaussianResidualSampler
@@ -33,6 +33,15 @@ __all__ = ["AmortizedSteinGuide", "ModelParameterWarning", "SamplerDistribution"
 
 
 _CACHE_TOKENS = itertools.count()
+
+WHITEN_OPTIONS = ("auto", "laplace", "adaptive", None)
+# sample_posterior's post-processing by default (a guide fitted to one dataset) and for amortized guides
+DEFAULT_POLISH = {"moment_correction": 2, "mcmc_steps": 2, "mcmc_leapfrog": 5}
+NO_POLISH = {"moment_correction": 0, "mcmc_steps": 0, "mcmc_leapfrog": 1}
+# a starting point whose score exceeds this (in any unconstrained coordinate) is treated as a singular point
+_EXTREME_SCORE = 1e6
+# the Laplace frame's centre must be a mode: the Newton step from it below this many frame sds
+_MODE_TOLERANCE = 0.05
 
 
 def _first_tensor(obj) -> Tensor | None:
@@ -220,7 +229,7 @@ class AmortizedSteinGuide(AutoContinuous):
 
         guide = AmortizedSteinGuide(model)
         svgd = AmortizedSVGD(model, guide, pyro.optim.Adam({"lr": 3e-3}), num_particles=64)
-        svgd.run(2000, X, y)
+        svgd.run(X, y)
         samples = guide.sample_posterior(1000, X, y)
 
     :param callable model: a Pyro model with continuous latent sites.
@@ -341,12 +350,12 @@ class AmortizedSteinGuide(AutoContinuous):
         vectorize: str = "auto",
         num_summary_samples: int = 1000,
         create_plates: Callable | None = None,
-        moment_correction: int = 0,
+        moment_correction: int | None = None,
         correction_samples: int = 1000,
-        whiten: str | None = None,
-        mcmc_steps: int = 0,
+        whiten: str | None = "auto",
+        mcmc_steps: int | None = None,
         laplace_evaluations: int = 50,
-        mcmc_leapfrog: int = 1,
+        mcmc_leapfrog: int | None = None,
         record_graph: bool = True,
     ):
         if sampler is not None and not isinstance(sampler, nn.Module):
@@ -367,8 +376,17 @@ class AmortizedSteinGuide(AutoContinuous):
             raise ValueError(f"init_scale must be positive, got {init_scale!r}")
         context_dim = _int_at_least(context_dim, "context_dim", 1)
         num_summary_samples = _int_at_least(num_summary_samples, "num_summary_samples", 1)
-        if whiten not in (None, "laplace"):
-            raise ValueError(f"whiten must be None or 'laplace', got {whiten!r}")
+        if whiten not in WHITEN_OPTIONS:
+            raise ValueError(f"whiten must be one of {WHITEN_OPTIONS}, got {whiten!r}")
+        if whiten == "adaptive" and amortized:
+            raise ValueError("whiten='adaptive' is for non-amortized guides; an amortized guide takes whiten='laplace' "
+                             "(a frame per dataset) or None")
+        # the post-processing of sample_posterior: on by default for a guide fitted to one dataset, off by default for
+        # an amortized guide (whose point is a posterior in one forward pass); None picks that default
+        polish = DEFAULT_POLISH if not amortized else NO_POLISH
+        moment_correction = polish["moment_correction"] if moment_correction is None else moment_correction
+        mcmc_steps = polish["mcmc_steps"] if mcmc_steps is None else mcmc_steps
+        mcmc_leapfrog = polish["mcmc_leapfrog"] if mcmc_leapfrog is None else mcmc_leapfrog
         if not isinstance(record_graph, bool):
             raise TypeError(f"record_graph must be True or False, got {record_graph!r}")
         self.record_graph = record_graph
@@ -378,7 +396,11 @@ class AmortizedSteinGuide(AutoContinuous):
                             ("mcmc_steps", mcmc_steps), ("mcmc_leapfrog", mcmc_leapfrog),
                             ("laplace_evaluations", laplace_evaluations)):
             object.__setattr__(self, name, value)
-        self.whiten = whiten
+        # what was asked for; `whiten` below is the frame in use ("laplace" or None), resolved at setup for "auto"
+        self.frame_request = whiten
+        self.whiten = "laplace" if whiten == "laplace" else None
+        self.adaptive_frame = whiten == "adaptive"  # the driver's affine-invariant direction (see AmortizedSVGD)
+        self.frame_fallback_reason: str | None = None  # why whiten="auto" did not use a Laplace frame
         self.num_unconverged_frames = 0  # datasets whose frame search did not converge (see frames)
         self._init_fn = init_to_mean_or_feasible() if init_loc_fn is None else init_loc_fn
         super().__init__(model, init_loc_fn=self._init_fn)
@@ -397,7 +419,7 @@ class AmortizedSteinGuide(AutoContinuous):
             raise ValueError("mean_features=True configures the default encoder; build your encoder with "
                              "DeepSetEncoder(..., mean_features=True) instead")
         if mean_features is None:  # on where it was measured to help: the default encoder without a frame
-            mean_features = bool(amortized) and encoder is None and whiten is None
+            mean_features = bool(amortized) and encoder is None and self.whiten is None
         self.mean_features = mean_features
         self.vectorize = vectorize
         self.num_summary_samples = int(num_summary_samples)
@@ -494,7 +516,42 @@ class AmortizedSteinGuide(AutoContinuous):
         if not torch.isfinite(init_loc).all():
             bad = [s.name for s in self.sites if not torch.isfinite(init_loc[s.offset : s.offset + s.size]).all()]
             raise ValueError(f"the initial value of site(s) {bad} is not finite in unconstrained space; pass a different init_loc_fn")
-        self._build_networks(init_loc, args, kwargs)
+        with warnings.catch_warnings():  # the driver reports a model that does not vectorise, at its first step
+            warnings.simplefilter("ignore", VectorizationWarning)
+            self._build_networks(self._checked_init(init_loc, args, kwargs), args, kwargs)
+
+    def _checked_init(self, init_loc: Tensor, args, kwargs) -> Tensor:
+        """``init_loc``, or a point near it when the log joint or its score is not finite or extreme there.
+
+        A prior mean can be a singular point of the likelihood (a degenerate covariance, a rate of zero), where the
+        score is huge or undefined; training started there swings wildly. Candidates at growing distances (0.1 to 2
+        in unconstrained space, 16 each, from a generator seeded for reproducibility) are tried and the finite,
+        non-extreme one with the highest log joint is used."""
+        def evaluate(x: Tensor) -> tuple[Tensor, Tensor]:
+            with self._full_data(), poutine.block():
+                return self.log_density.log_density_and_score(x, args, kwargs, check=False)
+
+        def ok(lp: Tensor, score: Tensor) -> Tensor:
+            return torch.isfinite(lp) & torch.isfinite(score).all(-1) & (score.abs().amax(-1) <= _EXTREME_SCORE)
+
+        try:
+            lp, score = evaluate(init_loc[None])
+        except (ValueError, RuntimeError):  # the model's own error surfaces where it is clearer (training, sampling)
+            return init_loc
+        if bool(ok(lp, score)[0]):
+            return init_loc
+        gen = torch.Generator(device=init_loc.device).manual_seed(0)
+        scales = torch.tensor([0.1, 0.5, 1.0, 2.0], dtype=init_loc.dtype, device=init_loc.device).repeat_interleave(16)
+        noise = torch.randn(scales.shape[0], init_loc.shape[0], generator=gen, dtype=init_loc.dtype, device=init_loc.device)
+        candidates = init_loc + scales[:, None] * noise
+        try:
+            lp, score = evaluate(candidates)
+        except (ValueError, RuntimeError):
+            return init_loc
+        good = ok(lp, score)
+        if not bool(good.any()):
+            return init_loc
+        return candidates[torch.where(good, lp, torch.full_like(lp, -float("inf"))).argmax()]
 
     def _check_sites(self, trace) -> None:
         for name, site in trace.iter_stochastic_nodes():
@@ -514,11 +571,17 @@ class AmortizedSteinGuide(AutoContinuous):
                 raise ValueError(f"latent site {name!r} has support {fn.support} with no bijection to real space: {e}") from e
 
     def _laplace_frame(self, init_loc: Tensor, args, kwargs) -> tuple[Tensor, Tensor]:
-        """``(m, L)``: the posterior mode in unconstrained space and ``L`` with ``L L^T = H^{-1}``."""
-        self._require_full_data("whiten='laplace'", "use whiten=None")
+        """``(m, L)``: the posterior mode in unconstrained space and ``L`` with ``L L^T = H^{-1}``.
+
+        Raises a ``ValueError`` saying why when the posterior has no proper mode there: the search fails or runs off,
+        the Hessian is not positive definite, or the Newton step from the point found is not small (an unbounded
+        direction, as the scale of a centred hierarchical model running to 0)."""
+        if self.frame_request == "laplace":
+            self._require_full_data("whiten='laplace'", "use whiten='auto' (which evaluates the full data) or None")
 
         def neg_log_p(x: Tensor) -> Tensor:
-            return -self.log_density.log_density(x.unsqueeze(0), args, kwargs)[0]
+            with self._full_data():
+                return -self.log_density.log_density(x.unsqueeze(0), args, kwargs)[0]
 
         z = init_loc.detach().clone().requires_grad_(True)
         opt = torch.optim.LBFGS([z], max_iter=200, line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=0.0)
@@ -537,20 +600,30 @@ class AmortizedSteinGuide(AutoContinuous):
                 raise ValueError(
                     f"whiten='laplace': the mode search failed ({str(e).splitlines()[0]}); the posterior may have no "
                     "proper mode (e.g. a centred hierarchical model whose log density grows without bound as a scale "
-                    "goes to 0): use a non-centred parameterisation or whiten=None"
+                    "goes to 0): use a non-centred parameterisation or whiten='auto'"
                 ) from e
             mode = z.detach()
             hess = torch.autograd.functional.hessian(neg_log_p, mode)
-        if not (torch.isfinite(mode).all() and torch.isfinite(hess).all()):
-            raise ValueError("whiten='laplace': the mode search or the Hessian at the mode is not finite; use whiten=None")
+            grad = torch.autograd.functional.jacobian(neg_log_p, mode)
+        if not (torch.isfinite(mode).all() and torch.isfinite(hess).all() and torch.isfinite(grad).all()):
+            raise ValueError("whiten='laplace': the mode search or the Hessian at the mode is not finite; use "
+                             "whiten='auto'")
         chol, info = torch.linalg.cholesky_ex(0.5 * (hess + hess.T))
         if info != 0:
             raise ValueError(
                 "whiten='laplace': the Hessian of -log p at the mode found is not positive definite (no proper mode, "
-                "e.g. an improper or flat posterior direction); use whiten=None"
+                "e.g. an improper or flat posterior direction); use whiten='auto'"
             )
         eye = torch.eye(mode.shape[0], dtype=mode.dtype, device=mode.device)
-        return mode, torch.linalg.solve_triangular(chol, eye, upper=False).T  # L = R^{-T}: L L^T = (R R^T)^{-1}
+        scale = torch.linalg.solve_triangular(chol, eye, upper=False).T  # L = R^{-T}: L L^T = (R R^T)^{-1}
+        newton = (grad @ scale).abs().max()  # the Newton step from the point found, in sds of the frame
+        if not newton < _MODE_TOLERANCE:
+            raise ValueError(
+                f"whiten='laplace': the mode search stopped where the Newton step is still {float(newton):.3g} frame "
+                "sds long, so the log density has no proper mode there (e.g. a scale running to 0 in a centred "
+                "hierarchical model); use whiten='auto' or a non-centred parameterisation"
+            )
+        return mode, scale
 
     def _require_full_data(self, feature: str, fix: str, why: str = "") -> None:
         if self.subsample_plates:
@@ -558,6 +631,10 @@ class AmortizedSteinGuide(AutoContinuous):
                 f"{feature} needs the full-data log density{why}, but the model subsamples plates "
                 f"{sorted(self.subsample_plates)}; {fix} or do not subsample"
             )
+
+    def _full_data(self):
+        """A context in which the model's subsampled plates (if any) use all of their data."""
+        return full_data() if self.subsample_plates else nullcontext()
 
     @property
     def per_dataset_frames(self) -> bool:
@@ -654,14 +731,22 @@ class AmortizedSteinGuide(AutoContinuous):
         context_dim = encoding_dim = summary_dim = 0
         if self.per_dataset_frames:
             init_loc = torch.zeros_like(init_loc)  # the sampler starts at each dataset's Laplace approximation
-        elif self.whiten is not None:
-            if self._network_configs.get("sites") is None:  # a fresh guide: fit the frame (load() restores it)
+        elif not self.amortized and (self.whiten is not None or self.frame_request == "auto"):
+            fresh = self._network_configs.get("sites") is None  # a fresh guide: fit the frame (load() restores it)
+            if fresh and self.frame_request == "auto":
+                try:
+                    loc, scale = self._laplace_frame(init_loc, args, kwargs)
+                    self.whiten, self.adaptive_frame = "laplace", False
+                except ValueError as e:  # no proper mode: the driver adapts an affine frame to the particles instead
+                    self.whiten, self.adaptive_frame, self.frame_fallback_reason = None, True, str(e)
+            elif fresh:
                 loc, scale = self._laplace_frame(init_loc, args, kwargs)
             else:
                 loc, scale = torch.zeros_like(init_loc), torch.eye(init_loc.shape[0], dtype=init_loc.dtype, device=init_loc.device)
-            self.register_buffer("whiten_loc", loc)
-            self.register_buffer("whiten_scale", scale)
-            init_loc = torch.zeros_like(init_loc)
+            if self.whiten is not None:
+                self.register_buffer("whiten_loc", loc)
+                self.register_buffer("whiten_scale", scale)
+                init_loc = torch.zeros_like(init_loc)
         if self.amortized:
             feats = self.dataset_features(*args, **kwargs)
             encoder = self._user_encoder
@@ -738,7 +823,7 @@ class AmortizedSteinGuide(AutoContinuous):
                 "correction_samples": self.correction_samples,
                 "mcmc_steps": self.mcmc_steps,
                 "mcmc_leapfrog": self.mcmc_leapfrog,
-                "whiten": self.whiten,
+                "whiten": "adaptive" if self.adaptive_frame else self.whiten,
                 "laplace_evaluations": self.laplace_evaluations,
                 "record_graph": self.record_graph,
                 "frame_context": self.per_dataset_frames,
@@ -986,15 +1071,14 @@ class AmortizedSteinGuide(AutoContinuous):
         """
         if not self.moment_correction:
             return z[:, :keep], None
-        self._require_full_data(f"moment_correction={self.moment_correction}", "set guide.moment_correction = 0",
-                                why=" (a minibatch's score would move the draws differently on every call)")
         affine = z.shape[-2] > 2 * z.shape[-1]
 
         def zero_unless(ok, s):  # the values of datasets that are not ok (not finite) replaced by zeros
             return torch.where(ok[:, None, None], s, torch.zeros_like(s))
 
         def score_and_residual(x):
-            lp, s = self.log_density.log_density_and_score_batch(x, datasets, check=False)
+            with self._full_data():  # a model that subsamples is corrected on all of its data
+                lp, s = self.log_density.log_density_and_score_batch(x, datasets, check=False)
             if all_finite(lp, s):
                 finite = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
             else:  # a draw outside the support (log density -inf) rules the dataset's round out too
@@ -1026,7 +1110,7 @@ class AmortizedSteinGuide(AutoContinuous):
             lp = torch.where(better[:, None], new_lp, lp)
             resid = torch.where(better, new_resid, resid)
             active = better
-        return z[:, :keep], (lp[:, :keep], score[:, :keep])
+        return z[:, :keep], (lp[:, :keep].to(z.dtype), score[:, :keep].to(z.dtype))
 
     def _polish(self, z: Tensor, start: tuple[Tensor, Tensor] | None, datasets: Sequence) -> Tensor:
         """``mcmc_steps`` MALA (``mcmc_leapfrog == 1``) or HMC steps on each dataset's draws ``z``
@@ -1035,12 +1119,12 @@ class AmortizedSteinGuide(AutoContinuous):
         if not self.mcmc_steps:
             return z
         leapfrog = self.mcmc_leapfrog
-        self._require_full_data(f"mcmc_steps={self.mcmc_steps}", "set guide.mcmc_steps = 0",
-                                why=" (a Metropolis-Hastings test on a minibatch estimate is not exact)")
         out = []
         for i, (zi, d) in enumerate(zip(z, datasets)):
-            def fn(x, d=d):
-                return self.log_density.log_density_and_score(x, d.args, d.kwargs, check=False)
+            def fn(x, d=d):  # a model that subsamples is polished on all of its data (exact Metropolis tests)
+                with self._full_data():
+                    lp, score = self.log_density.log_density_and_score(x, d.args, d.kwargs, check=False)
+                return lp.to(x.dtype), score.to(x.dtype)  # a model may compute in another precision than its draws
 
             initial = None if start is None else (start[0][i], start[1][i])
             if leapfrog == 1:
