@@ -76,7 +76,7 @@ def _trained_asg(ref, cfg, whiten=None):
         steps = cfg["asg_steps"]
         guide = AmortizedSteinGuide(ref.model, whiten=whiten)
         svgd = AmortizedSVGD(ref.model, guide, _decay(1e-2, 1e-3, steps), num_particles=cfg["asg_particles"])
-        svgd.run(steps, *ref.args, progress_bar=False, **ref.kwargs)
+        svgd.run(*ref.args, num_steps=steps, progress_bar=False, **ref.kwargs)
         for k in [k for k in _TRAINED if k[0] != ref.name]:  # keep only this posterior's guides
             del _TRAINED[k]
         _TRAINED[key] = (guide, time.perf_counter() - t0)

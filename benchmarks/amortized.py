@@ -402,7 +402,7 @@ def _sbibm(cfg, result):
                                  num_particles=particles)
             stream = PriorPredictiveStream(m, lambda: Dataset(), obs_kwargs={"x": "obs"})
             t0 = time.perf_counter()
-            svgd.run(steps, datasets=stream, batch_size=batch, progress_bar=False)
+            svgd.run(datasets=stream, batch_size=batch, num_steps=steps, progress_bar=False)
             train = time.perf_counter() - t0
             rows = {kind: [] for kind in SBIBM_KINDS}
             speed = []
@@ -518,7 +518,7 @@ def _run_family(name: str, mode: str, out: Path) -> dict:
     svgd = AmortizedSVGD(model, guide, pyro.optim.ClippedAdam({"lr": fam["lr"], "lrd": 0.1 ** (1 / steps)}),
                          num_particles=cfg["particles"], **fam["svgd_kwargs"])
     t0 = time.perf_counter()
-    hist = svgd.run(steps, datasets=stream, batch_size=cfg["batch"], progress_bar=False)
+    hist = svgd.run(datasets=stream, batch_size=cfg["batch"], num_steps=steps, progress_bar=False)
     train = time.perf_counter() - t0
     result["training"] = {
         "steps": steps, "lr": fam["lr"], "batch_size": cfg["batch"], "num_particles": cfg["particles"], "wall_s": train,

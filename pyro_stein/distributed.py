@@ -18,7 +18,7 @@ and in the script::
     seed_rank(0)                                  # pyro.set_rng_seed(0 + rank): independent streams and noise
     guide = AmortizedSteinGuide(model, amortized=True)
     svgd = DistributedAmortizedSVGD(model, guide, pyro.optim.Adam({"lr": 3e-3}), num_particles=64)
-    svgd.run(2000, datasets=stream, batch_size=8)  # batch_size is per rank
+    svgd.run(datasets=stream, num_steps=2000, batch_size=8)  # batch_size is per rank
     svgd.save_checkpoint("ckpt.pt")               # written by rank 0 only
     cleanup_distributed()
 
@@ -323,9 +323,9 @@ class DistributedAmortizedSVGD(AmortizedSVGD):
         real_optim(params)
         self.datasets_seen += int(round(total))
 
-    def run(self, num_steps: int, *args, progress_bar: bool = True, **kwargs) -> list[float]:
+    def run(self, *args, progress_bar: bool = True, **kwargs) -> list[float]:
         """As :meth:`AmortizedSVGD.run`; ``batch_size`` is per rank and only rank 0 shows progress."""
-        return super().run(num_steps, *args, progress_bar=progress_bar and self.rank == 0, **kwargs)
+        return super().run(*args, progress_bar=progress_bar and self.rank == 0, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
     def get_state(self) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import numbers
 from contextlib import contextmanager
 import warnings
 from typing import Any, Iterable, Iterator, Sequence
@@ -20,11 +21,36 @@ from .kernels import RadialKernel, RBFKernel
 from .logjoint import ModelLogDensity, NonFiniteLogJointError, all_finite, finite_sets
 from .stein import ksd_from_matrices, stein_direction_from_matrices
 
-__all__ = ["AmortizedSVGD", "NonFiniteDatasetWarning", "refine"]
+__all__ = ["AmortizedSVGD", "NonFiniteDatasetWarning", "TrainingWarning", "default_optim", "refine"]
+
+DEFAULT_NUM_STEPS = 2000
+DEFAULT_LR = (1e-2, 1e-3)  # ClippedAdam's learning rate, decayed geometrically from the first to the second over a run
+# the adaptive frame: an exponential moving average of the particles' mean and covariance, shrunk towards its diagonal
+_FRAME_DECAY = 0.9
+_FRAME_SHRINK = 0.1
+# health checks at the end of run(): windows of the KSD history, and the collapse statistic's threshold
+_HEALTH_WINDOWS = 10
+_COLLAPSE_THRESHOLD = 0.25
+_HEALTH_DRAWS = 1000
+_HEALTH_MIN_STEPS = 200  # shorter runs are too noisy to judge from the KSD history
 
 
 class NonFiniteDatasetWarning(UserWarning):
     """Datasets were left out of an amortized training step because their log joint was not finite."""
+
+
+class TrainingWarning(UserWarning):
+    """:meth:`AmortizedSVGD.run` ended in a state that should not be trusted: it diverged, the Stein discrepancy had
+    not settled, or the draws' spread collapsed below the posterior's. The message says what to do."""
+
+
+def default_optim(num_steps: int = DEFAULT_NUM_STEPS) -> pyro.optim.ClippedAdam:
+    """The default optimiser of :class:`AmortizedSVGD`: ``ClippedAdam`` with its learning rate decayed
+    geometrically from 1e-2 to 1e-3 over ``num_steps`` steps (and on at 1e-3 times that rate per further
+    ``num_steps``)."""
+    num_steps = _int_at_least(num_steps, "num_steps", 1)
+    lr0, lr1 = DEFAULT_LR
+    return pyro.optim.ClippedAdam({"lr": lr0, "lrd": (lr1 / lr0) ** (1 / num_steps)})
 
 
 def _register_params(guide: AmortizedSteinGuide) -> list[Tensor]:
@@ -64,6 +90,39 @@ def _fitted_standardization(guide: AmortizedSteinGuide, datasets: Sequence[Datas
         raise
 
 
+def _is_step_count(value) -> bool:
+    """Whether a leading positional argument of :meth:`AmortizedSVGD.run` is the deprecated step count."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _history_problems(history: Sequence[float]) -> list[str]:
+    """What the KSD history of a run says went wrong: divergence, or no settling (messages; empty when healthy).
+
+    The history is cut into 10 windows; their medians are compared. Diverged: a non-finite value, or a last window
+    whose median exceeds the best window's by 100x. Not settled: the last window's median more than 5x the best's,
+    or the last two windows' medians more than 2x apart (a discrepancy that still moves)."""
+    if not history:
+        return []
+    values = torch.tensor(history, dtype=torch.float64)
+    if not torch.isfinite(values).all():
+        first = int((~torch.isfinite(values)).nonzero()[0, 0])
+        return [f"the Stein discrepancy became non-finite at step {first} of this run: training diverged. Lower the "
+                "learning rate (the optimiser's lr) or check the model for values outside its supports."]
+    if len(history) < _HEALTH_MIN_STEPS:
+        return []
+    medians = torch.stack([w.abs().median() for w in values.tensor_split(_HEALTH_WINDOWS)])
+    best, last, before = float(medians.min()), float(medians[-1]), float(medians[-2])
+    tiny = torch.finfo(torch.float64).tiny
+    if last > 100 * max(best, tiny):
+        return [f"the Stein discrepancy ended {last / max(best, tiny):.3g}x above its best window median: training "
+                "diverged. Lower the learning rate (the optimiser's lr)."]
+    if last > 5 * max(best, tiny) or max(last, before) > 2 * max(min(last, before), tiny):
+        return [f"the Stein discrepancy had not settled by the end of training (median of the last tenth of the "
+                f"steps {last:.3g}, of the tenth before {before:.3g}, best tenth {best:.3g}). Train longer, or lower "
+                "the learning rate if it swings."]
+    return []
+
+
 class AmortizedSVGD:
     """Amortized Stein variational gradient descent (Wang & Liu 2016, Algorithm 1).
 
@@ -85,7 +144,7 @@ class AmortizedSVGD:
 
         guide = AmortizedSteinGuide(model)
         svgd = AmortizedSVGD(model, guide, pyro.optim.ClippedAdam({"lr": 3e-3, "lrd": 0.999}))
-        history = svgd.run(2000, X, y)
+        history = svgd.run(X, y, num_steps=2000)
 
     :param callable model: the Pyro model.
     :param AmortizedSteinGuide guide: the guide to train.
@@ -122,7 +181,7 @@ class AmortizedSVGD:
         self,
         model,
         guide: AmortizedSteinGuide,
-        optim: PyroOptim,
+        optim: PyroOptim | None = None,
         kernel: RadialKernel | None = None,
         num_particles: int = 64,
         leave_one_out: bool = True,
@@ -133,6 +192,8 @@ class AmortizedSVGD:
             raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
         if not isinstance(guide, AmortizedSteinGuide):
             raise TypeError(f"guide must be a pyro_stein.AmortizedSteinGuide, got {type(guide).__name__}")
+        self._default_optim = optim is None
+        optim = default_optim() if optim is None else optim
         if not isinstance(optim, PyroOptim):
             raise TypeError(
                 f"optim must be a pyro.optim.PyroOptim (e.g. pyro.optim.Adam({{'lr': 1e-3}}) or "
@@ -163,6 +224,7 @@ class AmortizedSVGD:
         self._num_used = 0
         self._log_density: ModelLogDensity | None = None
         self._dataset_of = LastDataset()  # step(*args) on the same data: one Dataset, its cached features reused
+        self._frame_moments: tuple[Tensor, Tensor] | None = None  # the adaptive frame's running mean and covariance
 
     # ------------------------------------------------------------------ core update
     def _plates_for(self, d: Dataset) -> dict[str, Tensor]:
@@ -253,9 +315,16 @@ class AmortizedSVGD:
             raw = torch.where(keep[:, None, None], raw, torch.zeros_like(raw))
         score = guide.whiten_score(raw, frame)
         zd = z.detach()
+        adaptive = guide.adaptive_frame and not guide.amortized
+        if adaptive:  # the direction in the particles' own affine frame, mapped back (affine invariant)
+            loc, scale, moments = self._adaptive_frame(zd)
+            zd = torch.linalg.solve_triangular(scale, (zd - loc).T, upper=False).T  # L^{-1} (z - m)
+            score = score @ scale  # L^T grad_z log p
         km = self.kernel.matrices(zd)
         phi = stein_direction_from_matrices(zd, score, km, self.leave_one_out)
         stat = ksd_from_matrices(zd, score, km)
+        if adaptive:
+            phi = phi @ scale.T  # L phi_u: the direction for z
         if self.precondition == "variance" or (self.precondition == "auto" and guide.amortized and guide.whiten is None):
             # per-dataset, per-coordinate scale: each dataset moves in units of its own posterior sd
             phi = phi * zd.var(-2, keepdim=True)
@@ -280,8 +349,36 @@ class AmortizedSVGD:
         self.optim([p for p in params if p.grad is not None])
         for p in params:
             p.grad = None
+        if adaptive:
+            self._frame_moments = moments
         self.num_steps += 1
         return stat
+
+    def _adaptive_frame(self, z: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+        """``(m, L, moments)``, ``L`` lower triangular: the frame of a guide with an adaptive frame, from a moving average of the
+        particles' mean and covariance (shrunk towards its diagonal), updated with this step's particles ``z``.
+
+        The Stein direction is computed on ``u = L^{-1} (z - m)`` with the score ``L^T grad_z log p`` and mapped back
+        as ``L phi(u)``: the same fixed point (the posterior), but a step that scales with the particles' own spread
+        and correlation, so that badly scaled and strongly correlated posteriors train as well as whitened ones."""
+        mean = z.mean(0)
+        centred = z - mean
+        cov = centred.T @ centred / max(1, z.shape[0] - 1)
+        if self._frame_moments is None or self._frame_moments[0].shape != mean.shape:
+            moments = (mean, cov)
+        else:
+            m0, c0 = self._frame_moments
+            a = _FRAME_DECAY
+            moments = (a * m0 + (1 - a) * mean, a * c0 + (1 - a) * cov)
+        loc, cov = moments
+        diag = cov.diagonal()
+        shrunk = (1 - _FRAME_SHRINK) * cov + _FRAME_SHRINK * torch.diag(diag)
+        floor = torch.finfo(z.dtype).eps * diag.abs().max().clamp_min(torch.finfo(z.dtype).tiny)
+        shrunk = shrunk + torch.diag(torch.full_like(diag, float(floor)))
+        chol, info = torch.linalg.cholesky_ex(shrunk)
+        if info != 0:  # numerically not positive definite: the diagonal alone
+            chol = torch.diag(diag.clamp_min(float(floor)).sqrt())
+        return loc, chol, moments  # the moments are kept (self._frame_moments) only once the step succeeds
 
     def step(self, *args, **kwargs) -> float:
         """One update on the dataset given by the model's ``*args, **kwargs``.
@@ -310,22 +407,39 @@ class AmortizedSVGD:
 
     def run(
         self,
-        num_steps: int,
         *args,
+        num_steps: int | None = None,
         datasets: Iterable | PriorPredictiveStream | None = None,
         batch_size: int = 8,
         progress_bar: bool = True,
+        check_health: bool = True,
         **kwargs,
     ) -> list[float]:
-        """Run ``num_steps`` updates and return the per-step diagnostic (see :meth:`step`).
+        """Train and return the per-step diagnostic (see :meth:`step`): ``svgd.run(*model_args, **model_kwargs)``.
 
+        :param int num_steps: updates to run (default 2000). With the default optimiser, its learning rate decays
+            from 1e-2 to 1e-3 over the steps of the first ``run``.
         :param datasets: for amortized training: a finite collection of datasets (cycled in
             shuffled batches), a :class:`~pyro_stein.data.PriorPredictiveStream`, or an iterator
             yielding lists of datasets. Leave ``None`` to train on ``*args, **kwargs``.
         :param int batch_size: datasets per step when ``datasets`` is a collection or stream.
         :param bool progress_bar: show a tqdm bar.
+        :param bool check_health: at the end, raise a :class:`TrainingWarning` when the run diverged, when its Stein
+            discrepancy had not settled, or (a guide fitted to one dataset) when the draws' spread has collapsed
+            below the posterior's (measured with the Stein identity ``E[s_i (z_i - m_i)] = -1`` at 1,000 draws: one
+            batched model evaluation).
         """
-        num_steps = _int_at_least(num_steps, "num_steps", 0)
+        if num_steps is None and args and _is_step_count(args[0]):
+            warnings.warn(
+                f"run({args[0]}, ...) with the number of steps first is deprecated: pass it by keyword, "
+                f"run(*model_args, num_steps={args[0]}); a leading int is then a model argument",
+                FutureWarning,
+                stacklevel=2,
+            )
+            num_steps, args = args[0], args[1:]
+        num_steps = DEFAULT_NUM_STEPS if num_steps is None else _int_at_least(num_steps, "num_steps", 0)
+        if self._default_optim and self.num_steps == 0 and num_steps > 0:  # the schedule spans this run
+            self.optim = default_optim(num_steps)
         batches: Iterator | None = None
         if datasets is not None:
             if args or kwargs:
@@ -345,18 +459,66 @@ class AmortizedSVGD:
                 history.append(loss)
                 bar.set_postfix(ksd=f"{loss:.3g}", refresh=False)
                 bar.update()
+        if check_health:
+            for message in _history_problems(history):
+                warnings.warn(message, TrainingWarning, stacklevel=2)
+            if batches is None and not self.guide.amortized and history:
+                message = self._collapse_problem(args, kwargs)
+                if message:
+                    warnings.warn(message, TrainingWarning, stacklevel=2)
         return history
+
+    @torch.no_grad()
+    def _collapse_problem(self, args: tuple, kwargs: dict) -> str | None:
+        """A message when the guide's draws are far narrower than the posterior in some coordinate, else ``None``.
+
+        For any distribution ``p`` (with tails that vanish), ``E_p[s_i (z_i - m_i)] = -1`` for each unconstrained
+        coordinate ``i`` (Stein's identity, ``s`` the score). Draws narrower than ``p`` by a factor ``r`` give about
+        ``-r^2`` instead (exactly, for Gaussians), so a value above ``-0.25`` (``r`` below about 0.5) flags a collapse.
+        """
+        guide = self.guide
+        rng = pyro.util.get_rng_state()  # the check must not change the random stream of the training that follows
+        try:
+            z = guide.draw(_HEALTH_DRAWS)
+            with guide._full_data():
+                lp, score = self._log_density.log_density_and_score(z, args, kwargs, check=False)
+        finally:
+            pyro.util.set_rng_state(rng)
+        ok = torch.isfinite(lp) & torch.isfinite(score).all(-1)
+        if int(ok.sum()) < _HEALTH_DRAWS // 2:
+            return (f"after training, {_HEALTH_DRAWS - int(ok.sum())} of {_HEALTH_DRAWS} draws have a non-finite log "
+                    "joint or score: the guide puts mass where the model has none. Train longer or lower the learning "
+                    "rate, and check the model's supports.")
+        z, score = z[ok], score[ok]
+        stat = -((z - z.mean(0)) * score).mean(0)  # about 1 per coordinate at the posterior
+        bad = (stat < _COLLAPSE_THRESHOLD).nonzero().flatten().tolist()
+        if not bad:
+            return None
+        names = sorted({s.name for s in guide.sites for i in bad if s.offset <= i < s.offset + s.size})
+        worst = float(stat.min())
+        return (f"the guide's draws are narrower than the posterior in {len(bad)} unconstrained coordinate(s), of "
+                f"site(s) {names}: -E[score (z - mean)] is {worst:.2g} there, 1 at the posterior (about the squared "
+                "ratio of the draws' sd to the posterior's). The polish of sample_posterior (moment_correction, "
+                "mcmc_steps) corrects part of this; for a centred hierarchical model (a funnel), a non-centred "
+                "parameterisation (pyro.infer.reparam.LocScaleReparam) trains better; otherwise train longer or use "
+                "more particles.")
 
     # ------------------------------------------------------------------ state
     def get_state(self) -> dict:
         """The optimiser state, keyed by parameter name (see :meth:`set_state`)."""
-        return {"optim": self.optim.get_state(), "num_steps": self.num_steps, "num_dropped_datasets": self.num_dropped_datasets}
+        state = {"optim": self.optim.get_state(), "num_steps": self.num_steps,
+                 "num_dropped_datasets": self.num_dropped_datasets}
+        if self._frame_moments is not None:  # the adaptive frame's running moments (see _adaptive_frame)
+            state["frame_moments"] = [m.detach().clone() for m in self._frame_moments]
+        return state
 
     def set_state(self, state: dict) -> None:
         """Restore optimiser state saved by :meth:`get_state` (applied lazily on the next step)."""
         self.optim.set_state(state["optim"])
         self.num_steps = int(state.get("num_steps", 0))
         self.num_dropped_datasets = int(state.get("num_dropped_datasets", 0))
+        moments = state.get("frame_moments")
+        self._frame_moments = None if moments is None else (moments[0].clone(), moments[1].clone())
 
 
 def refine(
@@ -391,7 +553,7 @@ def refine(
     optim = optim or pyro.optim.Adam({"lr": 1e-3})
     try:
         AmortizedSVGD(model, refined, optim, kernel=kernel, num_particles=num_particles, precondition=precondition).run(
-            num_steps, *args, progress_bar=progress_bar, **kwargs
+            *args, num_steps=num_steps, progress_bar=progress_bar, check_health=False, **kwargs
         )
     finally:  # one refine per dataset must not pile copies up in Pyro's param store
         _unregister_params(refined)

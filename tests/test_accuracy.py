@@ -27,7 +27,7 @@ def fit(model, *args, steps=1500, num_particles=64, lr=1e-2, final_lr=1e-3, **gu
     pyro.set_rng_seed(0)
     guide = AmortizedSteinGuide(model, **guide_kw)
     optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": (final_lr / lr) ** (1.0 / steps)})
-    history = AmortizedSVGD(model, guide, optim, num_particles=num_particles).run(steps, *args, progress_bar=False)
+    history = AmortizedSVGD(model, guide, optim, num_particles=num_particles).run(*args, num_steps=steps, progress_bar=False)
     assert all(math.isfinite(h) for h in history), "training diagnostic became non-finite"
     return guide
 

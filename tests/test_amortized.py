@@ -95,7 +95,7 @@ def train(model, make_args, steps, site, batch_size=8, num_particles=32, lr=3e-3
     guide.setup(*first.args, **first.kwargs)
     optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.1 ** (1 / steps)})
     svgd = AmortizedSVGD(model, guide, optim, num_particles=num_particles)
-    svgd.run(steps, datasets=stream, batch_size=batch_size, progress_bar=False)
+    svgd.run(datasets=stream, batch_size=batch_size, num_steps=steps, progress_bar=False)
     return guide, stream
 
 
@@ -453,9 +453,9 @@ def test_run_checks_batch_size_and_datasets(batch_size):
     guide = AmortizedSteinGuide(mean_model, amortized=True)
     svgd = AmortizedSVGD(mean_model, guide, pyro.optim.Adam({"lr": 1e-3}), num_particles=4)
     with pytest.raises((TypeError, ValueError), match=f"batch_size must be an int >= 1 .*got {batch_size!r}"):
-        svgd.run(1, datasets=data, batch_size=batch_size, progress_bar=False)
+        svgd.run(datasets=data, batch_size=batch_size, num_steps=1, progress_bar=False)
     with pytest.raises(TypeError, match="got a single Dataset: wrap it in a list"):
-        svgd.run(1, datasets=data[0], progress_bar=False)
+        svgd.run(datasets=data[0], num_steps=1, progress_bar=False)
 
 
 def test_guide_moved_to_another_dtype_keeps_working_and_casts_features():
@@ -575,7 +575,7 @@ def test_laplace_frames_with_training_fix_a_skewed_family():
         sampler=GaussianResidualSampler(1, context_dim=8 + 2, hidden_dim=32, init_scale=1.0).to(like),
     )
     svgd = AmortizedSVGD(poisson_model, guide, pyro.optim.ClippedAdam({"lr": 1e-2, "lrd": 0.1 ** (1 / 300)}), num_particles=32)
-    svgd.run(300, datasets=stream, batch_size=8, progress_bar=False)
+    svgd.run(datasets=stream, batch_size=8, num_steps=300, progress_bar=False)
     pyro.set_rng_seed(123)
     held = [stream.sample() for _ in range(20)]
     exact = []

@@ -194,7 +194,7 @@ def test_resume_two_rank_checkpoint_in_one_process(two_ranks):
     assert torch.equal(flat, r0["flat"].to(flat.dtype))
     assert svgd.num_steps == STEPS and svgd.datasets_seen == STEPS * 2 * BATCH
     stream = PriorPredictiveStream(mean_model, make_args, obs_kwargs={"y": "y"})
-    svgd.run(3, datasets=stream, batch_size=2, progress_bar=False)
+    svgd.run(datasets=stream, batch_size=2, num_steps=3, progress_bar=False)
     assert svgd.num_steps == STEPS + 3 and svgd.datasets_seen == STEPS * 2 * BATCH + 6
     # the Adam moments were restored (not re-initialised): the optimiser has state for every parameter
     assert len(svgd.optim.get_state()) == len(list(guide.parameters()))
@@ -213,7 +213,7 @@ def test_single_process_matches_plain_driver_exactly():
         guide = make_guide()
         stream = PriorPredictiveStream(mean_model, make_args, obs_kwargs={"y": "y"})
         svgd = cls(mean_model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=8)
-        svgd.run(3, datasets=stream, batch_size=2, progress_bar=False)
+        svgd.run(datasets=stream, batch_size=2, num_steps=3, progress_bar=False)
         flats.append(torch.cat([p.detach().reshape(-1) for p in guide.parameters()]))
     assert torch.equal(flats[0], flats[1])
     assert max_parameter_deviation(guide) == 0.0
@@ -319,7 +319,7 @@ def _worker(argv=None):
         svgd.sync_parameters()
         init_flat = torch.cat([p.detach().reshape(-1) for p in guide.parameters()]).clone()
         t0 = time.perf_counter()
-        history = svgd.run(a.steps, datasets=stream, batch_size=a.batch_size, progress_bar=False)
+        history = svgd.run(datasets=stream, batch_size=a.batch_size, num_steps=a.steps, progress_bar=False)
         train_s = time.perf_counter() - t0
         dev = max_parameter_deviation(guide)
         svgd.save_checkpoint(Path(a.out) / "ckpt.pt", train_s=train_s)

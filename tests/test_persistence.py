@@ -31,7 +31,7 @@ def train(model, y, steps, guide=None, state=None):
     svgd = AmortizedSVGD(model, guide, pyro.optim.ClippedAdam({"lr": 1e-2, "lrd": 0.999}), num_particles=16)
     if state is not None:
         svgd.set_state(state)
-    svgd.run(steps, y, progress_bar=False)
+    svgd.run(y, num_steps=steps, progress_bar=False)
     return guide, svgd
 
 
@@ -129,7 +129,7 @@ def test_dtype_follows_data_and_both_are_accurate(dtype):
     model, y = make_model(dtype), y_data(dtype)
     pyro.set_rng_seed(0)
     guide = AmortizedSteinGuide(model)
-    AmortizedSVGD(model, guide, pyro.optim.ClippedAdam({"lr": 1e-2, "lrd": 0.1 ** (1 / 1500)}), num_particles=64).run(1500, y, progress_bar=False)
+    AmortizedSVGD(model, guide, pyro.optim.ClippedAdam({"lr": 1e-2, "lrd": 0.1 ** (1 / 1500)}), num_particles=64).run(y, num_steps=1500, progress_bar=False)
     assert all(p.dtype == dtype for p in guide.parameters())
     lam = guide.sample_posterior(20_000, y)["lam"]
     assert lam.dtype == dtype and lam.device.type == DEVICE.type

@@ -141,7 +141,7 @@ def main():
     optim = pyro.optim.ClippedAdam({"lr": 3e-3, "lrd": 0.1 ** (1 / TRAIN_STEPS)})  # lr decays 10x over training
     svgd = AmortizedSVGD(model, guide, optim, num_particles=NUM_PARTICLES)
     t0 = time.perf_counter()
-    history = svgd.run(TRAIN_STEPS, datasets=stream, batch_size=BATCH_SIZE, progress_bar=False)
+    history = svgd.run(datasets=stream, batch_size=BATCH_SIZE, num_steps=TRAIN_STEPS, progress_bar=False)
     train_s = time.perf_counter() - t0
     grad_evals = TRAIN_STEPS * BATCH_SIZE * NUM_PARTICLES
     log(f"\n1. training: {TRAIN_STEPS} steps x {BATCH_SIZE} datasets x {NUM_PARTICLES} particles = "

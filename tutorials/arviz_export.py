@@ -110,7 +110,7 @@ def fit_stein(sigma, y):
     guide = AmortizedSteinGuide(model)
     optim = pyro.optim.ClippedAdam({"lr": 1e-2, "lrd": (1e-3 / 1e-2) ** (1 / STEIN_STEPS)})
     svgd = AmortizedSVGD(model, guide, optim, num_particles=NUM_PARTICLES)
-    svgd.run(STEIN_STEPS, sigma, y, progress_bar=False)
+    svgd.run(sigma, y, num_steps=STEIN_STEPS, progress_bar=False)
     return guide
 
 

@@ -105,7 +105,7 @@ def main(argv=None):
         t0, done, history = time.perf_counter(), 0, []
         while done < a.steps:
             k = min(chunk, a.steps - done)
-            history += svgd.run(k, datasets=stream, batch_size=a.batch_size, progress_bar=not os.environ.get("CI"))
+            history += svgd.run(datasets=stream, batch_size=a.batch_size, num_steps=k, progress_bar=not os.environ.get("CI"))
             done += k
             if a.checkpoint:
                 svgd.save_checkpoint(a.checkpoint)

@@ -123,7 +123,7 @@ def fit_stein(X, y):
     svgd = AmortizedSVGD(model, guide, optim, num_particles=NUM_PARTICLES)
     # Each step returns the kernelized Stein discrepancy of that step's particles: a noisy,
     # reference-free measure of fit that should fall towards zero.
-    ksd = svgd.run(STEIN_STEPS, X, y, progress_bar=False)
+    ksd = svgd.run(X, y, num_steps=STEIN_STEPS, progress_bar=False)
     return guide, ksd
 
 
