@@ -9,6 +9,11 @@
   issue tracker are left out;
 - ``tutorials/<name>/*.png``: the figures of each tutorial's committed full run
   (``tutorials/outputs/<name>/``), shown in the gallery.
+
+The docstrings use Sphinx roles (``:class:`~pyro_stein.AmortizedSVGD```), which Markdown renders as the
+role's name followed by code; on the API pages they are shown as Sphinx shows them: the code alone, with
+a leading ``~`` shortening the target to its last component. A reST literal-block marker (``Example::``)
+loses its second colon, and a ``.. math::`` directive line is dropped (its formula shows as a code block).
 """
 
 from __future__ import annotations
@@ -44,6 +49,14 @@ class _SphinxFieldsGriffeCannotRead(logging.Filter):
 
 
 logging.getLogger("mkdocs.plugins.griffe").addFilter(_SphinxFieldsGriffeCannotRead())
+
+
+_SPHINX_ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|obj|exc|const):<code>(~?)([^<]+)</code>")
+
+
+def _sphinx_role(match: re.Match) -> str:
+    short, target = match.groups()
+    return f"<code>{target.rsplit('.', 1)[-1] if short else target}</code>"
 
 
 def _modules() -> list[str]:
@@ -95,3 +108,10 @@ def on_files(files, config):
         if png.parent.name != "ci":
             files.append(File.generated(config, f"tutorials/{png.parent.name}/{png.name}", abs_src_path=str(png)))
     return files
+
+
+def on_page_content(html, page, config, files):
+    if page.file.src_uri.startswith("api/"):
+        html = _SPHINX_ROLE.sub(_sphinx_role, html)
+        html = html.replace("<p>.. math::</p>", "").replace("::</p>", ":</p>")
+    return html

@@ -17,7 +17,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 120
 
-_MISSING = [m for m in ("mkdocs", "material", "mkdocstrings_handlers.python") if importlib.util.find_spec(m) is None]
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+_MISSING = [m for m in ("mkdocs", "material", "mkdocstrings_handlers.python") if not _installed(m)]
 needs_mkdocs = pytest.mark.skipif(
     bool(_MISSING), reason=f"docs tools not installed ({', '.join(_MISSING)}); pip install -e '.[docs]'"
 )
