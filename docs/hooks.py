@@ -30,8 +30,8 @@ PACKAGE = ROOT / "pyro_stein"
 RESULTS = ROOT / "benchmarks" / "results"
 TUTORIAL_OUTPUTS = ROOT / "tutorials" / "outputs"
 
-# "/any/absolute/prefix/pyro_stein/infer.py" -> "pyro_stein/infer.py" (also for benchmarks/)
 _ISSUE_REFERENCE = re.compile(r"\s*\(issue #\d+\)")
+# "/any/absolute/prefix/pyro_stein/infer.py" -> "pyro_stein/infer.py" (also for benchmarks/ and tests/)
 _MACHINE_PATH = re.compile(r"(?<![\w.])/(?:[\w.+-]+/)+?(?=(?:pyro_stein|benchmarks|tests)/)")
 
 
@@ -59,12 +59,24 @@ def _sphinx_role(match: re.Match) -> str:
     return f"<code>{target.rsplit('.', 1)[-1] if short else target}</code>"
 
 
+def _module_files() -> dict[str, Path]:
+    """Public modules and subpackages of pyro_stein, by dotted name below the package (``"guide"``, ``"a.b"``)."""
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if parts and not any(part.startswith("_") for part in parts):
+            found[".".join(parts)] = path
+    return dict(sorted(found.items()))
+
+
 def _modules() -> list[str]:
-    return sorted(p.stem for p in PACKAGE.glob("*.py") if not p.stem.startswith("_"))
+    return list(_module_files())
 
 
 def _summary(module: str) -> str:
-    doc = ast.get_docstring(ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))) or ""
+    doc = ast.get_docstring(ast.parse(_module_files()[module].read_text(encoding="utf-8"))) or ""
     first = doc.strip().split("\n\n")[0].replace("\n", " ")
     # Sphinx roles read as code in a Markdown table
     return re.sub(r":(?:class|func|meth|mod|attr|data|obj):`~?([^`]+)`", r"`\1`", first)
