@@ -1,9 +1,10 @@
 """Amortized inference across datasets: train once, then get posteriors for new datasets in one pass.
 
 Run: ``python tutorials/amortized_datasets.py`` (a few minutes on one CPU core). With the
-environment variable ``CI`` set it runs a smoke version (few steps, under a minute) and writes to
-``tutorials/outputs/ci/amortized_datasets/``; the full run writes to
-``tutorials/outputs/amortized_datasets/`` (figures and ``summary.txt``, a copy of the printout).
+environment variable ``CI`` set it runs a smoke version (few steps, under a minute). Figures and
+``summary.txt`` (a copy of the printout) go to ``--out DIR`` if given, else to
+``pyro_stein_tutorials/amortized_datasets/`` under the system's temporary folder (``.../ci/...``
+in the smoke version).
 
 The model family is the simplest one with a known answer, the Gaussian mean:
 
@@ -37,9 +38,11 @@ is the Gamma-Poisson test in ``tests/test_amortized.py`` and the benchmarks' C2S
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,8 +60,20 @@ from pyro_stein.diagnostics import guide_ksd  # noqa: E402
 
 # ---------------------------------------------------------------------------- settings
 CI = bool(os.environ.get("CI"))
-ROOT = Path(__file__).resolve().parent / "outputs"
-OUT = ROOT / "ci" / "amortized_datasets" if CI else ROOT / "amortized_datasets"
+
+
+def output_dir(name: str) -> Path:
+    """``--out DIR`` if given, else ``pyro_stein_tutorials/<name>`` under the system's temporary folder."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="folder for figures and tables (default: a temporary one)")
+    out = parser.parse_args().out
+    if out is not None:
+        return out
+    base = Path(tempfile.gettempdir()) / "pyro_stein_tutorials"
+    return base / "ci" / name if CI else base / name
+
+
+OUT = output_dir("amortized_datasets")
 
 TRAIN_STEPS = 30 if CI else 1500  # AmortizedSVGD steps
 BATCH_SIZE = 8  # datasets per step

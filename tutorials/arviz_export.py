@@ -1,9 +1,9 @@
 """Exporting Pyro posteriors to ArviZ: eight schools with AutoNormal and AmortizedSteinGuide.
 
 Run: ``python tutorials/arviz_export.py`` (a few minutes on one CPU core). With the environment
-variable ``CI`` set it runs a smoke version (few steps and draws, well under a minute) and writes
-to ``tutorials/outputs/ci/arviz_export/``; the full run writes to
-``tutorials/outputs/arviz_export/``.
+variable ``CI`` set it runs a smoke version (few steps and draws, well under a minute). Figures
+and ``summary.txt`` go to ``--out DIR`` if given, else to ``pyro_stein_tutorials/arviz_export/``
+under the system's temporary folder (``.../ci/...`` in the smoke version).
 
 ``pyro_stein.arviz.to_inference_data(guide, model, *args, **kwargs)`` turns *any* fitted Pyro
 guide into ArviZ's native container, so the whole ArviZ toolbox (``summary``, ``plot_posterior``,
@@ -33,8 +33,10 @@ dimension ``school``; passing ``coords={"school": [...]}`` labels it with the sc
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -57,8 +59,20 @@ from pyro_stein.diagnostics import stein_discrepancy  # noqa: E402
 
 # ---------------------------------------------------------------------------- settings
 CI = bool(os.environ.get("CI"))
-ROOT = Path(__file__).resolve().parent / "outputs"
-OUT = ROOT / "ci" / "arviz_export" if CI else ROOT / "arviz_export"
+
+
+def output_dir(name: str) -> Path:
+    """``--out DIR`` if given, else ``pyro_stein_tutorials/<name>`` under the system's temporary folder."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="folder for figures and tables (default: a temporary one)")
+    out = parser.parse_args().out
+    if out is not None:
+        return out
+    base = Path(tempfile.gettempdir()) / "pyro_stein_tutorials"
+    return base / "ci" / name if CI else base / name
+
+
+OUT = output_dir("arviz_export")
 
 SVI_STEPS = 200 if CI else 5000  # AutoNormal + Trace_ELBO
 STEIN_STEPS = 100 if CI else 3000  # AmortizedSVGD

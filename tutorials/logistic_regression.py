@@ -2,8 +2,10 @@
 
 Run: ``python tutorials/logistic_regression.py`` (2-5 minutes on one CPU core, most of it
 NUTS). With the environment variable ``CI`` set it runs a smoke version (few steps, few NUTS
-draws, under a minute) and writes to ``tutorials/outputs/ci/logistic_regression/``; the full run
-writes to ``tutorials/outputs/logistic_regression/``.
+draws, under a minute). Figures and tables go to ``--out DIR`` if given, else to
+``pyro_stein_tutorials/logistic_regression/`` under the system's temporary folder (``.../ci/...``
+in the smoke version); the repository's copies are regenerated with
+``--out tutorials/outputs/logistic_regression``.
 
 The model is an ordinary Pyro model, written for one draw of its latent variables:
 
@@ -33,10 +35,12 @@ estimate, so the printout also gives the noise floor of these numbers.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,8 +62,20 @@ from pyro_stein import AmortizedSteinGuide, AmortizedSVGD  # noqa: E402
 
 # ---------------------------------------------------------------------------- settings
 CI = bool(os.environ.get("CI"))
-ROOT = Path(__file__).resolve().parent / "outputs"
-OUT = ROOT / "ci" / "logistic_regression" if CI else ROOT / "logistic_regression"
+
+
+def output_dir(name: str) -> Path:
+    """``--out DIR`` if given, else ``pyro_stein_tutorials/<name>`` under the system's temporary folder."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="folder for figures and tables (default: a temporary one)")
+    out = parser.parse_args().out
+    if out is not None:
+        return out
+    base = Path(tempfile.gettempdir()) / "pyro_stein_tutorials"
+    return base / "ci" / name if CI else base / name
+
+
+OUT = output_dir("logistic_regression")
 
 SVI_STEPS = 100 if CI else 3000  # AutoNormal + Trace_ELBO
 STEIN_STEPS = 100 if CI else 3000  # AmortizedSVGD

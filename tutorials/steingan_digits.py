@@ -1,8 +1,9 @@
 """SteinGAN / amortized MLE on the 8x8 digits (Wang & Liu 2016, "Learning to Draw Samples").
 
 Run: ``python tutorials/steingan_digits.py``. With the environment variable ``CI`` set it runs a
-smoke version (a few steps, one seed) writing to ``tutorials/outputs/ci/steingan_digits/``;
-the full run writes to ``tutorials/outputs/steingan_digits/``.
+smoke version (a few steps, one seed). Figures and tables go to ``--out DIR`` if given, else to
+``pyro_stein_tutorials/steingan_digits/`` under the system's temporary folder (``.../ci/...`` in
+the smoke version).
 
 Data: ``sklearn.datasets.load_digits`` (1797 images, integer pixels 0..16). Fixed split: a
 ``numpy.random.RandomState(0)`` permutation, first 1297 for training, last 500 for test. Pixels
@@ -33,9 +34,11 @@ sampler's noise space (the paper's CelebA strip).
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,8 +53,20 @@ from sklearn.datasets import load_digits  # noqa: E402
 from pyro_stein.ebm import AmortizedMLE, ContrastiveDivergence, GaussianBernoulliRBM, MLPSampler  # noqa: E402
 
 CI = bool(os.environ.get("CI"))
-ROOT = Path(__file__).resolve().parent / "outputs"
-OUT = ROOT / "ci" / "steingan_digits" if CI else ROOT / "steingan_digits"
+
+
+def output_dir(name: str) -> Path:
+    """``--out DIR`` if given, else ``pyro_stein_tutorials/<name>`` under the system's temporary folder."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="folder for figures and tables (default: a temporary one)")
+    out = parser.parse_args().out
+    if out is not None:
+        return out
+    base = Path(tempfile.gettempdir()) / "pyro_stein_tutorials"
+    return base / "ci" / name if CI else base / name
+
+
+OUT = output_dir("steingan_digits")
 STEPS = 30 if CI else 1500
 COND_STEPS = 30 if CI else 2500
 SEEDS = [0] if CI else [0, 1, 2]
