@@ -116,6 +116,14 @@ class _IntOption:
         obj.__dict__[self.name] = _int_at_least(value, f"guide.{self.name}", self.lo, self.expected)
 
 
+class _Reparametrise(Exception):
+    """Raised inside set-up when ``whiten="auto"`` finds no proper mode and the model has a funnel to non-centre."""
+
+    def __init__(self, sites: list[str], reason: str):
+        super().__init__(sites, reason)
+        self.sites, self.reason = sites, reason
+
+
 class ModelParameterWarning(UserWarning):
     """The model has ``pyro.param`` sites, which :class:`AmortizedSVGD` does not fit: they keep their values."""
 
@@ -405,6 +413,11 @@ class AmortizedSteinGuide(AutoContinuous):
         self._init_fn = init_to_mean_or_feasible() if init_loc_fn is None else init_loc_fn
         super().__init__(model, init_loc_fn=self._init_fn)
         self._raw_model = (model,)
+        self._user_model = model
+        # whiten="auto" on a posterior with no proper mode: the latent Normal sites whose loc or scale depend on other
+        # latents, non-centred with pyro.infer.reparam.LocScaleReparam (their draws are still returned, computed)
+        self.reparam_sites: list[str] = []
+        self._reparam_frames: dict = {}
         if create_plates is not None:
             self.create_plates = create_plates
         self.init_scale = float(init_scale)
@@ -458,9 +471,8 @@ class AmortizedSteinGuide(AutoContinuous):
         """Trace the model and build the networks, all or nothing: when it fails (e.g. on a malformed first
         dataset), the guide is left unset-up, so a later call with good arguments sets it up afresh."""
         registered = {name: set(getattr(self, name)) for name in ("_modules", "_buffers", "_parameters")}
-        try:
-            self._build_prototype(*args, **kwargs)
-        except BaseException:
+
+        def undo():
             for name, keys in registered.items():
                 table = getattr(self, name)
                 for key in set(table) - keys:
@@ -468,6 +480,17 @@ class AmortizedSteinGuide(AutoContinuous):
             self.prototype_trace = None
             self.sampler = self.encoder = None
             self.sites, self.subsample_plates, self.deterministic_names = [], {}, []
+
+        try:
+            try:
+                self._build_prototype(*args, **kwargs)
+            except _Reparametrise as r:  # whiten="auto" found no mode: set up again with the funnel's sites non-centred
+                undo()
+                self._use_reparam(r.sites, r.reason)
+                self._build_prototype(*args, **kwargs)
+        except BaseException:
+            undo()
+            self._use_reparam([], None)
             raise
 
     def _build_prototype(self, *args, **kwargs):
@@ -500,7 +523,10 @@ class AmortizedSteinGuide(AutoContinuous):
             for name, site in full.nodes.items()
             if site_is_subsample(site) and site["fn"].subsample_size is not None and site["fn"].subsample_size < site["fn"].size
         }
-        self.deterministic_names = [n for n, s in full.nodes.items() if s["type"] == "sample" and s["infer"].get("_deterministic")]
+        self.deterministic_names = [n for n, s in full.nodes.items() if s["type"] == "sample" and
+                                    (s["infer"].get("_deterministic") or n in self.reparam_sites)]
+        self._reparam_frames = {n: (full.nodes[n]["cond_indep_stack"], full.nodes[n]["fn"].event_dim)
+                                for n in self.reparam_sites if n in full.nodes}
         params = [n for n, site in full.nodes.items() if site["type"] == "param"]
         if params:
             warnings.warn(
@@ -552,6 +578,42 @@ class AmortizedSteinGuide(AutoContinuous):
         if not bool(good.any()):
             return init_loc
         return candidates[torch.where(good, lp, torch.full_like(lp, -float("inf"))).argmax()]
+
+    @property
+    def inference_model(self) -> Callable:
+        """The model the guide's latent sites belong to: the user's model, or it with :attr:`reparam_sites`
+        non-centred (``pyro.poutine.reparam`` with ``LocScaleReparam(centered=0)``)."""
+        return self._raw_model[0]
+
+    def _use_reparam(self, sites: Sequence[str], reason: str | None) -> None:
+        from pyro.infer.reparam import LocScaleReparam
+
+        self.reparam_sites = list(sites)
+        model = self._user_model
+        if self.reparam_sites:
+            model = poutine.reparam(model, config={n: LocScaleReparam(centered=0.0) for n in self.reparam_sites})
+        self._model = (model,)
+        self._raw_model = (model,)
+        self.frame_fallback_reason = None if reason is None else (
+            f"no proper mode in the model's own parameterisation ({reason}); its sites {self.reparam_sites} were "
+            "non-centred (LocScaleReparam(centered=0.0))")
+
+    def _hierarchical_normal_sites(self, args, kwargs) -> list[str]:
+        """Latent Normal sites whose loc or scale depend on another latent site (the centred levels of a hierarchical
+        model, whose log density has a funnel and no proper mode)."""
+        values = {n: v.detach().clone().requires_grad_(v.is_floating_point()) for n, v in self._init_values().items()}
+        with torch.enable_grad(), self._full_data(), pyro.validation_enabled(False):
+            tr = poutine.block(poutine.trace(poutine.condition(self._raw_model[0], values)).get_trace)(*args, **kwargs)
+        out = []
+        for name, site in tr.nodes.items():
+            if site["type"] != "sample" or name not in values:
+                continue
+            fn = site["fn"]
+            while isinstance(fn, torch.distributions.Independent):
+                fn = fn.base_dist
+            if type(fn) is dist.Normal and (fn.loc.requires_grad or fn.scale.requires_grad):
+                out.append(name)
+        return out
 
     def _check_sites(self, trace) -> None:
         for name, site in trace.iter_stochastic_nodes():
@@ -737,7 +799,10 @@ class AmortizedSteinGuide(AutoContinuous):
                 try:
                     loc, scale = self._laplace_frame(init_loc, args, kwargs)
                     self.whiten, self.adaptive_frame = "laplace", False
-                except ValueError as e:  # no proper mode: the driver adapts an affine frame to the particles instead
+                except ValueError as e:  # no proper mode: non-centre a funnel's sites, else an adaptive frame
+                    funnel = [] if self.reparam_sites else self._hierarchical_normal_sites(args, kwargs)
+                    if funnel:
+                        raise _Reparametrise(funnel, str(e)) from None
                     self.whiten, self.adaptive_frame, self.frame_fallback_reason = None, True, str(e)
             elif fresh:
                 loc, scale = self._laplace_frame(init_loc, args, kwargs)
@@ -1201,6 +1266,15 @@ class AmortizedSteinGuide(AutoContinuous):
                 for frame in self._cond_indep_stacks[name]:
                     stack.enter_context(plates[frame.name])
                 result[name] = pyro.sample(name, delta)
+        if self._reparam_frames:  # the non-centred sites' original values, so that Predictive(model, guide) sees them
+            flat = latent.reshape(-1, latent.shape[-1])
+            values = self.log_density.deterministic(flat, list(self._reparam_frames), args, kwargs)
+            for name, (stack_frames, event_dim) in self._reparam_frames.items():
+                value = values[name].reshape(latent.shape[:-1] + values[name].shape[1:])
+                with ExitStack() as stack:
+                    for frame in stack_frames:
+                        stack.enter_context(plates[frame.name])
+                    result[name] = pyro.sample(name, dist.Delta(value, event_dim=event_dim))
         return result
 
     @torch.no_grad()
@@ -1221,4 +1295,8 @@ class AmortizedSteinGuide(AutoContinuous):
         if ((q < 0) | (q > 1)).any():
             raise ValueError(f"quantiles must lie in [0, 1], got {quantiles!r}")
         z = self._posterior_draws(self.num_summary_samples, args, kwargs)
-        return self._unpack_constrained(torch.quantile(z.to(like.dtype), q, dim=0))
+        out = self._unpack_constrained(torch.quantile(z.to(like.dtype), q, dim=0))
+        if self.reparam_sites:  # quantiles of the computed, non-centred sites' original values, taken directly
+            for name, v in self.log_density.deterministic(z, self.reparam_sites, args, kwargs).items():
+                out[name] = torch.quantile(v.to(like.dtype), q, dim=0)
+        return out

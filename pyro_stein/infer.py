@@ -231,7 +231,8 @@ class AmortizedSVGD:
         """Subsample indices for this step: drawn once, shared by every particle of the dataset."""
         if not self.guide.subsample_plates:
             return {}
-        tr = poutine.block(poutine.trace(poutine.condition(self.model, self.guide._init_values())).get_trace)(*d.args, **d.kwargs)
+        model = self.guide.inference_model
+        tr = poutine.block(poutine.trace(poutine.condition(model, self.guide._init_values())).get_trace)(*d.args, **d.kwargs)
         return {name: tr.nodes[name]["value"] for name in self.guide.subsample_plates if name in tr.nodes}
 
     def _scores(self, z: Tensor, datasets: Sequence[Dataset], plates: Sequence[dict]) -> tuple[Tensor, Tensor]:
@@ -290,7 +291,9 @@ class AmortizedSVGD:
         guide = self.guide
         guide.setup(*datasets[0].args, **datasets[0].kwargs)
         if self._log_density is None:
-            self._log_density = ModelLogDensity(self.model, guide.sites, guide.vectorize, record_graph=self.record_graph)
+            # the guide's own model: the user's, or it with a funnel's sites non-centred (see AmortizedSteinGuide)
+            self._log_density = ModelLogDensity(guide.inference_model, guide.sites, guide.vectorize,
+                                                record_graph=self.record_graph)
         params = _register_params(guide)
         if not getattr(guide, "_standardization_pending", False):
             return self._move(guide, params, datasets)

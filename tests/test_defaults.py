@@ -1,0 +1,218 @@
+"""The no-options path: the automatic frame, the funnel reparametrisation, the default polish, the starting-point
+check, the driver's defaults and its health warnings."""
+
+import math
+import warnings
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import Predictive
+from torch.distributions import constraints
+
+from pyro_stein import AmortizedSteinGuide, AmortizedSVGD
+from pyro_stein.guide import DEFAULT_POLISH
+from pyro_stein.infer import DEFAULT_NUM_STEPS, TrainingWarning, _history_problems
+
+from .conftest import DEVICE, tensor
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "posteriordb" / "eight_schools-eight_schools_noncentered"
+SCHOOLS_Y = [28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0]
+SCHOOLS_SIGMA = [15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0]
+
+
+def conjugate_model(y, subsample_size=None):
+    mu = pyro.sample("mu", dist.Normal(y.new_zeros(()), 10.0))
+    with pyro.plate("data", y.shape[0], subsample_size=subsample_size) as idx:
+        pyro.sample("y", dist.Normal(mu, 2.0), obs=y[idx])
+
+
+def conjugate_posterior(y):
+    """The exact posterior of ``mu`` in :func:`conjugate_model`: ``(mean, sd)``."""
+    prec = 1 / 10.0**2 + y.shape[0] / 2.0**2
+    return (y.sum() / 2.0**2) / prec, prec**-0.5
+
+
+def flat_model(x):
+    pyro.sample("a", dist.Normal(x.new_zeros(()), 1.0))
+    pyro.sample("b", dist.ImproperUniform(constraints.real, (), ()))  # no mode in b
+
+
+def centred_schools(sigma, y=None):
+    mu = pyro.sample("mu", dist.Normal(sigma.new_zeros(()), 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(sigma.new_tensor(5.0)))
+    with pyro.plate("J", sigma.shape[0]):
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+
+def schools_data():
+    return tensor(SCHOOLS_SIGMA), tensor(SCHOOLS_Y)
+
+
+# ---------------------------------------------------------------------------------------------------- frame choice
+def test_auto_frame_is_laplace_where_the_posterior_has_a_mode():
+    y = tensor([1.0, 2.0, 0.5, 3.0])
+    guide = AmortizedSteinGuide(conjugate_model).setup(y)
+    assert guide.frame_request == "auto" and guide.whiten == "laplace" and not guide.adaptive_frame
+    assert guide.frame_fallback_reason is None and guide.reparam_sites == []
+    mean, sd = conjugate_posterior(y)
+    # a Gaussian posterior: the Laplace frame is exact (float64: to rounding; float32: the mode search's tolerance)
+    tol = 1e-6 if y.dtype == torch.float64 else 1e-3
+    assert abs(float(guide.whiten_loc[0]) - float(mean)) < tol * float(sd)
+    assert abs(float(guide.whiten_scale[0, 0]) - float(sd)) < tol * float(sd)
+
+
+def test_auto_frame_falls_back_to_an_adaptive_frame_without_a_mode():
+    guide = AmortizedSteinGuide(flat_model).setup(tensor(0.0))
+    assert guide.whiten is None and guide.adaptive_frame
+    assert "not positive definite" in guide.frame_fallback_reason
+    with pytest.raises(ValueError, match="not positive definite"):  # the explicit request still raises
+        AmortizedSteinGuide(flat_model, whiten="laplace").setup(tensor(0.0))
+
+
+def test_auto_frame_of_a_subsampled_model_uses_the_full_data():
+    y = torch.linspace(-1.0, 3.0, 40, dtype=torch.get_default_dtype(), device=DEVICE)
+    guide = AmortizedSteinGuide(conjugate_model).setup(y, 10)
+    assert guide.subsample_plates == {"data": (40, 10)} and guide.whiten == "laplace"
+    mean, sd = conjugate_posterior(y)
+    tol = 1e-6 if y.dtype == torch.float64 else 1e-3
+    assert abs(float(guide.whiten_loc[0]) - float(mean)) < tol * float(sd), "the frame is the full posterior's"
+
+
+def test_auto_frame_non_centres_a_funnel():
+    sigma, y = schools_data()
+    guide = AmortizedSteinGuide(centred_schools).setup(sigma, y)
+    assert guide.reparam_sites == ["theta"] and guide.whiten == "laplace"
+    assert "theta_decentered" in [s.name for s in guide.sites]
+    assert "no proper mode" in guide.frame_fallback_reason
+    s = guide.sample_posterior(7, sigma, y)
+    torch.testing.assert_close(s["theta"], s["mu"][:, None] + s["tau"][:, None] * s["theta_decentered"])
+    pred = Predictive(centred_schools, guide=guide, num_samples=5)(sigma)
+    assert pred["y"].shape == (5, 8) and pred["theta"].shape == (5, 8)
+    q = guide.quantiles([0.25, 0.75], sigma, y)
+    assert q["theta"].shape == (2, 8) and (q["theta"][0] < q["theta"][1]).all()
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data (posteriordb reference draws)")
+def test_centred_funnel_trains_to_the_reference_posterior():
+    """Centred eight schools with no options, against posteriordb's reference draws of the same posterior (10 chains
+    of 1,000 NUTS draws). Targets: every mean within 0.2 posterior sd and every sd within 15 %; with 4,000
+    independent draws the Monte Carlo s.e. of a mean is 0.016 sd and of an sd ratio about 1.1 %."""
+    import json
+
+    chains = json.loads((DATA / "reference_draws.json").read_text())
+    ref = {k: torch.tensor([c[k] for c in chains], dtype=torch.float64).reshape(-1) for k in chains[0]}
+    names = ["mu", "tau"] + [f"theta[{j}]" for j in range(1, 9)]
+    ref = torch.stack([ref[n] for n in names], -1)
+    sigma, y = schools_data()
+    pyro.set_rng_seed(0)
+    guide = AmortizedSteinGuide(centred_schools)
+    AmortizedSVGD(centred_schools, guide).run(sigma, y, progress_bar=False)
+    s = guide.sample_posterior(4000, sigma, y)
+    draws = torch.cat([s["mu"][:, None], s["tau"][:, None], s["theta"]], -1).double().cpu()
+    err = ((draws.mean(0) - ref.mean(0)).abs() / ref.std(0)).max()
+    ratio = draws.std(0) / ref.std(0)
+    assert err < 0.2, f"worst mean error {err:.3f} posterior sd (Monte Carlo s.e. 0.016)"
+    assert ((ratio - 1).abs() < 0.15).all(), f"sd ratios {ratio.tolist()} (Monte Carlo s.e. about 0.011)"
+
+
+# ---------------------------------------------------------------------------------------------------- default polish
+def test_default_polish_is_on_for_a_single_dataset_and_off_for_an_amortized_guide():
+    g = AmortizedSteinGuide(conjugate_model)
+    assert (g.moment_correction, g.mcmc_steps, g.mcmc_leapfrog) == tuple(DEFAULT_POLISH.values())
+    a = AmortizedSteinGuide(conjugate_model, amortized=True)
+    assert (a.moment_correction, a.mcmc_steps) == (0, 0)
+    off = AmortizedSteinGuide(conjugate_model, moment_correction=0, mcmc_steps=0)
+    assert (off.moment_correction, off.mcmc_steps) == (0, 0)
+
+
+def test_default_polish_after_minibatch_training_uses_the_full_data():
+    """Trained on minibatches of 10 of 200 rows, sampled with the full data passed: the polish evaluates all rows
+    (exact Metropolis tests), so the draws match the exact Gaussian posterior. 4,000 draws: Monte Carlo s.e. of the
+    mean 0.016 sd, of the sd about 1.1 %; the MCMC steps correlate draws little at 2 HMC steps."""
+    g = torch.Generator().manual_seed(0)
+    y = (1.5 + 2.0 * torch.randn(200, generator=g)).to(device=DEVICE, dtype=torch.get_default_dtype())
+    pyro.set_rng_seed(0)
+    guide = AmortizedSteinGuide(conjugate_model)
+    AmortizedSVGD(conjugate_model, guide).run(y, 10, num_steps=300, progress_bar=False, check_health=False)
+    mean, sd = conjugate_posterior(y)
+    mu = guide.sample_posterior(4000, y, 10)["mu"]
+    assert abs(float(mu.mean() - mean)) / float(sd) < 0.1, f"mean {float(mu.mean()):.4f} vs exact {float(mean):.4f}"
+    assert abs(float(mu.std()) / float(sd) - 1) < 0.1, f"sd {float(mu.std()):.4f} vs exact {float(sd):.4f}"
+
+
+# ---------------------------------------------------------------------------------------------------- starting point
+def test_a_singular_starting_point_is_moved_off():
+    """At the prior mean s = 0 the likelihood's scale is 1e-6: log density about -1e12, score about 1e18."""
+    y = tensor([0.3, -0.8, 1.1])
+
+    def model(y):
+        s = pyro.sample("s", dist.Normal(y.new_zeros(()), 1.0))
+        with pyro.plate("data", y.shape[0]):
+            pyro.sample("y", dist.Normal(0.0, (s + 1e-6).abs()), obs=y)
+
+    guide = AmortizedSteinGuide(model, whiten=None, init_scale=1e-3).setup(y)
+    z = guide.draw(64).detach()
+    lp, score = guide.log_density.log_density_and_score(z, (y,), check=False)
+    assert float(z.abs().min()) > 1e-2, "the sampler must start off the singular point s = 0"
+    assert torch.isfinite(lp).all() and float(score.abs().max()) < 1e6
+
+
+# ---------------------------------------------------------------------------------------------------- driver defaults
+def test_driver_defaults_and_the_deprecated_step_count():
+    y = tensor([1.0, 2.0, 0.5, 3.0])
+    guide = AmortizedSteinGuide(conjugate_model)
+    svgd = AmortizedSVGD(conjugate_model, guide)
+    assert svgd.optim.pt_optim_constructor.__name__ == "ClippedAdam"
+    with pytest.warns(FutureWarning, match=r"run\(\*model_args, num_steps=3\)"):
+        assert len(svgd.run(3, y, progress_bar=False)) == 3
+    assert DEFAULT_NUM_STEPS == 2000
+
+
+def test_default_run_is_accurate_on_a_conjugate_posterior():
+    """The no-options path, end to end, against the exact posterior (4,000 draws: Monte Carlo s.e. of the mean
+    0.016 sd, of the sd about 1.1 %)."""
+    y = tensor([1.0, 2.0, 0.5, 3.0, -0.4, 2.2])
+    pyro.set_rng_seed(0)
+    guide = AmortizedSteinGuide(conjugate_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrainingWarning)  # a healthy run says nothing
+        AmortizedSVGD(conjugate_model, guide).run(y, progress_bar=False)
+    mean, sd = conjugate_posterior(y)
+    mu = guide.sample_posterior(4000, y)["mu"]
+    assert abs(float(mu.mean() - mean)) / float(sd) < 0.1 and abs(float(mu.std()) / float(sd) - 1) < 0.1
+
+
+# ---------------------------------------------------------------------------------------------------- health
+def test_history_problems_flag_divergence_and_no_settling():
+    healthy = [1.0 / (1 + k) + 0.01 for k in range(400)]
+    assert _history_problems(healthy) == []
+    assert "non-finite at step 7" in _history_problems([0.1] * 7 + [math.nan] + [0.1] * 300)[0]
+    diverged = [0.01] * 300 + [50.0] * 100
+    assert "diverged" in _history_problems(diverged)[0]
+    moving = [0.01] * 320 + [0.05] * 40 + [0.2] * 40
+    assert "not settled" in _history_problems(moving)[0]
+    assert _history_problems([0.5] * 50) == [], "too short to judge"
+
+
+def test_collapsed_draws_are_reported():
+    """The centred funnel in its own parameterisation with no frame: the group scale collapses."""
+    sigma, y = schools_data()
+    pyro.set_rng_seed(0)
+    guide = AmortizedSteinGuide(centred_schools, whiten=None)
+    with pytest.warns(TrainingWarning, match=r"narrower than the posterior"):
+        AmortizedSVGD(centred_schools, guide).run(sigma, y, num_steps=600, progress_bar=False)
+
+
+def test_health_checks_leave_the_random_stream_alone():
+    y = tensor([1.0, 2.0, 0.5, 3.0])
+    states = []
+    for check in (True, False):
+        pyro.set_rng_seed(3)
+        guide = AmortizedSteinGuide(conjugate_model)
+        AmortizedSVGD(conjugate_model, guide).run(y, num_steps=5, progress_bar=False, check_health=check)
+        states.append(torch.randn(3))
+    torch.testing.assert_close(states[0], states[1], rtol=0, atol=0)
