@@ -6,7 +6,18 @@ reference draws are keyed by Pyro site name (constrained space, leading sample d
 named by :attr:`ReferencePosterior.param_names` (Stan style, 1-based), in the order of
 :attr:`ReferencePosterior.sites`, each site flattened row-major.
 
-The data folder is ``$PYRO_STEIN_SHARED_DATA`` when set, else ``<repo>/../shared/data``. Nothing is downloaded.
+The posteriordb models (:data:`POSTERIORDB_NAMES`) translate each posterior's ``model.stan`` line by line: a
+parameter without a sampling statement gets Stan's flat prior on its declared support
+(:class:`~pyro.distributions.ImproperUniform`: real, ``<lower=0>``, simplex, ``positive_ordered``), ``target +=``
+terms that are not a site's own density become :func:`pyro.factor` terms, transformed data are computed in the model
+from the raw columns, and the hidden states of the two HMMs are summed out by the forward algorithm. Each translation
+is checked against its reference draws by the Stein identities (``tests/test_posteriordb_models.py``).
+:data:`EIGHT_SCHOOLS_CENTERED` is the centred eight schools with the non-centred model's draws (the same posterior
+over ``theta, mu, tau``). :data:`BASEBALL` is Pyro's baseball example, which has no published reference:
+:func:`load_baseball` computes one with NUTS (minutes), so the accuracy benchmark runs it only when it is named.
+
+The data folder is ``$PYRO_STEIN_SHARED_DATA`` when set, else ``<repo>/../shared/data``. Nothing is downloaded
+(the baseball data are embedded here).
 """
 
 from __future__ import annotations
@@ -323,9 +334,9 @@ def partially_pooled_with_logit(at_bats: torch.Tensor, hits: torch.Tensor | None
     ``scale ~ HalfCauchy(1)``, ``alpha_i ~ N(loc, scale)``, ``hits_i ~ Binomial(at_bats_i, logits=alpha_i)``."""
     loc = pyro.sample("loc", dist.Normal(at_bats.new_tensor(-1.0), 1.0))
     scale = pyro.sample("scale", dist.HalfCauchy(at_bats.new_tensor(1.0)))
-    with pyro.plate("players", at_bats.shape[-1]):
+    with pyro.plate("num_players", at_bats.shape[-1]):  # site names as in Pyro's example
         alpha = pyro.sample("alpha", dist.Normal(loc, scale))
-        pyro.sample("hits", dist.Binomial(at_bats, logits=alpha), obs=hits)
+        pyro.sample("obs", dist.Binomial(at_bats, logits=alpha), obs=hits)
 
 
 def _read_json(path: Path) -> Any:

@@ -253,7 +253,9 @@ def test_nes_age_dummies_and_c2_centering(device):
     tr = poutine.trace(poutine.condition(ref.model, data={"beta": beta, "sigma": beta.new_tensor(1.0)})).get_trace(
         *ref.args, **ref.kwargs
     )
-    want = torch.where(age == 2, 1.0, torch.where(age == 3, 10.0, torch.where(age == 4, 100.0, 0.0)))
+    want = torch.zeros_like(age)
+    for k, b in ((2, 1.0), (3, 10.0), (4, 100.0)):
+        want[age == k] = b
     assert torch.equal(tr.nodes["partyid7"]["fn"].loc, want)
     ref = load_reference("kidiq_with_mom_work-kidscore_interaction_c2", device=device)
     mom_hs, mom_iq = ref.args
