@@ -468,8 +468,11 @@ def load_baseball(
 ) -> ReferencePosterior:
     """The baseball posterior with a reference computed here by Pyro's NUTS (there is no published one).
 
-    One chain of ``warmup_steps`` + ``num_samples`` iterations (defaults: 2,000 + 10,000, a few minutes on
-    one CPU core), seeded with ``seed``. Columns: ``loc, scale, alpha[1..18]``.
+    One chain of ``warmup_steps`` + ``num_samples`` iterations (defaults: 2,000 + 10,000, about five minutes on
+    one CPU core), seeded with ``seed``. NUTS runs on the non-centred form of the same posterior
+    (``poutine.reparam`` with ``LocScaleReparam(centered=0.0)`` on ``alpha``; ``alpha = loc + scale * alpha_decentered``),
+    which it explores far better than the centred funnel; the returned model is the centred one.
+    Columns: ``loc, scale, alpha[1..18]``.
 
     :param num_samples: NUTS draws kept, the reference's size (at least 1).
     :param warmup_steps: NUTS adaptation steps (at least 0).
@@ -480,12 +483,16 @@ def load_baseball(
         if value < lo:
             raise ValueError(f"{arg} must be at least {lo}, got {value}")
     from pyro.infer import MCMC, NUTS
+    from pyro.infer.reparam import LocScaleReparam
 
     model, args, kwargs = baseball_model(dtype, device)
+    noncentered = pyro.poutine.reparam(model, config={"alpha": LocScaleReparam(centered=0.0)})
     with pyro.poutine.seed(rng_seed=seed):  # global RNG state is restored afterwards
-        mcmc = MCMC(NUTS(model), num_samples=num_samples, warmup_steps=warmup_steps, disable_progbar=True)
+        mcmc = MCMC(NUTS(noncentered), num_samples=num_samples, warmup_steps=warmup_steps, disable_progbar=True)
         mcmc.run(*args, **kwargs)
-    draws = {k: v.detach() for k, v in mcmc.get_samples().items()}
+    samples = mcmc.get_samples()
+    draws = {k: samples[k].detach() for k in ("loc", "scale")}
+    draws["alpha"] = draws["loc"][:, None] + draws["scale"][:, None] * samples["alpha_decentered"].detach()
     sites = ["loc", "scale", "alpha"]
     names = ["loc", "scale"] + _stan_names("alpha", (len(BASEBALL_HITS),))
     return ReferencePosterior(BASEBALL, model, args, kwargs, draws, sites, names)

@@ -104,7 +104,7 @@ def _scores(name, device) -> _Scored:
         sites = _latent_sites(ref.model, ref.args, ref.kwargs, {k: v[0] for k, v in ref.draws.items()})
         u = pack({s.name: ref.draws[s.name] for s in sites}, sites)
         ld = ModelLogDensity(ref.model, sites)
-        parts = [ld.log_density_and_score(c, ref.args, ref.kwargs, check=False) for c in u.split(2500)]
+        parts = [ld.log_density_and_score(c, ref.args, ref.kwargs, check=False) for c in u.split(1000)]
         lp, score = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         _CACHE[key] = _Scored(u, lp, score, ld)
     return _CACHE[key]
@@ -114,7 +114,9 @@ def _mc_z(stat):
     """Each column's mean over the draws ``stat[num_draws, k]``, in Monte Carlo standard errors ``sd / sqrt(ESS)``."""
     n = stat.shape[0]
     assert n % NUM_CHAINS == 0
-    ess = effective_sample_size(stat.reshape(NUM_CHAINS, n // NUM_CHAINS, -1), chain_dim=0, sample_dim=1)
+    chains = stat.reshape(NUM_CHAINS, n // NUM_CHAINS, -1)
+    # a few columns at a time: pyro's estimate holds a (draws/2)^2 x columns tensor
+    ess = torch.cat([effective_sample_size(c, chain_dim=0, sample_dim=1) for c in chains.split(8, dim=-1)])
     return stat.mean(0) / (stat.std(0) / ess.sqrt()), ess
 
 
