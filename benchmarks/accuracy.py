@@ -10,15 +10,18 @@ from pathlib import Path
 
 import pyro
 import torch
+from pyro import poutine
+from pyro.distributions import ImproperUniform
 from pyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormal
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible, init_to_value
 
 from pyro_stein import AmortizedSteinGuide, AmortizedSVGD
+from pyro_stein.guide import _first_tensor, init_to_mean_or_feasible
 from pyro_stein.infer import TrainingWarning
 
 from .metrics import c2st, sd_ratio, standardized_mean_error, worst_ratio
-from .models import POSTERIORDB_NAMES, load_posteriordb, load_sbibm
+from .models import REFERENCE_NAMES, load_reference, load_sbibm
 from .report import machine_info, write_json
 
 CONFIG = {
@@ -43,10 +46,14 @@ def _decay(lr0, lr1, steps):
 
 
 def _init_values(ref):
-    """Zeros for sites with an ImproperUniform prior (kidiq's beta); other sites fall back to init_to_feasible."""
-    if ref.name.startswith("kidiq"):
-        return {"beta": torch.zeros(4, dtype=ref.kwargs["kid_score"].dtype)}
-    return None
+    """Values for the sites with an ImproperUniform prior (the flat priors of kidiq's beta, the flat-prior regressions'
+    beta and sigma, the HMMs' simplexes and ordered vectors): ``init_to_mean_or_feasible``'s, the image of zero in
+    unconstrained space (zeros for a real beta); other sites fall back to init_to_feasible. ``None`` when there are none."""
+    init = init_to_mean_or_feasible(like=_first_tensor([ref.args, ref.kwargs]))
+    trace = poutine.trace(InitMessenger(init)(ref.model)).get_trace(*ref.args, **ref.kwargs)
+    vals = {name: site["value"].detach() for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"] and isinstance(site["fn"], ImproperUniform)}
+    return vals or None
 
 
 def _init_loc_fn(ref):
@@ -252,7 +259,8 @@ def score(ref, samples, exact: bool, seed: int = 0) -> dict:
 def _targets(names: str | None, mode: str) -> list[str]:
     if names:
         return [s.strip() for s in names.split(",") if s.strip()]
-    base = list(POSTERIORDB_NAMES) + ["gaussian_linear/1", "bernoulli_glm/1"]
+    # the baseball posterior ("baseball") is run only when named: its reference is a NUTS run of a few minutes
+    base = list(REFERENCE_NAMES) + ["gaussian_linear/1", "bernoulli_glm/1"]
     return base
 
 
@@ -260,16 +268,18 @@ def _load(name):
     if "/" in name:
         task, i = name.split("/")
         return load_sbibm(task, int(i))
-    return load_posteriordb(name)
+    return load_reference(name)
 
 
 NOTES = (
     "C2ST: `benchmarks.metrics.c2st` ({variant}); the reference is subsampled (seeded) to the same number of draws as "
     "the method, so both classes are balanced; for pyro.infer.SVGD that is only its particle count, so its C2ST is "
-    "noisier. kidiq's beta has an ImproperUniform prior, which Pyro cannot sample: AutoNormal and AutoMultivariateNormal "
-    "get `init_loc_fn=init_to_value(beta=0, fallback=init_to_feasible)`; NUTS gets `init_to_value(beta=0)` and, like "
+    "noisier. Flat priors (kidiq's beta, the flat-prior regressions' beta and sigma, the HMMs' simplexes and ordered "
+    "vectors) are ImproperUniform sites, which Pyro cannot sample: AutoNormal and AutoMultivariateNormal "
+    "get `init_loc_fn=init_to_value(values, fallback=init_to_feasible)` with each such site at the image of zero in "
+    "unconstrained space (beta=0); NUTS gets `init_to_value(values)` and, like "
     "AutoIAFNormal (whose init_loc_fn is ignored) and pyro.infer.SVGD (no init option), a model wrapped in "
-    "`InitMessenger(init_to_value(beta=0))` so that their set-up traces do not call `.sample()`. AmortizedSteinGuide "
+    "`InitMessenger(init_to_value(values))` so that their set-up traces do not call `.sample()`. AmortizedSteinGuide "
     "initialises such sites itself. pyro.infer.SVGD runs the model under a particle plate at dim -2: models not "
     "written for that batch shape (vector latents in matrix products, GP kernels) fail or mis-group particles; we run "
     "the reference models unmodified and report what happens. Eight schools: theta is computed from mu, tau and "

@@ -13,7 +13,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.metrics import c2st, mmd_rbf, sd_ratio, standardized_mean_error
 from benchmarks.models import (
-    POSTERIORDB_NAMES,
     SBIBM_TASKS,
     bernoulli_glm_summary,
     data_dir,
@@ -43,7 +42,7 @@ def _point_at_shared_data(shared_data, monkeypatch):
     monkeypatch.setenv("PYRO_STEIN_SHARED_DATA", str(shared_data))
 
 
-@pytest.mark.parametrize("name", POSTERIORDB_NAMES)
+@pytest.mark.parametrize("name", list(EXPECTED_NAMES))  # the others: tests/test_posteriordb_models.py
 def test_posteriordb_loads_and_log_joint_finite(name):
     rp = load_posteriordb(name)
     assert rp.param_names == EXPECTED_NAMES[name]
