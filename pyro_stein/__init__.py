@@ -5,6 +5,7 @@ variational gradient, as a Pyro guide (:class:`AmortizedSteinGuide`) with an Inf
 (:class:`AmortizedSVGD`), amortized across datasets, and SteinGAN (:mod:`pyro_stein.ebm`).
 """
 
+from ._io import CheckpointError
 from .data import Dataset, PriorPredictiveStream
 from .ebm import AmortizedMLE, ContrastiveDivergence, GaussianBernoulliRBM
 from .graphs import RecordedGraphWarning
@@ -21,6 +22,7 @@ __all__ = [
     "AmortizedMLE",
     "AmortizedSVGD",
     "AmortizedSteinGuide",
+    "CheckpointError",
     "ContrastiveDivergence",
     "Dataset",
     "GaussianBernoulliRBM",

@@ -20,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import pyro.poutine as poutine
@@ -174,7 +175,7 @@ def plot_sbc(ranks: dict[str, Tensor], num_samples: int, bins: int = 20, path: s
     :param dict ranks: ``{site: integer ranks}`` as returned by :func:`sbc`.
     :param int num_samples: draws per rank (the ranks lie in ``0..num_samples``).
     :param int bins: histogram bins, between 1 and ``num_samples + 1``.
-    :param str path: where to save the figure (optional).
+    :param str path: where to save the figure (optional; the format follows its extension, written atomically).
     :returns: the matplotlib figure (also saved to ``path`` if given).
     """
     import matplotlib.pyplot as plt
@@ -207,6 +208,9 @@ def plot_sbc(ranks: dict[str, Tensor], num_samples: int, bins: int = 20, path: s
         ax.set_title(name)
         ax.set_xticks([])
     fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
+    if path is not None:  # written atomically: an interrupted save leaves the previous file intact
+        from ._io import atomic_write
+
+        ext = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
+        atomic_write(path, lambda f: fig.savefig(f, dpi=120, format=ext or None))
     return fig

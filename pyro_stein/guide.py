@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import numbers
 import operator
 import warnings
@@ -85,6 +86,169 @@ def _num_samples(num_samples, arg: str = "num_samples") -> int:
     return _int_at_least(num_samples, arg, 1, "a positive int")
 
 
+_FORMAT_VERSION = 2  # of the file AmortizedSteinGuide.save writes; 2 adds init values and site supports
+_GUIDE_OPTIONS = ("init_loc_fn", "init_scale", "amortized", "context_dim", "mean_features", "vectorize",
+                  "num_summary_samples", "moment_correction", "correction_samples", "whiten", "mcmc_steps",
+                  "laplace_evaluations", "mcmc_leapfrog", "record_graph")
+_MAX_DIM = 1 << 20  # a bound on the sizes a checkpoint's configuration may state (checked against its weights too)
+_MAX_DRAWS = 1 << 24
+
+
+def _constraint_kind(c) -> str:
+    """A constraint's structure as a string: its class and, for wrappers, those of what it wraps (no values)."""
+    parts = []
+    while True:
+        name = type(c).__name__.lstrip("_")
+        if hasattr(c, "reinterpreted_batch_ndims"):
+            name += f"[{c.reinterpreted_batch_ndims}]"
+        parts.append(name)
+        if not hasattr(c, "base_constraint"):
+            return "/".join(parts)
+        c = c.base_constraint
+
+
+def _transform_kind(t) -> str:
+    """A transform's structure as a string (class names, composed parts in order)."""
+    name = type(t).__name__
+    if getattr(t, "parts", None):
+        return f"{name}({', '.join(_transform_kind(p) for p in t.parts)})"
+    if hasattr(t, "base_transform"):
+        return f"{name}({_transform_kind(t.base_transform)})"
+    return name
+
+
+def _site_kind(site: LatentSite) -> tuple[str, str]:
+    """``(support structure, bijection structure)`` of a latent site, as a checkpoint records them."""
+    return _constraint_kind(site.support), _transform_kind(site.transform)
+
+
+def _site_probe(site: LatentSite, dtype: torch.dtype, device=None) -> Tensor:
+    """The site's bijection at fixed unconstrained points (``linspace(-2, 2)``), flattened: equal for two sites
+    exactly when their supports map the same weights to the same values (e.g. ``Uniform(0, 1)`` vs ``(0, 2)``)."""
+    probe = torch.linspace(-2.0, 2.0, site.size, dtype=dtype, device=device).reshape(site.unconstrained_shape)
+    return site.transform(probe).detach().reshape(-1).clone()
+
+
+def _refuse_guide_options(model, kwargs: dict) -> None:
+    """``AmortizedSteinGuide.load``'s keywords go to the model: refuse a guide option among them (it comes from
+    the file) unless the model itself takes an argument of that name."""
+    import inspect
+
+    given = [k for k in kwargs if k in _GUIDE_OPTIONS]
+    if not given:
+        return
+    try:
+        params = inspect.signature(model).parameters
+    except (TypeError, ValueError):
+        params = {}
+    given = [k for k in given if k not in params]
+    if given:
+        raise TypeError(
+            f"AmortizedSteinGuide.load got the guide option(s) {given}: a guide's options are restored from the file "
+            "(init_loc_fn as the initial values it gave); load's other keywords are the model's arguments. Drop "
+            f"{given[0]}=..., or set a changeable option after loading (e.g. guide.num_summary_samples = 500)"
+        )
+
+
+def _checked_payload(path, payload) -> dict:
+    """The configuration of a loaded :meth:`AmortizedSteinGuide.save` file, after checking the whole file: format and
+    version, the configuration's types and ranges, the tensors (float32 or float64, one dtype, finite), and that
+    the networks the configuration describes have exactly the file's weights' names and shapes (built on the
+    ``meta`` device: nothing is allocated). Raises :class:`~pyro_stein.CheckpointError` naming the file."""
+    from ._io import CheckpointError, check_tensor_dict, config_choice, config_float, config_int
+
+    if not isinstance(payload, dict) or payload.get("format") != "pyro_stein.AmortizedSteinGuide":
+        raise CheckpointError(path, "is not a file written by AmortizedSteinGuide.save()")
+    version = payload.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(path, f"has format_version {version!r}, not a positive int: the file is corrupt")
+    if version > _FORMAT_VERSION:
+        raise CheckpointError(
+            path, f"has format_version {version} (written by pyro_stein {payload.get('pyro_stein_version')!s}), but "
+            f"this pyro_stein reads format_version {_FORMAT_VERSION} and older: upgrade pyro_stein to load it")
+    cfg = payload.get("config")
+    if not isinstance(cfg, dict):
+        raise CheckpointError(path, "lacks its config dict: the file is corrupt")
+    config_float(path, cfg, "init_scale", 0.0, 1e6)
+    config_choice(path, cfg, "amortized", (True, False))
+    for key in ("record_graph", "frame_context", "frame_summary_squash", "custom_dataset_fn", "custom_create_plates"):
+        config_choice(path, cfg, key, (True, False), False)
+    config_choice(path, cfg, "mean_features", (True, False, None), None)
+    config_int(path, cfg, "context_dim", 1, _MAX_DIM)
+    config_choice(path, cfg, "vectorize", ("auto", "vmap", "loop"))
+    config_int(path, cfg, "num_summary_samples", 1, _MAX_DRAWS)
+    config_int(path, cfg, "moment_correction", 0, 1000, 0)
+    config_int(path, cfg, "correction_samples", 3, _MAX_DRAWS, 1000)
+    config_int(path, cfg, "mcmc_steps", 0, 1 << 20, 0)
+    config_int(path, cfg, "mcmc_leapfrog", 1, 1 << 12, 1)
+    config_int(path, cfg, "laplace_evaluations", 1, 1 << 20, 50)
+    config_choice(path, cfg, "whiten", (None, "laplace"), None)
+    sites = cfg.get("sites")
+    ok = isinstance(sites, list) and sites and all(
+        isinstance(x, list) and len(x) == 3 and isinstance(x[0], str)
+        and all(isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _MAX_DIM
+                                                 for d in shape) for shape in x[1:])
+        for x in sites)
+    if not ok:
+        raise CheckpointError(path, f"config['sites'] = {sites!r} is not a list of [name, shape, unconstrained "
+                                    "shape]: the file is corrupt or was altered")
+    latent_dim = sum(math.prod(x[2]) for x in sites)
+    if latent_dim > _MAX_DIM:
+        raise CheckpointError(path, f"its sites pack into {latent_dim} dims, more than {_MAX_DIM}: the file is corrupt")
+    kinds = cfg.get("site_kinds")
+    if version >= 2 and not (isinstance(kinds, list) and [k[0] for k in kinds if isinstance(k, list)] == [x[0] for x in sites]
+                             and all(len(k) == 3 and all(isinstance(v, str) for v in k) for k in kinds)):
+        raise CheckpointError(path, "config['site_kinds'] does not list the sites' supports: the file is corrupt")
+    state = payload.get("state_dict")
+    dtype = check_tensor_dict(path, state, "state_dict")
+    if version >= 2:
+        saved = cfg.get("dtype")
+        if dtype is not None and saved != str(dtype).replace("torch.", ""):
+            raise CheckpointError(path, f"its tensors have dtype {dtype}, but its config says {saved!r}: the file was "
+                                        "altered")
+        for key in ("init_values", "site_probes"):
+            check_tensor_dict(path, payload.get(key), key)
+        probes = payload["site_probes"]
+        for name, shape, _ in sites:
+            if name not in probes or probes[name].dim() != 1 or probes[name].numel() != math.prod(shape):
+                raise CheckpointError(path, f"site_probes lacks a proper entry for site {name!r}: the file is corrupt")
+    for part, net_cls, keys in (("sampler", GaussianResidualSampler, (
+            ("latent_dim", 1), ("noise_dim", 1), ("context_dim", 0), ("hidden_dim", 1), ("num_layers", 1),
+            ("max_amortized_tril", 0))),
+            ("encoder", DeepSetEncoder, (("feature_dim", 1), ("output_dim", 1), ("hidden_dim", 1), ("num_layers", 1)))):
+        net = cfg.get(part)
+        if net is None:
+            if part == "encoder" or not isinstance(cfg.get("sampler_class"), str):
+                if part == "sampler":
+                    raise CheckpointError(path, "config lacks both the sampler's configuration and its class name")
+            continue
+        if not isinstance(net, dict):
+            raise CheckpointError(path, f"config[{part!r}] is a {type(net).__name__}, not a dict")
+        for key, lo in keys:
+            config_int(path, net, key, lo, _MAX_DIM, optional=key == "noise_dim")
+        if part == "sampler":
+            config_float(path, net, "init_scale", 0.0, 1e6)
+            config_choice(path, net, "affine", ("auto", "full", "diag"))
+            if net["latent_dim"] != latent_dim:
+                raise CheckpointError(path, f"config['sampler']['latent_dim'] = {net['latent_dim']} but the sites pack "
+                                            f"into {latent_dim} dims: the file is corrupt or was altered")
+        else:
+            config_choice(path, net, "mean_features", (True, False), False)
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                expected = {f"{part}.{k}": tuple(v.shape) for k, v in net_cls(**net).state_dict().items()}
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(path, f"config[{part!r}] does not describe a {net_cls.__name__} ({e})") from None
+        got = {k: tuple(v.shape) for k, v in state.items() if k.startswith(f"{part}.")}
+        if got != expected:
+            diff = sorted(set(got.items()) ^ set(expected.items()))[:3]
+            raise CheckpointError(
+                path, f"its weights do not match the {part} its config describes ({net}); e.g. {diff} differ: the "
+                "file is corrupt or was altered")
+    return cfg
+
+
 class _IntOption:
     """A guide option held as an ``int`` >= ``lo``, checked (and converted, e.g. from ``numpy.int64``) whenever it is
     set, in the constructor or later as ``guide.<name> = value``, with an error naming the option."""
@@ -144,6 +308,22 @@ class init_to_mean_or_feasible:
                 "reparametrise it (e.g. sample unconstrained values and map them onto the support in the model)"
             ) from None
         return transform(torch.zeros(transform.inverse_shape(fn.shape()), **kw)).detach()
+
+
+class _init_to_saved(init_to_mean_or_feasible):
+    """Initialise each site at a value saved in a checkpoint, in the dtype and device the model's own feasible
+    point has (a site not saved, or saved with another shape, gets that feasible point)."""
+
+    def __init__(self, values: dict):
+        super().__init__()
+        self.values = values
+
+    def __call__(self, site: dict) -> Tensor:
+        ref = super().__call__(site)
+        saved = self.values.get(site["name"])
+        if isinstance(saved, Tensor) and saved.shape == ref.shape:
+            return saved.to(dtype=ref.dtype, device=ref.device)
+        return ref
 
 
 class SamplerDistribution(dist.TorchDistribution):
@@ -468,6 +648,7 @@ class AmortizedSteinGuide(AutoContinuous):
                 f"the model's latent sites {layout} do not match the saved guide's {expected}: load it with the same "
                 "model and example arguments of the same shapes"
             )
+        self._check_saved_supports()
         self.latent_dim = offset
         if self.latent_dim == 0:
             raise ValueError("the model has no latent sample sites; there is nothing to infer")
@@ -495,6 +676,32 @@ class AmortizedSteinGuide(AutoContinuous):
             bad = [s.name for s in self.sites if not torch.isfinite(init_loc[s.offset : s.offset + s.size]).all()]
             raise ValueError(f"the initial value of site(s) {bad} is not finite in unconstrained space; pass a different init_loc_fn")
         self._build_networks(init_loc, args, kwargs)
+
+    def _check_saved_supports(self) -> None:
+        """When loading a checkpoint: every latent site has the saved support and bijection (structure and values at
+        fixed points), else a :class:`~pyro_stein.CheckpointError` naming the site (the same weights would mean other
+        values, e.g. ``LogNormal`` replaced by ``Normal``)."""
+        from ._io import CheckpointError
+
+        kinds, probes = self._network_configs.get("site_kinds"), self._network_configs.get("site_probes")
+        if kinds is None or probes is None:  # a file from before supports were saved: nothing to compare with
+            return
+        path = self._network_configs.get("path", "<checkpoint>")
+        saved = {k[0]: tuple(k[1:]) for k in kinds}
+        for site in self.sites:
+            now = _site_kind(site)
+            probe = probes[site.name]
+            try:
+                got = _site_probe(site, probe.dtype, probe.device)
+                same_values = got.shape == probe.shape and bool(torch.allclose(got, probe, rtol=1e-4, atol=1e-6))
+            except (RuntimeError, ValueError):
+                same_values = False
+            if now != saved[site.name] or not same_values:
+                raise CheckpointError(
+                    path, f"latent site {site.name!r} has support {site.support} (bijection {now[1]}) in this model, "
+                    f"but support {saved[site.name][0]} (bijection {saved[site.name][1]}) "
+                    f"{'' if now != saved[site.name] else 'with other bounds '}in the saved guide: the saved weights "
+                    "would give other values. Load it with the model it was trained with")
 
     def _check_sites(self, trace) -> None:
         for name, site in trace.iter_stochastic_nodes():
@@ -716,16 +923,27 @@ class AmortizedSteinGuide(AutoContinuous):
     def save(self, path) -> None:
         """Save weights, configuration and library version (no pickled code) to ``path``.
 
-        Restore with :meth:`load`. Custom samplers/encoders are saved by weights only: pass an
-        instance of the same class to :meth:`load`.
+        The file holds tensors and plain values only (it is read back with ``weights_only=True``):
+        the networks' weights and buffers, every constructor option that is a value (``init_scale``,
+        ``amortized``, ``whiten``, ...), the initial values of the latent sites (what ``init_loc_fn``
+        gave, so the restored guide starts its frame searches from the same point), and each latent
+        site's shape, support and bijection, checked against the model on :meth:`load`.
+
+        Options that are code are not saved: a custom ``sampler`` or ``encoder`` (saved by weights
+        only), ``dataset_fn`` and ``create_plates``; the file records that they were given, and
+        :meth:`load` asks for them again. The write is atomic: an interrupted save leaves the previous
+        file at ``path``, if any, intact.
         """
         from . import __version__
+        from ._io import atomic_torch_save
 
         if self.prototype_trace is None:
             raise ValueError("the guide has no parameters yet: call guide.setup(*example_args) or train it before save()")
+        state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        dtype = self._like().dtype
         payload = {
             "format": "pyro_stein.AmortizedSteinGuide",
-            "format_version": 1,
+            "format_version": _FORMAT_VERSION,
             "pyro_stein_version": __version__,
             "config": {
                 "init_scale": self.init_scale,
@@ -744,48 +962,87 @@ class AmortizedSteinGuide(AutoContinuous):
                 "frame_context": self.per_dataset_frames,
                 "frame_summary_squash": self._squash_frame_summary,
                 "sites": [[s.name, list(s.shape), list(s.unconstrained_shape)] for s in self.sites],
+                "site_kinds": [[s.name, *_site_kind(s)] for s in self.sites],
                 "sampler": getattr(self.sampler, "config", None) if self._user_sampler is None else None,
                 "encoder": getattr(self.encoder, "config", None) if self.amortized and self._user_encoder is None else None,
                 "sampler_class": type(self.sampler).__name__,
+                "custom_dataset_fn": self.dataset_fn is not None,
+                "custom_create_plates": getattr(self, "create_plates", None) is not None,
+                "dtype": str(dtype).replace("torch.", ""),
             },
-            "state_dict": {k: v.detach() for k, v in self.state_dict().items()},
+            "init_values": {n: v.detach().clone() for n, v in self._init_values().items()},
+            "site_probes": {s.name: _site_probe(s, dtype) for s in self.sites},
+            "state_dict": state,
         }
-        torch.save(payload, path)
+        atomic_torch_save(payload, path)
 
     @classmethod
-    def load(cls, path, model, *args, map_location=None, sampler=None, encoder=None, dataset_fn=None, **kwargs):
-        """Rebuild a guide saved with :meth:`save` for ``model``, set up with example ``*args, **kwargs``.
+    def load(cls, path, model, *args, map_location=None, sampler=None, encoder=None, dataset_fn=None,
+             create_plates=None, **kwargs):
+        """Rebuild a guide saved with :meth:`save` for ``model``, set up with example ``*args, **kwargs``
+        (the model's arguments only: the guide's options come from the file).
+
+        The file is read with ``weights_only=True`` (no code runs) and checked before any network
+        is built: a file that is truncated or corrupt, holds non-finite values or tensors of another
+        dtype, has a configuration out of range or inconsistent with its weights, or was written
+        by a newer version of pyro_stein raises :class:`~pyro_stein.CheckpointError` (a
+        ``ValueError``) naming the file; so does a model whose latent sites differ from the saved
+        ones in name, shape, support or bijection (e.g. ``LogNormal`` replaced by ``Normal``).
+
+        The restored guide draws what the saved one drew at the same seed: it has the saved
+        weights, options and initial values. Options that are code are passed again:
+        ``sampler``/``encoder`` (an instance of the saved class, when the guide had a custom one),
+        ``dataset_fn`` and ``create_plates`` (the same functions, when the guide had them).
 
         ``map_location`` is passed to :func:`torch.load` (e.g. ``"cpu"`` to load a GPU-trained guide
         on a CPU-only machine); the rebuilt guide lives on the device of the example arguments.
         """
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-        if not isinstance(payload, dict) or payload.get("format") != "pyro_stein.AmortizedSteinGuide":
-            raise ValueError(f"{path!r} is not a file written by AmortizedSteinGuide.save()")
-        cfg = payload["config"]
+        from ._io import CheckpointError, load_weights_only
+
+        _refuse_guide_options(model, kwargs)
+        payload = load_weights_only(path, map_location)
+        cfg = _checked_payload(path, payload)
         if cfg["amortized"] and cfg.get("whiten") == "laplace" and not cfg.get("frame_context"):
-            raise ValueError(
-                f"{path!r} holds an amortized whiten='laplace' guide saved by pyro_stein "
+            raise CheckpointError(
+                path, f"holds an amortized whiten='laplace' guide saved by pyro_stein "
                 f"{payload.get('pyro_stein_version')}, whose sampler did not see the frame summary that this version "
                 "passes it; retrain the guide with this version"
             )
         if cfg["sampler"] is None and sampler is None:
-            raise ValueError(f"the guide was saved with a custom sampler ({cfg['sampler_class']}); pass sampler=<an instance of it>")
+            raise ValueError(f"the guide in {str(path)!r} was saved with a custom sampler ({cfg['sampler_class']}); "
+                             "pass sampler=<an instance of it> to load")
         if cfg["amortized"] and cfg["encoder"] is None and encoder is None:
-            raise ValueError("the guide was saved with a custom encoder; pass encoder=<an instance of it>")
+            raise ValueError(f"the guide in {str(path)!r} was saved with a custom encoder; pass "
+                             "encoder=<an instance of it> to load")
+        if cfg.get("custom_dataset_fn") and dataset_fn is None:
+            raise ValueError(f"the guide in {str(path)!r} was saved with a custom dataset_fn; pass the same "
+                             "function as dataset_fn= to load")
+        if cfg.get("custom_create_plates") and create_plates is None:
+            raise ValueError(f"the guide in {str(path)!r} was saved with a custom create_plates; pass the same "
+                             "function as create_plates= to load")
+        init_values = payload.get("init_values")
         guide = cls(
-            model, sampler=sampler, encoder=encoder, dataset_fn=dataset_fn, init_scale=cfg["init_scale"],
+            model, sampler=sampler, encoder=encoder, dataset_fn=dataset_fn, create_plates=create_plates,
+            init_loc_fn=None if init_values is None else _init_to_saved(init_values),
+            init_scale=cfg["init_scale"],
             amortized=cfg["amortized"], context_dim=cfg["context_dim"], vectorize=cfg["vectorize"],
-            mean_features=cfg.get("mean_features", False) and encoder is None,
+            mean_features=bool(cfg.get("mean_features", False)) and encoder is None,
             num_summary_samples=cfg["num_summary_samples"],
             moment_correction=cfg.get("moment_correction", 0), correction_samples=cfg.get("correction_samples", 1000),
             whiten=cfg.get("whiten"), mcmc_steps=cfg.get("mcmc_steps", 0), mcmc_leapfrog=cfg.get("mcmc_leapfrog", 1),
             laplace_evaluations=cfg.get("laplace_evaluations", 50), record_graph=cfg.get("record_graph", True),
         )
-        guide._network_configs = {"sampler": cfg["sampler"], "encoder": cfg["encoder"], "sites": cfg["sites"]}
+        guide._network_configs = {"sampler": cfg["sampler"], "encoder": cfg["encoder"], "sites": cfg["sites"],
+                                  "site_kinds": cfg.get("site_kinds"), "site_probes": payload.get("site_probes"),
+                                  "path": path}
         guide._squash_frame_summary = bool(cfg.get("frame_summary_squash", False))  # as it was trained
         guide.setup(*args, **kwargs)
-        guide.load_state_dict(payload["state_dict"])
+        try:
+            guide.load_state_dict(payload["state_dict"])
+        except RuntimeError as e:  # a custom sampler/encoder whose weights differ from the saved ones
+            raise CheckpointError(path, f"its weights do not fit the guide rebuilt for this model "
+                                        f"({str(e).strip().splitlines()[0]}): pass the sampler/encoder it was saved "
+                                        "with") from None
         return guide
 
     # ------------------------------------------------------------------ datasets
