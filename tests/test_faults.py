@@ -1,0 +1,433 @@
+"""Faults and hostile-but-fair inputs: checkpoint files (corrupt, crafted, altered, from a newer version),
+interrupted writes and updates, non-finite updates, half-precision data and argument checks.
+
+Every case asserts the exception's type and the names in its message, and that nothing changed on failure
+(files and parameters bit for bit)."""
+
+from __future__ import annotations
+
+import random
+import warnings
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import pyro_stein.guide as guide_module
+from pyro_stein import AmortizedSteinGuide, AmortizedSVGD, CheckpointError, Dataset
+from pyro_stein.distributed import DistributedAmortizedSVGD, load_checkpoint
+
+from .conftest import DEVICE
+
+
+# ------------------------------------------------------------------------------------------ models
+def poisson_model(y):
+    lam = pyro.sample("lam", dist.LogNormal(torch.zeros((), dtype=y.dtype, device=y.device), 1.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Poisson(lam), obs=y)
+
+
+def poisson_model_real_support(y):  # the same site name and shape, another support
+    lam = pyro.sample("lam", dist.Normal(torch.zeros((), dtype=y.dtype, device=y.device), 1.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Poisson(lam.exp()), obs=y)
+
+
+def uniform_model(hi):
+    def model(y):
+        p = pyro.sample("lam", dist.Uniform(torch.zeros((), dtype=y.dtype, device=y.device), hi))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Poisson(p), obs=y)
+
+    return model
+
+
+def y_data():
+    return torch.tensor([2.0, 4.0, 3.0, 5.0, 1.0, 0.0, 3.0], device=DEVICE)
+
+
+def mean_model(n, y=None):
+    mu = pyro.sample("mu", dist.Normal(torch.zeros((), device=DEVICE), 1.0))
+    s = pyro.sample("s", dist.LogNormal(torch.zeros((), device=DEVICE), 0.5))
+    with pyro.plate("obs", n):
+        return pyro.sample("y", dist.Normal(mu, s), obs=y)
+
+
+def trained_guide(steps=3):
+    y = y_data()
+    guide = AmortizedSteinGuide(poisson_model)
+    AmortizedSVGD(poisson_model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=8).run(steps, y, progress_bar=False)
+    return guide, y
+
+
+def params_of(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def guide_file(tmp_path):
+    guide, y = trained_guide()
+    path = tmp_path / "guide.pt"
+    guide.save(path)
+    return guide, y, path
+
+
+@pytest.fixture
+def dist_file(tmp_path):
+    guide = AmortizedSteinGuide(poisson_model)
+    svgd = DistributedAmortizedSVGD(poisson_model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=8)
+    svgd.run(2, y_data(), progress_bar=False)
+    path = tmp_path / "ckpt.pt"
+    svgd.save_checkpoint(path, note="x", train_s=1.5)
+    return guide, svgd, path
+
+
+def fresh_set_up_guide():
+    return AmortizedSteinGuide(poisson_model).setup(y_data())
+
+
+# ------------------------------------------------------------------------------------------ no code on load
+def _touch(path):  # what a crafted checkpoint would run on load
+    Path(path).write_text("ran")
+    return {}
+
+
+class _Crafted:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (_touch, (self.path,))
+
+
+@pytest.mark.parametrize("loader", ["guide", "distributed"])
+def test_crafted_checkpoint_runs_no_code(tmp_path, loader):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pt"
+    if loader == "guide":
+        torch.save({"format": "pyro_stein.AmortizedSteinGuide", "format_version": 1, "config": _Crafted(marker)}, path)
+        with pytest.raises(CheckpointError, match="evil.pt.*pickled"):
+            AmortizedSteinGuide.load(path, poisson_model, y_data())
+    else:
+        torch.save({"guide": {}, "svgd": _Crafted(marker)}, path)
+        with pytest.raises(CheckpointError, match="evil.pt.*pickled"):
+            load_checkpoint(path, fresh_set_up_guide())
+    assert not marker.exists(), "loading the checkpoint ran code"
+
+
+def test_genuine_distributed_checkpoint_is_plain_and_restores(dist_file):
+    guide, svgd, path = dist_file
+    state = torch.load(path, weights_only=True)
+    assert state["note"] == "x" and state["svgd"]["num_steps"] == 2
+    g2 = fresh_set_up_guide()
+    s2 = DistributedAmortizedSVGD(poisson_model, g2, pyro.optim.Adam({"lr": 1e-2}), num_particles=8)
+    load_checkpoint(path, g2, s2)
+    assert same(params_of(guide), params_of(g2)) and s2.num_steps == 2
+
+
+def test_save_checkpoint_refuses_extra_that_needs_unpickling(tmp_path, dist_file):
+    _, svgd, path = dist_file
+    before = path.read_bytes()
+    with pytest.raises(TypeError, match=r"extra\['cfg'\].*Namespace"):
+        import argparse
+
+        svgd.save_checkpoint(path, cfg=argparse.Namespace(a=1))
+    assert path.read_bytes() == before
+
+
+# ------------------------------------------------------------------------------------------ corrupt files
+def _corrupt(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":
+        path.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(2000)))
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "text":
+        path.write_text("not a checkpoint\n")
+    elif how == "other_object":
+        torch.save([1, 2, 3], path)
+
+
+CORRUPTIONS = ["truncated", "garbage", "empty", "text", "other_object"]
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_corrupt_guide_file_raises_named_error(guide_file, how):
+    _, y, path = guide_file
+    _corrupt(path, how)
+    with pytest.raises(CheckpointError, match="guide.pt") as info:
+        AmortizedSteinGuide.load(path, poisson_model, y)
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_corrupt_distributed_checkpoint_raises_named_error(dist_file, how):
+    _, _, path = dist_file
+    _corrupt(path, how)
+    guide = fresh_set_up_guide()
+    before = params_of(guide)
+    with pytest.raises(CheckpointError, match="ckpt.pt"):
+        load_checkpoint(path, guide)
+    assert same(before, params_of(guide))
+
+
+def test_newer_guide_format_version_is_refused_naming_both(guide_file):
+    _, y, path = guide_file
+    payload = torch.load(path, weights_only=True)
+    payload["format_version"] = 99
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=r"guide.pt.*format_version 99.*format_version 2"):
+        AmortizedSteinGuide.load(path, poisson_model, y)
+
+
+def test_newer_distributed_format_version_is_refused_naming_both(dist_file):
+    _, _, path = dist_file
+    state = torch.load(path, weights_only=True)
+    state["format_version"] = 99
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"ckpt.pt.*format_version 99.*format_version 1"):
+        load_checkpoint(path, fresh_set_up_guide())
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("init_scale", "big", "init_scale"),
+    ("num_summary_samples", 0, "num_summary_samples"),
+    ("context_dim", -1, "context_dim"),
+    ("whiten", "pca", "whiten"),
+    ("correction_samples", 10 ** 12, "correction_samples"),
+    ("amortized", "yes", "amortized"),
+    ("sites", [["lam", [], "x"]], "sites"),
+])
+def test_guide_config_out_of_range_is_refused(guide_file, key, value, fragment):
+    _, y, path = guide_file
+    payload = torch.load(path, weights_only=True)
+    payload["config"][key] = value
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=f"guide.pt.*{fragment}"):
+        AmortizedSteinGuide.load(path, poisson_model, y)
+
+
+def test_oversized_network_config_is_refused_before_any_network_is_built(guide_file, monkeypatch):
+    _, y, path = guide_file
+    payload = torch.load(path, weights_only=True)
+    payload["config"]["sampler"]["hidden_dim"] = 15000
+    torch.save(payload, path)
+
+    def no_build(*a, **k):
+        raise AssertionError("a network was built before the checkpoint was checked")
+
+    monkeypatch.setattr(AmortizedSteinGuide, "_build_networks", no_build)
+    with pytest.raises(CheckpointError, match=r"guide.pt.*do not match the sampler.*15000"):
+        AmortizedSteinGuide.load(path, poisson_model, y)
+
+
+@pytest.mark.parametrize("loader", ["guide", "distributed"])
+@pytest.mark.parametrize("bad", ["nan", "int", "half"])
+def test_bad_tensors_inside_a_checkpoint_are_refused(guide_file, dist_file, loader, bad):
+    path = guide_file[2] if loader == "guide" else dist_file[2]
+    payload = torch.load(path, weights_only=True)
+    state = payload["state_dict"] if loader == "guide" else payload["guide"]
+    key = "sampler.loc"
+    if bad == "nan":
+        state[key] = torch.full_like(state[key], float("nan"))
+    elif bad == "int":
+        state[key] = state[key].long()
+    else:
+        state[key] = state[key].half()
+    torch.save(payload, path)
+    fragment = "NaN" if bad == "nan" else "dtype"
+    with pytest.raises(CheckpointError, match=rf"{path.name}.*sampler.loc.*{fragment}"):
+        if loader == "guide":
+            AmortizedSteinGuide.load(path, poisson_model, y_data())
+        else:
+            load_checkpoint(path, fresh_set_up_guide())
+
+
+def test_distributed_checkpoint_with_nan_optimiser_state_is_refused(dist_file):
+    _, _, path = dist_file
+    state = torch.load(path, weights_only=True)
+    name = next(iter(state["svgd"]["optim"]))
+    st = state["svgd"]["optim"][name]["state"][0]
+    st["exp_avg"] = torch.full_like(st["exp_avg"], float("nan"))
+    torch.save(state, path)
+    guide = fresh_set_up_guide()
+    before = params_of(guide)
+    with pytest.raises(CheckpointError, match=r"ckpt.pt.*exp_avg.*NaN"):
+        load_checkpoint(path, guide)
+    assert same(before, params_of(guide))
+
+
+# ------------------------------------------------------------------------------------------ sites
+@pytest.mark.parametrize("other, fragment", [
+    (poisson_model_real_support, r"'lam' has support Real.*GreaterThan"),
+    (uniform_model(2.0), r"'lam'.*Interval"),
+])
+def test_checkpoint_refuses_a_site_with_another_support(tmp_path, other, fragment):
+    y = y_data()
+    model = poisson_model if other is poisson_model_real_support else uniform_model(1.0)
+    guide = AmortizedSteinGuide(model).setup(y)
+    guide.save(tmp_path / "g.pt")
+    with pytest.raises(CheckpointError, match=rf"g.pt.*{fragment}"):
+        AmortizedSteinGuide.load(tmp_path / "g.pt", other, y)
+    AmortizedSteinGuide.load(tmp_path / "g.pt", model, y)  # the model it was saved with loads
+
+
+# ------------------------------------------------------------------------------------------ exact restore
+def test_laplace_guide_with_custom_init_draws_the_same_after_save_load(tmp_path):
+    """An amortized whiten='laplace' guide finds each dataset's frame from the initial values: a restored guide
+    must start from the same ones (they come from init_loc_fn, which is code and cannot be saved)."""
+    y = torch.tensor([1.0, 2.0, 3.0, 2.5], device=DEVICE)
+
+    def model(y):
+        s = pyro.sample("s", dist.LogNormal(torch.zeros((), device=DEVICE), 1.0))
+        mu = pyro.sample("mu", dist.Normal(torch.zeros((), device=DEVICE), 10.0))
+        with pyro.plate("d", len(y)):
+            pyro.sample("y", dist.Normal(mu, s), obs=y)
+
+    init = pyro.infer.autoguide.init_to_value(values={"mu": torch.tensor(5.0, device=DEVICE),
+                                                      "s": torch.tensor(3.0, device=DEVICE)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pyro_stein_laplace_warning())
+        g1 = AmortizedSteinGuide(model, amortized=True, whiten="laplace", laplace_evaluations=2, init_loc_fn=init)
+        g1.setup(y)
+        g1.save(tmp_path / "g.pt")
+        g2 = AmortizedSteinGuide.load(tmp_path / "g.pt", model, y)
+        pyro.set_rng_seed(3)
+        a = g1.sample_posterior(20, y)
+        pyro.set_rng_seed(3)
+        b = g2.sample_posterior(20, y)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def pyro_stein_laplace_warning():
+    from pyro_stein import LaplaceFrameWarning
+
+    return LaplaceFrameWarning
+
+
+def test_load_refuses_guide_options_as_model_keywords(guide_file):
+    _, y, path = guide_file
+    with pytest.raises(TypeError, match=r"guide option\(s\) \['init_loc_fn'\].*restored from the file"):
+        AmortizedSteinGuide.load(path, poisson_model, y, init_loc_fn=guide_module.init_to_mean_or_feasible())
+
+
+def test_load_asks_for_a_custom_dataset_fn(tmp_path):
+    y = torch.randn(9, device=DEVICE)
+    fn = lambda n, y=None: y[:, None]  # noqa: E731
+    g1 = AmortizedSteinGuide(mean_model, amortized=True, dataset_fn=fn).setup(9, y=y)
+    g1.save(tmp_path / "a.pt")
+    with pytest.raises(ValueError, match="custom dataset_fn; pass the same function as dataset_fn="):
+        AmortizedSteinGuide.load(tmp_path / "a.pt", mean_model, 9, y=y)
+    g2 = AmortizedSteinGuide.load(tmp_path / "a.pt", mean_model, 9, y=y, dataset_fn=fn)
+    pyro.set_rng_seed(2)
+    a = g1.sample_posterior(5, 9, y=y)["mu"]
+    pyro.set_rng_seed(2)
+    assert torch.equal(a, g2.sample_posterior(5, 9, y=y)["mu"])
+
+
+def test_version_1_guide_file_still_loads(guide_file):
+    guide, y, path = guide_file
+    payload = torch.load(path, weights_only=True)
+    payload["format_version"] = 1
+    for key in ("init_values", "site_probes"):
+        del payload[key]
+    for key in ("site_kinds", "custom_dataset_fn", "custom_create_plates", "dtype"):
+        del payload["config"][key]
+    torch.save(payload, path)
+    g2 = AmortizedSteinGuide.load(path, poisson_model, y)
+    assert same(params_of(guide), params_of(g2))
+
+
+# ------------------------------------------------------------------------------------------ interrupted writes
+def _half_then_interrupt(real_save, rng):
+    """A torch.save that writes a random part of the file, then raises KeyboardInterrupt (a Ctrl-C mid-write)."""
+
+    def save(obj, f, *args, **kwargs):
+        import io
+
+        buf = io.BytesIO()
+        real_save(obj, buf, *args, **kwargs)
+        data = buf.getvalue()
+        part = data[: rng.randrange(len(data))]
+        if hasattr(f, "write"):
+            f.write(part)
+        else:
+            Path(f).write_bytes(part)
+        raise KeyboardInterrupt
+
+    return save
+
+
+@pytest.mark.parametrize("writer", ["guide", "distributed"])
+def test_interrupted_saves_leave_the_previous_file_readable(tmp_path, monkeypatch, writer):
+    rng = random.Random(0)
+    if writer == "guide":
+        guide, y = trained_guide(2)
+        path = tmp_path / "g.pt"
+        save = lambda: guide.save(path)  # noqa: E731
+        load = lambda: params_of(AmortizedSteinGuide.load(path, poisson_model, y))  # noqa: E731
+    else:
+        guide = AmortizedSteinGuide(poisson_model)
+        svgd = DistributedAmortizedSVGD(poisson_model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=8)
+        svgd.run(2, y_data(), progress_bar=False)
+        path = tmp_path / "c.pt"
+        save = lambda: svgd.save_checkpoint(path)  # noqa: E731
+
+        def load():
+            g = fresh_set_up_guide()
+            load_checkpoint(path, g)
+            return params_of(g)
+
+    save()
+    good = path.read_bytes()
+    expected = load()
+    real_save = torch.save
+    unreadable = 0
+    for _ in range(50):
+        monkeypatch.setattr(torch, "save", _half_then_interrupt(real_save, rng))
+        with torch.no_grad():  # change the guide, so that a torn write would mix old and new
+            for p in guide.parameters():
+                p.add_(0.01)
+        with pytest.raises(KeyboardInterrupt):
+            save()
+        monkeypatch.setattr(torch, "save", real_save)
+        unreadable += path.read_bytes() != good
+    assert unreadable == 0
+    assert same(expected, load())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name], "temporary files were left behind"
+
+
+def test_interrupted_plot_sbc_leaves_the_previous_figure(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from pyro_stein.diagnostics import plot_sbc
+
+    ranks = {"mu": torch.randint(0, 10, (30,))}
+    path = tmp_path / "sbc.png"
+    plot_sbc(ranks, 9, bins=5, path=path)
+    good = path.read_bytes()
+    assert good[:4] == b"\x89PNG"
+    real = Figure.savefig
+
+    def half(self, f, *args, **kwargs):
+        f.write(b"\x89PNG partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", half)
+    with pytest.raises(KeyboardInterrupt):
+        plot_sbc(ranks, 9, bins=5, path=path)
+    monkeypatch.setattr(Figure, "savefig", real)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["sbc.png"]
