@@ -19,12 +19,13 @@ import numbers
 import os
 import pickle
 import uuid
-from typing import Any, BinaryIO, Callable
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor
 
-__all__ = ["CheckpointError", "atomic_write", "load_weights_only", "check_plain"]
+__all__ = ["CheckpointError", "atomic_torch_save", "atomic_write", "check_plain", "load_weights_only"]
 
 
 class CheckpointError(ValueError):

@@ -278,6 +278,7 @@ class DistributedAmortizedSVGD(AmortizedSVGD):
                 self.sync_parameters()
             real_optim, self._weight, self._reduced = self.optim, float(len(datasets)), False
             self.optim = lambda params: self._reduce_then_step(real_optim, params)
+            self._real_optim = real_optim  # whose state the base class's all-or-nothing update snapshots
             try:
                 return super()._update(datasets)
             except Exception:
@@ -288,6 +289,7 @@ class DistributedAmortizedSVGD(AmortizedSVGD):
                 raise
             finally:
                 self.optim = real_optim
+                self._real_optim = None
 
     def _all_reduce_grads(self, failed: bool = False) -> tuple[float, list[Tensor]]:
         """Sum ``[B * grad, has_grad, B, failed]`` over ranks; returns (total B, params with a gradient)."""

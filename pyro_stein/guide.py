@@ -217,10 +217,9 @@ def _checked_payload(path, payload) -> dict:
             ("max_amortized_tril", 0))),
             ("encoder", DeepSetEncoder, (("feature_dim", 1), ("output_dim", 1), ("hidden_dim", 1), ("num_layers", 1)))):
         net = cfg.get(part)
-        if net is None:
-            if part == "encoder" or not isinstance(cfg.get("sampler_class"), str):
-                if part == "sampler":
-                    raise CheckpointError(path, "config lacks both the sampler's configuration and its class name")
+        if net is None:  # a custom network (passed to load again), or an encoder-less guide
+            if part == "sampler" and not isinstance(cfg.get("sampler_class"), str):
+                raise CheckpointError(path, "config lacks both the sampler's configuration and its class name")
             continue
         if not isinstance(net, dict):
             raise CheckpointError(path, f"config[{part!r}] is a {type(net).__name__}, not a dict")
@@ -1089,6 +1088,16 @@ class AmortizedSteinGuide(AutoContinuous):
             return
         feats = collate_features([self._features_of(d, i) for i, d in enumerate(datasets)])
         self.encoder.set_standardization(feats.features, feats.mask)
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """As :meth:`torch.nn.Module.state_dict`, but a snapshot: the tensors are copies, which later training steps
+        do not change (``keep_vars=True`` still gives the live parameters)."""
+        before = set(destination) if destination is not None else set()
+        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if not keep_vars:
+            for k in [k for k in out if k not in before]:
+                out[k] = out[k].clone()
+        return out
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self._standardization_pending = False  # the loaded buffers hold the trained standardisation

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+import signal
+import threading
 import warnings
+from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Sequence
 
 import pyro
@@ -20,11 +22,92 @@ from .kernels import RadialKernel, RBFKernel
 from .logjoint import ModelLogDensity, NonFiniteLogJointError, all_finite, finite_sets
 from .stein import ksd_from_matrices, stein_direction_from_matrices
 
-__all__ = ["AmortizedSVGD", "NonFiniteDatasetWarning", "refine"]
+__all__ = ["AmortizedSVGD", "NonFiniteDatasetWarning", "NonFiniteUpdateError", "refine"]
 
 
 class NonFiniteDatasetWarning(UserWarning):
     """Datasets were left out of an amortized training step because their log joint was not finite."""
+
+
+class NonFiniteUpdateError(ValueError):
+    """An optimiser step made guide parameters NaN or infinite (e.g. an infinite learning rate); the step was undone."""
+
+
+def _snapshot(obj):
+    """A copy of nested dicts, lists and tuples with every tensor cloned (detached): later steps do not change it."""
+    if isinstance(obj, Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_snapshot(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_snapshot(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+@contextmanager
+def _deferred_interrupt() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block has finished, then raise it as
+    ``KeyboardInterrupt``: an optimiser step is never cut between two parameters. Only in the main thread, and
+    only while SIGINT has Python's default handler (a handler of the caller's own is left alone)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if caught:
+            raise KeyboardInterrupt
+
+
+class _UpdateTransaction:
+    """The parameters' values and the optimiser's state for them, taken before an optimiser step, so that a step
+    that fails part-way (an exception, ``KeyboardInterrupt`` included) or leaves non-finite values is undone
+    completely: every parameter and its optimiser state (moments, step counts, a decayed learning rate) back at
+    step k, and optimisers created by the failed step forgotten."""
+
+    def __init__(self, optim: PyroOptim, params: Sequence[Tensor]):
+        from pyro.optim.optim import _get_state_dict
+
+        self.optim = optim
+        self.params = list(params)
+        self.values = [p.detach().clone() for p in self.params]
+        self.states = {p: _snapshot(_get_state_dict(optim.optim_objs[p])) for p in self.params if p in optim.optim_objs}
+        self.waiting = dict(optim._state_waiting_to_be_consumed)
+
+    def rollback(self) -> None:
+        from pyro.optim.optim import _load_state_dict
+
+        with torch.no_grad():
+            for p, v in zip(self.params, self.values):
+                p.copy_(v)
+        for p in self.params:
+            if p in self.states:
+                _load_state_dict(self.optim.optim_objs[p], self.states[p])
+            elif p in self.optim.optim_objs:
+                del self.optim.optim_objs[p]
+                self.optim.grad_clip.pop(p, None)
+        self.optim._state_waiting_to_be_consumed.clear()
+        self.optim._state_waiting_to_be_consumed.update(self.waiting)
+
+
+def _optimiser_description(optim: PyroOptim, params: Sequence[Tensor]) -> str:
+    """``"Adam (lr=0.001)"``: the torch optimiser behind a PyroOptim and its learning rate, for messages."""
+    for p in params:
+        obj = optim.optim_objs.get(p)
+        if obj is None:
+            continue
+        opt = obj if isinstance(obj, torch.optim.Optimizer) else getattr(obj, "optimizer", obj)
+        groups = getattr(opt, "param_groups", None) or [{}]
+        return f"{type(opt).__name__} (lr={groups[0].get('lr', '?')})"
+    ctor = getattr(optim, "pt_optim_constructor", None)
+    args = optim.pt_optim_args if isinstance(getattr(optim, "pt_optim_args", None), dict) else {}
+    return f"{getattr(ctor, '__name__', type(optim).__name__)} (lr={args.get('lr', '?')})"
 
 
 def _register_params(guide: AmortizedSteinGuide) -> list[Tensor]:
@@ -277,11 +360,35 @@ class AmortizedSVGD:
             for p in params:
                 p.grad = None
             raise NonFiniteLogJointError(f"non-finite gradient for guide parameters {bad}; the parameters were not updated")
-        self.optim([p for p in params if p.grad is not None])
-        for p in params:
-            p.grad = None
-        self.num_steps += 1
+        self._apply_update(guide, params)
         return stat
+
+    def _apply_update(self, guide: AmortizedSteinGuide, params: list[Tensor]) -> None:
+        """The optimiser step, all or nothing: a Ctrl-C during it is held until it has finished (every parameter
+        at step k + 1), and an exception inside it, or non-finite parameters after it, undo it (every parameter
+        and its optimiser state at step k; :class:`NonFiniteUpdateError` naming the optimiser and learning rate)."""
+        optim = self.__dict__.get("_real_optim") or self.optim  # DistributedAmortizedSVGD wraps self.optim
+        with _deferred_interrupt():
+            update = _UpdateTransaction(optim, params)
+            counters = {k: self.__dict__[k] for k in ("num_steps", "datasets_seen") if k in self.__dict__}
+            try:
+                self.optim([p for p in params if p.grad is not None])
+                if not torch.stack([torch.isfinite(p).all() for p in params]).all():  # one host sync
+                    names = {p: n for n, p in guide.named_parameters()}
+                    bad = [names.get(p, "?") for p in params if not bool(torch.isfinite(p).all())]
+                    raise NonFiniteUpdateError(
+                        f"the optimiser step of {_optimiser_description(optim, params)} made guide parameters {bad} "
+                        "NaN or infinite; the step was undone (parameters and optimiser state as before it). Lower "
+                        "the learning rate (it must be finite; e.g. pyro.optim.Adam({'lr': 1e-3}))"
+                    )
+            except BaseException:
+                update.rollback()
+                self.__dict__.update(counters)
+                raise
+            finally:
+                for p in params:
+                    p.grad = None
+            self.num_steps += 1
 
     def step(self, *args, **kwargs) -> float:
         """One update on the dataset given by the model's ``*args, **kwargs``.
@@ -349,12 +456,15 @@ class AmortizedSVGD:
 
     # ------------------------------------------------------------------ state
     def get_state(self) -> dict:
-        """The optimiser state, keyed by parameter name (see :meth:`set_state`)."""
-        return {"optim": self.optim.get_state(), "num_steps": self.num_steps, "num_dropped_datasets": self.num_dropped_datasets}
+        """The optimiser state, keyed by parameter name (see :meth:`set_state`): a snapshot (tensors copied),
+        which later steps do not change."""
+        return {"optim": _snapshot(self.optim.get_state()), "num_steps": self.num_steps,
+                "num_dropped_datasets": self.num_dropped_datasets}
 
     def set_state(self, state: dict) -> None:
-        """Restore optimiser state saved by :meth:`get_state` (applied lazily on the next step)."""
-        self.optim.set_state(state["optim"])
+        """Restore optimiser state saved by :meth:`get_state` (applied lazily on the next step). The state is
+        copied: later steps do not change ``state``."""
+        self.optim.set_state(_snapshot(state["optim"]))
         self.num_steps = int(state.get("num_steps", 0))
         self.num_dropped_datasets = int(state.get("num_dropped_datasets", 0))
 
