@@ -143,7 +143,7 @@ def sbc(
     num_datasets = _int_at_least(num_datasets, "num_datasets", 1)
     num_samples = _int_at_least(num_samples, "num_samples", 1)
     ranks: dict[str, list[Tensor]] = {}
-    for _ in range(num_datasets):
+    for i in range(num_datasets):
         dataset, truth = simulate()
         dataset = as_dataset(dataset)
         draws = guide.sample_posterior(num_samples, *dataset.args, **dataset.kwargs)
@@ -159,6 +159,17 @@ def sbc(
                 raise ValueError(
                     f"the true value of {name!r} has shape {tuple(value.shape)}, but the site's draws have shape "
                     f"{tuple(draws[name].shape[1:])}; simulate must return one value of each site per dataset"
+                )
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(
+                    f"the true value of {name!r} for simulated dataset {i} is not finite ({value.flatten()[:5].tolist()}"
+                    f"{' ...' if value.numel() > 5 else ''}); a rank against NaN or infinity means nothing: check "
+                    "simulate (e.g. a prior draw that overflowed)"
+                )
+            if draws[name].is_floating_point() and not bool(torch.isfinite(draws[name]).all()):
+                raise ValueError(
+                    f"the guide's draws of {name!r} for simulated dataset {i} are not all finite; a rank against them "
+                    "means nothing: check the guide on that dataset (e.g. pyro_stein.diagnostics.guide_ksd)"
                 )
             ranks.setdefault(name, []).append((draws[name] < value).sum(0))
     return {k: torch.stack(v) for k, v in ranks.items()}

@@ -16,6 +16,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoContinuous
+from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.distributions import constraints
@@ -72,6 +73,34 @@ def _int_at_least(value, name: str, lo: int, expected: str | None = None) -> int
     if n is None or n < lo:
         raise ValueError(f"{name} must be {expected or f'an int >= {lo}'}, got {value!r}")
     return n
+
+
+def _tensors_in(value, where: str):
+    """``(where, tensor)`` for every tensor in a model argument (nested in dicts, lists and tuples)."""
+    if isinstance(value, Tensor):
+        yield where, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _tensors_in(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _tensors_in(v, f"{where}[{i}]")
+
+
+def _refuse_half_precision(args: tuple, kwargs: dict, position: int | None = None) -> None:
+    """Half-precision (``float16``, ``bfloat16``) model arguments are refused with a ``TypeError`` naming the
+    argument: the log density's score loses too much in them (a first step of NaN, a posterior sd far off)."""
+    which = "the model's " if position is None else f"dataset {position}'s "
+    named = [(f"{which}argument {i}", a) for i, a in enumerate(args)] + [
+        (f"{which}argument {k!r}", v) for k, v in kwargs.items()]
+    for name, value in named:
+        for where, t in _tensors_in(value, name):
+            if t.dtype in (torch.float16, torch.bfloat16):
+                raise TypeError(
+                    f"{where} has dtype {t.dtype}: pyro_stein computes in float32 or float64 only (in half "
+                    "precision the log density's score is too coarse: steps give NaN or a wrong posterior spread). "
+                    "Convert it, e.g. y.float() (or .double()), and keep the model's constants in that dtype too"
+                )
 
 
 def _has_tensor_bounds(support) -> bool:
@@ -252,8 +281,8 @@ class _IntOption:
     """A guide option held as an ``int`` >= ``lo``, checked (and converted, e.g. from ``numpy.int64``) whenever it is
     set, in the constructor or later as ``guide.<name> = value``, with an error naming the option."""
 
-    def __init__(self, lo: int, expected: str | None = None):
-        self.lo, self.expected = lo, expected
+    def __init__(self, lo: int, expected: str | None = None, owner: str = "guide"):
+        self.lo, self.expected, self.owner = lo, expected, owner
 
     def __set_name__(self, owner, name: str) -> None:
         self.name = name
@@ -267,7 +296,7 @@ class _IntOption:
             raise AttributeError(self.name) from None
 
     def __set__(self, obj, value) -> None:
-        obj.__dict__[self.name] = _int_at_least(value, f"guide.{self.name}", self.lo, self.expected)
+        obj.__dict__[self.name] = _int_at_least(value, f"{self.owner}.{self.name}", self.lo, self.expected)
 
 
 class ModelParameterWarning(UserWarning):
@@ -402,6 +431,12 @@ class AmortizedSteinGuide(AutoContinuous):
         svgd.run(2000, X, y)
         samples = guide.sample_posterior(1000, X, y)
 
+    **Precision**: the guide computes in the dtype of the model's values, float32 or float64
+    (float64 where the posterior is concentrated). Half-precision data (``float16``,
+    ``bfloat16``) is refused with a ``TypeError`` naming the argument: the score of the log
+    density is too coarse in it (a step gives NaN, or training settles at a wrong spread).
+    Convert it first, e.g. ``y.float()``.
+
     :param callable model: a Pyro model with continuous latent sites.
     :param nn.Module sampler: a custom sampler mapping noise ``(..., noise_dim)`` (and a context
         ``(..., context_dim)`` in amortized mode) to ``(..., latent_dim)``; it must expose
@@ -504,6 +539,7 @@ class AmortizedSteinGuide(AutoContinuous):
     mcmc_steps = _IntOption(0)
     mcmc_leapfrog = _IntOption(1, "an int >= 1 (1: MALA steps)")
     laplace_evaluations = _IntOption(1)
+    num_summary_samples = _IntOption(1)
 
     def __init__(
         self,
@@ -545,7 +581,6 @@ class AmortizedSteinGuide(AutoContinuous):
         if not init_scale > 0:
             raise ValueError(f"init_scale must be positive, got {init_scale!r}")
         context_dim = _int_at_least(context_dim, "context_dim", 1)
-        num_summary_samples = _int_at_least(num_summary_samples, "num_summary_samples", 1)
         if whiten not in (None, "laplace"):
             raise ValueError(f"whiten must be None or 'laplace', got {whiten!r}")
         if not isinstance(record_graph, bool):
@@ -555,7 +590,7 @@ class AmortizedSteinGuide(AutoContinuous):
         # __setattr__, as PyroModule's would reject a 0-d tensor value before its own __init__
         for name, value in (("moment_correction", moment_correction), ("correction_samples", correction_samples),
                             ("mcmc_steps", mcmc_steps), ("mcmc_leapfrog", mcmc_leapfrog),
-                            ("laplace_evaluations", laplace_evaluations)):
+                            ("laplace_evaluations", laplace_evaluations), ("num_summary_samples", num_summary_samples)):
             object.__setattr__(self, name, value)
         self.whiten = whiten
         self.num_unconverged_frames = 0  # datasets whose frame search did not converge (see frames)
@@ -579,7 +614,6 @@ class AmortizedSteinGuide(AutoContinuous):
             mean_features = bool(amortized) and encoder is None and whiten is None
         self.mean_features = mean_features
         self.vectorize = vectorize
-        self.num_summary_samples = int(num_summary_samples)
         self._user_sampler = sampler
         self._user_encoder = encoder
         self.sampler: nn.Module | None = None
@@ -607,6 +641,7 @@ class AmortizedSteinGuide(AutoContinuous):
             guide = AmortizedSteinGuide(model).setup(*example_args)
             guide.load_state_dict(state)
         """
+        _refuse_half_precision(args, kwargs)
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         return self
@@ -1147,6 +1182,7 @@ class AmortizedSteinGuide(AutoContinuous):
         return self._context_and_frame(self._dataset_of(args, kwargs))
 
     def _context_and_frame(self, dataset: Dataset):
+        self._check_dataset(dataset)
         frame = self._frame_of_dataset(dataset)
         if not self.amortized:
             return None, frame
@@ -1222,6 +1258,8 @@ class AmortizedSteinGuide(AutoContinuous):
         if not datasets:
             raise ValueError("datasets is empty")
         self.setup(*datasets[0].args, **datasets[0].kwargs)
+        for i, d in enumerate(datasets):
+            self._check_dataset(d, i)
         n, keep = self._population(num_samples)
         frame = self.frames(datasets) if self.per_dataset_frames else None
         z = self.draw(n, self._contexts(datasets, frame), frame)
@@ -1314,6 +1352,37 @@ class AmortizedSteinGuide(AutoContinuous):
             else:
                 out.append(hmc_polish(zi, fn, self.mcmc_steps, leapfrog, initial=initial)[0])
         return torch.stack(out)
+
+    def _check_dataset(self, dataset: Dataset, position: int | None = None) -> None:
+        """Refuse, once per :class:`~pyro_stein.data.Dataset`, a dataset the guide's draws would not fit: one with
+        half-precision tensors, or one that gives a latent site another shape than the guide was set up with
+        (e.g. a regression's coefficients for data with another number of columns), whose draws would silently
+        keep the old shape. One model trace per new dataset (its latents at feasible initial values)."""
+        key = ("checked", self._cache_token)
+        if dataset.cache.get(key):
+            return
+        _refuse_half_precision(dataset.args, dataset.kwargs, position)
+        if self.prototype_trace is not None:
+            init = init_to_mean_or_feasible(like=self._like() if self.sampler is not None else None)
+            try:
+                with top_level(), full_data(), pyro.validation_enabled(False):
+                    tr = poutine.block(poutine.trace(InitMessenger(init)(self._raw_model[0])).get_trace)(
+                        *dataset.args, **dataset.kwargs)
+            except Exception:  # noqa: BLE001 - the model's own error comes with its own message when it is evaluated
+                tr = None
+            if tr is not None:
+                shapes = {name: tuple(site["value"].shape) for name, site in tr.iter_stochastic_nodes()}
+                for site in self.sites:
+                    got = shapes.get(site.name)
+                    if got is not None and got != tuple(site.shape):
+                        which = "the dataset" if position is None else f"dataset {position}"
+                        raise ValueError(
+                            f"{which} gives latent site {site.name!r} shape {got}, but the guide was set up with shape "
+                            f"{tuple(site.shape)}: its draws would keep the old shape. A guide's latent sites keep "
+                            "the shapes of the data it was set up with (e.g. the number of features or groups); "
+                            "build and train a new guide for data of this form"
+                        )
+        dataset.cache[key] = True
 
     def _check_supports(self, dataset, position: int) -> None:
         """Raise when a latent site's support for this dataset differs from the one the guide was set up with.

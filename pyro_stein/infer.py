@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .data import Dataset, LastDataset, PriorPredictiveStream, _check_batch_size, _dataset_sequence, as_dataset, iterate_batches
-from .guide import AmortizedSteinGuide, _int_at_least
+from .guide import AmortizedSteinGuide, _int_at_least, _IntOption, _refuse_half_precision
 from .kernels import RadialKernel, RBFKernel
 from .logjoint import ModelLogDensity, NonFiniteLogJointError, all_finite, finite_sets
 from .stein import ksd_from_matrices, stein_direction_from_matrices
@@ -201,6 +201,8 @@ class AmortizedSVGD:
         Generative Adversarial Learning", arXiv:1611.01722, 2016.
     """
 
+    num_particles = _IntOption(2, "an int >= 2 (the Stein direction needs pairs)", owner="svgd")
+
     def __init__(
         self,
         model,
@@ -224,13 +226,11 @@ class AmortizedSVGD:
         kernel = RBFKernel() if kernel is None else kernel
         if not isinstance(kernel, RadialKernel):
             raise TypeError(f"kernel must be a pyro_stein RadialKernel (e.g. RBFKernel()), got {type(kernel).__name__}")
-        if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 2:
-            raise ValueError(f"num_particles must be an int >= 2 (the Stein direction needs pairs), got {num_particles!r}")
         self.model = model
         self.guide = guide
         self.optim = optim
         self.kernel = kernel
-        self.num_particles = num_particles
+        self.num_particles = num_particles  # checked, here and when set later (see the class attribute)
         if not isinstance(leave_one_out, bool):
             raise TypeError(f"leave_one_out must be True or False, got {leave_one_out!r}")
         self.leave_one_out = leave_one_out
@@ -309,7 +309,11 @@ class AmortizedSVGD:
 
     def _update(self, datasets: Sequence[Dataset]) -> Tensor:
         guide = self.guide
+        for i, d in enumerate(datasets):
+            _refuse_half_precision(d.args, d.kwargs, i if len(datasets) > 1 else None)
         guide.setup(*datasets[0].args, **datasets[0].kwargs)
+        if not guide.amortized:  # one dataset, checked once: latent shapes of the data the guide was set up with
+            guide._check_dataset(datasets[0])
         if self._log_density is None:
             self._log_density = ModelLogDensity(self.model, guide.sites, guide.vectorize, record_graph=self.record_graph)
         params = _register_params(guide)

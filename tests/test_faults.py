@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import pyro_stein.guide as guide_module
-from pyro_stein import AmortizedSteinGuide, AmortizedSVGD, CheckpointError
+from pyro_stein import AmortizedSteinGuide, AmortizedSVGD, CheckpointError, Dataset
 from pyro_stein.distributed import DistributedAmortizedSVGD, load_checkpoint
 
 from .conftest import DEVICE
@@ -559,3 +559,100 @@ def test_get_state_and_state_dict_are_snapshots():
     svgd.run(3, y, progress_bar=False)
     assert nested_equal(state["optim"], kept_state) and same(sd, kept_sd)
     assert not same(sd, params_of(guide))
+
+
+# ------------------------------------------------------------------------------------------ dtypes and arguments
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("where", ["setup", "step", "sample_posterior", "step_batch"])
+def test_half_precision_data_is_refused_naming_the_argument(half, where):
+    y = y_data()
+    if where == "step_batch":
+        guide = AmortizedSteinGuide(mean_model, amortized=True)
+        svgd = AmortizedSVGD(mean_model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=4)
+        good = [Dataset(5, y=torch.randn(5, device=DEVICE)) for _ in range(2)]
+        svgd.step_batch(good)
+        before = params_of(guide)
+        with pytest.raises(TypeError, match=rf"dataset 1's argument 'y' has dtype {half}.*\.float\(\)"):
+            svgd.step_batch([good[0], Dataset(5, y=torch.randn(5, device=DEVICE).to(half))])
+        assert same(before, params_of(guide))
+        return
+    guide = AmortizedSteinGuide(poisson_model)
+    svgd = AmortizedSVGD(poisson_model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=4)
+    if where != "setup":
+        svgd.step(y)
+    before = params_of(guide)
+    with pytest.raises(TypeError, match=rf"argument 0 has dtype {half}.*\.float\(\)"):
+        if where == "setup":
+            guide.setup(y.to(half))
+        elif where == "step":
+            svgd.step(y.to(half))
+        else:
+            guide.sample_posterior(5, y.to(half))
+    assert same(before, params_of(guide))
+
+
+def test_numpy_integer_options_are_accepted():
+    import numpy as np
+
+    guide = AmortizedSteinGuide(poisson_model, num_summary_samples=np.int64(50))
+    svgd = AmortizedSVGD(poisson_model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=np.int64(8))
+    assert type(svgd.num_particles) is int and svgd.num_particles == 8
+    assert type(guide.num_summary_samples) is int
+    svgd.step(y_data())
+
+
+@pytest.mark.parametrize("owner, name, value, fragment", [
+    ("guide", "num_summary_samples", 0, "guide.num_summary_samples must be"),
+    ("guide", "num_summary_samples", 2.5, "guide.num_summary_samples must be"),
+    ("svgd", "num_particles", 1, r"svgd.num_particles must be an int >= 2"),
+    ("svgd", "num_particles", True, r"svgd.num_particles must be an int >= 2"),
+])
+def test_options_set_after_construction_are_checked(owner, name, value, fragment):
+    guide = AmortizedSteinGuide(poisson_model)
+    svgd = AmortizedSVGD(poisson_model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=8)
+    obj = guide if owner == "guide" else svgd
+    old = getattr(obj, name)
+    with pytest.raises(ValueError, match=fragment):
+        setattr(obj, name, value)
+    assert getattr(obj, name) == old
+
+
+def regression(X, y=None):
+    beta = pyro.sample("beta", dist.Normal(torch.zeros(X.shape[1], device=X.device), 1.0).to_event(1))
+    with pyro.plate("obs", X.shape[0]):
+        pyro.sample("y", dist.Normal(X @ beta, 1.0), obs=y)
+
+
+@pytest.mark.parametrize("call", ["sample_posterior", "step", "forward"])
+def test_non_amortized_guide_refuses_data_of_another_width(call):
+    X3, X5 = torch.randn(10, 3, device=DEVICE), torch.randn(10, 5, device=DEVICE)
+    y = torch.randn(10, device=DEVICE)
+    guide = AmortizedSteinGuide(regression)
+    svgd = AmortizedSVGD(regression, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=4)
+    svgd.step(X3, y)
+    before = params_of(guide)
+    with pytest.raises(ValueError, match=r"latent site 'beta' shape \(5,\).*set up with shape \(3,\).*new guide"):
+        if call == "sample_posterior":
+            guide.sample_posterior(4, X5, y)
+        elif call == "step":
+            svgd.step(X5, y)
+        else:
+            guide(X5, y)
+    assert same(before, params_of(guide))
+    assert guide.sample_posterior(4, X3, y)["beta"].shape == (4, 3)
+
+
+def test_sbc_refuses_a_nan_true_value_naming_the_site():
+    from pyro_stein.diagnostics import sbc
+
+    guide = AmortizedSteinGuide(mean_model, amortized=True).setup(5, y=torch.randn(5, device=DEVICE))
+    calls = {"n": 0}
+
+    def simulate():
+        calls["n"] += 1
+        truth = {"mu": torch.tensor(float("nan") if calls["n"] == 2 else 0.3, device=DEVICE),
+                 "s": torch.tensor(1.0, device=DEVICE)}
+        return Dataset(5, y=torch.randn(5, device=DEVICE)), truth
+
+    with pytest.raises(ValueError, match=r"true value of 'mu' for simulated dataset 1 is not finite"):
+        sbc(guide, simulate, num_datasets=3, num_samples=9)
