@@ -11,6 +11,7 @@ density includes each bijection's ``log|det J|`` so that it is the density of ``
 
 from __future__ import annotations
 
+import re
 import threading
 import warnings
 import weakref
@@ -50,6 +51,27 @@ class NonFiniteLogJointError(ValueError):
 
 class ModelEvaluationError(ValueError):
     """The model raised an error while its log density was evaluated at the guide's latent values."""
+
+
+_DTYPE_ERROR = re.compile(r"dtype|scalar type|expected .*(Float|Double|Half|BFloat16)|(Float|Double|Half) but found",
+                          re.IGNORECASE)
+_SHAPE_ERROR = re.compile(r"shape|size of tensor|must match the size|mat1 and mat2|broadcast|dimension", re.IGNORECASE)
+
+
+def _evaluation_hint(error: Exception, u: Tensor) -> str:
+    """What to check for an error the model raised when evaluated at the guide's values, by its kind: a dtype
+    mismatch, a shape mismatch (data of another form than at setup), or the model's own error."""
+    text = str(error)
+    if isinstance(error, (RuntimeError, TypeError)) and _DTYPE_ERROR.search(text):
+        return (f"It is a dtype mismatch: the guide's latent values are {u.dtype} (the dtype of the data the guide "
+                "was set up with), and the model computes with tensors of another dtype (its constants, or data in "
+                f"another precision). Make the model's tensors and all the data one dtype, e.g. .to({u.dtype}).")
+    if isinstance(error, (RuntimeError, ValueError, IndexError)) and _SHAPE_ERROR.search(text):
+        return ("It is a shape mismatch: if these arguments have another form than those the guide was set up with "
+                "(e.g. another number of features or groups), the latent sites' shapes change and the data needs "
+                "a new guide; otherwise check the model's shapes with these arguments.")
+    return ("The error comes from the model itself (the chained traceback shows where): check the model with these "
+            "arguments, e.g. by running it once under pyro.poutine.trace.")
 
 
 class VectorizationWarning(UserWarning):
@@ -494,9 +516,7 @@ class ModelLogDensity:
             layout = ", ".join(f"{s.name!r} {tuple(s.shape)}" for s in self.sites)
             raise ModelEvaluationError(
                 f"the model raised {type(e).__name__} ({str(e).splitlines()[0] if str(e) else 'no message'}) when "
-                f"evaluated at the guide's latent values (sites {layout}). Check the arguments passed: data of "
-                "another form than the guide was set up with (e.g. another number of features or groups) changes "
-                "the latent sites' shapes, and needs a new guide."
+                f"evaluated at the guide's latent values (sites {layout}, dtype {u.dtype}). {_evaluation_hint(e, u)}"
             ) from e
 
     def _map_unchecked(self, fn: Callable[[Tensor], Any], u: Tensor) -> Any:

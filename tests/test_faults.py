@@ -656,3 +656,36 @@ def test_sbc_refuses_a_nan_true_value_naming_the_site():
 
     with pytest.raises(ValueError, match=r"true value of 'mu' for simulated dataset 1 is not finite"):
         sbc(guide, simulate, num_datasets=3, num_samples=9)
+
+
+# ------------------------------------------------------------------------------------------ error hints
+def _regression_with(kind):
+    def model(X, y=None):
+        beta = pyro.sample("beta", dist.Normal(torch.zeros(3, dtype=X.dtype, device=X.device), 1.0).to_event(1))
+        if kind == "model_error":
+            raise ZeroDivisionError("the model's own bug")
+        Xk = X.float() if kind == "dtype" else X
+        with pyro.plate("obs", X.shape[0]):
+            pyro.sample("y", dist.Normal(Xk @ beta, 1.0), obs=y)
+
+    return model
+
+
+@pytest.mark.parametrize("kind, hint, not_hint", [
+    ("dtype", r"dtype mismatch: the guide's latent values are torch.float64", "another number of features"),
+    ("shape", r"shape mismatch: .*another number of features", "dtype mismatch"),
+    ("model_error", r"ZeroDivisionError \(the model's own bug\).*comes from the model itself", "another number"),
+])
+def test_model_errors_get_a_hint_matching_their_cause(kind, hint, not_hint):
+    from pyro_stein.logjoint import ModelEvaluationError, ModelLogDensity
+
+    X = torch.randn(6, 3, device=DEVICE, dtype=torch.float64)
+    y = torch.randn(6, device=DEVICE, dtype=torch.float64)
+    good = _regression_with("shape")
+    guide = AmortizedSteinGuide(good).setup(X, y)
+    ld = ModelLogDensity(_regression_with(kind), guide.sites, vectorize="vmap")
+    u = torch.randn(4, guide.latent_dim, dtype=torch.float64, device=DEVICE)
+    args = (torch.cat([X, X], -1), y) if kind == "shape" else (X, y)
+    with pytest.raises(ModelEvaluationError, match=hint) as info:
+        ld.log_density(u, args)
+    assert not_hint not in str(info.value)
