@@ -194,7 +194,8 @@ def plot_sbc(ranks: dict[str, Tensor], num_samples: int, bins: int = 20, path: s
     from .guide import _int_at_least
 
     num_samples = _int_at_least(num_samples, "num_samples", 1, "the int >= 1 the ranks were computed with")
-    if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= num_samples + 1:
+    bins = _int_at_least(bins, "bins", 1, f"an int between 1 and num_samples + 1 = {num_samples + 1}")
+    if bins > num_samples + 1:
         raise ValueError(f"bins must be an int between 1 and num_samples + 1 = {num_samples + 1}, got {bins!r}")
     if not isinstance(ranks, dict) or not ranks:
         raise TypeError(f"ranks must be a non-empty dict {{site: integer ranks}} as sbc returns, got {type(ranks).__name__}")

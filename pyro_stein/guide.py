@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-import operator
 import warnings
 from contextlib import ExitStack
 from typing import Callable, Sequence
@@ -21,6 +20,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.distributions import constraints
 
+from ._checks import _int_at_least
 from .data import Dataset, DatasetFeatures, LastDataset, _dataset_sequence, collate_features, default_dataset_fn
 from .kernels import IMQKernel
 from .laplace import LaplaceFrameWarning, laplace_frames
@@ -61,18 +61,6 @@ def _discrete_site_error(name: str, fn) -> ValueError:
         "only, and does not enumerate. Sum it out of the model by hand (e.g. a mixture distribution such as "
         "MixtureSameFamily, or pyro.factor with a logsumexp over its values), or make it observed."
     )
-
-
-def _int_at_least(value, name: str, lo: int, expected: str | None = None) -> int:
-    """``value`` as an ``int`` >= ``lo`` (any integer type: ``numpy.int64``, a 0-d integer tensor; not ``bool``),
-    else a ``ValueError`` naming ``name`` and what was ``expected`` (default "an int >= lo")."""
-    try:
-        n = None if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        n = None
-    if n is None or n < lo:
-        raise ValueError(f"{name} must be {expected or f'an int >= {lo}'}, got {value!r}")
-    return n
 
 
 def _tensors_in(value, where: str):

@@ -689,3 +689,31 @@ def test_model_errors_get_a_hint_matching_their_cause(kind, hint, not_hint):
     with pytest.raises(ModelEvaluationError, match=hint) as info:
         ld.log_density(u, args)
     assert not_hint not in str(info.value)
+
+
+@pytest.mark.parametrize("build", ["sampler", "encoder", "polish", "rbm"])
+def test_numpy_integers_accepted_by_every_integer_option(build, tmp_path):
+    """numpy integers are accepted everywhere an int is, and stored as plain ints (a checkpoint of a guide built
+    with them must load with weights_only=True)."""
+    import numpy as np
+
+    from pyro_stein.mcmc import mala_polish
+    from pyro_stein.nn import DeepSetEncoder, GaussianResidualSampler
+
+    if build == "sampler":
+        net = GaussianResidualSampler(np.int64(3), context_dim=np.int64(2), hidden_dim=np.int64(8), num_layers=np.int64(1))
+        assert all(type(v) is int for k, v in net.config.items() if k in ("latent_dim", "context_dim", "hidden_dim"))
+        torch.save(net.config, tmp_path / "c.pt")
+        torch.load(tmp_path / "c.pt", weights_only=True)
+    elif build == "encoder":
+        net = DeepSetEncoder(np.int64(2), output_dim=np.int64(5), hidden_dim=np.int64(8), num_layers=np.int64(1))
+        assert all(type(v) is int for k, v in net.config.items() if k != "mean_features")
+    elif build == "polish":
+        z = torch.randn(10, 2, device=DEVICE)
+        out, rates = mala_polish(z, lambda x: (-0.5 * x.pow(2).sum(-1), -x), np.int64(2))
+        assert rates.shape == (2,)
+    else:
+        from pyro_stein import GaussianBernoulliRBM
+
+        rbm = GaussianBernoulliRBM(np.int64(3), np.int64(2))
+        assert type(rbm.num_visible) is int and rbm.sample(np.int64(4)).shape == (4, 3)
