@@ -91,6 +91,25 @@ def _refuse_half_precision(args: tuple, kwargs: dict, position: int | None = Non
                 )
 
 
+def _size_groups(sizes: Sequence[int], slack: int = 4096) -> list[list[int]]:
+    """Positions of datasets grouped by size for padding: in order of size, a dataset joins the current group
+    unless padding the group to its size would make the group hold more than twice its real rows plus ``slack``
+    (so similar sizes, and all small ones, share one group; a dataset far larger than the rest gets its own)."""
+    order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    groups: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for i in order:
+        n = sizes[i]
+        if current and (len(current) + 1) * n > 2 * (total + n) + slack:
+            groups.append(current)
+            current, total = [], 0
+        current.append(i)
+        total += n
+    groups.append(current)
+    return groups
+
+
 def _has_tensor_bounds(support) -> bool:
     """Whether a support has bounds held in tensors (which may come from the data), e.g. ``Uniform(0, hi)``'s."""
     while hasattr(support, "base_constraint"):
@@ -1076,7 +1095,15 @@ class AmortizedSteinGuide(AutoContinuous):
         """:meth:`dataset_features`; errors call the dataset by its ``position`` in its batch when given."""
         fn = self.dataset_fn or (lambda *a, **k: default_dataset_fn(self._raw_model[0], self._init_values(), a, k))
         out = collate_features([fn(*dataset.args, **dataset.kwargs)], start=position or 0)
-        if getattr(self, "feature_dim", None) is not None and out.features.shape[-1] != self.feature_dim:
+        width = getattr(self, "feature_dim", None)
+        if self.dataset_fn is None and width is not None and out.features.shape[-1] != width and out.features.shape[-2] == 1:
+            # one observation: the default reads no covariates unless asked (a length-1 argument may be a parameter);
+            # ask when that gives the width the guide was set up with
+            wider = collate_features([default_dataset_fn(self._raw_model[0], self._init_values(), dataset.args,
+                                                         dataset.kwargs, one_row_covariates=True)], start=position or 0)
+            if wider.features.shape[-1] == width:
+                out = wider
+        if width is not None and out.features.shape[-1] != width:
             which = "the dataset's" if position is None else f"dataset {position}'s"
             raise ValueError(
                 f"{which} per-observation features have width {out.features.shape[-1]}, but the guide was set up "
@@ -1158,8 +1185,19 @@ class AmortizedSteinGuide(AutoContinuous):
         return torch.cat([enc, summary], -1)
 
     def _contexts(self, datasets: Sequence[Dataset], frame: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """:meth:`encode` of :class:`~pyro_stein.data.Dataset` objects (their features cached on them)."""
-        return self.encode(collate_features([self._features_of(d, i) for i, d in enumerate(datasets)]), frame)
+        """:meth:`encode` of :class:`~pyro_stein.data.Dataset` objects (their features cached on them).
+
+        Datasets of very different sizes are encoded in groups of similar sizes (see :func:`_size_groups`), each
+        padded only to its own largest, so one large dataset does not pad its small neighbours to its size: the
+        encoder's input holds at most ``2 R + 4096`` rows per group for groups of ``R`` real rows."""
+        feats = [self._features_of(d, i) for i, d in enumerate(datasets)]
+        groups = _size_groups([f.shape[0] for f in feats])
+        if len(groups) == 1:
+            return self.encode(collate_features(feats), frame)
+        parts = [self.encode(collate_features([feats[i] for i in g]),
+                             None if frame is None else (frame[0][g], frame[1][g])) for g in groups]
+        order = torch.tensor([i for g in groups for i in g], device=parts[0].device)
+        return torch.cat(parts)[torch.argsort(order)]
 
     def context(self, *args, **kwargs) -> Tensor | None:
         """The sampler's context for one dataset (``None`` for a non-amortized guide)."""

@@ -717,3 +717,38 @@ def test_numpy_integers_accepted_by_every_integer_option(build, tmp_path):
 
         rbm = GaussianBernoulliRBM(np.int64(3), np.int64(2))
         assert type(rbm.num_visible) is int and rbm.sample(np.int64(4)).shape == (4, 3)
+
+
+# ------------------------------------------------------------------------------------------ datasets
+def test_one_row_amortized_dataset_keeps_its_covariates():
+    def model(X, y=None):
+        beta = pyro.sample("beta", dist.Normal(torch.zeros(2, device=X.device), 1.0).to_event(1))
+        with pyro.plate("obs", X.shape[0]):
+            pyro.sample("y", dist.Normal(X @ beta, 1.0), obs=y)
+
+    X, y = torch.randn(10, 2, device=DEVICE), torch.randn(10, device=DEVICE)
+    guide = AmortizedSteinGuide(model, amortized=True).setup(X, y)
+    X1, y1 = torch.tensor([[1.0, 2.0]], device=DEVICE), torch.tensor([0.5], device=DEVICE)
+    feats = guide.dataset_features(X1, y1).features
+    assert torch.equal(feats, torch.tensor([[[0.5, 1.0, 2.0]]], device=DEVICE))
+    assert guide.sample_posterior(3, X1, y1)["beta"].shape == (3, 2)
+
+
+def test_ragged_batch_is_encoded_in_groups_not_padded_to_the_largest(monkeypatch):
+    guide = AmortizedSteinGuide(mean_model, amortized=True).setup(5, y=torch.randn(5, device=DEVICE))
+    sizes = [10, 5000, 12, 9]
+    datasets = [Dataset(n, y=torch.randn(n, device=DEVICE)) for n in sizes]
+    seen = []
+    real = type(guide.encoder).forward
+
+    def spy(self, features, mask=None):
+        seen.append(tuple(features.shape))
+        return real(self, features, mask)
+
+    monkeypatch.setattr(type(guide.encoder), "forward", spy)
+    grouped = guide._contexts(datasets)
+    assert max(b * n for b, n, _ in seen) == 5000, f"padded far beyond the real rows: {seen}"
+    from pyro_stein.data import collate_features
+
+    padded = real(guide.encoder, *collate_features([guide._features_of(d) for d in datasets])[:2])
+    assert torch.allclose(grouped, padded, rtol=1e-6, atol=1e-8)
