@@ -10,7 +10,7 @@ from .data import Dataset, PriorPredictiveStream
 from .ebm import AmortizedMLE, ContrastiveDivergence, GaussianBernoulliRBM
 from .graphs import RecordedGraphWarning
 from .guide import AmortizedSteinGuide, ModelParameterWarning
-from .infer import AmortizedSVGD, NonFiniteDatasetWarning, NonFiniteUpdateError, refine
+from .infer import AmortizedSVGD, KernelWarning, NonFiniteDatasetWarning, NonFiniteUpdateError, refine
 from .kernels import IMQKernel, RadialKernel, RBFKernel
 from .laplace import LaplaceFrameWarning
 from .logjoint import NonFiniteLogJointError
@@ -27,6 +27,7 @@ __all__ = [
     "Dataset",
     "GaussianBernoulliRBM",
     "IMQKernel",
+    "KernelWarning",
     "LaplaceFrameWarning",
     "ModelParameterWarning",
     "NonFiniteDatasetWarning",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import signal
 import threading
 import warnings
@@ -22,11 +23,15 @@ from .kernels import RadialKernel, RBFKernel
 from .logjoint import ModelLogDensity, NonFiniteLogJointError, all_finite, finite_sets
 from .stein import ksd_from_matrices, stein_direction_from_matrices
 
-__all__ = ["AmortizedSVGD", "NonFiniteDatasetWarning", "NonFiniteUpdateError", "refine"]
+__all__ = ["AmortizedSVGD", "KernelWarning", "NonFiniteDatasetWarning", "NonFiniteUpdateError", "refine"]
 
 
 class NonFiniteDatasetWarning(UserWarning):
     """Datasets were left out of an amortized training step because their log joint was not finite."""
+
+
+class KernelWarning(UserWarning):
+    """The kernel gave non-finite values (e.g. a custom profile's second derivative), so the step's KSD is NaN."""
 
 
 class NonFiniteUpdateError(ValueError):
@@ -243,6 +248,8 @@ class AmortizedSVGD:
         self.num_steps = 0
         self.num_dropped_datasets = 0  # datasets left out of a step for a non-finite log joint (see _drop_nonfinite)
         self._warned_nonfinite = False
+        self._warned_kernel = False
+        self._last_kernel_matrices = None  # of the last step, to say why its KSD was not finite
         self._num_used = 0
         self._log_density: ModelLogDensity | None = None
         self._dataset_of = LastDataset()  # step(*args) on the same data: one Dataset, its cached features reused
@@ -341,6 +348,7 @@ class AmortizedSVGD:
         score = guide.whiten_score(raw, frame)
         zd = z.detach()
         km = self.kernel.matrices(zd)
+        self._last_kernel_matrices = km
         phi = stein_direction_from_matrices(zd, score, km, self.leave_one_out)
         stat = ksd_from_matrices(zd, score, km)
         if self.precondition == "variance" or (self.precondition == "auto" and guide.amortized and guide.whiten is None):
@@ -394,6 +402,26 @@ class AmortizedSVGD:
                     p.grad = None
             self.num_steps += 1
 
+    def _checked_ksd(self, stat: Tensor) -> float:
+        """The step's KSD as a float; the first time it is not finite because of the kernel's own values (a custom
+        kernel's profile or its derivatives NaN or infinite at some pairs), a :class:`KernelWarning` says so (the
+        update itself used the kernel and its first derivative, and was finite, or it would have raised)."""
+        value = float(stat)
+        km = self._last_kernel_matrices
+        if not math.isfinite(value) and not self._warned_kernel and km is not None:
+            bad = [name for name, t in (("k", km.k), ("dk (first derivative)", km.dk),
+                                        ("d2k (second derivative)", km.d2k)) if not bool(torch.isfinite(t).all())]
+            if bad:
+                self._warned_kernel = True
+                warnings.warn(
+                    f"step {self.num_steps - 1}: the KSD this step returns is {value} because the kernel {self.kernel!r} "
+                    f"gives non-finite values of {', '.join(bad)} at some particle pairs: check its profile(). The "
+                    "parameters were updated with finite values; further non-finite KSDs are not warned about.",
+                    KernelWarning,
+                    stacklevel=3,
+                )
+        return value
+
     def step(self, *args, **kwargs) -> float:
         """One update on the dataset given by the model's ``*args, **kwargs``.
 
@@ -403,7 +431,7 @@ class AmortizedSVGD:
         :raises NonFiniteLogJointError: (a ``ValueError``) naming the offending sites when the
             log joint or its gradient is not finite; the guide's parameters are left unchanged.
         """
-        return float(self._update([self._dataset_of(args, kwargs)]))
+        return self._checked_ksd(self._update([self._dataset_of(args, kwargs)]))
 
     def step_batch(self, datasets: Sequence[Any]) -> float:
         """One update over a batch of datasets (amortized guides); returns the mean ``KSD^2``.
@@ -417,7 +445,7 @@ class AmortizedSVGD:
         datasets = [as_dataset(d) for d in _dataset_sequence(datasets)]
         if not datasets:
             raise ValueError("step_batch needs at least one dataset")
-        return float(self._update(datasets))
+        return self._checked_ksd(self._update(datasets))
 
     def run(
         self,

@@ -752,3 +752,23 @@ def test_ragged_batch_is_encoded_in_groups_not_padded_to_the_largest(monkeypatch
 
     padded = real(guide.encoder, *collate_features([guide._features_of(d) for d in datasets])[:2])
     assert torch.allclose(grouped, padded, rtol=1e-6, atol=1e-8)
+
+
+def test_kernel_with_nan_second_derivative_warns_once():
+    import math
+
+    from pyro_stein import KernelWarning, RBFKernel
+
+    class BadKernel(RBFKernel):
+        def profile(self, u):
+            f, df, _ = super().profile(u)
+            return f, df, torch.full_like(u, float("nan"))
+
+    guide = AmortizedSteinGuide(poisson_model)
+    svgd = AmortizedSVGD(poisson_model, guide, pyro.optim.Adam({"lr": 1e-2}), kernel=BadKernel(), num_particles=8)
+    with pytest.warns(KernelWarning, match=r"step 0: .*BadKernel.*d2k \(second derivative\).*profile\(\)"):
+        value = svgd.step(y_data())
+    assert math.isnan(value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(svgd.step(y_data()))  # warned once
