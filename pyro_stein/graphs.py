@@ -44,7 +44,9 @@ inputs of the traced graph, so one recording serves every dataset with the same 
 plain values (e.g. every new dataset with the same number of groups). The trace then runs on fake
 tensors that have no values, so a model whose Python control flow reads the data's values
 (``if y.sum() > 0``, ``.item()``) cannot be traced and is never recorded, rather than recorded with
-one dataset's branch. A shape is recorded once it has come back ``min_calls`` times (not necessarily
+one dataset's branch; other tensors the model reads (a prior's tensor bounds, which the guide's
+bijections hold since setup, or a global) are constants of the recording, as in the recordings
+above. A shape is recorded once it has come back ``min_calls`` times (not necessarily
 in a row); up to ``max_recordings`` shapes are kept, the least recently used dropped first. A
 recording dropped before it was replayed ``min_calls`` times cost more than it saved; once
 ``max_recordings`` recordings have been dropped that way (datasets whose shapes rarely repeat, e.g.
@@ -367,8 +369,10 @@ class _SharedRecording:
     def __init__(self, fn: Callable[..., tuple[Tensor, Tensor]], u: Tensor, data: tuple[Tensor, ...]):
         from torch.fx.experimental.proxy_tensor import make_fx
 
+        # real tensors other than the inputs (a prior's tensor bounds, held by the guide's bijections since setup)
+        # are constants of the graph, as they are of every evaluation
         with pyro.validation_enabled(False):
-            self.traced = make_fx(fn, tracing_mode="fake")(u.detach(), *data)
+            self.traced = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(u.detach(), *data)
         _simplify(self.traced)
         self.frozen, _ = _screen(self.traced, u.detach(), *data)
         # outputs that share memory with an input or a stored constant (a bypassed x * 1, a folded constant) are
@@ -537,7 +541,9 @@ class GraphedLogDensity:
                 return None
             got = first(rec)
         except Exception as e:  # noqa: BLE001 - any failure only means: no graph for this model
-            self._off(f"recording failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}){hint}")
+            text = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
+            reads_values = "DataDependent" in type(e).__name__ or "data-dependent" in str(e).lower()
+            self._off(f"recording failed ({type(e).__name__}: {text}){hint if reads_values else ''}")
             return None
         if not _close(got, tuple(w.detach() for w in want)):
             self._off("the recorded graph disagreed with the model's own evaluation")
@@ -570,8 +576,8 @@ class GraphedLogDensity:
             return lp, score
 
         rec = self._checked(lambda: _SharedRecording(fn, u, data), lambda r: r(u, data), want,
-                            "; a model whose Python reads its data's values (if, .item()) cannot be recorded for all data "
-                            "of a shape")
+                            ": the model's Python reads its data's values (if, .item()), so it cannot be recorded for "
+                            "all data of a shape")
         if rec is None:
             return want
         self.num_recordings += 1

@@ -772,3 +772,52 @@ def test_kernel_with_nan_second_derivative_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert math.isnan(svgd.step(y_data()))  # warned once
+
+
+# ------------------------------------------------------------------------------------------ graph recording
+def _tensor_bounded_model(y):
+    p = pyro.sample("p", dist.Uniform(torch.tensor(0.0, device=y.device), torch.tensor(5.0, device=y.device)))
+    with pyro.plate("d", len(y)):
+        pyro.sample("y", dist.Poisson(p), obs=y)
+
+
+def test_recording_works_for_a_tensor_bounded_prior():
+    y = torch.tensor([1.0, 2.0, 3.0], device=DEVICE)
+    guide = AmortizedSteinGuide(_tensor_bounded_model).setup(y)
+    ld = guide.log_density
+    u = torch.randn(50, 1, device=DEVICE)
+    for _ in range(25):
+        got = ld.log_density_and_score(u, (y,), {})
+    assert ld.graphs.status == "replaying", ld.graphs.status
+    from pyro_stein.logjoint import ModelLogDensity
+
+    want = ModelLogDensity(_tensor_bounded_model, guide.sites).log_density_and_score(u, (y,), {})
+    assert all(torch.allclose(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("cause", ["reads_values", "other"])
+def test_a_failed_recording_says_its_real_cause(cause, monkeypatch):
+    import pyro_stein.graphs as graphs
+
+    y = torch.tensor([1.0, 2.0, 3.0], device=DEVICE)
+    if cause == "reads_values":
+        def model(y):
+            p = pyro.sample("p", dist.Normal(torch.tensor(0.0, device=y.device), 1.0))
+            if y.sum() > 0:
+                pyro.sample("y", dist.Poisson(p.exp()).expand([len(y)]).to_event(1), obs=y)
+    else:
+        model = poisson_model
+
+        def broken(*a, **k):
+            raise RuntimeError("out of coffee")
+
+        monkeypatch.setattr(graphs._SharedRecording, "__init__", broken)
+    guide = AmortizedSteinGuide(model).setup(y)
+    u = torch.randn(50, 1, device=DEVICE)
+    for _ in range(25):
+        guide.log_density.log_density_and_score(u, (y,), {})
+    status = guide.log_density.graphs.status
+    if cause == "reads_values":
+        assert status.startswith("off: recording failed") and "reads its data's values" in status
+    else:
+        assert "RuntimeError: out of coffee" in status and "data's values" not in status
