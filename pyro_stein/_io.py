@@ -131,9 +131,11 @@ def check_plain(obj: Any, where: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def check_tensor_dict(path, state: Any, where: str, dtype: torch.dtype | None = None) -> torch.dtype | None:
+def check_tensor_dict(path, state: Any, where: str, dtype: torch.dtype | None = None,
+                      integer_ok: Callable[[str], bool] = lambda key: False) -> torch.dtype | None:
     """Check a loaded ``{name: Tensor}`` mapping: every value a floating-point tensor of one dtype (``dtype`` when
-    given), all entries finite. Returns that dtype (``None`` for an empty mapping)."""
+    given; integer or bool tensors only under keys for which ``integer_ok(key)``), all entries finite. Returns that
+    dtype (``None`` when there is no floating-point entry)."""
     if not isinstance(state, dict):
         raise CheckpointError(path, f"{where} is a {type(state).__name__}, not a dict of tensors")
     for k, v in state.items():
@@ -141,6 +143,8 @@ def check_tensor_dict(path, state: Any, where: str, dtype: torch.dtype | None = 
             raise CheckpointError(path, f"{where} has a key {k!r} that is not a str")
         if not isinstance(v, Tensor):
             raise CheckpointError(path, f"{where}[{k!r}] is a {type(v).__name__}, not a tensor")
+        if not v.is_floating_point() and not v.is_complex() and integer_ok(k):
+            continue
         if not v.is_floating_point() or v.dtype in (torch.float16, torch.bfloat16):
             raise CheckpointError(path, f"{where}[{k!r}] has dtype {v.dtype}; the guide's tensors are float32 or "
                                         "float64: the file is corrupt or was altered")

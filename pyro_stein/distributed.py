@@ -386,10 +386,11 @@ def _checked_checkpoint(path, state: Any, guide: AmortizedSteinGuide) -> None:
     if version > _CHECKPOINT_VERSION:
         raise CheckpointError(path, f"has format_version {version}, but this pyro_stein reads format_version "
                                     f"{_CHECKPOINT_VERSION} and older: upgrade pyro_stein to load it")
-    own = guide.state_dict()
-    check_tensor_dict(path, state["guide"], "guide")
-    got = {k: tuple(v.shape) for k, v in state["guide"].items()}
-    want = {k: tuple(v.shape) for k, v in own.items()}
+    own = guide.state_dict(keep_vars=True)
+    check_tensor_dict(path, state["guide"], "guide",
+                      integer_ok=lambda key: key in own and not own[key].is_floating_point())
+    got = {k: (tuple(v.shape), v.is_floating_point()) for k, v in state["guide"].items()}
+    want = {k: (tuple(v.shape), v.is_floating_point()) for k, v in own.items()}
     if got != want:
         diff = sorted(set(got.items()) ^ set(want.items()))[:3]
         raise CheckpointError(path, f"its guide weights do not match this guide's (e.g. {diff} differ): load it into a "

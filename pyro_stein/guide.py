@@ -236,7 +236,9 @@ def _checked_payload(path, payload) -> dict:
                              and all(len(k) == 3 and all(isinstance(v, str) for v in k) for k in kinds)):
         raise CheckpointError(path, "config['site_kinds'] does not list the sites' supports: the file is corrupt")
     state = payload.get("state_dict")
-    dtype = check_tensor_dict(path, state, "state_dict")
+    # a custom network's buffers may be integers (it is also registered as _user_sampler / _user_encoder)
+    custom = tuple(f"{prefix}{part}." for part in ("sampler", "encoder") if cfg.get(part) is None for prefix in ("", "_user_"))
+    dtype = check_tensor_dict(path, state, "state_dict", integer_ok=lambda key: key.startswith(custom))
     if version >= 2:
         saved = cfg.get("dtype")
         if dtype is not None and saved != str(dtype).replace("torch.", ""):
@@ -1078,6 +1080,11 @@ class AmortizedSteinGuide(AutoContinuous):
                                   "path": path}
         guide._squash_frame_summary = bool(cfg.get("frame_summary_squash", False))  # as it was trained
         guide.setup(*args, **kwargs)
+        own = guide.state_dict(keep_vars=True)
+        for key, value in payload["state_dict"].items():
+            if key in own and own[key].is_floating_point() != value.is_floating_point():
+                raise CheckpointError(path, f"state_dict[{key!r}] has dtype {value.dtype}, but the guide's {key} has "
+                                            f"dtype {own[key].dtype}: the file is corrupt or was altered")
         try:
             guide.load_state_dict(payload["state_dict"])
         except RuntimeError as e:  # a custom sampler/encoder whose weights differ from the saved ones

@@ -821,3 +821,24 @@ def test_a_failed_recording_says_its_real_cause(cause, monkeypatch):
         assert status.startswith("off: recording failed") and "reads its data's values" in status
     else:
         assert "RuntimeError: out of coffee" in status and "data's values" not in status
+
+
+def test_custom_sampler_with_an_integer_buffer_round_trips(tmp_path):
+    from pyro_stein.nn import GaussianResidualSampler
+
+    class Counting(GaussianResidualSampler):
+        def __init__(self):
+            super().__init__(1, init_loc=torch.zeros(1, device=DEVICE))
+            self.register_buffer("calls", torch.tensor(0, device=DEVICE))
+
+    y = y_data()
+    g1 = AmortizedSteinGuide(poisson_model, sampler=Counting()).setup(y)
+    g1.sampler.calls.fill_(7)
+    g1.save(tmp_path / "g.pt")
+    g2 = AmortizedSteinGuide.load(tmp_path / "g.pt", poisson_model, y, sampler=Counting())
+    assert int(g2.sampler.calls) == 7 and same(params_of(g1), params_of(g2))
+    payload = torch.load(tmp_path / "g.pt", weights_only=True)
+    payload["state_dict"]["sampler.loc"] = payload["state_dict"]["sampler.loc"].long()
+    torch.save(payload, tmp_path / "g.pt")
+    with pytest.raises(CheckpointError, match=r"g.pt.*sampler.loc.*dtype torch.int64"):
+        AmortizedSteinGuide.load(tmp_path / "g.pt", poisson_model, y, sampler=Counting())
