@@ -38,6 +38,30 @@ class NonFiniteUpdateError(ValueError):
     """An optimiser step made guide parameters NaN or infinite (e.g. an infinite learning rate); the step was undone."""
 
 
+class _ChoiceOption:
+    """An :class:`AmortizedSVGD` option that takes one of a few values (compared by type and value), checked whenever
+    it is set (``svgd.<name> = value``), with an error naming the option."""
+
+    def __init__(self, choices: tuple, expected: str, error: type[Exception]):
+        self.choices, self.expected, self.error = choices, expected, error
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        try:
+            return obj.__dict__[self.name]
+        except KeyError:
+            raise AttributeError(self.name) from None
+
+    def __set__(self, obj, value) -> None:
+        if not any(type(value) is type(c) and value == c for c in self.choices):
+            raise self.error(f"svgd.{self.name} must be {self.expected}, got {value!r}")
+        obj.__dict__[self.name] = value
+
+
 def _snapshot(obj):
     """A copy of nested dicts, lists and tuples with every tensor cloned (detached): later steps do not change it."""
     if isinstance(obj, Tensor):
@@ -207,6 +231,9 @@ class AmortizedSVGD:
     """
 
     num_particles = _IntOption(2, "an int >= 2 (the Stein direction needs pairs)", owner="svgd")
+    leave_one_out = _ChoiceOption((True, False), "True or False", TypeError)
+    precondition = _ChoiceOption(("auto", "variance", None), "'auto', 'variance' or None", ValueError)
+    record_graph = _ChoiceOption((True, False), "True or False", TypeError)
 
     def __init__(
         self,

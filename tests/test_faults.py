@@ -606,13 +606,16 @@ def test_numpy_integer_options_are_accepted():
     ("guide", "num_summary_samples", 2.5, "guide.num_summary_samples must be"),
     ("svgd", "num_particles", 1, r"svgd.num_particles must be an int >= 2"),
     ("svgd", "num_particles", True, r"svgd.num_particles must be an int >= 2"),
+    ("svgd", "leave_one_out", "no", r"svgd.leave_one_out must be True or False, got 'no'"),
+    ("svgd", "precondition", "diag", r"svgd.precondition must be 'auto', 'variance' or None, got 'diag'"),
+    ("svgd", "record_graph", 1, r"svgd.record_graph must be True or False, got 1"),
 ])
 def test_options_set_after_construction_are_checked(owner, name, value, fragment):
     guide = AmortizedSteinGuide(poisson_model)
     svgd = AmortizedSVGD(poisson_model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=8)
     obj = guide if owner == "guide" else svgd
     old = getattr(obj, name)
-    with pytest.raises(ValueError, match=fragment):
+    with pytest.raises((ValueError, TypeError), match=fragment):
         setattr(obj, name, value)
     assert getattr(obj, name) == old
 
