@@ -392,6 +392,20 @@ class ModelLogDensity:
         # repeated calls with the same arguments: replayed from a recorded graph (see pyro_stein.graphs)
         self.graphs: GraphedLogDensity | None = self._new_graphs(share_across_data) if record_graph else None
 
+    #: the most ``rows x elements of the largest tensor argument`` one evaluation handles: more particles are
+    #: evaluated in chunks of equal size (the last padded with repeated rows), so that a model's intermediates of
+    #: one value per particle and data row stay below this many elements each (2^25: 256 MB in float64)
+    chunk_elements: int = 1 << 25
+
+    def _chunk_rows(self, rows: int, args: tuple, kwargs: dict) -> int:
+        """How many particles one evaluation takes (``rows`` when the data are small enough to take them all)."""
+        size = max((t.numel() for t in tree_flatten((tuple(args), dict(kwargs)))[0] if isinstance(t, Tensor)), default=1)
+        chunk = max(1, self.chunk_elements // max(size, 1))
+        if chunk >= rows:
+            return rows
+        pieces = -(-rows // chunk)
+        return -(-rows // pieces)  # chunks of (nearly) equal size: the last one wastes less than one chunk's rows
+
     def _new_graphs(self, share_across_data: bool) -> GraphedLogDensity:
         single, why_not = self._graph_callbacks()
         if share_across_data:
@@ -581,6 +595,10 @@ class ModelLogDensity:
     ) -> tuple[Tensor, Tensor]:
         """Log density and its gradient (the score) at each row of ``u``; both detached.
 
+        Many particles on large data are evaluated in chunks (see :attr:`chunk_elements`), so the
+        peak memory of one call is that of ``chunk_elements / (elements of the largest tensor
+        argument)`` particles, not of all of them.
+
         :param bool check: raise :class:`NonFiniteLogJointError` naming the offending sites when a
             value or gradient is not finite.
         """
@@ -589,6 +607,12 @@ class ModelLogDensity:
                 f"u must hold one packed unconstrained latent vector per row, shape (num_particles, {self.dim}) for "
                 f"sites {[s.name for s in self.sites]}, got {tuple(u.shape)}"
             )
+        rows = u.shape[0]
+        chunk = self._chunk_rows(rows, args, kwargs or {})
+        if chunk < rows:
+            padded = torch.cat([u, u[: (-rows) % chunk]]) if rows % chunk else u
+            outs = [self.log_density_and_score(part, args, kwargs, plates, check) for part in padded.split(chunk)]
+            return torch.cat([o[0] for o in outs])[:rows], torch.cat([o[1] for o in outs])[:rows]
 
         def eager() -> tuple[Tensor, Tensor]:
             v = u.detach().requires_grad_(True)
@@ -625,7 +649,9 @@ class ModelLogDensity:
         plates = list(plates) if plates is not None else [{}] * len(datasets)
         if self._read_masked is None and len(datasets):
             self._probe_masked_reads(z[0], datasets[0].args, datasets[0].kwargs)
-        if len(datasets) > 1 and self._mode == "vmap" and self._stack_ok is not False and not any(plates):
+        small = all(self._chunk_rows(z.shape[-2] * len(datasets), d.args, d.kwargs) == z.shape[-2] * len(datasets)
+                    for d in datasets)  # one pass over all datasets' particles within the chunk budget
+        if len(datasets) > 1 and small and self._mode == "vmap" and self._stack_ok is not False and not any(plates):
             stacked = _stack_arguments(datasets)
             if stacked is not None:
                 out = self._stacked_log_density_and_score(z, datasets, stacked, check)

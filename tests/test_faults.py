@@ -845,3 +845,28 @@ def test_custom_sampler_with_an_integer_buffer_round_trips(tmp_path):
     torch.save(payload, tmp_path / "g.pt")
     with pytest.raises(CheckpointError, match=r"g.pt.*sampler.loc.*dtype torch.int64"):
         AmortizedSteinGuide.load(tmp_path / "g.pt", poisson_model, y, sampler=Counting())
+
+
+# ------------------------------------------------------------------------------------------ memory
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+def test_many_particles_on_large_data_are_evaluated_in_chunks(vectorize):
+    from pyro_stein.logjoint import ModelLogDensity
+
+    X = torch.randn(200, 3, device=DEVICE)
+    y = torch.randn(200, device=DEVICE)
+    guide = AmortizedSteinGuide(regression).setup(X, y)
+    u = torch.randn(103, 3, device=DEVICE)
+    whole = ModelLogDensity(regression, guide.sites, vectorize).log_density_and_score(u, (X, y))
+    ld = ModelLogDensity(regression, guide.sites, vectorize)
+    ld.chunk_elements = 600 * 10  # 10 particles x 600 elements (X)
+    seen = []
+    real = ld._map
+
+    def spy(fn, v):
+        seen.append(v.shape[0])
+        return real(fn, v)
+
+    ld._map = spy
+    lp, score = ld.log_density_and_score(u, (X, y))
+    assert max(seen) <= 10 and lp.shape == (103,) and score.shape == (103, 3)
+    assert torch.allclose(lp, whole[0]) and torch.allclose(score, whole[1])
