@@ -731,11 +731,12 @@ class AmortizedSteinGuide(AutoContinuous):
             return
         path = self._network_configs.get("path", "<checkpoint>")
         saved = {k[0]: tuple(k[1:]) for k in kinds}
+        device = next((v.device for v in self._init_values().values()), None)  # where the bijections' tensors live
         for site in self.sites:
             now = _site_kind(site)
-            probe = probes[site.name]
+            probe = probes[site.name].cpu()
             try:
-                got = _site_probe(site, probe.dtype, probe.device)
+                got = _site_probe(site, probe.dtype, device).cpu()
                 same_values = got.shape == probe.shape and bool(torch.allclose(got, probe, rtol=1e-4, atol=1e-6))
             except (RuntimeError, ValueError):
                 same_values = False
@@ -1014,7 +1015,7 @@ class AmortizedSteinGuide(AutoContinuous):
                 "dtype": str(dtype).replace("torch.", ""),
             },
             "init_values": {n: v.detach().clone() for n, v in self._init_values().items()},
-            "site_probes": {s.name: _site_probe(s, dtype) for s in self.sites},
+            "site_probes": {s.name: _site_probe(s, dtype, self._like().device).cpu() for s in self.sites},
             "state_dict": state,
         }
         atomic_torch_save(payload, path)
