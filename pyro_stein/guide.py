@@ -87,8 +87,16 @@ def _refuse_half_precision(args: tuple, kwargs: dict, position: int | None = Non
                 raise TypeError(
                     f"{where} has dtype {t.dtype}: pyro_stein computes in float32 or float64 only (in half "
                     "precision the log density's score is too coarse: steps give NaN or a wrong posterior spread). "
-                    "Convert it, e.g. y.float() (or .double()), and keep the model's constants in that dtype too"
+                    "Convert it with .float() (or .double()), and keep the model's constants in that dtype too"
                 )
+
+
+def _refuse_half_precision_once(dataset: Dataset, position: int | None = None) -> None:
+    """:func:`_refuse_half_precision` for a :class:`~pyro_stein.data.Dataset`, once (its arguments' dtypes cannot
+    change in place)."""
+    if not dataset.cache.get("half_precision_checked"):
+        _refuse_half_precision(dataset.args, dataset.kwargs, position)
+        dataset.cache["half_precision_checked"] = True
 
 
 def _size_groups(sizes: Sequence[int], slack: int = 4096) -> list[list[int]]:
@@ -650,8 +658,8 @@ class AmortizedSteinGuide(AutoContinuous):
             guide = AmortizedSteinGuide(model).setup(*example_args)
             guide.load_state_dict(state)
         """
-        _refuse_half_precision(args, kwargs)
         if self.prototype_trace is None:
+            _refuse_half_precision(args, kwargs)  # later datasets are checked once each (see _check_dataset)
             self._setup_prototype(*args, **kwargs)
         return self
 
@@ -1395,7 +1403,7 @@ class AmortizedSteinGuide(AutoContinuous):
         key = ("checked", self._cache_token)
         if dataset.cache.get(key):
             return
-        _refuse_half_precision(dataset.args, dataset.kwargs, position)
+        _refuse_half_precision_once(dataset, position)
         if self.prototype_trace is not None:
             init = init_to_mean_or_feasible(like=self._like() if self.sampler is not None else None)
             try:

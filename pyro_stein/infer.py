@@ -18,7 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .data import Dataset, LastDataset, PriorPredictiveStream, _check_batch_size, _dataset_sequence, as_dataset, iterate_batches
-from .guide import AmortizedSteinGuide, _int_at_least, _IntOption, _refuse_half_precision
+from .guide import AmortizedSteinGuide, _int_at_least, _IntOption, _refuse_half_precision_once
 from .kernels import RadialKernel, RBFKernel
 from .logjoint import ModelLogDensity, NonFiniteLogJointError, all_finite, finite_sets
 from .stein import ksd_from_matrices, stein_direction_from_matrices
@@ -344,7 +344,7 @@ class AmortizedSVGD:
     def _update(self, datasets: Sequence[Dataset]) -> Tensor:
         guide = self.guide
         for i, d in enumerate(datasets):
-            _refuse_half_precision(d.args, d.kwargs, i if len(datasets) > 1 else None)
+            _refuse_half_precision_once(d, i if len(datasets) > 1 else None)
         guide.setup(*datasets[0].args, **datasets[0].kwargs)
         if not guide.amortized:  # one dataset, checked once: latent shapes of the data the guide was set up with
             guide._check_dataset(datasets[0])
@@ -457,6 +457,10 @@ class AmortizedSVGD:
             update: a noisy, reference-free measure of fit that should fall towards zero.
         :raises NonFiniteLogJointError: (a ``ValueError``) naming the offending sites when the
             log joint or its gradient is not finite; the guide's parameters are left unchanged.
+        :raises NonFiniteUpdateError: (a ``ValueError``) naming the optimiser and its learning rate
+            when the optimiser step made parameters non-finite; the step is undone (parameters and
+            optimiser state as before it). The update is all or nothing: a ``KeyboardInterrupt``
+            during it leaves every parameter at the previous step or every one at the new one.
         """
         return self._checked_ksd(self._update([self._dataset_of(args, kwargs)]))
 
