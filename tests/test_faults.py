@@ -468,7 +468,7 @@ def test_interrupt_inside_the_optimiser_step_undoes_it(monkeypatch):
     for _ in range(40):
         calls = {"n": 0, "stop": rng.randrange(1, len(list(guide.parameters())))}
 
-        def step(self, *a, **k):
+        def step(self, *a, calls=calls, **k):
             out = real_step(self, *a, **k)
             calls["n"] += 1
             if calls["n"] == calls["stop"]:
@@ -713,7 +713,7 @@ def test_numpy_integers_accepted_by_every_integer_option(build, tmp_path):
         assert all(type(v) is int for k, v in net.config.items() if k != "mean_features")
     elif build == "polish":
         z = torch.randn(10, 2, device=DEVICE)
-        out, rates = mala_polish(z, lambda x: (-0.5 * x.pow(2).sum(-1), -x), np.int64(2))
+        _, rates = mala_polish(z, lambda x: (-0.5 * x.pow(2).sum(-1), -x), np.int64(2))
         assert rates.shape == (2,)
     else:
         from pyro_stein import GaussianBernoulliRBM
@@ -800,7 +800,7 @@ def test_recording_works_for_a_tensor_bounded_prior():
 
 @pytest.mark.parametrize("cause", ["reads_values", "other"])
 def test_a_failed_recording_says_its_real_cause(cause, monkeypatch):
-    import pyro_stein.graphs as graphs
+    from pyro_stein import graphs
 
     y = torch.tensor([1.0, 2.0, 3.0], device=DEVICE)
     if cause == "reads_values":
