@@ -94,9 +94,10 @@ def _refuse_half_precision(args: tuple, kwargs: dict, position: int | None = Non
 def _refuse_half_precision_once(dataset: Dataset, position: int | None = None) -> None:
     """:func:`_refuse_half_precision` for a :class:`~pyro_stein.data.Dataset`, once (its arguments' dtypes cannot
     change in place)."""
-    if not dataset.cache.get("half_precision_checked"):
+    cache = dataset._cache  # not .cache: the dtypes cannot change in place, so no need to compare tensor versions
+    if not cache.get("half_precision_checked"):
         _refuse_half_precision(dataset.args, dataset.kwargs, position)
-        dataset.cache["half_precision_checked"] = True
+        cache["half_precision_checked"] = True
 
 
 def _size_groups(sizes: Sequence[int], slack: int = 4096) -> list[list[int]]:

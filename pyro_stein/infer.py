@@ -94,30 +94,65 @@ def _deferred_interrupt() -> Iterator[None]:
             raise KeyboardInterrupt
 
 
+def _torch_optimizer(obj):
+    """The torch optimiser a PyroOptim keeps for a parameter (a scheduler's optimiser for a PyroLRScheduler)."""
+    return obj if isinstance(obj, torch.optim.Optimizer) else getattr(obj, "optimizer", obj)
+
+
+def _all_finite(params: Sequence[Tensor]) -> bool:
+    """Whether every parameter is finite: one fused norm per parameter and one host sync; a non-finite norm (also
+    from an overflow of large finite values) is confirmed element by element."""
+    if not params:
+        return True
+    try:
+        if bool(torch.isfinite(torch.stack(torch._foreach_norm(list(params))).sum())):
+            return True
+    except (RuntimeError, TypeError):  # e.g. parameters on several devices
+        pass
+    return all(bool(torch.isfinite(p).all()) for p in params)
+
+
 class _UpdateTransaction:
     """The parameters' values and the optimiser's state for them, taken before an optimiser step, so that a step
     that fails part-way (an exception, ``KeyboardInterrupt`` included) or leaves non-finite values is undone
     completely: every parameter and its optimiser state (moments, step counts, a decayed learning rate) back at
-    step k, and optimisers created by the failed step forgotten."""
+    step k, and optimisers created by the failed step forgotten.
+
+    A torch optimiser keeps what a step changes in ``state[param]`` and in its ``param_groups``' hyperparameters
+    (e.g. ClippedAdam's decayed learning rate); those are copied (tensors cloned), nothing else is."""
 
     def __init__(self, optim: PyroOptim, params: Sequence[Tensor]):
-        from pyro.optim.optim import _get_state_dict
-
         self.optim = optim
         self.params = list(params)
         self.values = [p.detach().clone() for p in self.params]
-        self.states = {p: _snapshot(_get_state_dict(optim.optim_objs[p])) for p in self.params if p in optim.optim_objs}
+        self.states = {}
+        for p in self.params:
+            obj = optim.optim_objs.get(p)
+            if obj is None:
+                continue
+            opt = _torch_optimizer(obj)
+            state = opt.state.get(p)
+            self.states[p] = (  # hyperparameters are numbers, tuples or None: replaced by a step, never changed in place
+                None if state is None else {k: v.clone() if isinstance(v, Tensor) else
+                                            _snapshot(v) if isinstance(v, (list, dict)) else v for k, v in state.items()},
+                [dict(group) for group in opt.param_groups],
+            )
         self.waiting = dict(optim._state_waiting_to_be_consumed)
 
     def rollback(self) -> None:
-        from pyro.optim.optim import _load_state_dict
-
         with torch.no_grad():
             for p, v in zip(self.params, self.values):
                 p.copy_(v)
         for p in self.params:
             if p in self.states:
-                _load_state_dict(self.optim.optim_objs[p], self.states[p])
+                opt = _torch_optimizer(self.optim.optim_objs[p])
+                state, groups = self.states[p]
+                if state is None:
+                    opt.state.pop(p, None)
+                else:
+                    opt.state[p] = state
+                for group, saved in zip(opt.param_groups, groups):
+                    group.update((k, v) for k, v in saved.items() if k != "params")
             elif p in self.optim.optim_objs:
                 del self.optim.optim_objs[p]
                 self.optim.grad_clip.pop(p, None)
@@ -131,7 +166,7 @@ def _optimiser_description(optim: PyroOptim, params: Sequence[Tensor]) -> str:
         obj = optim.optim_objs.get(p)
         if obj is None:
             continue
-        opt = obj if isinstance(obj, torch.optim.Optimizer) else getattr(obj, "optimizer", obj)
+        opt = _torch_optimizer(obj)
         groups = getattr(opt, "param_groups", None) or [{}]
         return f"{type(opt).__name__} (lr={groups[0].get('lr', '?')})"
     ctor = getattr(optim, "pt_optim_constructor", None)
@@ -412,7 +447,7 @@ class AmortizedSVGD:
             counters = {k: self.__dict__[k] for k in ("num_steps", "datasets_seen") if k in self.__dict__}
             try:
                 self.optim([p for p in params if p.grad is not None])
-                if not torch.stack([torch.isfinite(p).all() for p in params]).all():  # one host sync
+                if not _all_finite(params):
                     names = {p: n for n, p in guide.named_parameters()}
                     bad = [names.get(p, "?") for p in params if not bool(torch.isfinite(p).all())]
                     raise NonFiniteUpdateError(

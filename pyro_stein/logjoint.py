@@ -399,7 +399,7 @@ class ModelLogDensity:
 
     def _chunk_rows(self, rows: int, args: tuple, kwargs: dict) -> int:
         """How many particles one evaluation takes (``rows`` when the data are small enough to take them all)."""
-        size = max((t.numel() for t in tree_flatten((tuple(args), dict(kwargs)))[0] if isinstance(t, Tensor)), default=1)
+        size = _largest_tensor(args, kwargs.values())
         chunk = max(1, self.chunk_elements // max(size, 1))
         if chunk >= rows:
             return rows
@@ -649,9 +649,9 @@ class ModelLogDensity:
         plates = list(plates) if plates is not None else [{}] * len(datasets)
         if self._read_masked is None and len(datasets):
             self._probe_masked_reads(z[0], datasets[0].args, datasets[0].kwargs)
-        small = all(self._chunk_rows(z.shape[-2] * len(datasets), d.args, d.kwargs) == z.shape[-2] * len(datasets)
-                    for d in datasets)  # one pass over all datasets' particles within the chunk budget
-        if len(datasets) > 1 and small and self._mode == "vmap" and self._stack_ok is not False and not any(plates):
+        if len(datasets) > 1 and self._mode == "vmap" and self._stack_ok is not False and not any(plates) and all(
+                self._chunk_rows(z.shape[-2] * len(datasets), d.args, d.kwargs) == z.shape[-2] * len(datasets)
+                for d in datasets):  # one pass over all datasets' particles, within the chunk budget
             stacked = _stack_arguments(datasets)
             if stacked is not None:
                 out = self._stacked_log_density_and_score(z, datasets, stacked, check)
@@ -749,6 +749,22 @@ class ModelLogDensity:
             self.log_density(u[:2], args, kwargs)
         out = self._map(fn, u)
         return dict(zip(names, out))
+
+
+def _largest_tensor(*groups) -> int:
+    """The number of elements of the largest tensor in the given argument groups (nested in tuples, lists and
+    dicts), at least 1."""
+    largest = 1
+    stack = [v for group in groups for v in group]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, Tensor):
+            largest = max(largest, v.numel())
+        elif isinstance(v, (tuple, list)):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+    return largest
 
 
 def _stack_arguments(datasets: Sequence[Any]) -> tuple[Any, list, list[bool]] | None:
