@@ -33,7 +33,10 @@ replay disagrees with the model's own evaluation. A replay that raises falls bac
 own evaluation (which raises the model's error), and every ``verify_every``-th replay is compared
 with it: a difference means the model reads state other than its arguments (a global reassigned
 between calls, a module switched between ``train()`` and ``eval()``), and recording is switched off
-with a :class:`RecordedGraphWarning`. Between two such checks a replay can be stale, so pass
+with a :class:`RecordedGraphWarning`. A global tensor that the model function names itself and that is
+reassigned between calls (``X = new_X``) is seen at once: the identities of those globals are part of what a
+recording is tied to. Other such state (a global read by a function the model calls, a tensor held by another
+object) is only seen by the checks, and between two of them a replay can be stale, so pass
 ``record_graph=False`` to :class:`~pyro_stein.AmortizedSVGD` for models that read such state. A
 CUDA graph keeps its intermediate buffers allocated between calls (for logistic regression with
 10^6 rows and 128 particles, each particles-by-rows intermediate takes 512 MB in float32).
@@ -98,9 +101,10 @@ class _Call:
         )
 
 
-def _signature(u: Tensor, args: tuple, kwargs: dict) -> _Call | None:
+def _signature(u: Tensor, args: tuple, kwargs: dict, token: Any = None) -> _Call | None:
     """The :class:`_Call` of ``(u, args, kwargs)``; ``None`` when an argument cannot be compared safely
-    (other types, sparse or inference-mode tensors)."""
+    (other types, sparse or inference-mode tensors). ``token``: a hashable summary of state the model reads
+    besides its arguments (see ``guard`` of :class:`GraphedLogDensity`), part of the key."""
     tensors: list[Tensor] = []
 
     def walk(obj: Any) -> Any:
@@ -118,7 +122,7 @@ def _signature(u: Tensor, args: tuple, kwargs: dict) -> _Call | None:
         raise TypeError(type(obj).__name__)
 
     try:
-        key = (walk(u), walk(tuple(args)), walk(dict(kwargs)))
+        key = (walk(u), walk(tuple(args)), walk(dict(kwargs)), token)
         hash(key)
         held = tuple(tensors[1:])  # u (the first) is copied into the recording's input, not held
         return _Call(key, held, tuple(t._version for t in held))
@@ -423,6 +427,9 @@ class GraphedLogDensity:
     :param int verify_every: compare every ``verify_every``-th replay with ``eager()``.
     :param callable why_not: ``why_not(u, args, kwargs)``: a reason not to record (e.g. the model was
         not found vectorizable, or has parameter sites), or ``None``; asked once, before recording.
+    :param callable guard: ``() -> token``, a hashable summary of state the model reads besides its
+        arguments (e.g. the identities of the global tensors the model names): part of what a recording is
+        tied to, so that a reassigned global is seen at the next call instead of at the next check.
     :param bool share_across_data: tie recordings to the arguments' shapes rather than to the tensors
         themselves (the data become inputs of the graph; see the module docstring). Then ``min_calls``
         counts the calls with the same shapes (in any order), and ``max_recordings`` is the number
@@ -441,8 +448,10 @@ class GraphedLogDensity:
         verify_every: int = 50,
         why_not: Callable[[Tensor, tuple, dict], str | None] = lambda u, args, kwargs: None,
         share_across_data: bool = False,
+        guard: Callable[[], Any] | None = None,
     ):
         self.single = single
+        self.guard = guard
         self.share_across_data = share_across_data
         self._shared: OrderedDict[Any, _SharedRecording] = OrderedDict()  # by shape key, least recently used first
         self._counts: dict[Any, int] = {}  # calls per shape key not yet recorded
@@ -491,7 +500,7 @@ class GraphedLogDensity:
     def __call__(self, u: Tensor, args: tuple, kwargs: dict, eager: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
         if self.status.startswith("off") or u.dim() != 2:
             return eager()
-        call = _signature(u, args, kwargs)
+        call = _signature(u, args, kwargs, None if self.guard is None else self.guard())
         if call is None:
             self._off("an argument is neither a dense tensor nor a plain value (number, string, None, dtype, device)")
             return eager()

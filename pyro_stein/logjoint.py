@@ -408,9 +408,10 @@ class ModelLogDensity:
 
     def _new_graphs(self, share_across_data: bool) -> GraphedLogDensity:
         single, why_not = self._graph_callbacks()
+        guard = _global_tensor_guard(self.model)
         if share_across_data:
-            return GraphedLogDensity(single, why_not=why_not, share_across_data=True, max_recordings=64)
-        return GraphedLogDensity(single, why_not=why_not)
+            return GraphedLogDensity(single, why_not=why_not, share_across_data=True, max_recordings=64, guard=guard)
+        return GraphedLogDensity(single, why_not=why_not, guard=guard)
 
     def __getstate__(self) -> dict:
         # recordings are not copied (copy.deepcopy, e.g. by refine, or pickling): the copy records its own, with
@@ -749,6 +750,21 @@ class ModelLogDensity:
             self.log_density(u[:2], args, kwargs)
         out = self._map(fn, u)
         return dict(zip(names, out))
+
+
+def _global_tensor_guard(model: Callable) -> Callable[[], tuple] | None:
+    """``() -> token`` of the global tensors the model function names (their identities), for
+    :class:`~pyro_stein.graphs.GraphedLogDensity`: a global reassigned between calls (``X = new_X``) changes the token,
+    so a recording made with the old one is not replayed. Only globals named in the model function's own code are
+    seen (not those read by functions it calls, nor tensors held by other objects); ``None`` when there are none."""
+    fn = getattr(model, "__func__", model)
+    code, names_of = getattr(fn, "__code__", None), getattr(fn, "__globals__", None)
+    if code is None or not isinstance(names_of, dict):
+        return None
+    names = tuple(n for n in code.co_names if isinstance(names_of.get(n), Tensor))
+    if not names:
+        return None
+    return lambda: tuple(id(names_of.get(n)) for n in names)
 
 
 def _largest_tensor(*groups) -> int:

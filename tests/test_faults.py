@@ -878,3 +878,34 @@ def test_many_particles_on_large_data_are_evaluated_in_chunks(vectorize):
     lp, score = ld.log_density_and_score(u, (X, y))
     assert max(seen) <= 10 and lp.shape == (103,) and score.shape == (103, 3)
     assert torch.allclose(lp, whole[0]) and torch.allclose(score, whole[1])
+
+
+GLOBAL_SCALE = torch.tensor(1.0)
+
+
+def _global_reading_model(y):
+    mu = pyro.sample("mu", dist.Normal(torch.zeros((), dtype=y.dtype, device=y.device), 1.0))
+    with pyro.plate("d", len(y)):
+        pyro.sample("y", dist.Normal(mu, GLOBAL_SCALE.to(y)), obs=y)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_reassigned_global_is_seen_by_the_next_recorded_evaluation(shared):
+    global GLOBAL_SCALE
+    from pyro_stein.logjoint import ModelLogDensity
+
+    y = torch.tensor([0.5, 1.5, -0.3], device=DEVICE)
+    guide = AmortizedSteinGuide(_global_reading_model).setup(y)
+    ld = ModelLogDensity(_global_reading_model, guide.sites, record_graph=True, share_across_data=shared)
+    u = torch.randn(20, 1, device=DEVICE)
+    old = GLOBAL_SCALE
+    try:
+        for _ in range(25):
+            ld.log_density_and_score(u, (y,), {})
+        assert ld.graphs.status == "replaying", ld.graphs.status
+        GLOBAL_SCALE = torch.tensor(3.0)
+        got = ld.log_density_and_score(u, (y,), {})
+        want = ModelLogDensity(_global_reading_model, guide.sites).log_density_and_score(u, (y,), {})
+        assert torch.allclose(got[0], want[0]) and torch.allclose(got[1], want[1])
+    finally:
+        GLOBAL_SCALE = old
