@@ -5,11 +5,12 @@ variational gradient, as a Pyro guide (:class:`AmortizedSteinGuide`) with an Inf
 (:class:`AmortizedSVGD`), amortized across datasets, and SteinGAN (:mod:`pyro_stein.ebm`).
 """
 
+from ._io import CheckpointError
 from .data import Dataset, PriorPredictiveStream
 from .ebm import AmortizedMLE, ContrastiveDivergence, GaussianBernoulliRBM
 from .graphs import RecordedGraphWarning
 from .guide import AmortizedSteinGuide, ModelParameterWarning
-from .infer import AmortizedSVGD, NonFiniteDatasetWarning, refine
+from .infer import AmortizedSVGD, KernelWarning, NonFiniteDatasetWarning, NonFiniteUpdateError, refine
 from .kernels import IMQKernel, RadialKernel, RBFKernel
 from .laplace import LaplaceFrameWarning
 from .logjoint import NonFiniteLogJointError
@@ -21,14 +22,17 @@ __all__ = [
     "AmortizedMLE",
     "AmortizedSVGD",
     "AmortizedSteinGuide",
+    "CheckpointError",
     "ContrastiveDivergence",
     "Dataset",
     "GaussianBernoulliRBM",
     "IMQKernel",
+    "KernelWarning",
     "LaplaceFrameWarning",
     "ModelParameterWarning",
     "NonFiniteDatasetWarning",
     "NonFiniteLogJointError",
+    "NonFiniteUpdateError",
     "PriorPredictiveStream",
     "RBFKernel",
     "RadialKernel",

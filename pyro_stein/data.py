@@ -193,7 +193,8 @@ def _ordered_arguments(model: Callable, args: tuple, kwargs: dict) -> list:
     return list(args) + [kwargs[k] for k in keys]
 
 
-def default_dataset_fn(model: Callable, latent_values: dict, args: tuple, kwargs: dict) -> Tensor:
+def default_dataset_fn(model: Callable, latent_values: dict, args: tuple, kwargs: dict,
+                       one_row_covariates: bool = False) -> Tensor:
     """Per-observation features read from the model: the default ``dataset_fn``.
 
     The model is run once with its latent sites fixed at ``latent_values``. Every observed site
@@ -205,8 +206,11 @@ def default_dataset_fn(model: Callable, latent_values: dict, args: tuple, kwargs
     (other than an observed value itself) is appended, reshaped to ``(N, -1)``, so ``model(X, y)``
     gives rows ``[x_i, y_i]``. Tensor arguments of any other size (e.g. a vector of prior
     parameters, or a covariate matrix whose row count differs from ``N``), integer or boolean
-    tensors, and all tensor arguments when ``N == 1`` are not encoded; give the guide a
-    ``dataset_fn`` if such arguments should inform the posterior.
+    tensors, and all tensor arguments when ``N == 1`` are not encoded (a length-1 argument may
+    as well be a parameter), unless ``one_row_covariates`` is set: then, when the observations lie
+    in a plate, the arguments with one row are appended as for ``N > 1`` (the guide sets it for a
+    one-row dataset whose features would otherwise lack the covariate columns the guide was set up
+    with). Give the guide a ``dataset_fn`` if other arguments should inform the posterior.
 
     Column order does not depend on how the dataset was written: the observed sites come first
     (in the order the model visits them), then the covariates from the positional arguments in
@@ -237,7 +241,7 @@ def default_dataset_fn(model: Callable, latent_values: dict, args: tuple, kwargs
             "the model has no observed sites in these arguments, so the default dataset_fn has no data to encode; "
             "pass the observations to the model, or give the guide a dataset_fn(*args, **kwargs) -> Tensor[N, F]"
         )
-    cols, n_obs, observed, used = [], None, [], None
+    cols, n_obs, observed, used, plated = [], None, [], None, False
     for site in sites:
         value = site["value"]
         observed.append(value)
@@ -251,6 +255,7 @@ def default_dataset_fn(model: Callable, latent_values: dict, args: tuple, kwargs
             v = value.movedim(d, 0)
             v = v.reshape(v.shape[0], -1)
             keep = _entries_in_use(site, value, batch_rank, d)
+            plated = True
             if keep is None:  # every row of this site is observed
                 rows = torch.ones(v.shape[0], dtype=torch.bool, device=v.device)
             else:  # a row counts when any entry is observed; masked entries (maybe NaN placeholders) read as 0
@@ -266,7 +271,7 @@ def default_dataset_fn(model: Callable, latent_values: dict, args: tuple, kwargs
         cols.append(v)
         if rows is not None:
             used = rows if used is None else used | rows
-    if n_obs > 1:
+    if n_obs > 1 or (one_row_covariates and plated):
         for a in _ordered_arguments(model, args, kwargs):
             if isinstance(a, Tensor) and a.is_floating_point() and a.dim() >= 1 and a.shape[0] == n_obs:
                 # the observations themselves (also when the model indexes them, e.g. y[idx] in a subsampled plate,

@@ -20,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import pyro.poutine as poutine
@@ -142,7 +143,7 @@ def sbc(
     num_datasets = _int_at_least(num_datasets, "num_datasets", 1)
     num_samples = _int_at_least(num_samples, "num_samples", 1)
     ranks: dict[str, list[Tensor]] = {}
-    for _ in range(num_datasets):
+    for i in range(num_datasets):
         dataset, truth = simulate()
         dataset = as_dataset(dataset)
         draws = guide.sample_posterior(num_samples, *dataset.args, **dataset.kwargs)
@@ -159,6 +160,17 @@ def sbc(
                     f"the true value of {name!r} has shape {tuple(value.shape)}, but the site's draws have shape "
                     f"{tuple(draws[name].shape[1:])}; simulate must return one value of each site per dataset"
                 )
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(
+                    f"the true value of {name!r} for simulated dataset {i} is not finite ({value.flatten()[:5].tolist()}"
+                    f"{' ...' if value.numel() > 5 else ''}); a rank against NaN or infinity means nothing: check "
+                    "simulate (e.g. a prior draw that overflowed)"
+                )
+            if draws[name].is_floating_point() and not bool(torch.isfinite(draws[name]).all()):
+                raise ValueError(
+                    f"the guide's draws of {name!r} for simulated dataset {i} are not all finite; a rank against them "
+                    "means nothing: check the guide on that dataset (e.g. pyro_stein.diagnostics.guide_ksd)"
+                )
             ranks.setdefault(name, []).append((draws[name] < value).sum(0))
     return {k: torch.stack(v) for k, v in ranks.items()}
 
@@ -174,7 +186,7 @@ def plot_sbc(ranks: dict[str, Tensor], num_samples: int, bins: int = 20, path: s
     :param dict ranks: ``{site: integer ranks}`` as returned by :func:`sbc`.
     :param int num_samples: draws per rank (the ranks lie in ``0..num_samples``).
     :param int bins: histogram bins, between 1 and ``num_samples + 1``.
-    :param str path: where to save the figure (optional).
+    :param str path: where to save the figure (optional; the format follows its extension, written atomically).
     :returns: the matplotlib figure (also saved to ``path`` if given).
     """
     import matplotlib.pyplot as plt
@@ -182,7 +194,8 @@ def plot_sbc(ranks: dict[str, Tensor], num_samples: int, bins: int = 20, path: s
     from .guide import _int_at_least
 
     num_samples = _int_at_least(num_samples, "num_samples", 1, "the int >= 1 the ranks were computed with")
-    if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= num_samples + 1:
+    bins = _int_at_least(bins, "bins", 1, f"an int between 1 and num_samples + 1 = {num_samples + 1}")
+    if bins > num_samples + 1:
         raise ValueError(f"bins must be an int between 1 and num_samples + 1 = {num_samples + 1}, got {bins!r}")
     if not isinstance(ranks, dict) or not ranks:
         raise TypeError(f"ranks must be a non-empty dict {{site: integer ranks}} as sbc returns, got {type(ranks).__name__}")
@@ -207,6 +220,9 @@ def plot_sbc(ranks: dict[str, Tensor], num_samples: int, bins: int = 20, path: s
         ax.set_title(name)
         ax.set_xticks([])
     fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
+    if path is not None:  # written atomically: an interrupted save leaves the previous file intact
+        from ._io import atomic_write
+
+        ext = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
+        atomic_write(path, lambda f: fig.savefig(f, dpi=120, format=ext or None))
     return fig

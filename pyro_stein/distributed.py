@@ -278,6 +278,7 @@ class DistributedAmortizedSVGD(AmortizedSVGD):
                 self.sync_parameters()
             real_optim, self._weight, self._reduced = self.optim, float(len(datasets)), False
             self.optim = lambda params: self._reduce_then_step(real_optim, params)
+            self._real_optim = real_optim  # whose state the base class's all-or-nothing update snapshots
             try:
                 return super()._update(datasets)
             except Exception:
@@ -288,6 +289,7 @@ class DistributedAmortizedSVGD(AmortizedSVGD):
                 raise
             finally:
                 self.optim = real_optim
+                self._real_optim = None
 
     def _all_reduce_grads(self, failed: bool = False) -> tuple[float, list[Tensor]]:
         """Sum ``[B * grad, has_grad, B, failed]`` over ranks; returns (total B, params with a gradient)."""
@@ -342,14 +344,65 @@ class DistributedAmortizedSVGD(AmortizedSVGD):
         """Rank 0 writes ``{"guide": state_dict, "svgd": get_state(), "world_size", **extra}``; all ranks wait.
 
         A collective: call it on every rank. Load it, on any world size, with :func:`load_checkpoint`.
+        The file holds tensors and plain values only (it is read back with ``weights_only=True``), so
+        ``extra`` values must be tensors, numbers, strs, bools, ``None`` or dicts/lists/tuples of them
+        (a ``TypeError`` naming the entry otherwise, before anything is written). The write is atomic:
+        an interrupted save leaves the previous file at ``path``, if any, intact.
         """
+        from ._io import atomic_torch_save, check_plain
+
+        for key in ("format", "format_version", "guide", "svgd", "world_size"):
+            if key in extra:
+                raise ValueError(f"save_checkpoint's extra entry {key!r} would overwrite the checkpoint's own; rename it")
+        check_plain(extra, "save_checkpoint's extra")
         if self.rank == 0:
-            state = {"guide": self.guide.state_dict(), "svgd": self.get_state(), "world_size": self.world_size, **extra}
-            tmp = f"{os.fspath(path)}.tmp"
-            torch.save(state, tmp)
-            os.replace(tmp, path)
+            state = {"format": _CHECKPOINT_FORMAT, "format_version": _CHECKPOINT_VERSION,
+                     "guide": dict(self.guide.state_dict()), "svgd": self.get_state(), "world_size": self.world_size,
+                     **extra}
+            check_plain(state, "the checkpoint")
+            atomic_torch_save(state, path)
         if _active():
             dist.barrier()
+
+
+_CHECKPOINT_FORMAT = "pyro_stein.DistributedCheckpoint"
+_CHECKPOINT_VERSION = 1
+
+
+def _checked_checkpoint(path, state: Any, guide: AmortizedSteinGuide) -> None:
+    """Check a loaded checkpoint before anything is changed: its format and version, the guide's tensors (names,
+    shapes and dtype of ``guide``'s own, finite) and the optimiser state (finite, its counters ints >= 0).
+    Raises :class:`~pyro_stein.CheckpointError` naming the file."""
+    from ._io import CheckpointError, check_finite_tensors, check_tensor_dict
+
+    if not isinstance(state, dict) or not isinstance(state.get("guide"), dict) or not isinstance(state.get("svgd"), dict):
+        raise CheckpointError(path, "is not a file written by DistributedAmortizedSVGD.save_checkpoint()")
+    fmt = state.get("format", _CHECKPOINT_FORMAT)  # files written before the format was recorded lack it
+    if fmt != _CHECKPOINT_FORMAT:
+        raise CheckpointError(path, f"has format {fmt!r}, not {_CHECKPOINT_FORMAT!r}")
+    version = state.get("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(path, f"has format_version {version!r}, not a positive int: the file is corrupt")
+    if version > _CHECKPOINT_VERSION:
+        raise CheckpointError(path, f"has format_version {version}, but this pyro_stein reads format_version "
+                                    f"{_CHECKPOINT_VERSION} and older: upgrade pyro_stein to load it")
+    own = guide.state_dict(keep_vars=True)
+    check_tensor_dict(path, state["guide"], "guide",
+                      integer_ok=lambda key: key in own and not own[key].is_floating_point())
+    got = {k: (tuple(v.shape), v.is_floating_point()) for k, v in state["guide"].items()}
+    want = {k: (tuple(v.shape), v.is_floating_point()) for k, v in own.items()}
+    if got != want:
+        diff = sorted(set(got.items()) ^ set(want.items()))[:3]
+        raise CheckpointError(path, f"its guide weights do not match this guide's (e.g. {diff} differ): load it into a "
+                                    "guide built and set up as the one that was saved")
+    svgd = state["svgd"]
+    for key in ("num_steps", "num_dropped_datasets", "datasets_seen"):
+        v = svgd.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise CheckpointError(path, f"svgd[{key!r}] = {v!r} is not an int >= 0: the file is corrupt or was altered")
+    if not isinstance(svgd.get("optim", {}), dict):
+        raise CheckpointError(path, "svgd['optim'] is not a dict of optimiser states: the file is corrupt")
+    check_finite_tensors(path, svgd.get("optim", {}), "svgd['optim']")
 
 
 def load_checkpoint(
@@ -365,14 +418,22 @@ def load_checkpoint(
     not one per rank). The guide must be set up, or given ``example`` (a
     :class:`~pyro_stein.Dataset` of the training form) to set it up with.
 
+    The file is read with ``weights_only=True`` (no code runs) and checked before the guide or
+    ``svgd`` is changed: a truncated or corrupt file, one from a newer version, weights of other
+    names, shapes or dtypes than the guide's, or NaN/infinite values raise
+    :class:`~pyro_stein.CheckpointError` (a ``ValueError``) naming the file.
+
     :returns: the whole checkpoint dict (with any ``extra`` entries saved alongside).
     """
+    from ._io import load_weights_only
+
     if example is not None:
         ex = as_dataset(example)
         guide.setup(*ex.args, **ex.kwargs)
     if guide.prototype_trace is None:
         raise ValueError("set the guide up (guide.setup(*example_args)) or pass example=Dataset(...) before loading")
-    state = torch.load(path, map_location=map_location, weights_only=False)
+    state = load_weights_only(path, map_location)
+    _checked_checkpoint(path, state, guide)
     guide.load_state_dict(state["guide"])
     if svgd is not None:
         svgd.set_state(state["svgd"])

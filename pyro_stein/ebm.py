@@ -77,6 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import _int_at_least
 from .kernels import RadialKernel, RBFKernel
 from .stein import ksd_from_matrices, stein_direction_from_matrices
 
@@ -256,14 +257,12 @@ class GaussianBernoulliRBM(nn.Module):
         init_scale: float = 0.01,
     ):
         super().__init__()
-        if not (isinstance(num_visible, int) and num_visible > 0):
-            raise ValueError(f"num_visible must be a positive int, got {num_visible!r}")
-        if not (isinstance(num_hidden, int) and num_hidden > 0):
-            raise ValueError(f"num_hidden must be a positive int, got {num_hidden!r}")
+        num_visible = _int_at_least(num_visible, "num_visible", 1, "a positive int")
+        num_hidden = _int_at_least(num_hidden, "num_hidden", 1, "a positive int")
         if not sigma > 0:
             raise ValueError(f"sigma must be positive, got {sigma!r}")
-        if num_classes is not None and not (isinstance(num_classes, int) and num_classes > 0):
-            raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+        if num_classes is not None:
+            num_classes = _int_at_least(num_classes, "num_classes", 1, "a positive int or None")
         self.num_visible = num_visible
         self.num_hidden = num_hidden
         self.sigma = float(sigma)
@@ -338,8 +337,7 @@ class GaussianBernoulliRBM(nn.Module):
         """``n`` exact draws from the model by enumeration: ``(h[, y]) ~ p(h[, y])`` over all ``2^H``
         hidden states, then ``x ~ N(b + W h, sigma^2 I)``. Returns ``x`` ``(n, D)``, or ``(x, y)`` for a
         joint model. No Markov chain, so no mixing error (the exact-gradient baseline of the CD drivers)."""
-        if not (isinstance(n, int) and n >= 1):
-            raise ValueError(f"n must be a positive int, got {n!r}")
+        n = _int_at_least(n, "n", 1, "a positive int")
         logits = self.log_joint_hidden()  # (2^H,) or (K, 2^H)
         idx = torch.multinomial(torch.softmax(logits.reshape(-1), 0), n, replacement=True)
         num_states = 2**self.num_hidden
@@ -669,14 +667,12 @@ class AmortizedMLE:
                     f"{name} must be a torch.optim.Optimizer (e.g. torch.optim.Adam(module.parameters(), 1e-3)), "
                     f"got {type(opt).__name__}"
                 )
-        if not (isinstance(noise_dim, int) and noise_dim > 0):
-            raise ValueError(f"noise_dim must be a positive int, got {noise_dim!r}")
+        noise_dim = _int_at_least(noise_dim, "noise_dim", 1, "a positive int")
         if kernel is not None and not isinstance(kernel, RadialKernel):
             raise TypeError(f"kernel must be a RadialKernel (e.g. RBFKernel()), got {type(kernel).__name__}")
-        if num_samples is not None and not (isinstance(num_samples, int) and num_samples >= 2):
-            raise ValueError(f"num_samples must be an int >= 2 or None, got {num_samples!r}")
-        if not (isinstance(sampler_steps, int) and sampler_steps >= 1):
-            raise ValueError(f"sampler_steps must be a positive int, got {sampler_steps!r}")
+        if num_samples is not None:
+            num_samples = _int_at_least(num_samples, "num_samples", 2, "an int >= 2 or None")
+        sampler_steps = _int_at_least(sampler_steps, "sampler_steps", 1, "a positive int")
         if not energy_l2 >= 0:
             raise ValueError(f"energy_l2 must be >= 0, got {energy_l2!r}")
         self.energy = energy
@@ -903,10 +899,10 @@ def _run_batches(step, data, labels, num_steps, batch_size, progress_bar, genera
     from tqdm import tqdm
 
     N = data.shape[0]
-    if not (isinstance(batch_size, int) and 2 <= batch_size <= N):
+    batch_size = _int_at_least(batch_size, "batch_size", 2, f"an int in [2, {N}] (the data size)")
+    if batch_size > N:
         raise ValueError(f"batch_size must be an int in [2, {N}] (the data size), got {batch_size!r}")
-    if not (isinstance(num_steps, int) and num_steps >= 0):
-        raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}")
+    num_steps = _int_at_least(num_steps, "num_steps", 0, "a non-negative int")
     history: list[dict[str, float]] = []
     perm, pos = None, N
     bar = tqdm(range(num_steps), disable=not progress_bar, dynamic_ncols=True)
@@ -966,8 +962,7 @@ class ContrastiveDivergence:
             raise ValueError("ContrastiveDivergence supports unconditional RBMs only (num_classes=None)")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if not (isinstance(k, int) and k >= 1):
-            raise ValueError(f"k must be a positive int, got {k!r}")
+        k = _int_at_least(k, "k", 1, "a positive int")
         if exact and persistent:
             raise ValueError("exact=True draws fresh exact negatives each step; it has no persistent chains (persistent=False)")
         if exact and rbm.num_hidden > _MAX_EXACT_HIDDEN:

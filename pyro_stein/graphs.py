@@ -33,7 +33,10 @@ replay disagrees with the model's own evaluation. A replay that raises falls bac
 own evaluation (which raises the model's error), and every ``verify_every``-th replay is compared
 with it: a difference means the model reads state other than its arguments (a global reassigned
 between calls, a module switched between ``train()`` and ``eval()``), and recording is switched off
-with a :class:`RecordedGraphWarning`. Between two such checks a replay can be stale, so pass
+with a :class:`RecordedGraphWarning`. A global tensor that the model function names itself and that is
+reassigned between calls (``X = new_X``) is seen at once: the identities of those globals are part of what a
+recording is tied to. Other such state (a global read by a function the model calls, a tensor held by another
+object) is only seen by the checks, and between two of them a replay can be stale, so pass
 ``record_graph=False`` to :class:`~pyro_stein.AmortizedSVGD` for models that read such state. A
 CUDA graph keeps its intermediate buffers allocated between calls (for logistic regression with
 10^6 rows and 128 particles, each particles-by-rows intermediate takes 512 MB in float32).
@@ -44,7 +47,9 @@ inputs of the traced graph, so one recording serves every dataset with the same 
 plain values (e.g. every new dataset with the same number of groups). The trace then runs on fake
 tensors that have no values, so a model whose Python control flow reads the data's values
 (``if y.sum() > 0``, ``.item()``) cannot be traced and is never recorded, rather than recorded with
-one dataset's branch. A shape is recorded once it has come back ``min_calls`` times (not necessarily
+one dataset's branch; other tensors the model reads (a prior's tensor bounds, which the guide's
+bijections hold since setup, or a global) are constants of the recording, as in the recordings
+above. A shape is recorded once it has come back ``min_calls`` times (not necessarily
 in a row); up to ``max_recordings`` shapes are kept, the least recently used dropped first. A
 recording dropped before it was replayed ``min_calls`` times cost more than it saved; once
 ``max_recordings`` recordings have been dropped that way (datasets whose shapes rarely repeat, e.g.
@@ -96,9 +101,10 @@ class _Call:
         )
 
 
-def _signature(u: Tensor, args: tuple, kwargs: dict) -> _Call | None:
+def _signature(u: Tensor, args: tuple, kwargs: dict, token: Any = None) -> _Call | None:
     """The :class:`_Call` of ``(u, args, kwargs)``; ``None`` when an argument cannot be compared safely
-    (other types, sparse or inference-mode tensors)."""
+    (other types, sparse or inference-mode tensors). ``token``: a hashable summary of state the model reads
+    besides its arguments (see ``guard`` of :class:`GraphedLogDensity`), part of the key."""
     tensors: list[Tensor] = []
 
     def walk(obj: Any) -> Any:
@@ -116,7 +122,7 @@ def _signature(u: Tensor, args: tuple, kwargs: dict) -> _Call | None:
         raise TypeError(type(obj).__name__)
 
     try:
-        key = (walk(u), walk(tuple(args)), walk(dict(kwargs)))
+        key = (walk(u), walk(tuple(args)), walk(dict(kwargs)), token)
         hash(key)
         held = tuple(tensors[1:])  # u (the first) is copied into the recording's input, not held
         return _Call(key, held, tuple(t._version for t in held))
@@ -367,8 +373,10 @@ class _SharedRecording:
     def __init__(self, fn: Callable[..., tuple[Tensor, Tensor]], u: Tensor, data: tuple[Tensor, ...]):
         from torch.fx.experimental.proxy_tensor import make_fx
 
+        # real tensors other than the inputs (a prior's tensor bounds, held by the guide's bijections since setup)
+        # are constants of the graph, as they are of every evaluation
         with pyro.validation_enabled(False):
-            self.traced = make_fx(fn, tracing_mode="fake")(u.detach(), *data)
+            self.traced = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(u.detach(), *data)
         _simplify(self.traced)
         self.frozen, _ = _screen(self.traced, u.detach(), *data)
         # outputs that share memory with an input or a stored constant (a bypassed x * 1, a folded constant) are
@@ -419,6 +427,9 @@ class GraphedLogDensity:
     :param int verify_every: compare every ``verify_every``-th replay with ``eager()``.
     :param callable why_not: ``why_not(u, args, kwargs)``: a reason not to record (e.g. the model was
         not found vectorizable, or has parameter sites), or ``None``; asked once, before recording.
+    :param callable guard: ``() -> token``, a hashable summary of state the model reads besides its
+        arguments (e.g. the identities of the global tensors the model names): part of what a recording is
+        tied to, so that a reassigned global is seen at the next call instead of at the next check.
     :param bool share_across_data: tie recordings to the arguments' shapes rather than to the tensors
         themselves (the data become inputs of the graph; see the module docstring). Then ``min_calls``
         counts the calls with the same shapes (in any order), and ``max_recordings`` is the number
@@ -437,8 +448,10 @@ class GraphedLogDensity:
         verify_every: int = 50,
         why_not: Callable[[Tensor, tuple, dict], str | None] = lambda u, args, kwargs: None,
         share_across_data: bool = False,
+        guard: Callable[[], Any] | None = None,
     ):
         self.single = single
+        self.guard = guard
         self.share_across_data = share_across_data
         self._shared: OrderedDict[Any, _SharedRecording] = OrderedDict()  # by shape key, least recently used first
         self._counts: dict[Any, int] = {}  # calls per shape key not yet recorded
@@ -487,7 +500,7 @@ class GraphedLogDensity:
     def __call__(self, u: Tensor, args: tuple, kwargs: dict, eager: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
         if self.status.startswith("off") or u.dim() != 2:
             return eager()
-        call = _signature(u, args, kwargs)
+        call = _signature(u, args, kwargs, None if self.guard is None else self.guard())
         if call is None:
             self._off("an argument is neither a dense tensor nor a plain value (number, string, None, dtype, device)")
             return eager()
@@ -537,7 +550,9 @@ class GraphedLogDensity:
                 return None
             got = first(rec)
         except Exception as e:  # noqa: BLE001 - any failure only means: no graph for this model
-            self._off(f"recording failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}){hint}")
+            text = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
+            reads_values = "DataDependent" in type(e).__name__ or "data-dependent" in str(e).lower()
+            self._off(f"recording failed ({type(e).__name__}: {text}){hint if reads_values else ''}")
             return None
         if not _close(got, tuple(w.detach() for w in want)):
             self._off("the recorded graph disagreed with the model's own evaluation")
@@ -570,8 +585,8 @@ class GraphedLogDensity:
             return lp, score
 
         rec = self._checked(lambda: _SharedRecording(fn, u, data), lambda r: r(u, data), want,
-                            "; a model whose Python reads its data's values (if, .item()) cannot be recorded for all data "
-                            "of a shape")
+                            ": the model's Python reads its data's values (if, .item()), so it cannot be recorded for "
+                            "all data of a shape")
         if rec is None:
             return want
         self.num_recordings += 1

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import math
 import numbers
-import operator
 import warnings
 from contextlib import ExitStack, nullcontext
 from typing import Callable, Sequence
@@ -15,10 +15,12 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoContinuous
+from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.distributions import constraints
 
+from ._checks import _int_at_least
 from .data import Dataset, DatasetFeatures, LastDataset, _dataset_sequence, collate_features, default_dataset_fn
 from .kernels import IMQKernel
 from .laplace import LaplaceFrameWarning, laplace_frames
@@ -71,16 +73,60 @@ def _discrete_site_error(name: str, fn) -> ValueError:
     )
 
 
-def _int_at_least(value, name: str, lo: int, expected: str | None = None) -> int:
-    """``value`` as an ``int`` >= ``lo`` (any integer type: ``numpy.int64``, a 0-d integer tensor; not ``bool``),
-    else a ``ValueError`` naming ``name`` and what was ``expected`` (default "an int >= lo")."""
-    try:
-        n = None if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        n = None
-    if n is None or n < lo:
-        raise ValueError(f"{name} must be {expected or f'an int >= {lo}'}, got {value!r}")
-    return n
+def _tensors_in(value, where: str):
+    """``(where, tensor)`` for every tensor in a model argument (nested in dicts, lists and tuples)."""
+    if isinstance(value, Tensor):
+        yield where, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _tensors_in(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _tensors_in(v, f"{where}[{i}]")
+
+
+def _refuse_half_precision(args: tuple, kwargs: dict, position: int | None = None) -> None:
+    """Half-precision (``float16``, ``bfloat16``) model arguments are refused with a ``TypeError`` naming the
+    argument: the log density's score loses too much in them (a first step of NaN, a posterior sd far off)."""
+    which = "the model's " if position is None else f"dataset {position}'s "
+    named = [(f"{which}argument {i}", a) for i, a in enumerate(args)] + [
+        (f"{which}argument {k!r}", v) for k, v in kwargs.items()]
+    for name, value in named:
+        for where, t in _tensors_in(value, name):
+            if t.dtype in (torch.float16, torch.bfloat16):
+                raise TypeError(
+                    f"{where} has dtype {t.dtype}: pyro_stein computes in float32 or float64 only (in half "
+                    "precision the log density's score is too coarse: steps give NaN or a wrong posterior spread). "
+                    "Convert it with .float() (or .double()), and keep the model's constants in that dtype too"
+                )
+
+
+def _refuse_half_precision_once(dataset: Dataset, position: int | None = None) -> None:
+    """:func:`_refuse_half_precision` for a :class:`~pyro_stein.data.Dataset`, once (its arguments' dtypes cannot
+    change in place)."""
+    cache = dataset._cache  # not .cache: the dtypes cannot change in place, so no need to compare tensor versions
+    if not cache.get("half_precision_checked"):
+        _refuse_half_precision(dataset.args, dataset.kwargs, position)
+        cache["half_precision_checked"] = True
+
+
+def _size_groups(sizes: Sequence[int], slack: int = 4096) -> list[list[int]]:
+    """Positions of datasets grouped by size for padding: in order of size, a dataset joins the current group
+    unless padding the group to its size would make the group hold more than twice its real rows plus ``slack``
+    (so similar sizes, and all small ones, share one group; a dataset far larger than the rest gets its own)."""
+    order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    groups: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for i in order:
+        n = sizes[i]
+        if current and (len(current) + 1) * n > 2 * (total + n) + slack:
+            groups.append(current)
+            current, total = [], 0
+        current.append(i)
+        total += n
+    groups.append(current)
+    return groups
 
 
 def _has_tensor_bounds(support) -> bool:
@@ -95,12 +141,181 @@ def _num_samples(num_samples, arg: str = "num_samples") -> int:
     return _int_at_least(num_samples, arg, 1, "a positive int")
 
 
+_FORMAT_VERSION = 2  # of the file AmortizedSteinGuide.save writes; 2 adds init values and site supports
+_GUIDE_OPTIONS = ("init_loc_fn", "init_scale", "amortized", "context_dim", "mean_features", "vectorize",
+                  "num_summary_samples", "moment_correction", "correction_samples", "whiten", "mcmc_steps",
+                  "laplace_evaluations", "mcmc_leapfrog", "record_graph")
+_MAX_DIM = 1 << 20  # a bound on the sizes a checkpoint's configuration may state (checked against its weights too)
+_MAX_DRAWS = 1 << 24
+
+
+def _constraint_kind(c) -> str:
+    """A constraint's structure as a string: its class and, for wrappers, those of what it wraps (no values)."""
+    parts = []
+    while True:
+        name = type(c).__name__.lstrip("_")
+        if hasattr(c, "reinterpreted_batch_ndims"):
+            name += f"[{c.reinterpreted_batch_ndims}]"
+        parts.append(name)
+        if not hasattr(c, "base_constraint"):
+            return "/".join(parts)
+        c = c.base_constraint
+
+
+def _transform_kind(t) -> str:
+    """A transform's structure as a string (class names, composed parts in order)."""
+    name = type(t).__name__
+    if getattr(t, "parts", None):
+        return f"{name}({', '.join(_transform_kind(p) for p in t.parts)})"
+    if hasattr(t, "base_transform"):
+        return f"{name}({_transform_kind(t.base_transform)})"
+    return name
+
+
+def _site_kind(site: LatentSite) -> tuple[str, str]:
+    """``(support structure, bijection structure)`` of a latent site, as a checkpoint records them."""
+    return _constraint_kind(site.support), _transform_kind(site.transform)
+
+
+def _site_probe(site: LatentSite, dtype: torch.dtype, device=None) -> Tensor:
+    """The site's bijection at fixed unconstrained points (``linspace(-2, 2)``), flattened: equal for two sites
+    exactly when their supports map the same weights to the same values (e.g. ``Uniform(0, 1)`` vs ``(0, 2)``)."""
+    probe = torch.linspace(-2.0, 2.0, site.size, dtype=dtype, device=device).reshape(site.unconstrained_shape)
+    return site.transform(probe).detach().reshape(-1).clone()
+
+
+def _refuse_guide_options(model, kwargs: dict) -> None:
+    """``AmortizedSteinGuide.load``'s keywords go to the model: refuse a guide option among them (it comes from
+    the file) unless the model itself takes an argument of that name."""
+    import inspect
+
+    given = [k for k in kwargs if k in _GUIDE_OPTIONS]
+    if not given:
+        return
+    try:
+        params = inspect.signature(model).parameters
+    except (TypeError, ValueError):
+        params = {}
+    given = [k for k in given if k not in params]
+    if given:
+        raise TypeError(
+            f"AmortizedSteinGuide.load got the guide option(s) {given}: a guide's options are restored from the file "
+            "(init_loc_fn as the initial values it gave); load's other keywords are the model's arguments. Drop "
+            f"{given[0]}=..., or set a changeable option after loading (e.g. guide.num_summary_samples = 500)"
+        )
+
+
+def _checked_payload(path, payload) -> dict:
+    """The configuration of a loaded :meth:`AmortizedSteinGuide.save` file, after checking the whole file: format and
+    version, the configuration's types and ranges, the tensors (float32 or float64, one dtype, finite), and that
+    the networks the configuration describes have exactly the file's weights' names and shapes (built on the
+    ``meta`` device: nothing is allocated). Raises :class:`~pyro_stein.CheckpointError` naming the file."""
+    from ._io import CheckpointError, check_tensor_dict, config_choice, config_float, config_int
+
+    if not isinstance(payload, dict) or payload.get("format") != "pyro_stein.AmortizedSteinGuide":
+        raise CheckpointError(path, "is not a file written by AmortizedSteinGuide.save()")
+    version = payload.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(path, f"has format_version {version!r}, not a positive int: the file is corrupt")
+    if version > _FORMAT_VERSION:
+        raise CheckpointError(
+            path, f"has format_version {version} (written by pyro_stein {payload.get('pyro_stein_version')!s}), but "
+            f"this pyro_stein reads format_version {_FORMAT_VERSION} and older: upgrade pyro_stein to load it")
+    cfg = payload.get("config")
+    if not isinstance(cfg, dict):
+        raise CheckpointError(path, "lacks its config dict: the file is corrupt")
+    config_float(path, cfg, "init_scale", 0.0, 1e6)
+    config_choice(path, cfg, "amortized", (True, False))
+    for key in ("record_graph", "frame_context", "frame_summary_squash", "custom_dataset_fn", "custom_create_plates"):
+        config_choice(path, cfg, key, (True, False), False)
+    config_choice(path, cfg, "mean_features", (True, False, None), None)
+    config_int(path, cfg, "context_dim", 1, _MAX_DIM)
+    config_choice(path, cfg, "vectorize", ("auto", "vmap", "loop"))
+    config_int(path, cfg, "num_summary_samples", 1, _MAX_DRAWS)
+    config_int(path, cfg, "moment_correction", 0, 1000, 0)
+    config_int(path, cfg, "correction_samples", 3, _MAX_DRAWS, 1000)
+    config_int(path, cfg, "mcmc_steps", 0, 1 << 20, 0)
+    config_int(path, cfg, "mcmc_leapfrog", 1, 1 << 12, 1)
+    config_int(path, cfg, "laplace_evaluations", 1, 1 << 20, 50)
+    config_choice(path, cfg, "whiten", (None, "laplace", "affine", "adaptive"), None)
+    config_choice(path, cfg, "adaptive_frame", (True, False), False)
+    reparam = cfg.get("reparam_sites", [])
+    if not (isinstance(reparam, list) and all(isinstance(n, str) for n in reparam)):
+        raise CheckpointError(path, f"config['reparam_sites'] = {reparam!r} is not a list of site names: the file is "
+                                    "corrupt or was altered")
+    sites = cfg.get("sites")
+    ok = isinstance(sites, list) and sites and all(
+        isinstance(x, list) and len(x) == 3 and isinstance(x[0], str)
+        and all(isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _MAX_DIM
+                                                 for d in shape) for shape in x[1:])
+        for x in sites)
+    if not ok:
+        raise CheckpointError(path, f"config['sites'] = {sites!r} is not a list of [name, shape, unconstrained "
+                                    "shape]: the file is corrupt or was altered")
+    latent_dim = sum(math.prod(x[2]) for x in sites)
+    if latent_dim > _MAX_DIM:
+        raise CheckpointError(path, f"its sites pack into {latent_dim} dims, more than {_MAX_DIM}: the file is corrupt")
+    kinds = cfg.get("site_kinds")
+    if version >= 2 and not (isinstance(kinds, list) and [k[0] for k in kinds if isinstance(k, list)] == [x[0] for x in sites]
+                             and all(len(k) == 3 and all(isinstance(v, str) for v in k) for k in kinds)):
+        raise CheckpointError(path, "config['site_kinds'] does not list the sites' supports: the file is corrupt")
+    state = payload.get("state_dict")
+    # a custom network's buffers may be integers (it is also registered as _user_sampler / _user_encoder)
+    custom = tuple(f"{prefix}{part}." for part in ("sampler", "encoder") if cfg.get(part) is None for prefix in ("", "_user_"))
+    dtype = check_tensor_dict(path, state, "state_dict", integer_ok=lambda key: key.startswith(custom))
+    if version >= 2:
+        saved = cfg.get("dtype")
+        if dtype is not None and saved != str(dtype).replace("torch.", ""):
+            raise CheckpointError(path, f"its tensors have dtype {dtype}, but its config says {saved!r}: the file was "
+                                        "altered")
+        for key in ("init_values", "site_probes"):
+            check_tensor_dict(path, payload.get(key), key)
+        probes = payload["site_probes"]
+        for name, shape, _ in sites:
+            if name not in probes or probes[name].dim() != 1 or probes[name].numel() != math.prod(shape):
+                raise CheckpointError(path, f"site_probes lacks a proper entry for site {name!r}: the file is corrupt")
+    for part, net_cls, keys in (("sampler", GaussianResidualSampler, (
+            ("latent_dim", 1), ("noise_dim", 1), ("context_dim", 0), ("hidden_dim", 1), ("num_layers", 1),
+            ("max_amortized_tril", 0))),
+            ("encoder", DeepSetEncoder, (("feature_dim", 1), ("output_dim", 1), ("hidden_dim", 1), ("num_layers", 1)))):
+        net = cfg.get(part)
+        if net is None:  # a custom network (passed to load again), or an encoder-less guide
+            if part == "sampler" and not isinstance(cfg.get("sampler_class"), str):
+                raise CheckpointError(path, "config lacks both the sampler's configuration and its class name")
+            continue
+        if not isinstance(net, dict):
+            raise CheckpointError(path, f"config[{part!r}] is a {type(net).__name__}, not a dict")
+        for key, lo in keys:
+            config_int(path, net, key, lo, _MAX_DIM, optional=key == "noise_dim")
+        if part == "sampler":
+            config_float(path, net, "init_scale", 0.0, 1e6)
+            config_choice(path, net, "affine", ("auto", "full", "diag"))
+            if net["latent_dim"] != latent_dim:
+                raise CheckpointError(path, f"config['sampler']['latent_dim'] = {net['latent_dim']} but the sites pack "
+                                            f"into {latent_dim} dims: the file is corrupt or was altered")
+        else:
+            config_choice(path, net, "mean_features", (True, False), False)
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                expected = {f"{part}.{k}": tuple(v.shape) for k, v in net_cls(**net).state_dict().items()}
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(path, f"config[{part!r}] does not describe a {net_cls.__name__} ({e})") from None
+        got = {k: tuple(v.shape) for k, v in state.items() if k.startswith(f"{part}.")}
+        if got != expected:
+            diff = sorted(set(got.items()) ^ set(expected.items()))[:3]
+            raise CheckpointError(
+                path, f"its weights do not match the {part} its config describes ({net}); e.g. {diff} differ: the "
+                "file is corrupt or was altered")
+    return cfg
+
+
 class _IntOption:
     """A guide option held as an ``int`` >= ``lo``, checked (and converted, e.g. from ``numpy.int64``) whenever it is
     set, in the constructor or later as ``guide.<name> = value``, with an error naming the option."""
 
-    def __init__(self, lo: int, expected: str | None = None):
-        self.lo, self.expected = lo, expected
+    def __init__(self, lo: int, expected: str | None = None, owner: str = "guide"):
+        self.lo, self.expected, self.owner = lo, expected, owner
 
     def __set_name__(self, owner, name: str) -> None:
         self.name = name
@@ -114,7 +329,7 @@ class _IntOption:
             raise AttributeError(self.name) from None
 
     def __set__(self, obj, value) -> None:
-        obj.__dict__[self.name] = _int_at_least(value, f"guide.{self.name}", self.lo, self.expected)
+        obj.__dict__[self.name] = _int_at_least(value, f"{self.owner}.{self.name}", self.lo, self.expected)
 
 
 class _Reparametrise(Exception):
@@ -162,6 +377,22 @@ class init_to_mean_or_feasible:
                 "reparametrise it (e.g. sample unconstrained values and map them onto the support in the model)"
             ) from None
         return transform(torch.zeros(transform.inverse_shape(fn.shape()), **kw)).detach()
+
+
+class _init_to_saved(init_to_mean_or_feasible):
+    """Initialise each site at a value saved in a checkpoint, in the dtype and device the model's own feasible
+    point has (a site not saved, or saved with another shape, gets that feasible point)."""
+
+    def __init__(self, values: dict):
+        super().__init__()
+        self.values = values
+
+    def __call__(self, site: dict) -> Tensor:
+        ref = super().__call__(site)
+        saved = self.values.get(site["name"])
+        if isinstance(saved, Tensor) and saved.shape == ref.shape:
+            return saved.to(dtype=ref.dtype, device=ref.device)
+        return ref
 
 
 class SamplerDistribution(dist.TorchDistribution):
@@ -240,6 +471,12 @@ class AmortizedSteinGuide(AutoContinuous):
         svgd = AmortizedSVGD(model, guide, pyro.optim.Adam({"lr": 3e-3}), num_particles=64)
         svgd.run(X, y)
         samples = guide.sample_posterior(1000, X, y)
+
+    **Precision**: the guide computes in the dtype of the model's values, float32 or float64
+    (float64 where the posterior is concentrated). Half-precision data (``float16``,
+    ``bfloat16``) is refused with a ``TypeError`` naming the argument: the score of the log
+    density is too coarse in it (a step gives NaN, or training settles at a wrong spread).
+    Convert it first, e.g. ``y.float()``.
 
     :param callable model: a Pyro model with continuous latent sites.
     :param nn.Module sampler: a custom sampler mapping noise ``(..., noise_dim)`` (and a context
@@ -343,6 +580,7 @@ class AmortizedSteinGuide(AutoContinuous):
     mcmc_steps = _IntOption(0)
     mcmc_leapfrog = _IntOption(1, "an int >= 1 (1: MALA steps)")
     laplace_evaluations = _IntOption(1)
+    num_summary_samples = _IntOption(1)
 
     def __init__(
         self,
@@ -384,7 +622,6 @@ class AmortizedSteinGuide(AutoContinuous):
         if not init_scale > 0:
             raise ValueError(f"init_scale must be positive, got {init_scale!r}")
         context_dim = _int_at_least(context_dim, "context_dim", 1)
-        num_summary_samples = _int_at_least(num_summary_samples, "num_summary_samples", 1)
         if whiten not in WHITEN_OPTIONS:
             raise ValueError(f"whiten must be one of {WHITEN_OPTIONS}, got {whiten!r}")
         if whiten == "adaptive" and amortized:
@@ -397,7 +634,7 @@ class AmortizedSteinGuide(AutoContinuous):
         # __setattr__, as PyroModule's would reject a 0-d tensor value before its own __init__
         for name, value in (("moment_correction", moment_correction), ("correction_samples", correction_samples),
                             ("mcmc_steps", mcmc_steps), ("mcmc_leapfrog", mcmc_leapfrog),
-                            ("laplace_evaluations", laplace_evaluations)):
+                            ("laplace_evaluations", laplace_evaluations), ("num_summary_samples", num_summary_samples)):
             object.__setattr__(self, name, value)
         # what was asked for; `whiten` below is the frame in use ("laplace" or None), resolved at setup for "auto"
         self.frame_request = whiten
@@ -431,7 +668,6 @@ class AmortizedSteinGuide(AutoContinuous):
             mean_features = bool(amortized) and encoder is None and self.whiten is None
         self.mean_features = mean_features
         self.vectorize = vectorize
-        self.num_summary_samples = int(num_summary_samples)
         self._user_sampler = sampler
         self._user_encoder = encoder
         self.sampler: nn.Module | None = None
@@ -460,6 +696,7 @@ class AmortizedSteinGuide(AutoContinuous):
             guide.load_state_dict(state)
         """
         if self.prototype_trace is None:
+            _refuse_half_precision(args, kwargs)  # later datasets are checked once each (see _check_dataset)
             self._setup_prototype(*args, **kwargs)
         return self
 
@@ -509,6 +746,7 @@ class AmortizedSteinGuide(AutoContinuous):
                 f"the model's latent sites {layout} do not match the saved guide's {expected}: load it with the same "
                 "model and example arguments of the same shapes"
             )
+        self._check_saved_supports()
         self.latent_dim = offset
         if self.latent_dim == 0:
             raise ValueError("the model has no latent sample sites; there is nothing to infer")
@@ -610,6 +848,33 @@ class AmortizedSteinGuide(AutoContinuous):
             if type(fn) is dist.Normal and (fn.loc.requires_grad or fn.scale.requires_grad):
                 out.append(name)
         return out
+
+    def _check_saved_supports(self) -> None:
+        """When loading a checkpoint: every latent site has the saved support and bijection (structure and values at
+        fixed points), else a :class:`~pyro_stein.CheckpointError` naming the site (the same weights would mean other
+        values, e.g. ``LogNormal`` replaced by ``Normal``)."""
+        from ._io import CheckpointError
+
+        kinds, probes = self._network_configs.get("site_kinds"), self._network_configs.get("site_probes")
+        if kinds is None or probes is None:  # a file from before supports were saved: nothing to compare with
+            return
+        path = self._network_configs.get("path", "<checkpoint>")
+        saved = {k[0]: tuple(k[1:]) for k in kinds}
+        device = next((v.device for v in self._init_values().values()), None)  # where the bijections' tensors live
+        for site in self.sites:
+            now = _site_kind(site)
+            probe = probes[site.name].cpu()
+            try:
+                got = _site_probe(site, probe.dtype, device).cpu()
+                same_values = got.shape == probe.shape and bool(torch.allclose(got, probe, rtol=1e-4, atol=1e-6))
+            except (RuntimeError, ValueError):
+                same_values = False
+            if now != saved[site.name] or not same_values:
+                raise CheckpointError(
+                    path, f"latent site {site.name!r} has support {site.support} (bijection {now[1]}) in this model, "
+                    f"but support {saved[site.name][0]} (bijection {saved[site.name][1]}) "
+                    f"{'' if now != saved[site.name] else 'with other bounds '}in the saved guide: the saved weights "
+                    "would give other values. Load it with the model it was trained with")
 
     def _check_sites(self, trace) -> None:
         for name, site in trace.iter_stochastic_nodes():
@@ -862,16 +1127,27 @@ class AmortizedSteinGuide(AutoContinuous):
     def save(self, path) -> None:
         """Save weights, configuration and library version (no pickled code) to ``path``.
 
-        Restore with :meth:`load`. Custom samplers/encoders are saved by weights only: pass an
-        instance of the same class to :meth:`load`.
+        The file holds tensors and plain values only (it is read back with ``weights_only=True``):
+        the networks' weights and buffers, every constructor option that is a value (``init_scale``,
+        ``amortized``, ``whiten``, ...), the initial values of the latent sites (what ``init_loc_fn``
+        gave, so the restored guide starts its frame searches from the same point), and each latent
+        site's shape, support and bijection, checked against the model on :meth:`load`.
+
+        Options that are code are not saved: a custom ``sampler`` or ``encoder`` (saved by weights
+        only), ``dataset_fn`` and ``create_plates``; the file records that they were given, and
+        :meth:`load` asks for them again. The write is atomic: an interrupted save leaves the previous
+        file at ``path``, if any, intact.
         """
         from . import __version__
+        from ._io import atomic_torch_save
 
         if self.prototype_trace is None:
             raise ValueError("the guide has no parameters yet: call guide.setup(*example_args) or train it before save()")
+        state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        dtype = self._like().dtype
         payload = {
             "format": "pyro_stein.AmortizedSteinGuide",
-            "format_version": 1,
+            "format_version": _FORMAT_VERSION,
             "pyro_stein_version": __version__,
             "config": {
                 "init_scale": self.init_scale,
@@ -886,53 +1162,101 @@ class AmortizedSteinGuide(AutoContinuous):
                 "mcmc_leapfrog": self.mcmc_leapfrog,
                 "whiten": self.whiten if self.whiten is not None or not self.adaptive_frame else "adaptive",
                 "adaptive_frame": self.adaptive_frame,
+                "reparam_sites": list(self.reparam_sites),
                 "laplace_evaluations": self.laplace_evaluations,
                 "record_graph": self.record_graph,
                 "frame_context": self.per_dataset_frames,
                 "frame_summary_squash": self._squash_frame_summary,
                 "sites": [[s.name, list(s.shape), list(s.unconstrained_shape)] for s in self.sites],
+                "site_kinds": [[s.name, *_site_kind(s)] for s in self.sites],
                 "sampler": getattr(self.sampler, "config", None) if self._user_sampler is None else None,
                 "encoder": getattr(self.encoder, "config", None) if self.amortized and self._user_encoder is None else None,
                 "sampler_class": type(self.sampler).__name__,
+                "custom_dataset_fn": self.dataset_fn is not None,
+                "custom_create_plates": getattr(self, "create_plates", None) is not None,
+                "dtype": str(dtype).replace("torch.", ""),
             },
-            "state_dict": {k: v.detach() for k, v in self.state_dict().items()},
+            "init_values": {n: v.detach().clone() for n, v in self._init_values().items()},
+            "site_probes": {s.name: _site_probe(s, dtype, self._like().device).cpu() for s in self.sites},
+            "state_dict": state,
         }
-        torch.save(payload, path)
+        atomic_torch_save(payload, path)
 
     @classmethod
-    def load(cls, path, model, *args, map_location=None, sampler=None, encoder=None, dataset_fn=None, **kwargs):
-        """Rebuild a guide saved with :meth:`save` for ``model``, set up with example ``*args, **kwargs``.
+    def load(cls, path, model, *args, map_location=None, sampler=None, encoder=None, dataset_fn=None,
+             create_plates=None, **kwargs):
+        """Rebuild a guide saved with :meth:`save` for ``model``, set up with example ``*args, **kwargs``
+        (the model's arguments only: the guide's options come from the file).
+
+        The file is read with ``weights_only=True`` (no code runs) and checked before any network
+        is built: a file that is truncated or corrupt, holds non-finite values or tensors of another
+        dtype, has a configuration out of range or inconsistent with its weights, or was written
+        by a newer version of pyro_stein raises :class:`~pyro_stein.CheckpointError` (a
+        ``ValueError``) naming the file; so does a model whose latent sites differ from the saved
+        ones in name, shape, support or bijection (e.g. ``LogNormal`` replaced by ``Normal``).
+
+        The restored guide draws what the saved one drew at the same seed: it has the saved
+        weights, options and initial values. Options that are code are passed again:
+        ``sampler``/``encoder`` (an instance of the saved class, when the guide had a custom one),
+        ``dataset_fn`` and ``create_plates`` (the same functions, when the guide had them).
 
         ``map_location`` is passed to :func:`torch.load` (e.g. ``"cpu"`` to load a GPU-trained guide
         on a CPU-only machine); the rebuilt guide lives on the device of the example arguments.
         """
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-        if not isinstance(payload, dict) or payload.get("format") != "pyro_stein.AmortizedSteinGuide":
-            raise ValueError(f"{path!r} is not a file written by AmortizedSteinGuide.save()")
-        cfg = payload["config"]
+        from ._io import CheckpointError, load_weights_only
+
+        _refuse_guide_options(model, kwargs)
+        payload = load_weights_only(path, map_location)
+        cfg = _checked_payload(path, payload)
         if cfg["amortized"] and cfg.get("whiten") == "laplace" and not cfg.get("frame_context"):
-            raise ValueError(
-                f"{path!r} holds an amortized whiten='laplace' guide saved by pyro_stein "
+            raise CheckpointError(
+                path, f"holds an amortized whiten='laplace' guide saved by pyro_stein "
                 f"{payload.get('pyro_stein_version')}, whose sampler did not see the frame summary that this version "
                 "passes it; retrain the guide with this version"
             )
         if cfg["sampler"] is None and sampler is None:
-            raise ValueError(f"the guide was saved with a custom sampler ({cfg['sampler_class']}); pass sampler=<an instance of it>")
+            raise ValueError(f"the guide in {str(path)!r} was saved with a custom sampler ({cfg['sampler_class']}); "
+                             "pass sampler=<an instance of it> to load")
         if cfg["amortized"] and cfg["encoder"] is None and encoder is None:
-            raise ValueError("the guide was saved with a custom encoder; pass encoder=<an instance of it>")
+            raise ValueError(f"the guide in {str(path)!r} was saved with a custom encoder; pass "
+                             "encoder=<an instance of it> to load")
+        if cfg.get("custom_dataset_fn") and dataset_fn is None:
+            raise ValueError(f"the guide in {str(path)!r} was saved with a custom dataset_fn; pass the same "
+                             "function as dataset_fn= to load")
+        if cfg.get("custom_create_plates") and create_plates is None:
+            raise ValueError(f"the guide in {str(path)!r} was saved with a custom create_plates; pass the same "
+                             "function as create_plates= to load")
+        init_values = payload.get("init_values")
         guide = cls(
-            model, sampler=sampler, encoder=encoder, dataset_fn=dataset_fn, init_scale=cfg["init_scale"],
+            model, sampler=sampler, encoder=encoder, dataset_fn=dataset_fn, create_plates=create_plates,
+            init_loc_fn=None if init_values is None else _init_to_saved(init_values),
+            init_scale=cfg["init_scale"],
             amortized=cfg["amortized"], context_dim=cfg["context_dim"], vectorize=cfg["vectorize"],
-            mean_features=cfg.get("mean_features", False) and encoder is None,
+            mean_features=bool(cfg.get("mean_features", False)) and encoder is None,
             num_summary_samples=cfg["num_summary_samples"],
             moment_correction=cfg.get("moment_correction", 0), correction_samples=cfg.get("correction_samples", 1000),
-            whiten="laplace" if cfg.get("whiten") == "affine" else cfg.get("whiten"), mcmc_steps=cfg.get("mcmc_steps", 0), mcmc_leapfrog=cfg.get("mcmc_leapfrog", 1),
+            whiten="laplace" if cfg.get("whiten") == "affine" else cfg.get("whiten"),
+            mcmc_steps=cfg.get("mcmc_steps", 0), mcmc_leapfrog=cfg.get("mcmc_leapfrog", 1),
             laplace_evaluations=cfg.get("laplace_evaluations", 50), record_graph=cfg.get("record_graph", True),
         )
-        guide._network_configs = {"sampler": cfg["sampler"], "encoder": cfg["encoder"], "sites": cfg["sites"]}
+        guide._network_configs = {"sampler": cfg["sampler"], "encoder": cfg["encoder"], "sites": cfg["sites"],
+                                  "site_kinds": cfg.get("site_kinds"), "site_probes": payload.get("site_probes"),
+                                  "path": path}
         guide._squash_frame_summary = bool(cfg.get("frame_summary_squash", False))  # as it was trained
+        if cfg.get("reparam_sites"):  # the funnel's sites were non-centred when it was set up
+            guide._use_reparam(cfg["reparam_sites"], None)
         guide.setup(*args, **kwargs)
-        guide.load_state_dict(payload["state_dict"])
+        own = guide.state_dict(keep_vars=True)
+        for key, value in payload["state_dict"].items():
+            if key in own and own[key].is_floating_point() != value.is_floating_point():
+                raise CheckpointError(path, f"state_dict[{key!r}] has dtype {value.dtype}, but the guide's {key} has "
+                                            f"dtype {own[key].dtype}: the file is corrupt or was altered")
+        try:
+            guide.load_state_dict(payload["state_dict"])
+        except RuntimeError as e:  # a custom sampler/encoder whose weights differ from the saved ones
+            raise CheckpointError(path, f"its weights do not fit the guide rebuilt for this model "
+                                        f"({str(e).strip().splitlines()[0]}): pass the sampler/encoder it was saved "
+                                        "with") from None
         if cfg.get("whiten") == "affine":  # a frame that calibrate() gave a guide without one
             guide.whiten = "affine"
         guide.adaptive_frame = bool(cfg.get("adaptive_frame", guide.adaptive_frame))
@@ -947,7 +1271,15 @@ class AmortizedSteinGuide(AutoContinuous):
         """:meth:`dataset_features`; errors call the dataset by its ``position`` in its batch when given."""
         fn = self.dataset_fn or (lambda *a, **k: default_dataset_fn(self._raw_model[0], self._init_values(), a, k))
         out = collate_features([fn(*dataset.args, **dataset.kwargs)], start=position or 0)
-        if getattr(self, "feature_dim", None) is not None and out.features.shape[-1] != self.feature_dim:
+        width = getattr(self, "feature_dim", None)
+        if self.dataset_fn is None and width is not None and out.features.shape[-1] != width and out.features.shape[-2] == 1:
+            # one observation: the default reads no covariates unless asked (a length-1 argument may be a parameter);
+            # ask when that gives the width the guide was set up with
+            wider = collate_features([default_dataset_fn(self._raw_model[0], self._init_values(), dataset.args,
+                                                         dataset.kwargs, one_row_covariates=True)], start=position or 0)
+            if wider.features.shape[-1] == width:
+                out = wider
+        if width is not None and out.features.shape[-1] != width:
             which = "the dataset's" if position is None else f"dataset {position}'s"
             raise ValueError(
                 f"{which} per-observation features have width {out.features.shape[-1]}, but the guide was set up "
@@ -982,6 +1314,16 @@ class AmortizedSteinGuide(AutoContinuous):
             return
         feats = collate_features([self._features_of(d, i) for i, d in enumerate(datasets)])
         self.encoder.set_standardization(feats.features, feats.mask)
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """As :meth:`torch.nn.Module.state_dict`, but a snapshot: the tensors are copies, which later training steps
+        do not change (``keep_vars=True`` still gives the live parameters)."""
+        before = set(destination) if destination is not None else set()
+        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if not keep_vars:
+            for k in [k for k in out if k not in before]:
+                out[k] = out[k].clone()
+        return out
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self._standardization_pending = False  # the loaded buffers hold the trained standardisation
@@ -1019,8 +1361,19 @@ class AmortizedSteinGuide(AutoContinuous):
         return torch.cat([enc, summary], -1)
 
     def _contexts(self, datasets: Sequence[Dataset], frame: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """:meth:`encode` of :class:`~pyro_stein.data.Dataset` objects (their features cached on them)."""
-        return self.encode(collate_features([self._features_of(d, i) for i, d in enumerate(datasets)]), frame)
+        """:meth:`encode` of :class:`~pyro_stein.data.Dataset` objects (their features cached on them).
+
+        Datasets of very different sizes are encoded in groups of similar sizes (see :func:`_size_groups`), each
+        padded only to its own largest, so one large dataset does not pad its small neighbours to its size: the
+        encoder's input holds at most ``2 R + 4096`` rows per group for groups of ``R`` real rows."""
+        feats = [self._features_of(d, i) for i, d in enumerate(datasets)]
+        groups = _size_groups([f.shape[0] for f in feats])
+        if len(groups) == 1:
+            return self.encode(collate_features(feats), frame)
+        parts = [self.encode(collate_features([feats[i] for i in g]),
+                             None if frame is None else (frame[0][g], frame[1][g])) for g in groups]
+        order = torch.tensor([i for g in groups for i in g], device=parts[0].device)
+        return torch.cat(parts)[torch.argsort(order)]
 
     def context(self, *args, **kwargs) -> Tensor | None:
         """The sampler's context for one dataset (``None`` for a non-amortized guide)."""
@@ -1031,6 +1384,7 @@ class AmortizedSteinGuide(AutoContinuous):
         return self._context_and_frame(self._dataset_of(args, kwargs))
 
     def _context_and_frame(self, dataset: Dataset):
+        self._check_dataset(dataset)
         frame = self._frame_of_dataset(dataset)
         if not self.amortized:
             return None, frame
@@ -1157,6 +1511,8 @@ class AmortizedSteinGuide(AutoContinuous):
         if not datasets:
             raise ValueError("datasets is empty")
         self.setup(*datasets[0].args, **datasets[0].kwargs)
+        for i, d in enumerate(datasets):
+            self._check_dataset(d, i)
         n, keep = self._population(num_samples)
         frame = self.frames(datasets) if self.per_dataset_frames else None
         z = self.draw(n, self._contexts(datasets, frame), frame)
@@ -1249,6 +1605,37 @@ class AmortizedSteinGuide(AutoContinuous):
             else:
                 out.append(hmc_polish(zi, fn, self.mcmc_steps, leapfrog, initial=initial)[0])
         return torch.stack(out)
+
+    def _check_dataset(self, dataset: Dataset, position: int | None = None) -> None:
+        """Refuse, once per :class:`~pyro_stein.data.Dataset`, a dataset the guide's draws would not fit: one with
+        half-precision tensors, or one that gives a latent site another shape than the guide was set up with
+        (e.g. a regression's coefficients for data with another number of columns), whose draws would silently
+        keep the old shape. One model trace per new dataset (its latents at feasible initial values)."""
+        key = ("checked", self._cache_token)
+        if dataset.cache.get(key):
+            return
+        _refuse_half_precision_once(dataset, position)
+        if self.prototype_trace is not None:
+            init = init_to_mean_or_feasible(like=self._like() if self.sampler is not None else None)
+            try:
+                with top_level(), full_data(), pyro.validation_enabled(False):
+                    tr = poutine.block(poutine.trace(InitMessenger(init)(self._raw_model[0])).get_trace)(
+                        *dataset.args, **dataset.kwargs)
+            except Exception:  # noqa: BLE001 - the model's own error comes with its own message when it is evaluated
+                tr = None
+            if tr is not None:
+                shapes = {name: tuple(site["value"].shape) for name, site in tr.iter_stochastic_nodes()}
+                for site in self.sites:
+                    got = shapes.get(site.name)
+                    if got is not None and got != tuple(site.shape):
+                        which = "the dataset" if position is None else f"dataset {position}"
+                        raise ValueError(
+                            f"{which} gives latent site {site.name!r} shape {got}, but the guide was set up with shape "
+                            f"{tuple(site.shape)}: its draws would keep the old shape. A guide's latent sites keep "
+                            "the shapes of the data it was set up with (e.g. the number of features or groups); "
+                            "build and train a new guide for data of this form"
+                        )
+        dataset.cache[key] = True
 
     def _check_supports(self, dataset, position: int) -> None:
         """Raise when a latent site's support for this dataset differs from the one the guide was set up with.

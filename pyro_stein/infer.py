@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import math
 import numbers
-from contextlib import contextmanager
+import signal
+import threading
 import warnings
+from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Sequence
 
 import pyro
@@ -16,12 +19,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .data import Dataset, LastDataset, PriorPredictiveStream, _check_batch_size, _dataset_sequence, as_dataset, iterate_batches
-from .guide import AmortizedSteinGuide, _int_at_least
+from .guide import AmortizedSteinGuide, _int_at_least, _IntOption, _refuse_half_precision_once
 from .kernels import RadialKernel, RBFKernel
 from .logjoint import ModelLogDensity, NonFiniteLogJointError, all_finite, finite_sets
 from .stein import ksd_from_matrices, stein_direction_from_matrices
 
-__all__ = ["AmortizedSVGD", "NonFiniteDatasetWarning", "TrainingWarning", "default_optim", "refine"]
+__all__ = ["AmortizedSVGD", "KernelWarning", "NonFiniteDatasetWarning", "NonFiniteUpdateError", "TrainingWarning",
+           "default_optim", "refine"]
 
 DEFAULT_NUM_STEPS = 2000
 DEFAULT_LR = (1e-2, 1e-3)  # ClippedAdam's learning rate, decayed geometrically from the first to the second over a run
@@ -51,6 +55,150 @@ def default_optim(num_steps: int = DEFAULT_NUM_STEPS) -> pyro.optim.ClippedAdam:
     num_steps = _int_at_least(num_steps, "num_steps", 1)
     lr0, lr1 = DEFAULT_LR
     return pyro.optim.ClippedAdam({"lr": lr0, "lrd": (lr1 / lr0) ** (1 / num_steps)})
+
+
+class KernelWarning(UserWarning):
+    """The kernel gave non-finite values (e.g. a custom profile's second derivative), so the step's KSD is NaN."""
+
+
+class NonFiniteUpdateError(ValueError):
+    """An optimiser step made guide parameters NaN or infinite (e.g. an infinite learning rate); the step was undone."""
+
+
+class _ChoiceOption:
+    """An :class:`AmortizedSVGD` option that takes one of a few values (compared by type and value), checked whenever
+    it is set (``svgd.<name> = value``), with an error naming the option."""
+
+    def __init__(self, choices: tuple, expected: str, error: type[Exception]):
+        self.choices, self.expected, self.error = choices, expected, error
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        try:
+            return obj.__dict__[self.name]
+        except KeyError:
+            raise AttributeError(self.name) from None
+
+    def __set__(self, obj, value) -> None:
+        if not any(type(value) is type(c) and value == c for c in self.choices):
+            raise self.error(f"svgd.{self.name} must be {self.expected}, got {value!r}")
+        obj.__dict__[self.name] = value
+
+
+def _snapshot(obj):
+    """A copy of nested dicts, lists and tuples with every tensor cloned (detached): later steps do not change it."""
+    if isinstance(obj, Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_snapshot(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_snapshot(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+@contextmanager
+def _deferred_interrupt() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block has finished, then raise it as
+    ``KeyboardInterrupt``: an optimiser step is never cut between two parameters. Only in the main thread, and
+    only while SIGINT has Python's default handler (a handler of the caller's own is left alone)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if caught:
+            raise KeyboardInterrupt
+
+
+def _torch_optimizer(obj):
+    """The torch optimiser a PyroOptim keeps for a parameter (a scheduler's optimiser for a PyroLRScheduler)."""
+    return obj if isinstance(obj, torch.optim.Optimizer) else getattr(obj, "optimizer", obj)
+
+
+def _all_finite(params: Sequence[Tensor]) -> bool:
+    """Whether every parameter is finite: one fused norm per parameter and one host sync; a non-finite norm (also
+    from an overflow of large finite values) is confirmed element by element."""
+    if not params:
+        return True
+    try:
+        if bool(torch.isfinite(torch.stack(torch._foreach_norm(list(params))).sum())):
+            return True
+    except (RuntimeError, TypeError):  # e.g. parameters on several devices
+        pass
+    return all(bool(torch.isfinite(p).all()) for p in params)
+
+
+class _UpdateTransaction:
+    """The parameters' values and the optimiser's state for them, taken before an optimiser step, so that a step
+    that fails part-way (an exception, ``KeyboardInterrupt`` included) or leaves non-finite values is undone
+    completely: every parameter and its optimiser state (moments, step counts, a decayed learning rate) back at
+    step k, and optimisers created by the failed step forgotten.
+
+    A torch optimiser keeps what a step changes in ``state[param]`` and in its ``param_groups``' hyperparameters
+    (e.g. ClippedAdam's decayed learning rate); those are copied (tensors cloned), nothing else is."""
+
+    def __init__(self, optim: PyroOptim, params: Sequence[Tensor]):
+        self.optim = optim
+        self.params = list(params)
+        self.values = [p.detach().clone() for p in self.params]
+        self.states = {}
+        for p in self.params:
+            obj = optim.optim_objs.get(p)
+            if obj is None:
+                continue
+            opt = _torch_optimizer(obj)
+            state = opt.state.get(p)
+            self.states[p] = (  # hyperparameters are numbers, tuples or None: replaced by a step, never changed in place
+                None if state is None else {k: v.clone() if isinstance(v, Tensor) else
+                                            _snapshot(v) if isinstance(v, (list, dict)) else v for k, v in state.items()},
+                [dict(group) for group in opt.param_groups],
+            )
+        self.waiting = dict(optim._state_waiting_to_be_consumed)
+
+    def rollback(self) -> None:
+        with torch.no_grad():
+            for p, v in zip(self.params, self.values):
+                p.copy_(v)
+        for p in self.params:
+            if p in self.states:
+                opt = _torch_optimizer(self.optim.optim_objs[p])
+                state, groups = self.states[p]
+                if state is None:
+                    opt.state.pop(p, None)
+                else:
+                    opt.state[p] = state
+                for group, saved in zip(opt.param_groups, groups):
+                    group.update((k, v) for k, v in saved.items() if k != "params")
+            elif p in self.optim.optim_objs:
+                del self.optim.optim_objs[p]
+                self.optim.grad_clip.pop(p, None)
+        self.optim._state_waiting_to_be_consumed.clear()
+        self.optim._state_waiting_to_be_consumed.update(self.waiting)
+
+
+def _optimiser_description(optim: PyroOptim, params: Sequence[Tensor]) -> str:
+    """``"Adam (lr=0.001)"``: the torch optimiser behind a PyroOptim and its learning rate, for messages."""
+    for p in params:
+        obj = optim.optim_objs.get(p)
+        if obj is None:
+            continue
+        opt = _torch_optimizer(obj)
+        groups = getattr(opt, "param_groups", None) or [{}]
+        return f"{type(opt).__name__} (lr={groups[0].get('lr', '?')})"
+    ctor = getattr(optim, "pt_optim_constructor", None)
+    args = optim.pt_optim_args if isinstance(getattr(optim, "pt_optim_args", None), dict) else {}
+    return f"{getattr(ctor, '__name__', type(optim).__name__)} (lr={args.get('lr', '?')})"
 
 
 def _register_params(guide: AmortizedSteinGuide) -> list[Tensor]:
@@ -177,6 +325,11 @@ class AmortizedSVGD:
         Generative Adversarial Learning", arXiv:1611.01722, 2016.
     """
 
+    num_particles = _IntOption(2, "an int >= 2 (the Stein direction needs pairs)", owner="svgd")
+    leave_one_out = _ChoiceOption((True, False), "True or False", TypeError)
+    precondition = _ChoiceOption(("auto", "variance", None), "'auto', 'variance' or None", ValueError)
+    record_graph = _ChoiceOption((True, False), "True or False", TypeError)
+
     def __init__(
         self,
         model,
@@ -202,13 +355,11 @@ class AmortizedSVGD:
         kernel = RBFKernel() if kernel is None else kernel
         if not isinstance(kernel, RadialKernel):
             raise TypeError(f"kernel must be a pyro_stein RadialKernel (e.g. RBFKernel()), got {type(kernel).__name__}")
-        if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 2:
-            raise ValueError(f"num_particles must be an int >= 2 (the Stein direction needs pairs), got {num_particles!r}")
         self.model = model
         self.guide = guide
         self.optim = optim
         self.kernel = kernel
-        self.num_particles = num_particles
+        self.num_particles = num_particles  # checked, here and when set later (see the class attribute)
         if not isinstance(leave_one_out, bool):
             raise TypeError(f"leave_one_out must be True or False, got {leave_one_out!r}")
         self.leave_one_out = leave_one_out
@@ -221,6 +372,8 @@ class AmortizedSVGD:
         self.num_steps = 0
         self.num_dropped_datasets = 0  # datasets left out of a step for a non-finite log joint (see _drop_nonfinite)
         self._warned_nonfinite = False
+        self._warned_kernel = False
+        self._last_kernel_matrices = None  # of the last step, to say why its KSD was not finite
         self._num_used = 0
         self._log_density: ModelLogDensity | None = None
         self._dataset_of = LastDataset()  # step(*args) on the same data: one Dataset, its cached features reused
@@ -289,7 +442,11 @@ class AmortizedSVGD:
 
     def _update(self, datasets: Sequence[Dataset]) -> Tensor:
         guide = self.guide
+        for i, d in enumerate(datasets):
+            _refuse_half_precision_once(d, i if len(datasets) > 1 else None)
         guide.setup(*datasets[0].args, **datasets[0].kwargs)
+        if not guide.amortized:  # one dataset, checked once: latent shapes of the data the guide was set up with
+            guide._check_dataset(datasets[0])
         if self._log_density is None:
             # the guide's own model: the user's, or it with a funnel's sites non-centred (see AmortizedSteinGuide)
             self._log_density = ModelLogDensity(guide.inference_model, guide.sites, guide.vectorize,
@@ -324,6 +481,7 @@ class AmortizedSVGD:
             zd = torch.linalg.solve_triangular(scale, (zd - loc).T, upper=False).T  # L^{-1} (z - m)
             score = score @ scale  # L^T grad_z log p
         km = self.kernel.matrices(zd)
+        self._last_kernel_matrices = km
         phi = stein_direction_from_matrices(zd, score, km, self.leave_one_out)
         stat = ksd_from_matrices(zd, score, km)
         if adaptive:
@@ -349,13 +507,57 @@ class AmortizedSVGD:
             for p in params:
                 p.grad = None
             raise NonFiniteLogJointError(f"non-finite gradient for guide parameters {bad}; the parameters were not updated")
-        self.optim([p for p in params if p.grad is not None])
-        for p in params:
-            p.grad = None
-        if adaptive:
+        self._apply_update(guide, params)
+        if adaptive:  # kept only once the step has succeeded
             self._frame_moments = moments
-        self.num_steps += 1
         return stat
+
+    def _apply_update(self, guide: AmortizedSteinGuide, params: list[Tensor]) -> None:
+        """The optimiser step, all or nothing: a Ctrl-C during it is held until it has finished (every parameter
+        at step k + 1), and an exception inside it, or non-finite parameters after it, undo it (every parameter
+        and its optimiser state at step k; :class:`NonFiniteUpdateError` naming the optimiser and learning rate)."""
+        optim = self.__dict__.get("_real_optim") or self.optim  # DistributedAmortizedSVGD wraps self.optim
+        with _deferred_interrupt():
+            update = _UpdateTransaction(optim, params)
+            counters = {k: self.__dict__[k] for k in ("num_steps", "datasets_seen") if k in self.__dict__}
+            try:
+                self.optim([p for p in params if p.grad is not None])
+                if not _all_finite(params):
+                    names = {p: n for n, p in guide.named_parameters()}
+                    bad = [names.get(p, "?") for p in params if not bool(torch.isfinite(p).all())]
+                    raise NonFiniteUpdateError(
+                        f"the optimiser step of {_optimiser_description(optim, params)} made guide parameters {bad} "
+                        "NaN or infinite; the step was undone (parameters and optimiser state as before it). Lower "
+                        "the learning rate (it must be finite; e.g. pyro.optim.Adam({'lr': 1e-3}))"
+                    )
+            except BaseException:
+                update.rollback()
+                self.__dict__.update(counters)
+                raise
+            finally:
+                for p in params:
+                    p.grad = None
+            self.num_steps += 1
+
+    def _checked_ksd(self, stat: Tensor) -> float:
+        """The step's KSD as a float; the first time it is not finite because of the kernel's own values (a custom
+        kernel's profile or its derivatives NaN or infinite at some pairs), a :class:`KernelWarning` says so (the
+        update itself used the kernel and its first derivative, and was finite, or it would have raised)."""
+        value = float(stat)
+        km = self._last_kernel_matrices
+        if not math.isfinite(value) and not self._warned_kernel and km is not None:
+            bad = [name for name, t in (("k", km.k), ("dk (first derivative)", km.dk),
+                                        ("d2k (second derivative)", km.d2k)) if not bool(torch.isfinite(t).all())]
+            if bad:
+                self._warned_kernel = True
+                warnings.warn(
+                    f"step {self.num_steps - 1}: the KSD this step returns is {value} because the kernel {self.kernel!r} "
+                    f"gives non-finite values of {', '.join(bad)} at some particle pairs: check its profile(). The "
+                    "parameters were updated with finite values; further non-finite KSDs are not warned about.",
+                    KernelWarning,
+                    stacklevel=3,
+                )
+        return value
 
     def _adaptive_frame(self, z: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
         """``(m, L, moments)``, ``L`` lower triangular: the frame of a guide with an adaptive frame, from a moving average of the
@@ -391,8 +593,12 @@ class AmortizedSVGD:
             update: a noisy, reference-free measure of fit that should fall towards zero.
         :raises NonFiniteLogJointError: (a ``ValueError``) naming the offending sites when the
             log joint or its gradient is not finite; the guide's parameters are left unchanged.
+        :raises NonFiniteUpdateError: (a ``ValueError``) naming the optimiser and its learning rate
+            when the optimiser step made parameters non-finite; the step is undone (parameters and
+            optimiser state as before it). The update is all or nothing: a ``KeyboardInterrupt``
+            during it leaves every parameter at the previous step or every one at the new one.
         """
-        return float(self._update([self._dataset_of(args, kwargs)]))
+        return self._checked_ksd(self._update([self._dataset_of(args, kwargs)]))
 
     def step_batch(self, datasets: Sequence[Any]) -> float:
         """One update over a batch of datasets (amortized guides); returns the mean ``KSD^2``.
@@ -406,7 +612,7 @@ class AmortizedSVGD:
         datasets = [as_dataset(d) for d in _dataset_sequence(datasets)]
         if not datasets:
             raise ValueError("step_batch needs at least one dataset")
-        return float(self._update(datasets))
+        return self._checked_ksd(self._update(datasets))
 
     def run(
         self,
@@ -528,16 +734,18 @@ class AmortizedSVGD:
                 "score, but not their shape; the MCMC polish of sample_posterior (guide.mcmc_steps) corrects more.")
 
     def get_state(self) -> dict:
-        """The optimiser state, keyed by parameter name (see :meth:`set_state`)."""
-        state = {"optim": self.optim.get_state(), "num_steps": self.num_steps,
+        """The optimiser state, keyed by parameter name (see :meth:`set_state`): a snapshot (tensors copied),
+        which later steps do not change."""
+        state = {"optim": _snapshot(self.optim.get_state()), "num_steps": self.num_steps,
                  "num_dropped_datasets": self.num_dropped_datasets}
         if self._frame_moments is not None:  # the adaptive frame's running moments (see _adaptive_frame)
             state["frame_moments"] = [m.detach().clone() for m in self._frame_moments]
         return state
 
     def set_state(self, state: dict) -> None:
-        """Restore optimiser state saved by :meth:`get_state` (applied lazily on the next step)."""
-        self.optim.set_state(state["optim"])
+        """Restore optimiser state saved by :meth:`get_state` (applied lazily on the next step). The state is
+        copied: later steps do not change ``state``."""
+        self.optim.set_state(_snapshot(state["optim"]))
         self.num_steps = int(state.get("num_steps", 0))
         self.num_dropped_datasets = int(state.get("num_dropped_datasets", 0))
         moments = state.get("frame_moments")

@@ -11,6 +11,7 @@ density includes each bijection's ``log|det J|`` so that it is the density of ``
 
 from __future__ import annotations
 
+import re
 import threading
 import warnings
 import weakref
@@ -50,6 +51,27 @@ class NonFiniteLogJointError(ValueError):
 
 class ModelEvaluationError(ValueError):
     """The model raised an error while its log density was evaluated at the guide's latent values."""
+
+
+_DTYPE_ERROR = re.compile(r"dtype|scalar type|expected .*(Float|Double|Half|BFloat16)|(Float|Double|Half) but found",
+                          re.IGNORECASE)
+_SHAPE_ERROR = re.compile(r"shape|size of tensor|must match the size|mat1 and mat2|broadcast|dimension", re.IGNORECASE)
+
+
+def _evaluation_hint(error: Exception, u: Tensor) -> str:
+    """What to check for an error the model raised when evaluated at the guide's values, by its kind: a dtype
+    mismatch, a shape mismatch (data of another form than at setup), or the model's own error."""
+    text = str(error)
+    if isinstance(error, (RuntimeError, TypeError)) and _DTYPE_ERROR.search(text):
+        return (f"It is a dtype mismatch: the guide's latent values are {u.dtype} (the dtype of the data the guide "
+                "was set up with), and the model computes with tensors of another dtype (its constants, or data in "
+                f"another precision). Make the model's tensors and all the data one dtype, e.g. .to({u.dtype}).")
+    if isinstance(error, (RuntimeError, ValueError, IndexError)) and _SHAPE_ERROR.search(text):
+        return ("It is a shape mismatch: if these arguments have another form than those the guide was set up with "
+                "(e.g. another number of features or groups), the latent sites' shapes change and the data needs "
+                "a new guide; otherwise check the model's shapes with these arguments.")
+    return ("The error comes from the model itself (the chained traceback shows where): check the model with these "
+            "arguments, e.g. by running it once under pyro.poutine.trace.")
 
 
 class VectorizationWarning(UserWarning):
@@ -370,11 +392,26 @@ class ModelLogDensity:
         # repeated calls with the same arguments: replayed from a recorded graph (see pyro_stein.graphs)
         self.graphs: GraphedLogDensity | None = self._new_graphs(share_across_data) if record_graph else None
 
+    #: the most ``rows x elements of the largest tensor argument`` one evaluation handles: more particles are
+    #: evaluated in chunks of equal size (the last padded with repeated rows), so that a model's intermediates of
+    #: one value per particle and data row stay below this many elements each (2^25: 256 MB in float64)
+    chunk_elements: int = 1 << 25
+
+    def _chunk_rows(self, rows: int, args: tuple, kwargs: dict) -> int:
+        """How many particles one evaluation takes (``rows`` when the data are small enough to take them all)."""
+        size = _largest_tensor(args, kwargs.values())
+        chunk = max(1, self.chunk_elements // max(size, 1))
+        if chunk >= rows:
+            return rows
+        pieces = -(-rows // chunk)
+        return -(-rows // pieces)  # chunks of (nearly) equal size: the last one wastes less than one chunk's rows
+
     def _new_graphs(self, share_across_data: bool) -> GraphedLogDensity:
         single, why_not = self._graph_callbacks()
+        guard = _global_tensor_guard(self.model)
         if share_across_data:
-            return GraphedLogDensity(single, why_not=why_not, share_across_data=True, max_recordings=64)
-        return GraphedLogDensity(single, why_not=why_not)
+            return GraphedLogDensity(single, why_not=why_not, share_across_data=True, max_recordings=64, guard=guard)
+        return GraphedLogDensity(single, why_not=why_not, guard=guard)
 
     def __getstate__(self) -> dict:
         # recordings are not copied (copy.deepcopy, e.g. by refine, or pickling): the copy records its own, with
@@ -494,9 +531,7 @@ class ModelLogDensity:
             layout = ", ".join(f"{s.name!r} {tuple(s.shape)}" for s in self.sites)
             raise ModelEvaluationError(
                 f"the model raised {type(e).__name__} ({str(e).splitlines()[0] if str(e) else 'no message'}) when "
-                f"evaluated at the guide's latent values (sites {layout}). Check the arguments passed: data of "
-                "another form than the guide was set up with (e.g. another number of features or groups) changes "
-                "the latent sites' shapes, and needs a new guide."
+                f"evaluated at the guide's latent values (sites {layout}, dtype {u.dtype}). {_evaluation_hint(e, u)}"
             ) from e
 
     def _map_unchecked(self, fn: Callable[[Tensor], Any], u: Tensor) -> Any:
@@ -561,6 +596,10 @@ class ModelLogDensity:
     ) -> tuple[Tensor, Tensor]:
         """Log density and its gradient (the score) at each row of ``u``; both detached.
 
+        Many particles on large data are evaluated in chunks (see :attr:`chunk_elements`), so the
+        peak memory of one call is that of ``chunk_elements / (elements of the largest tensor
+        argument)`` particles, not of all of them.
+
         :param bool check: raise :class:`NonFiniteLogJointError` naming the offending sites when a
             value or gradient is not finite.
         """
@@ -569,6 +608,12 @@ class ModelLogDensity:
                 f"u must hold one packed unconstrained latent vector per row, shape (num_particles, {self.dim}) for "
                 f"sites {[s.name for s in self.sites]}, got {tuple(u.shape)}"
             )
+        rows = u.shape[0]
+        chunk = self._chunk_rows(rows, args, kwargs or {})
+        if chunk < rows:
+            padded = torch.cat([u, u[: (-rows) % chunk]]) if rows % chunk else u
+            outs = [self.log_density_and_score(part, args, kwargs, plates, check) for part in padded.split(chunk)]
+            return torch.cat([o[0] for o in outs])[:rows], torch.cat([o[1] for o in outs])[:rows]
 
         def eager() -> tuple[Tensor, Tensor]:
             v = u.detach().requires_grad_(True)
@@ -605,7 +650,9 @@ class ModelLogDensity:
         plates = list(plates) if plates is not None else [{}] * len(datasets)
         if self._read_masked is None and len(datasets):
             self._probe_masked_reads(z[0], datasets[0].args, datasets[0].kwargs)
-        if len(datasets) > 1 and self._mode == "vmap" and self._stack_ok is not False and not any(plates):
+        if len(datasets) > 1 and self._mode == "vmap" and self._stack_ok is not False and not any(plates) and all(
+                self._chunk_rows(z.shape[-2] * len(datasets), d.args, d.kwargs) == z.shape[-2] * len(datasets)
+                for d in datasets):  # one pass over all datasets' particles, within the chunk budget
             stacked = _stack_arguments(datasets)
             if stacked is not None:
                 out = self._stacked_log_density_and_score(z, datasets, stacked, check)
@@ -703,6 +750,37 @@ class ModelLogDensity:
             self.log_density(u[:2], args, kwargs)
         out = self._map(fn, u)
         return dict(zip(names, out))
+
+
+def _global_tensor_guard(model: Callable) -> Callable[[], tuple] | None:
+    """``() -> token`` of the global tensors the model function names (their identities), for
+    :class:`~pyro_stein.graphs.GraphedLogDensity`: a global reassigned between calls (``X = new_X``) changes the token,
+    so a recording made with the old one is not replayed. Only globals named in the model function's own code are
+    seen (not those read by functions it calls, nor tensors held by other objects); ``None`` when there are none."""
+    fn = getattr(model, "__func__", model)
+    code, names_of = getattr(fn, "__code__", None), getattr(fn, "__globals__", None)
+    if code is None or not isinstance(names_of, dict):
+        return None
+    names = tuple(n for n in code.co_names if isinstance(names_of.get(n), Tensor))
+    if not names:
+        return None
+    return lambda: tuple(id(names_of.get(n)) for n in names)
+
+
+def _largest_tensor(*groups) -> int:
+    """The number of elements of the largest tensor in the given argument groups (nested in tuples, lists and
+    dicts), at least 1."""
+    largest = 1
+    stack = [v for group in groups for v in group]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, Tensor):
+            largest = max(largest, v.numel())
+        elif isinstance(v, (tuple, list)):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+    return largest
 
 
 def _stack_arguments(datasets: Sequence[Any]) -> tuple[Any, list, list[bool]] | None:

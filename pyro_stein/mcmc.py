@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ._checks import _int_at_least
 from .logjoint import all_finite
 
 __all__ = ["hmc_polish", "mala_polish"]
@@ -73,15 +74,16 @@ def _preconditioner(z: Tensor) -> Tensor:
     return torch.diag((var + floor).sqrt())
 
 
-def _check_polish_arguments(z, num_steps: int, target_accept: float) -> None:
+def _check_polish_arguments(z, num_steps: int, target_accept: float) -> int:
+    """Check the polish's arguments; returns ``num_steps`` as an ``int``."""
     if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[-1] == 0:
         raise ValueError(f"z must be a Tensor of draws with shape (n, D), D >= 1, got {getattr(z, 'shape', type(z).__name__)}")
     if not z.is_floating_point():
         raise TypeError(f"z must be a floating-point Tensor (the draws), got dtype {z.dtype}")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
-        raise ValueError(f"num_steps must be an int >= 0, got {num_steps!r}")
+    num_steps = _int_at_least(num_steps, "num_steps", 0)
     if isinstance(target_accept, bool) or not isinstance(target_accept, (int, float)) or not 0.0 < target_accept < 1.0:
         raise ValueError(f"target_accept must be a number in (0, 1), got {target_accept!r}")
+    return num_steps
 
 
 def _mask_nonfinite(lp: Tensor, score: Tensor) -> tuple[Tensor, Tensor]:
@@ -176,9 +178,8 @@ def hmc_polish(
     :raises ValueError: when ``num_steps > 0`` and fewer than two rows of ``z`` are finite, or they are
         all equal (the preconditioner is their covariance).
     """
-    _check_polish_arguments(z, num_steps, target_accept)
-    if isinstance(num_leapfrog, bool) or not isinstance(num_leapfrog, int) or num_leapfrog < 1:
-        raise ValueError(f"num_leapfrog must be an int >= 1, got {num_leapfrog!r}")
+    num_steps = _check_polish_arguments(z, num_steps, target_accept)
+    num_leapfrog = _int_at_least(num_leapfrog, "num_leapfrog", 1)
     rates = z.new_zeros(num_steps)
     if num_steps == 0:
         return z, rates
@@ -229,7 +230,7 @@ def mala_polish(
     :raises ValueError: when ``num_steps > 0`` and fewer than two rows of ``z`` are finite, or they are
         all equal (the preconditioner is their covariance).
     """
-    _check_polish_arguments(z, num_steps, target_accept)
+    num_steps = _check_polish_arguments(z, num_steps, target_accept)
     rates = z.new_zeros(num_steps)
     if num_steps == 0:
         return z, rates

@@ -15,6 +15,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ._checks import _int_at_least
+
 __all__ = ["DeepSetEncoder", "GaussianResidualSampler", "mlp"]
 
 
@@ -65,11 +67,14 @@ class GaussianResidualSampler(nn.Module):
         max_amortized_tril: int = 64,
     ):
         super().__init__()
-        for name, v in (("latent_dim", latent_dim), ("num_layers", num_layers)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not (isinstance(context_dim, int) and context_dim >= 0):
-            raise ValueError(f"context_dim must be a non-negative int, got {context_dim!r}")
+        latent_dim = _int_at_least(latent_dim, "latent_dim", 1, "a positive int")
+        num_layers = _int_at_least(num_layers, "num_layers", 1, "a positive int")
+        context_dim = _int_at_least(context_dim, "context_dim", 0, "a non-negative int")
+        if noise_dim is not None:
+            noise_dim = _int_at_least(noise_dim, "noise_dim", 1, "a positive int or None")
+        if hidden_dim is not None:
+            hidden_dim = _int_at_least(hidden_dim, "hidden_dim", 1, "a positive int or None")
+        max_amortized_tril = _int_at_least(max_amortized_tril, "max_amortized_tril", 0, "a non-negative int")
         if not init_scale > 0:
             raise ValueError(f"init_scale must be positive, got {init_scale!r}")
         if affine not in ("auto", "full", "diag"):
@@ -169,14 +174,13 @@ class DeepSetEncoder(nn.Module):
         self, feature_dim: int, output_dim: int = 32, hidden_dim: int = 128, num_layers: int = 2, mean_features: bool = False
     ):
         super().__init__()
-        if not isinstance(feature_dim, int) or feature_dim < 1:
-            raise ValueError(f"feature_dim must be a positive int, got {feature_dim!r}")
+        feature_dim = _int_at_least(feature_dim, "feature_dim", 1, "a positive int")
         passed = feature_dim + 1 if mean_features else 1  # coordinates passed through: the feature means, log n
-        if not isinstance(output_dim, int) or output_dim < passed + 1:
-            raise ValueError(
-                f"output_dim must be an int >= {passed + 1} (the last coordinate is log n"
-                + (f", the {feature_dim} before it the feature means" if mean_features else "") + f"), got {output_dim!r}"
-            )
+        output_dim = _int_at_least(
+            output_dim, "output_dim", passed + 1, f"an int >= {passed + 1} (the last coordinate is log n"
+            + (f", the {feature_dim} before it the feature means" if mean_features else "") + ")")
+        hidden_dim = _int_at_least(hidden_dim, "hidden_dim", 1, "a positive int")
+        num_layers = _int_at_least(num_layers, "num_layers", 1, "a positive int")
         self.config = {"feature_dim": feature_dim, "output_dim": output_dim, "hidden_dim": hidden_dim,
                        "num_layers": num_layers, "mean_features": bool(mean_features)}
         self.feature_dim = feature_dim
