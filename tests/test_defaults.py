@@ -245,3 +245,16 @@ def test_health_checks_leave_the_random_stream_alone():
         AmortizedSVGD(conjugate_model, guide).run(y, num_steps=5, progress_bar=False, check_health=check)
         states.append(torch.randn(3))
     torch.testing.assert_close(states[0], states[1], rtol=0, atol=0)
+
+
+def test_a_non_centred_guide_round_trips_through_save_and_load(tmp_path):
+    sigma, y = schools_data()
+    guide = AmortizedSteinGuide(centred_schools).setup(sigma, y)
+    guide.save(tmp_path / "g.pt")
+    loaded = AmortizedSteinGuide.load(tmp_path / "g.pt", centred_schools, sigma, y)
+    assert loaded.reparam_sites == ["theta"] and loaded.whiten == "laplace"
+    draws = []
+    for g in (guide, loaded):
+        pyro.set_rng_seed(4)
+        draws.append(g.sample_posterior(5, sigma, y)["theta"])
+    torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
