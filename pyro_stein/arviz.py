@@ -337,6 +337,7 @@ def _export(
     log_likelihood,
     posterior_predictive,
     parallel,
+    stein_diagnostics=True,
     attrs=None,
 ):
     if not callable(guide):
@@ -404,6 +405,16 @@ def _export(
         }
     all_dims = {k: s.dims for k, s in sites.items() if s.kind != "factor" and s.dims}
     all_dims.update(dims or {})
+    stein = {}
+    if stein_diagnostics:  # model-aware fit diagnostics: R-hat of independent draws is about 1 even for a wrong fit
+        from .diagnostics import stein_discrepancy, stein_identity_range
+
+        k = min(n, _STEIN_DRAWS)
+        sub = {name: draws[name][:k] for name in latents}
+        with (full_data() if subsampled else contextlib.nullcontext()):
+            low, high = stein_identity_range(model, sub, *args, max_samples=k, **kwargs)
+            stein = {"stein_discrepancy": stein_discrepancy(model, sub, *args, max_samples=k, **kwargs),
+                     "stein_identity_min": low, "stein_identity_max": high}
     all_attrs = {
         "inference_library": "pyro",
         "inference_library_version": str(pyro.__version__),
@@ -412,6 +423,7 @@ def _export(
         "pyro_stein_version": _pyro_stein_version(),
         "num_chains": num_chains,
         "num_draws_per_chain": num_samples,
+        **stein,
         **(attrs or {}),
     }
     # Like ArviZ's own converters, the attributes go on every group (and on the root).
@@ -423,6 +435,9 @@ def _export(
     # ArviZ >= 1.0: from_dict takes a dict of groups, attrs per group ("/" = root): a DataTree
     group_attrs = {"/": all_attrs, **{group: dict(all_attrs) for group in groups}}
     return az.from_dict(groups, coords=coords, dims=all_dims, attrs=group_attrs)
+
+
+_STEIN_DRAWS = 1000  # draws the Stein diagnostics of an export are computed from
 
 
 def to_inference_data(
@@ -437,6 +452,7 @@ def to_inference_data(
     log_likelihood: bool = True,
     posterior_predictive: bool = True,
     parallel: bool | None = None,
+    stein_diagnostics: bool = True,
     **kwargs,
 ):
     """Draw from a fitted guide and convert the result to ArviZ's native container.
@@ -480,6 +496,12 @@ def to_inference_data(
     :param parallel: ``True`` to evaluate the guide and model vectorised over draws, ``False``
         to loop over draws, ``None`` (default) to try vectorised first and loop when that fails or
         disagrees with the loop at the first and last draws.
+    :param bool stein_diagnostics: add attributes that flag a wrong fit, from the model's score at up to 1,000
+        draws: ``stein_discrepancy`` (``KSD^2``, IMQ kernel; near 0 for exact draws) and ``stein_identity_min`` /
+        ``stein_identity_max``, the extreme eigenvalues of Stein's identity matrix in the draws' own whitened
+        coordinates (both about 1 for draws of the posterior; below 0.25 the draws are too narrow in some
+        direction, above 4 too wide; see :func:`pyro_stein.diagnostics.stein_identity_range`). Costs two batched
+        evaluations of the model.
     :param kwargs: keyword arguments of the model (and the guide). Names clashing with the
         parameters above cannot be passed; use :func:`to_inference_data_batch` for those.
     :returns: ``arviz.InferenceData`` or ``xarray.DataTree``.
@@ -498,6 +520,7 @@ def to_inference_data(
         log_likelihood=log_likelihood,
         posterior_predictive=posterior_predictive,
         parallel=parallel,
+        stein_diagnostics=stein_diagnostics,
     )
 
 

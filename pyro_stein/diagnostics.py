@@ -32,9 +32,9 @@ from torch import Tensor
 from .data import Dataset, as_dataset
 from .kernels import IMQKernel, RadialKernel
 from .logjoint import ModelLogDensity, latent_sites_from_trace, pack
-from .stein import ksd
+from .stein import ksd, stein_identity_eigenvalues
 
-__all__ = ["guide_ksd", "plot_sbc", "sbc", "stein_discrepancy"]
+__all__ = ["guide_ksd", "plot_sbc", "sbc", "stein_discrepancy", "stein_identity_range"]
 
 
 def stein_discrepancy(
@@ -56,6 +56,13 @@ def stein_discrepancy(
     :param int max_samples: use at most this many draws (the cost is quadratic).
     :returns: the estimate (near 0 for exact draws; may be slightly negative).
     """
+    u, score = _packed_draws_and_scores(model, samples, args, kwargs, max_samples)
+    return float(ksd(u, score, kernel or IMQKernel()))
+
+
+def _packed_draws_and_scores(model, samples, args, kwargs, max_samples) -> tuple[Tensor, Tensor]:
+    """Up to ``max_samples`` draws packed in unconstrained space and the model's score there (checked as
+    :func:`stein_discrepancy` documents)."""
     if not isinstance(samples, dict) or not samples:
         raise TypeError("samples must be a non-empty dict {site_name: Tensor[num_samples, *site_shape]}")
     from .guide import _int_at_least
@@ -94,7 +101,21 @@ def stein_discrepancy(
     n = min(num, max_samples)
     u = pack({s.name: samples[s.name][:n] for s in sites}, sites)
     _, score = ModelLogDensity(model, sites).log_density_and_score(u, args, kwargs)
-    return float(ksd(u, score, kernel or IMQKernel()))
+    return u, score
+
+
+def stein_identity_range(model: Callable, samples: dict[str, Tensor], *args, max_samples: int = 2000,
+                         **kwargs) -> tuple[float, float]:
+    """The smallest and largest eigenvalue of Stein's identity matrix of posterior draws (see
+    :func:`pyro_stein.stein.stein_identity_eigenvalues`): both about 1 for draws of the posterior; a value below
+    0.25 says the draws are too narrow in some direction (by a factor of about 2 or more), above 4 too wide. Unlike
+    R-hat of independent draws, it depends on the model, so it flags a wrong fit. Arguments as
+    :func:`stein_discrepancy`; ``(nan, nan)`` when there are no more draws than unconstrained dimensions."""
+    u, score = _packed_draws_and_scores(model, samples, args, kwargs, max_samples)
+    if u.shape[0] <= u.shape[1]:
+        return float("nan"), float("nan")
+    ev = stein_identity_eigenvalues(u, score)
+    return float(ev.min()), float(ev.max())
 
 
 @torch.no_grad()

@@ -712,14 +712,12 @@ class AmortizedSVGD:
                     "rate, and check the model's supports.")
         z, score = z[ok].double(), score[ok].double()
         zc = z - z.mean(0)
-        cov = zc.T @ zc / (z.shape[0] - 1)
-        chol, info = torch.linalg.cholesky_ex(cov)
+        chol, info = torch.linalg.cholesky_ex(zc.T @ zc / (z.shape[0] - 1))
         if info != 0:  # a degenerate direction: the draws have no spread there at all
             return ("the guide's draws have no spread in some direction (their covariance is singular): training "
                     "collapsed. Train longer, use more particles, or check the model's parameterisation.")
         u = torch.linalg.solve_triangular(chol, zc.T, upper=False).T
-        su = (score - score.mean(0)) @ chol
-        m = -(su.T @ u) / (z.shape[0] - 1)
+        m = -(((score - score.mean(0)) @ chol).T @ u) / (z.shape[0] - 1)  # as stein_identity_eigenvalues
         evals, evecs = torch.linalg.eigh(0.5 * (m + m.T))
         if not float(evals[0]) < _COLLAPSE_THRESHOLD:
             return None

@@ -229,3 +229,32 @@ def stein_moment_correction(z: Tensor, score: Tensor, affine: bool = True) -> tu
     t = c_ihalf @ _sym_sqrt(c_half @ cov_p @ c_half) @ c_ihalf
     t = torch.where(okm, t, eye)
     return mu + zc @ t.transpose(-1, -2), ok
+
+
+def stein_identity_eigenvalues(z: Tensor, score: Tensor) -> Tensor:
+    """Eigenvalues (ascending) of ``sym(-E[s_u u^T])`` in the draws' own whitened coordinates.
+
+    For any target ``p`` with decaying tails, ``E_p[s (z - m)^T] = -I``. With ``u = L^{-1} (z - m)`` (``L L^T``
+    the draws' covariance) and the score ``s_u = L^T s``, the matrix ``-E[s_u u^T]`` is therefore ``I`` for exact
+    draws, and for a Gaussian target and draws whose spread is ``r`` times the target's along a direction it has the
+    eigenvalue ``r^2`` there. Affine invariant: correlated and badly scaled posteriors are judged alike. An eigenvalue
+    far below 1 says the draws are too narrow in some direction, far above 1 too wide (Monte Carlo error about
+    ``2 sqrt(D / n)`` on the extreme eigenvalues of ``n`` draws in ``D`` dimensions).
+
+    :param Tensor z: draws ``(n, D)``, ``n > D``.
+    :param Tensor score: ``grad log p`` at ``z``, same shape.
+    :returns: ``(D,)`` eigenvalues, in float64; NaN when the draws' covariance is singular.
+    """
+    _check(z, score)
+    if z.dim() != 2 or z.shape[0] <= z.shape[1]:
+        raise ValueError(f"stein_identity_eigenvalues needs draws (n, D) with n > D, got {tuple(z.shape)}")
+    z, score = z.double(), score.double()
+    zc = z - z.mean(0)
+    cov = zc.T @ zc / (z.shape[0] - 1)
+    chol, info = torch.linalg.cholesky_ex(cov)
+    if info != 0:
+        return torch.full((z.shape[1],), float("nan"), dtype=z.dtype, device=z.device)
+    u = torch.linalg.solve_triangular(chol, zc.T, upper=False).T
+    su = (score - score.mean(0)) @ chol
+    m = -(su.T @ u) / (z.shape[0] - 1)
+    return torch.linalg.eigvalsh(0.5 * (m + m.T))

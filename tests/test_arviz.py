@@ -513,3 +513,27 @@ def test_export_with_an_improper_uniform_prior():
     # one correction round makes the (Gaussian) posterior N(mean x, 1/12) exact from the untrained sampler
     np.testing.assert_allclose(float(idata["posterior"]["m"].mean()), float(x.mean()), atol=5 / np.sqrt(12 * 200))
     assert idata["log_likelihood"]["x"].shape == (1, 200, 12)
+
+
+@pytest.mark.parametrize("r", [1.0, 0.3])
+def test_stein_attributes_flag_draws_that_are_too_narrow(r):
+    """Exact draws of a conjugate posterior (r = 1) against draws 0.3 times as wide: the Stein identity attributes
+    are about 1 (Monte Carlo error about 0.06 at 1,000 draws in one dimension) and about 0.09."""
+    y = _t([0.5, 1.5, -0.2, 0.9])
+
+    def conjugate(y):
+        mu = pyro.sample("mu", dist.Normal(y.new_tensor(0.0), 1.0))
+        with pyro.plate("obs", y.shape[0]):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    def guide(y):
+        pyro.sample("mu", dist.Normal(y.sum() / 5, r * 5 ** -0.5))
+
+    pyro.set_rng_seed(0)
+    attrs = _attrs(to_inference_data(guide, conjugate, y, num_samples=1000))
+    low, high = attrs["stein_identity_min"], attrs["stein_identity_max"]
+    if r == 1.0:
+        assert 0.8 < low <= high < 1.2, (low, high)
+        assert abs(attrs["stein_discrepancy"]) < 0.05
+    else:
+        assert high < 0.25, f"draws 0.3 times as wide must be flagged: {low}, {high}"
