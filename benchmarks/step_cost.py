@@ -238,7 +238,7 @@ def run(mode: str, out: Path, device: str = "cpu") -> dict:
         lp_h, sc_h = hand.log_density_and_score(z, args, kwargs)
         check = {
             "max_abs_logp_diff": float((lp_ref - lp_h).abs().max()),
-            "max_rel_score_diff": float(((sc_ref - sc_h).abs().max() / sc_ref.abs().max())),
+            "max_rel_score_diff": float((sc_ref - sc_h).abs().max() / sc_ref.abs().max()),
         }
         # (b) pyro.infer.SVGD and (c) SVI
         pyro.set_rng_seed(0)

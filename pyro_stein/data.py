@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import inspect
 import numbers
-from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import pyro.poutine as poutine
-from pyro.poutine.util import site_is_subsample
 import pyro.util
 import torch
+from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
@@ -62,7 +63,7 @@ class Dataset:
         parts = [fmt(a) for a in self.args] + [f"{k}={fmt(v)}" for k, v in self.kwargs.items()]
         return f"Dataset({', '.join(parts)})"
 
-    def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> "Dataset":
+    def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> Dataset:
         """A copy with ``fn`` applied to every tensor argument (e.g. ``lambda t: t.to('cuda')``)."""
         conv = lambda v: fn(v) if isinstance(v, Tensor) else v  # noqa: E731
         return Dataset(*[conv(a) for a in self.args], **{k: conv(v) for k, v in self.kwargs.items()})
@@ -82,7 +83,7 @@ class LastDataset:
     def __init__(self):
         self._last: tuple[list, Dataset] | None = None
 
-    def __deepcopy__(self, memo) -> "LastDataset":  # a copied guide or driver starts with an empty memo
+    def __deepcopy__(self, memo) -> LastDataset:  # a copied guide or driver starts with an empty memo
         return LastDataset()
 
     def __getstate__(self) -> dict:  # pickling the owner does not pickle the last data

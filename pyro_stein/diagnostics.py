@@ -21,12 +21,12 @@ References:
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import pyro.poutine as poutine
+import torch
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_value
 from pyro.poutine.util import prune_subsample_sites
-import torch
 from torch import Tensor
 
 from .data import Dataset, as_dataset

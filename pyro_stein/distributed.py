@@ -37,9 +37,10 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import pyro
 import torch

@@ -573,7 +573,7 @@ def _takes_labels(module: nn.Module) -> bool:
     """Whether a module is class-conditional: its ``num_classes`` attribute if it has one,
     otherwise whether ``forward`` accepts a second positional argument."""
     if hasattr(module, "num_classes"):
-        return getattr(module, "num_classes") is not None
+        return module.num_classes is not None
     try:
         params = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):  # pragma: no cover - builtins without signatures

@@ -67,8 +67,9 @@ from __future__ import annotations
 import numbers
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pyro
 import torch

@@ -6,8 +6,8 @@ import itertools
 import math
 import numbers
 import warnings
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack, nullcontext
-from typing import Callable, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -24,8 +24,18 @@ from ._checks import _int_at_least
 from .data import Dataset, DatasetFeatures, LastDataset, _dataset_sequence, collate_features, default_dataset_fn
 from .kernels import IMQKernel
 from .laplace import LaplaceFrameWarning, laplace_frames
-from .logjoint import (LatentSite, ModelLogDensity, VectorizationWarning, all_finite, finite_sets, full_data, latent_sites_from_trace, pack,
-                       top_level, unpack)
+from .logjoint import (
+    LatentSite,
+    ModelLogDensity,
+    VectorizationWarning,
+    all_finite,
+    finite_sets,
+    full_data,
+    latent_sites_from_trace,
+    pack,
+    top_level,
+    unpack,
+)
 from .mcmc import hmc_polish, mala_polish
 from .nn import DeepSetEncoder, GaussianResidualSampler
 from .stein import ksd, stein_moment_correction, stein_moment_residual
@@ -686,7 +696,7 @@ class AmortizedSteinGuide(AutoContinuous):
         self._squash_frame_summary = True
 
     # ------------------------------------------------------------------ setup
-    def setup(self, *args, **kwargs) -> "AmortizedSteinGuide":
+    def setup(self, *args, **kwargs) -> AmortizedSteinGuide:
         """Trace the model once with example arguments and build the networks.
 
         Calling the guide, :meth:`sample_posterior` or a training step does this automatically;
@@ -1426,7 +1436,7 @@ class AmortizedSteinGuide(AutoContinuous):
         return {name: x for name, (_, x) in unpack(z, self.sites).items()}
 
     @torch.no_grad()
-    def calibrate(self, *args, **kwargs) -> "AmortizedSteinGuide":
+    def calibrate(self, *args, **kwargs) -> AmortizedSteinGuide:
         """Fold a Stein correction of the mean into the guide, once: every later draw (``sample_posterior``,
         ``forward`` and so :class:`~pyro.infer.Predictive`, ``median``) comes out corrected at no extra cost.
 

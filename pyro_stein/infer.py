@@ -8,8 +8,9 @@ import numbers
 import signal
 import threading
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import pyro
 import pyro.poutine as poutine
@@ -18,7 +19,15 @@ from pyro.optim import PyroOptim
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .data import Dataset, LastDataset, PriorPredictiveStream, _check_batch_size, _dataset_sequence, as_dataset, iterate_batches
+from .data import (
+    Dataset,
+    LastDataset,
+    PriorPredictiveStream,
+    _check_batch_size,
+    _dataset_sequence,
+    as_dataset,
+    iterate_batches,
+)
 from .guide import AmortizedSteinGuide, _int_at_least, _IntOption, _refuse_half_precision_once
 from .kernels import RadialKernel, RBFKernel
 from .logjoint import ModelLogDensity, NonFiniteLogJointError, all_finite, finite_sets

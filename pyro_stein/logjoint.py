@@ -15,16 +15,17 @@ import re
 import threading
 import warnings
 import weakref
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import pyro
 import pyro.poutine as poutine
+import torch
 from pyro.distributions.util import scale_and_mask, sum_rightmost
 from pyro.poutine.subsample_messenger import SubsampleMessenger
 from pyro.poutine.util import site_is_subsample
-import torch
 from torch import Tensor
 from torch.distributions import Transform
 from torch.utils._pytree import tree_flatten, tree_unflatten

@@ -74,7 +74,7 @@ class PositiveDefiniteBijection(Transform):
         super().__init__(cache_size=cache_size)
         self._chol = LowerCholeskyBijection()
 
-    def with_cache(self, cache_size: int = 1) -> "PositiveDefiniteBijection":
+    def with_cache(self, cache_size: int = 1) -> PositiveDefiniteBijection:
         return self if self._cache_size == cache_size else PositiveDefiniteBijection(cache_size)
 
     def __eq__(self, other):

@@ -7,12 +7,13 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from .conftest import DEVICE, DTYPE
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
 from pyro_stein import Dataset
 from pyro_stein.arviz import to_inference_data, to_inference_data_batch
+
+from .conftest import DEVICE, DTYPE
 
 az = pytest.importorskip("arviz")
 

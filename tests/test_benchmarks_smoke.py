@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.amortized import FAMILIES, _accuracy_summary, _compare, _methods_of  # noqa: E402
+
 DATA = Path(os.environ.get("PYRO_STEIN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 

@@ -20,7 +20,6 @@ from pyro_stein.ebm import (
 from pyro_stein.kernels import RBFKernel
 from pyro_stein.stein import stein_direction
 
-
 # Exactness checks (hand-derived identities at 1e-9, gradcheck) run in float64 whatever the suite's dtype:
 # they test the mathematics, which single precision cannot resolve to those tolerances.
 F64 = torch.float64

@@ -10,8 +10,8 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
-from pyro.infer import Predictive
 from pyro.distributions import constraints
+from pyro.infer import Predictive
 
 from pyro_stein import AmortizedSteinGuide, AmortizedSVGD, ModelParameterWarning, NonFiniteLogJointError, RBFKernel
 from pyro_stein.logjoint import ModelEvaluationError, VectorizationWarning
