@@ -929,13 +929,7 @@ class AmortizedSteinGuide(AutoContinuous):
             try:
                 for _ in range(5):
                     opt.step(closure)
-                if not torch.isfinite(z).all() and self.frame_request == "auto":
-                    raise RuntimeError("L-BFGS ran to non-finite values")
             except RuntimeError as e:  # e.g. an overflow inside L-BFGS when the log density grows without bound
-                if self.frame_request == "auto":  # the damped Newton search of the per-dataset frames, then give up
-                    found = self._newton_frame(init_loc, args, kwargs)
-                    if found is not None:
-                        return found
                 raise ValueError(
                     f"whiten='laplace': the mode search failed ({str(e).splitlines()[0]}); the posterior may have no "
                     "proper mode (e.g. a centred hierarchical model whose log density grows without bound as a scale "
@@ -963,21 +957,6 @@ class AmortizedSteinGuide(AutoContinuous):
                 "hierarchical model); use whiten='auto' or a non-centred parameterisation"
             )
         return mode, scale
-
-    def _newton_frame(self, init_loc: Tensor, args, kwargs) -> tuple[Tensor, Tensor] | None:
-        """The Laplace frame from :func:`~pyro_stein.laplace.laplace_frames` (a damped Newton search that only needs the
-        log density and score, robust where L-BFGS's line search overflows), or ``None`` when it does not converge."""
-        data = [self._dataset_of(args, kwargs)]
-
-        def fn(idx: Tensor, points: Tensor):
-            with self._full_data():
-                return self.log_density.log_density_and_score_batch(points, data, check=False)
-
-        with poutine.block():
-            found = laplace_frames(fn, init_loc.detach()[None].clone(), max_evaluations=self.laplace_evaluations)
-        if not bool(found.converged[0]) or not (torch.isfinite(found.loc).all() and torch.isfinite(found.scale).all()):
-            return None
-        return found.loc[0], found.scale[0]
 
     def _require_full_data(self, feature: str, fix: str, why: str = "") -> None:
         if self.subsample_plates:
