@@ -36,7 +36,7 @@ from .stein import ksd_from_matrices, stein_direction_from_matrices
 __all__ = ["AmortizedSVGD", "KernelWarning", "NonFiniteDatasetWarning", "NonFiniteUpdateError", "TrainingWarning",
            "default_optim", "refine"]
 
-DEFAULT_NUM_STEPS = 2000
+DEFAULT_NUM_STEPS = 1500
 DEFAULT_LR = (1e-2, 1e-3)  # ClippedAdam's learning rate, decayed geometrically from the first to the second over a run
 # the adaptive frame: an exponential moving average of the particles' mean and covariance, shrunk towards its diagonal
 _FRAME_DECAY = 0.9
@@ -45,6 +45,7 @@ _FRAME_SHRINK = 0.1
 _HEALTH_WINDOWS = 10
 _COLLAPSE_THRESHOLD = 0.25
 _HEALTH_DRAWS = 2000
+AUTO_POLISH = (10, 5)  # (mcmc_steps, mcmc_leapfrog) run() sets on a guide whose draws fail the collapse check
 _HEALTH_MIN_STEPS = 200  # shorter runs are too noisy to judge from the KSD history
 
 
@@ -636,7 +637,7 @@ class AmortizedSVGD:
     ) -> list[float]:
         """Train and return the per-step diagnostic (see :meth:`step`): ``svgd.run(*model_args, **model_kwargs)``.
 
-        :param int num_steps: updates to run (default 2000). With the default optimiser, its learning rate decays
+        :param int num_steps: updates to run (default 1500). With the default optimiser, its learning rate decays
             from 1e-2 to 1e-3 over the steps of the first ``run``.
         :param datasets: for amortized training: a finite collection of datasets (cycled in
             shuffled batches), a :class:`~pyro_stein.data.PriorPredictiveStream`, or an iterator
@@ -648,7 +649,8 @@ class AmortizedSVGD:
             every later draw comes out corrected at no extra cost.
         :param bool check_health: at the end, raise a :class:`TrainingWarning` when the run diverged, when its Stein
             discrepancy had not settled, or (a guide fitted to one dataset) when the draws' spread has collapsed
-            below the posterior's (measured with Stein's identity ``E[s (z - m)^T] = -I`` at 2,000 draws: one batched model
+            below the posterior's (then, unless ``guide.mcmc_steps`` was set, the guide's ``sample_posterior``
+            polishes its draws with 10 HMC steps of 5 leapfrogs from then on) (measured with Stein's identity ``E[s (z - m)^T] = -I`` at 2,000 draws: one batched model
             evaluation).
         """
         if num_steps is None and args and _is_step_count(args[0]):
@@ -684,7 +686,14 @@ class AmortizedSVGD:
         single = batches is None and not self.guide.amortized and bool(history)
         problems = _history_problems(history) if check_health else []
         if check_health and single:  # judged on the trained sampler, before calibrate() corrects its moments
-            problems += [p for p in [self._collapse_problem(args, kwargs)] if p]
+            collapse = self._collapse_problem(args, kwargs)
+            if collapse:
+                guide = self.guide
+                if guide.mcmc_steps == 0:  # the draws fail Stein's identity: polish them unless the user chose
+                    guide.mcmc_steps, guide.mcmc_leapfrog = AUTO_POLISH
+                    collapse += (f" From now on sample_posterior polishes this guide's draws with {AUTO_POLISH[0]} "
+                                 f"HMC steps of {AUTO_POLISH[1]} leapfrogs (guide.mcmc_steps = 0 turns it off).")
+                problems.append(collapse)
         if calibrate and single:
             rng = pyro.util.get_rng_state()  # the calibration must not change the random stream of later training
             try:
@@ -737,8 +746,7 @@ class AmortizedSVGD:
                 f"identity gives a squared sd ratio of about {float(evals[0]):.2g} there (1 at the posterior). For a "
                 "centred hierarchical model (a funnel), a non-centred parameterisation "
                 "(pyro.infer.reparam.LocScaleReparam) trains better; otherwise train longer or use more particles. "
-                "The calibration at the end of run() matches the draws' mean and covariance to the posterior's "
-                "score, but not their shape; the MCMC polish of sample_posterior (guide.mcmc_steps) corrects more.")
+                "The calibration at the end of run() corrects the draws' mean, not their spread.")
 
     def get_state(self) -> dict:
         """The optimiser state, keyed by parameter name (see :meth:`set_state`): a snapshot (tensors copied),

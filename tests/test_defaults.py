@@ -198,7 +198,7 @@ def test_driver_defaults_and_the_deprecated_step_count():
     assert svgd.optim.pt_optim_constructor.__name__ == "ClippedAdam"
     with pytest.warns(FutureWarning, match=r"run\(\*model_args, num_steps=3\)"):
         assert len(svgd.run(3, y, progress_bar=False)) == 3
-    assert DEFAULT_NUM_STEPS == 2000
+    assert DEFAULT_NUM_STEPS == 1500
 
 
 def test_default_run_is_accurate_on_a_conjugate_posterior():
@@ -232,8 +232,14 @@ def test_collapsed_draws_are_reported():
     sigma, y = schools_data()
     pyro.set_rng_seed(0)
     guide = AmortizedSteinGuide(centred_schools, whiten=None)
-    with pytest.warns(TrainingWarning, match=r"narrower than the posterior"):
+    with pytest.warns(TrainingWarning, match=r"narrower than the posterior.*polishes this guide's draws"):
         AmortizedSVGD(centred_schools, guide).run(sigma, y, num_steps=600, progress_bar=False)
+    assert (guide.mcmc_steps, guide.mcmc_leapfrog) == (10, 5), "a collapsed guide's draws are polished from then on"
+    kept = AmortizedSteinGuide(centred_schools, whiten=None, mcmc_steps=2)
+    pyro.set_rng_seed(0)
+    with pytest.warns(TrainingWarning, match=r"narrower than the posterior"):
+        AmortizedSVGD(centred_schools, kept).run(sigma, y, num_steps=600, progress_bar=False)
+    assert kept.mcmc_steps == 2, "a polish the user chose is left alone"
 
 
 def test_health_checks_leave_the_random_stream_alone():
