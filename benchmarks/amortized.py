@@ -36,7 +36,7 @@ HMC_STEPS, HMC_LEAPFROG = 2, 5  # "polished_hmc": the same 10 evaluations as 2 H
 # 2 rounds + 3 x 5 on 20/20 at 1.26x its time; cheaper settings (1 round + 2 x 3 to 2 x 5, 1 round + 3 x 3) on 15-19/20
 # (1 round + 2 x 5: 16/20 and 19/20 in two sweeps; see README, known limitations)
 HMC_LONG_STEPS = 3
-# "polished_hmc3_r1": 1 correction round + 3 HMC steps x 5 (session 21's sweep on family (b): 20/20 datasets, worst mean
+# "polished_hmc3_r1": 1 correction round + 3 HMC steps x 5 (a sweep on family (b): 20/20 datasets, worst mean
 # error 0.153 sd, sd ratios 0.91-1.10, 8 % cheaper than 2 rounds + 3 x 5)
 FEW_CORRECTION_ROUNDS = 1
 # Preparation (family (b)): before the held-out datasets, `sample_posterior` runs PREPARE_CALLS times per timed method on
@@ -210,7 +210,7 @@ FAMILIES = {
         # one dataset would otherwise replay recordings that a new dataset does not have, flattering the timings)
         "size_of": lambda d: int(d.args[0].shape[0]), "guide_kwargs": {"whiten": "laplace", "record_graph": False},
         "svgd_kwargs": {}, "lr": 1e-2,
-        # longer HMC polish: where family (a)'s accuracy is reached, at what cost (session 24, one retrained guide on
+        # longer HMC polish: where family (a)'s accuracy is reached, at what cost (one retrained guide on
         # the 20 held-out datasets: 3 steps 11/20, 6 steps 17/20, 10 steps 19/20, 20 steps 20/20)
         "extra_polish": {"polished_hmc10": (CORRECTION_ROUNDS, 10, HMC_LEAPFROG),
                          "polished_hmc20": (CORRECTION_ROUNDS, 20, HMC_LEAPFROG)},
@@ -484,7 +484,7 @@ def _median(xs: list) -> float:
 
 
 def _sd_dev(row: dict) -> float:
-    """The largest |sd ratio - 1| over the dimensions; results written before session 25 hold only the ratio
+    """The largest |sd ratio - 1| over the dimensions; results written by earlier versions hold only the ratio
     farthest from 1 on a log scale, whose |r - 1| can understate it (a 0.82 stored for a dimension at 1.21)."""
     return row.get("max_sd_dev", abs(row["worst_sd_ratio"] - 1))
 
@@ -630,7 +630,7 @@ def _run_family(name: str, mode: str, out: Path) -> dict:
            "the reference. Accuracy per dataset: worst dimension of |mean - mean_NUTS| / sd_NUTS and of sd / sd_NUTS "
            f"(NUTS is itself a {num}-draw Monte Carlo estimate: its own error on the mean is "
            f"~{1 / math.sqrt(num / 5):.2f} sd allowing for autocorrelation). ")
-        + "Targets (issue #3): mean error < 0.2 sd and sd within 20% on every dataset, and >= 1000x faster than NUTS "
+        + "Targets: mean error < 0.2 sd and sd within 20% on every dataset, and >= 1000x faster than NUTS "
         "at that accuracy. float32."
     )
     result["wall_s"] = time.perf_counter() - t_start

@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import math
 import os
+import re
 import platform
 import statistics
 import time
@@ -111,6 +112,15 @@ def load_json(out: Path, name: str) -> dict | None:
 # --------------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------------
+
+
+_MACHINE_PATH = re.compile(r"(?:/[^\s`|/]+)+/(?=(?:pyro_stein|benchmarks|torch|pyro)/)")
+_ISSUE = re.compile(r"\s*\(issue #\d+\)")
+
+
+def _clean_text(text: str) -> str:
+    """Text stored in results by earlier versions, without machine paths or tracker references."""
+    return _ISSUE.sub("", _MACHINE_PATH.sub("", text))
 
 
 def _f(x: Any, fmt: str = ".3g") -> str:
@@ -346,7 +356,7 @@ def _section_amortized(d: dict, out: Path) -> list[str]:
     s.append(_table(["method", "median wall (s)", "NUTS / method", "median mean err (sd)", "worst mean err (sd)",
                      "median sd ratio", "mean err < 0.2", "sd within 20%", "both"], rows))
     s.append("")
-    # results written before session 25 kept only the sd ratio farthest from 1 on a log scale: a dataset whose stored
+    # results written by earlier versions kept only the sd ratio farthest from 1 on a log scale: a dataset whose stored
     # ratio lies in [0.8, 1/1.2] passed the "within 20 %" test though another dimension may be up to 1.25x off
     uncertain = {m: sum(1 for r in d["datasets"] if "nuts" in r and m in r and "max_sd_dev" not in r[m]
                         and 0.8 <= r[m]["worst_sd_ratio"] <= 1 / 1.2) for m in labels}
@@ -429,7 +439,7 @@ def _sbibm_label(kind: str, rounds: int) -> str:
 def _section_amortized_sbibm(d: dict, out: Path) -> list[str]:
     cfg = d["config"]
     s = [f"## 3c. Amortized inference on sbibm tasks, family (c) (mode `{d['mode']}`)", ""]
-    first = next((v for v in d["sbibm"].values() if "lr" in v), {})  # results from before session 15 lack the keys
+    first = next((v for v in d["sbibm"].values() if "lr" in v), {})  # results from earlier versions lack the keys
     how = f", lr {first['lr']:g}, mean_features={first['mean_features']}" if first else ""
     s.append(f"One guide per task, trained on the task's prior predictive ({cfg['steps']} steps x {cfg['batch']} simulated "
              f"datasets x {cfg['particles']} particles{how}), then {cfg['draws']:,} draws for each of the first "
@@ -514,5 +524,5 @@ def build_report(out: Path) -> Path:
         lines.append(f"_{name}: wall {d.get('wall_s', float('nan')):.1f} s, mode `{d.get('mode')}`, written {d.get('machine', {}).get('date')}_")
         lines.append("")
     path = out / "REPORT.md"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(_clean_text("\n".join(lines) + "\n"))
     return path

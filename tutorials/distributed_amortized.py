@@ -88,7 +88,7 @@ def main(argv=None):
         # dataset), which for this Gaussian posterior is already exact, so the sampler only has to keep
         # it: 2000 steps (1 process, batch 8) give held-out errors of 0.04 sd and 2 % in sd. Without the
         # frame the sampler must learn the map from a dataset to its narrow posterior itself, and after
-        # 2000 steps it is 1.3 sd off (session 15), at half the step cost.
+        # 2000 steps it is 1.3 sd off, at half the step cost.
         guide = AmortizedSteinGuide(model, amortized=True, whiten="laplace")
         example = stream.sample()
         guide.setup(*example.args, **example.kwargs)
