@@ -19,15 +19,25 @@ PARTS = ("step_cost", "accuracy", "amortized", "amortized_hier", "amortized_sbib
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", dest="mode", action="store_const", const="quick")
     g.add_argument("--full", dest="mode", action="store_const", const="full")
     g.add_argument("--smoke", dest="mode", action="store_const", const="smoke", help="tiny CI configuration")
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    p.add_argument("--posteriors", default=None, help="accuracy: comma-separated subset of posterior names (posteriordb names or sbibm task/obs)")
-    p.add_argument("--device", default="cpu", help="step_cost only: torch device to time on (e.g. cuda); writes step_cost_cuda.json")
+    p.add_argument(
+        "--posteriors",
+        default=None,
+        help="accuracy: comma-separated subset of posterior names (posteriordb names or sbibm task/obs)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="step_cost only: torch device to time on (e.g. cuda); writes step_cost_cuda.json",
+    )
     p.add_argument("--report-only", action="store_true", help="only regenerate REPORT.md from the JSON files in --out")
     a = p.parse_args(argv)
     mode = a.mode or "quick"

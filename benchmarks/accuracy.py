@@ -26,12 +26,42 @@ from .report import machine_info, write_json
 
 CONFIG = {
     # steps / particles / draws per method and mode
-    "smoke": {"asg_steps": 30, "asg_particles": 32, "svi_steps": 30, "svgd_steps": 20, "svgd_particles": 32,
-              "nuts_warmup": 10, "nuts_samples": 20, "nuts_cap_s": 5, "draws": 200, "c2st_exact": False},
-    "quick": {"asg_steps": 800, "asg_particles": 64, "svi_steps": 800, "svgd_steps": 300, "svgd_particles": 128,
-              "nuts_warmup": 150, "nuts_samples": 300, "nuts_cap_s": 45, "draws": 1000, "c2st_exact": False},
-    "full": {"asg_steps": None, "asg_particles": 64, "svi_steps": 3000, "svgd_steps": 1500, "svgd_particles": 256,
-             "nuts_warmup": 500, "nuts_samples": 1500, "nuts_cap_s": 300, "draws": 5000, "c2st_exact": False},
+    "smoke": {
+        "asg_steps": 30,
+        "asg_particles": 32,
+        "svi_steps": 30,
+        "svgd_steps": 20,
+        "svgd_particles": 32,
+        "nuts_warmup": 10,
+        "nuts_samples": 20,
+        "nuts_cap_s": 5,
+        "draws": 200,
+        "c2st_exact": False,
+    },
+    "quick": {
+        "asg_steps": 800,
+        "asg_particles": 64,
+        "svi_steps": 800,
+        "svgd_steps": 300,
+        "svgd_particles": 128,
+        "nuts_warmup": 150,
+        "nuts_samples": 300,
+        "nuts_cap_s": 45,
+        "draws": 1000,
+        "c2st_exact": False,
+    },
+    "full": {
+        "asg_steps": None,
+        "asg_particles": 64,
+        "svi_steps": 3000,
+        "svgd_steps": 1500,
+        "svgd_particles": 256,
+        "nuts_warmup": 500,
+        "nuts_samples": 1500,
+        "nuts_cap_s": 300,
+        "draws": 5000,
+        "c2st_exact": False,
+    },
 }
 DEFAULTS = "AmortizedSteinGuide"
 RAW = "AmortizedSteinGuide (raw draws)"
@@ -51,8 +81,11 @@ def _init_values(ref):
     unconstrained space (zeros for a real beta); other sites fall back to init_to_feasible. ``None`` when there are none."""
     init = init_to_mean_or_feasible(like=_first_tensor([ref.args, ref.kwargs]))
     trace = poutine.trace(InitMessenger(init)(ref.model)).get_trace(*ref.args, **ref.kwargs)
-    vals = {name: site["value"].detach() for name, site in trace.nodes.items()
-            if site["type"] == "sample" and not site["is_observed"] and isinstance(site["fn"], ImproperUniform)}
+    vals = {
+        name: site["value"].detach()
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"] and isinstance(site["fn"], ImproperUniform)
+    }
     return vals or None
 
 
@@ -108,6 +141,7 @@ def _trained_default(ref, cfg):
 
 def _draw_costs(guide, ref, n: int = 1000) -> dict:
     """Median ms of ``sample_posterior(n)`` with the default post-processing and with raw draws (after a warm-up)."""
+
     def call():
         guide.sample_posterior(n, *ref.args, **ref.kwargs)
 
@@ -127,8 +161,12 @@ def fit_asg(ref, cfg):
     """Ours with no options: automatic frame, default optimiser and steps, default post-processing of the draws."""
     guide, wall, health = _trained_default(ref, cfg)
     samples = guide.sample_posterior(cfg["draws"], *ref.args, **ref.kwargs)
-    extra = dict(_draw_costs(guide, ref), train_s=wall, health_warnings=health,
-                 frame="laplace" if guide.whiten else ("adaptive" if guide.adaptive_frame else "none"))
+    extra = dict(
+        _draw_costs(guide, ref),
+        train_s=wall,
+        health_warnings=health,
+        frame="laplace" if guide.whiten else ("adaptive" if guide.adaptive_frame else "none"),
+    )
     return samples, extra
 
 
@@ -182,8 +220,13 @@ def fit_autoiaf(ref, cfg):
 
 def fit_pyro_svgd(ref, cfg):
     steps = cfg["svgd_steps"]
-    svgd = pyro.infer.SVGD(_model(ref), pyro.infer.RBFSteinKernel(), _decay(5e-2, 5e-3, steps),
-                           num_particles=cfg["svgd_particles"], max_plate_nesting=1)
+    svgd = pyro.infer.SVGD(
+        _model(ref),
+        pyro.infer.RBFSteinKernel(),
+        _decay(5e-2, 5e-3, steps),
+        num_particles=cfg["svgd_particles"],
+        max_plate_nesting=1,
+    )
     for _ in range(steps):
         svgd.step(*ref.args, **ref.kwargs)
     parts = svgd.get_named_particles()
@@ -210,11 +253,19 @@ def fit_nuts(ref, cfg):
     def hook(kernel, samples, stage, i):
         count[0] += 1
         if time.perf_counter() - t0 > cap:
-            raise TimeoutError(f"NUTS exceeded its {cap:.0f} s cap after {count[0]} of "
-                               f"{cfg['nuts_warmup'] + cfg['nuts_samples']} iterations")
+            raise TimeoutError(
+                f"NUTS exceeded its {cap:.0f} s cap after {count[0]} of "
+                f"{cfg['nuts_warmup'] + cfg['nuts_samples']} iterations"
+            )
 
-    mcmc = MCMC(NUTS(_model(ref), **kw), num_samples=cfg["nuts_samples"], warmup_steps=cfg["nuts_warmup"],
-                num_chains=1, disable_progbar=True, hook_fn=hook)
+    mcmc = MCMC(
+        NUTS(_model(ref), **kw),
+        num_samples=cfg["nuts_samples"],
+        warmup_steps=cfg["nuts_warmup"],
+        num_chains=1,
+        disable_progbar=True,
+        hook_fn=hook,
+    )
     mcmc.run(*ref.args, **ref.kwargs)
     return mcmc.get_samples()
 
@@ -293,10 +344,10 @@ def run(mode: str, out: Path, posteriors: str | None = None, methods=METHODS) ->
     result = {"mode": mode, "config": cfg, "machine": machine_info(), "results": {}, "dtype": "torch.float64"}
     result["budgets"] = {
         DEFAULTS: "no options: AmortizedSteinGuide(model), AmortizedSVGD(model, guide), run(*args) ("
-                  + ("the default number of steps" if cfg["asg_steps"] is None else f"{cfg['asg_steps']} steps")
-                  + f"), sample_posterior with its default post-processing; {cfg['draws']} draws. train_s: training "
-                  "alone; draw_ms_default / draw_ms_raw: median ms of sample_posterior(1000) with the default "
-                  "post-processing / without it",
+        + ("the default number of steps" if cfg["asg_steps"] is None else f"{cfg['asg_steps']} steps")
+        + f"), sample_posterior with its default post-processing; {cfg['draws']} draws. train_s: training "
+        "alone; draw_ms_default / draw_ms_raw: median ms of sample_posterior(1000) with the default "
+        "post-processing / without it",
         RAW: "the same trained guide, its sampler's own draws (moment_correction=0, mcmc_steps=0); wall includes the training",
         PREVIOUS: f"the usage example before the defaults: whiten=None, {PREVIOUS_STEPS} steps x 64 particles, ClippedAdam lr 1e-2, lrd 0.9985, raw draws",
         "AutoNormal / AutoMultivariateNormal / AutoIAFNormal": f"{cfg['svi_steps']} SVI steps, Trace_ELBO (1 particle), ClippedAdam lr 1e-2 -> 1e-3; {cfg['draws']} draws",
@@ -304,16 +355,20 @@ def run(mode: str, out: Path, posteriors: str | None = None, methods=METHODS) ->
         "NUTS": f"1 chain, {cfg['nuts_warmup']} warmup + {cfg['nuts_samples']} samples (= draws), wall cap {cfg['nuts_cap_s']} s",
     }
     old_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # the reference data are float64; Pyro's autoguide networks follow the default
+    torch.set_default_dtype(
+        torch.float64
+    )  # the reference data are float64; Pyro's autoguide networks follow the default
     try:
         _run_all(result, cfg, posteriors, mode, methods, out, t_start)
     finally:
         torch.set_default_dtype(old_dtype)
     pyro.clear_param_store()
-    result["notes"] = NOTES.format(variant="sbibm's, early_stopping=False (up to 1000 adam iterations; sbibm: 10,000)"
-                                   if cfg["c2st_exact"] else
-                                   "early_stopping=True, i.e. NOT sbibm's definition (without early stopping each score "
-                                   "trains 5 folds for up to 1000 iterations here, 10,000 in sbibm; too slow for this budget)")
+    result["notes"] = NOTES.format(
+        variant="sbibm's, early_stopping=False (up to 1000 adam iterations; sbibm: 10,000)"
+        if cfg["c2st_exact"]
+        else "early_stopping=True, i.e. NOT sbibm's definition (without early stopping each score "
+        "trains 5 folds for up to 1000 iterations here, 10,000 in sbibm; too slow for this budget)"
+    )
     result["wall_s"] = time.perf_counter() - t_start
     write_json(out, "accuracy", result)
     return result
@@ -340,8 +395,11 @@ def _run_all(result, cfg, posteriors, mode, methods, out, t_start):
                 r = {"wall_s": time.perf_counter() - t0, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
                 r["traceback_tail"] = traceback.format_exc().splitlines()[-3:]
             res[meth] = r
-            print(f"  {name:45s} {meth:24s} c2st={r.get('c2st', float('nan')):.3f} "
-                  f"sme={r.get('worst_std_mean_error', float('nan')):.3f} sdr={r.get('worst_sd_ratio', float('nan')):.3f} "
-                  f"wall={r['wall_s']:.1f}s {r.get('error', '')}", flush=True)
+            print(
+                f"  {name:45s} {meth:24s} c2st={r.get('c2st', float('nan')):.3f} "
+                f"sme={r.get('worst_std_mean_error', float('nan')):.3f} sdr={r.get('worst_sd_ratio', float('nan')):.3f} "
+                f"wall={r['wall_s']:.1f}s {r.get('error', '')}",
+                flush=True,
+            )
         result["results"][name] = res
         write_json(out, "accuracy", dict(result, wall_s=time.perf_counter() - t_start))  # partial results survive

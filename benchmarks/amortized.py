@@ -19,13 +19,38 @@ from .metrics import sd_ratio, standardized_mean_error, worst_ratio
 from .report import machine_info, write_json
 
 CONFIG = {
-    "smoke": {"steps": 10, "batch": 4, "particles": 32, "datasets": 1, "nuts": (20, 30), "svi_steps": 20, "nuts_cap_s": 20,
-              "refine_steps": 5, "prepare_sizes": 2},  # smoke: the preparation pass on the 2 smallest sizes only
-    "quick": {"steps": 300, "batch": 8, "particles": 64, "datasets": 3, "nuts": (200, 300), "svi_steps": 300,
-              "nuts_cap_s": 60, "refine_steps": 50},
+    "smoke": {
+        "steps": 10,
+        "batch": 4,
+        "particles": 32,
+        "datasets": 1,
+        "nuts": (20, 30),
+        "svi_steps": 20,
+        "nuts_cap_s": 20,
+        "refine_steps": 5,
+        "prepare_sizes": 2,
+    },  # smoke: the preparation pass on the 2 smallest sizes only
+    "quick": {
+        "steps": 300,
+        "batch": 8,
+        "particles": 64,
+        "datasets": 3,
+        "nuts": (200, 300),
+        "svi_steps": 300,
+        "nuts_cap_s": 60,
+        "refine_steps": 50,
+    },
     # the issue's specification: 20 held-out datasets, NUTS 500 warm-up + 1000 draws
-    "full": {"steps": 3000, "batch": 8, "particles": 64, "datasets": 20, "nuts": (500, 1000), "svi_steps": 1000,
-             "nuts_cap_s": 240, "refine_steps": 100},
+    "full": {
+        "steps": 3000,
+        "batch": 8,
+        "particles": 64,
+        "datasets": 20,
+        "nuts": (500, 1000),
+        "svi_steps": 1000,
+        "nuts_cap_s": 240,
+        "refine_steps": 100,
+    },
 }
 NUM_DRAWS = 1000
 CORRECTION_ROUNDS = 2
@@ -83,8 +108,9 @@ def logistic_flat(samples, d):
     return torch.cat([s, s * samples["w_raw"].reshape(-1, D_MAX)[:, :k]], -1).double()
 
 
-def logistic_reference_moments(X: torch.Tensor, y: torch.Tensor, num_draws: int = 400_000, num_grid: int = 800,
-                               seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
+def logistic_reference_moments(
+    X: torch.Tensor, y: torch.Tensor, num_draws: int = 400_000, num_grid: int = 800, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Near-exact posterior means and sds of ``(s, w_1..k)`` for :func:`logistic_model` (``k`` = the dataset's
     non-zero feature columns), and the effective sample size behind them; float64.
 
@@ -163,7 +189,9 @@ def schools_features(sigma, y=None):
     return torch.cat([rows, rows.new_zeros(J_MAX - sigma.shape[0], 3)]).reshape(1, -1)
 
 
-def schools_exact_moments(sigma: torch.Tensor, y: torch.Tensor, num_grid: int = 20_001) -> tuple[torch.Tensor, torch.Tensor]:
+def schools_exact_moments(
+    sigma: torch.Tensor, y: torch.Tensor, num_grid: int = 20_001
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact posterior means and sds of ``(mu, tau, theta_1..J)`` for :func:`schools_model`, in float64.
 
     Given ``tau`` the model is conjugate: integrating ``theta`` out gives ``y_j | mu, tau ~ N(mu, sigma_j^2 + tau^2)``,
@@ -179,8 +207,9 @@ def schools_exact_moments(sigma: torch.Tensor, y: torch.Tensor, num_grid: int = 
     v = sigma**2 + tau**2
     P = 1 / 25.0 + (1 / v).sum(-1)
     m = (y / v).sum(-1) / P
-    log_marginal = (-0.5 * torch.log(2 * math.pi * v).sum(-1) - 0.5 * torch.log(25.0 * P)
-                    - 0.5 * ((y**2 / v).sum(-1) - P * m**2))
+    log_marginal = (
+        -0.5 * torch.log(2 * math.pi * v).sum(-1) - 0.5 * torch.log(25.0 * P) - 0.5 * ((y**2 / v).sum(-1) - P * m**2)
+    )
     log_w = log_marginal - tau[:, 0] ** 2 / 50.0 + log_tau  # HalfNormal(5) prior, d tau = tau d log tau
     w = torch.exp(log_w - log_w.max())
     w[0], w[-1] = w[0] / 2, w[-1] / 2
@@ -191,8 +220,11 @@ def schools_exact_moments(sigma: torch.Tensor, y: torch.Tensor, num_grid: int = 
         e = (w * mean).sum(0)
         return e, ((w * (var + mean**2)).sum(0) - e**2).clamp_min(0).sqrt()
 
-    moments = [mix(m[:, None], 1 / P[:, None]), mix(tau, torch.zeros_like(tau)),
-               mix(b * y + (1 - b) * m[:, None], sigma**2 * tau**2 / v + (1 - b) ** 2 / P[:, None])]
+    moments = [
+        mix(m[:, None], 1 / P[:, None]),
+        mix(tau, torch.zeros_like(tau)),
+        mix(b * y + (1 - b) * m[:, None], sigma**2 * tau**2 / v + (1 - b) ** 2 / P[:, None]),
+    ]
     return torch.cat([mm for mm, _ in moments]), torch.cat([sd for _, sd in moments])
 
 
@@ -205,32 +237,46 @@ def schools_flat(samples, d):
 FAMILIES = {
     "amortized": {
         "title": "family (a), logistic regression with a weight-scale hyperprior",
-        "model": logistic_model, "make_args": logistic_args, "flat": logistic_flat, "size": "rows",
+        "model": logistic_model,
+        "make_args": logistic_args,
+        "flat": logistic_flat,
+        "size": "rows",
         # 20-500 rows: a new dataset rarely has a shape seen before, so the guide records no graphs (repeated calls on
         # one dataset would otherwise replay recordings that a new dataset does not have, flattering the timings)
-        "size_of": lambda d: int(d.args[0].shape[0]), "guide_kwargs": {"whiten": "laplace", "record_graph": False},
-        "svgd_kwargs": {}, "lr": 1e-2,
+        "size_of": lambda d: int(d.args[0].shape[0]),
+        "guide_kwargs": {"whiten": "laplace", "record_graph": False},
+        "svgd_kwargs": {},
+        "lr": 1e-2,
         # longer HMC polish: where family (a)'s accuracy is reached, at what cost (one retrained guide on
         # the 20 held-out datasets: 3 steps 11/20, 6 steps 17/20, 10 steps 19/20, 20 steps 20/20)
-        "extra_polish": {"polished_hmc10": (CORRECTION_ROUNDS, 10, HMC_LEAPFROG),
-                         "polished_hmc20": (CORRECTION_ROUNDS, 20, HMC_LEAPFROG)},
+        "extra_polish": {
+            "polished_hmc10": (CORRECTION_ROUNDS, 10, HMC_LEAPFROG),
+            "polished_hmc20": (CORRECTION_ROUNDS, 20, HMC_LEAPFROG),
+        },
         "exact": lambda d: logistic_reference_moments(d.args[0], d.kwargs["y"]),
-        "exact_note": ("near-exact: importance sampling from a nested-Laplace proposal, 400,000 draws, "
-                       "`logistic_reference_moments`; its Monte Carlo error, 1 / sqrt(ESS) sd, is in each row"),
+        "exact_note": (
+            "near-exact: importance sampling from a nested-Laplace proposal, 400,000 draws, "
+            "`logistic_reference_moments`; its Monte Carlo error, 1 / sqrt(ESS) sd, is in each row"
+        ),
         "scored_dims": "6-21",
         "description": (
             "s ~ HalfNormal(1), w = s * w_raw, w_raw ~ N(0, I_20), y_i ~ Bernoulli(sigmoid(x_i . w)); 20-500 rows and "
             "5-20 features x_i ~ N(0, I) per dataset (zero-padded to 20 columns), drawn from the prior predictive "
-            "(`PriorPredictiveStream`). Default encoder (DeepSets over the rows (x_i, y_i)); `whiten=\"laplace\"`: each "
+            '(`PriorPredictiveStream`). Default encoder (DeepSets over the rows (x_i, y_i)); `whiten="laplace"`: each '
             "dataset's Laplace frame (a batched Newton search per dataset, its cost included in the times), whose summary "
             "(mode, log sds) the sampler also sees. `record_graph=False`: a new dataset rarely shares its number of "
             "rows with an earlier one, so there are no recorded graphs to replay. Scored on s and the dataset's real "
-            "weights."),
+            "weights."
+        ),
     },
     "amortized_hier": {
         "title": "family (b), eight-schools-like hierarchical model",
-        "model": schools_model, "make_args": schools_args, "flat": schools_flat, "size": "groups",
-        "size_of": lambda d: int(d.args[0].shape[0]), "guide_kwargs": {"dataset_fn": schools_features, "whiten": "laplace"},
+        "model": schools_model,
+        "make_args": schools_args,
+        "flat": schools_flat,
+        "size": "groups",
+        "size_of": lambda d: int(d.args[0].shape[0]),
+        "guide_kwargs": {"dataset_fn": schools_features, "whiten": "laplace"},
         "svgd_kwargs": {"precondition": None},
         "exact": lambda d: schools_exact_moments(d.args[0], d.kwargs["y"]),
         "exact_note": "conjugate given tau, one-dimensional quadrature over log tau: `schools_exact_moments`",
@@ -242,10 +288,11 @@ FAMILIES = {
         "description": (
             "mu ~ N(0, 5), tau ~ HalfNormal(5), theta = mu + tau * theta_raw, y_j ~ N(theta_j, sigma_j); 5-30 groups "
             "with sigma_j ~ U(5, 20), drawn from the prior predictive. Encoding: the rows (y_j, sigma_j, 1) in group "
-            "order, zero-padded to 30 groups (a `dataset_fn`); `whiten=\"laplace\"`: each dataset's Laplace frame (its "
+            'order, zero-padded to 30 groups (a `dataset_fn`); `whiten="laplace"`: each dataset\'s Laplace frame (its '
             "cost included in the times), whose summary (mode, log sds) the sampler also sees. `precondition=None` "
             "(before the frames, the default 'auto' collapsed log tau and diverged; with a frame 'auto' is off anyway). "
-            "Scored on mu, tau and the dataset's theta_j."),
+            "Scored on mu, tau and the dataset's theta_j."
+        ),
     },
 }
 
@@ -260,8 +307,11 @@ def _compare(draws: torch.Tensor, ref: tuple[torch.Tensor, torch.Tensor]) -> dic
     ratio = sd / ref[1]
     # worst_sd_ratio (the ratio farthest from 1 on a log scale) is what the tables show; the "sd within 20 %" test
     # needs every dimension's |ratio - 1|, which that one ratio does not bound (0.82 is "worse" than 1.21 on a log scale)
-    return {"worst_mean_err": float(((mean - ref[0]).abs() / ref[1]).max()), "worst_sd_ratio": worst_ratio(ratio),
-            "max_sd_dev": float((ratio - 1).abs().max())}
+    return {
+        "worst_mean_err": float(((mean - ref[0]).abs() / ref[1]).max()),
+        "worst_sd_ratio": worst_ratio(ratio),
+        "max_sd_dev": float((ratio - 1).abs().max()),
+    }
 
 
 def _nuts(model, d, cfg):
@@ -318,13 +368,37 @@ def _timed_draws(guide, d, repeats: int, rounds: int = 0, mcmc_steps: int = 0, w
 
 
 SBIBM_CONFIG = {  # part "amortized_sbibm": the guide trained once per task on the prior predictive
-    "smoke": {"steps": 10, "batch": 4, "particles": 32, "observations": 2, "draws": 500, "nuts": (20, 30),
-              "nuts_cap_s": 20, "svi_steps": 20},
-    "quick": {"steps": 400, "batch": 8, "particles": 64, "observations": 3, "draws": 2000, "nuts": (200, 300),
-              "nuts_cap_s": 60, "svi_steps": 300},
+    "smoke": {
+        "steps": 10,
+        "batch": 4,
+        "particles": 32,
+        "observations": 2,
+        "draws": 500,
+        "nuts": (20, 30),
+        "nuts_cap_s": 20,
+        "svi_steps": 20,
+    },
+    "quick": {
+        "steps": 400,
+        "batch": 8,
+        "particles": 64,
+        "observations": 3,
+        "draws": 2000,
+        "nuts": (200, 300),
+        "nuts_cap_s": 60,
+        "svi_steps": 300,
+    },
     # the speed comparison: NUTS with the families' settings (500 warm-up + 1000 draws), timed in the same run
-    "full": {"steps": 3000, "batch": 8, "particles": 64, "observations": 10, "draws": 10_000, "nuts": (500, 1000),
-             "nuts_cap_s": 240, "svi_steps": 1000},
+    "full": {
+        "steps": 3000,
+        "batch": 8,
+        "particles": 64,
+        "observations": 10,
+        "draws": 10_000,
+        "nuts": (500, 1000),
+        "nuts_cap_s": 240,
+        "svi_steps": 1000,
+    },
 }
 SBIBM_CORRECTION_ROUNDS = 2
 # The sbibm guides: the encoder passes the feature means through (mean_features=True), trained at lr 3e-3. Session 15
@@ -338,8 +412,10 @@ SBIBM_KINDS = {"raw": 0, "corrected_1": 1, "corrected": SBIBM_CORRECTION_ROUNDS}
 
 
 def _errors(refd, draws) -> dict:
-    return {"worst_std_mean_error": float(standardized_mean_error(refd, draws).max()),
-            "worst_sd_error": float((sd_ratio(refd, draws) - 1).abs().max())}
+    return {
+        "worst_std_mean_error": float(standardized_mean_error(refd, draws).max()),
+        "worst_sd_error": float((sd_ratio(refd, draws) - 1).abs().max()),
+    }
 
 
 def _sbibm_speed(model, guide, ref, refd, cfg, observation: int) -> dict:
@@ -372,9 +448,12 @@ def _speed_summary(rows: list) -> dict:
         out["nuts_wall_s"] = statistics.median(r["nuts_wall_s"] for r in ok)
         for kind in (*SBIBM_KINDS, "svi"):
             wall = statistics.median(r[kind]["wall_s"] for r in ok)
-            out[kind] = {"wall_s": wall, "speedup_vs_nuts": out["nuts_wall_s"] / wall,
-                         "worst_std_mean_error": max(r[kind]["worst_std_mean_error"] for r in ok),
-                         "worst_sd_error": max(r[kind]["worst_sd_error"] for r in ok)}
+            out[kind] = {
+                "wall_s": wall,
+                "speedup_vs_nuts": out["nuts_wall_s"] / wall,
+                "worst_std_mean_error": max(r[kind]["worst_std_mean_error"] for r in ok),
+                "worst_sd_error": max(r[kind]["worst_sd_error"] for r in ok),
+            }
     return out
 
 
@@ -396,10 +475,15 @@ def _sbibm(cfg, result):
                 dataset_fn = lambda obs=None: bernoulli_glm_summary(obs).reshape(1, -1)  # noqa: E731
             else:
                 dataset_fn = lambda obs=None: obs.reshape(1, -1)  # noqa: E731
-            guide = AmortizedSteinGuide(m, amortized=True, dataset_fn=dataset_fn,
-                                        mean_features=SBIBM_GUIDE["mean_features"])
-            svgd = AmortizedSVGD(m, guide, pyro.optim.ClippedAdam({"lr": SBIBM_GUIDE["lr"], "lrd": 0.1 ** (1 / steps)}),
-                                 num_particles=particles)
+            guide = AmortizedSteinGuide(
+                m, amortized=True, dataset_fn=dataset_fn, mean_features=SBIBM_GUIDE["mean_features"]
+            )
+            svgd = AmortizedSVGD(
+                m,
+                guide,
+                pyro.optim.ClippedAdam({"lr": SBIBM_GUIDE["lr"], "lrd": 0.1 ** (1 / steps)}),
+                num_particles=particles,
+            )
             stream = PriorPredictiveStream(m, lambda: Dataset(), obs_kwargs={"x": "obs"})
             t0 = time.perf_counter()
             svgd.run(datasets=stream, batch_size=batch, num_steps=steps, progress_bar=False)
@@ -414,24 +498,41 @@ def _sbibm(cfg, result):
                     t1 = time.perf_counter()
                     draws = ref.flatten(guide.sample_posterior(cfg["draws"], *ref.args, **ref.kwargs))
                     wall = time.perf_counter() - t1
-                    rows[kind].append({
-                        "observation": i, "c2st": c2st(refd, draws, early_stopping=True), "sample_wall_s": wall,
-                        **_errors(refd, draws),
-                    })
+                    rows[kind].append(
+                        {
+                            "observation": i,
+                            "c2st": c2st(refd, draws, early_stopping=True),
+                            "sample_wall_s": wall,
+                            **_errors(refd, draws),
+                        }
+                    )
                 speed.append(_sbibm_speed(m, guide, ref, refd, cfg, i))
             guide.moment_correction = 0
-            out[task] = {"steps": steps, "batch_size": batch, "num_particles": particles, "train_wall_s": train,
-                         "lr": SBIBM_GUIDE["lr"], "mean_features": SBIBM_GUIDE["mean_features"],
-                         "gradient_evaluations": steps * batch * particles, "npe_reference": NPE_C2ST[task],
-                         "correction_rounds": SBIBM_CORRECTION_ROUNDS,
-                         "c2st_variant": f"early_stopping=True, {cfg['draws']:,} vs {cfg['draws']:,} draws"}
+            out[task] = {
+                "steps": steps,
+                "batch_size": batch,
+                "num_particles": particles,
+                "train_wall_s": train,
+                "lr": SBIBM_GUIDE["lr"],
+                "mean_features": SBIBM_GUIDE["mean_features"],
+                "gradient_evaluations": steps * batch * particles,
+                "npe_reference": NPE_C2ST[task],
+                "correction_rounds": SBIBM_CORRECTION_ROUNDS,
+                "c2st_variant": f"early_stopping=True, {cfg['draws']:,} vs {cfg['draws']:,} draws",
+            }
             for kind, r in rows.items():
-                out[task][kind] = {"per_observation": r, "mean_c2st": statistics.mean(x["c2st"] for x in r),
-                                   "max_c2st": max(x["c2st"] for x in r)}
+                out[task][kind] = {
+                    "per_observation": r,
+                    "mean_c2st": statistics.mean(x["c2st"] for x in r),
+                    "max_c2st": max(x["c2st"] for x in r),
+                }
             out[task]["speed"] = _speed_summary(speed)
-            print(f"  sbibm {task}: mean C2ST raw {out[task]['raw']['mean_c2st']:.3f}, corrected (1 round) "
-                  f"{out[task]['corrected_1']['mean_c2st']:.3f}, (2 rounds) {out[task]['corrected']['mean_c2st']:.3f} "
-                  f"(NPE {NPE_C2ST[task]}; train {train:.0f} s)", flush=True)
+            print(
+                f"  sbibm {task}: mean C2ST raw {out[task]['raw']['mean_c2st']:.3f}, corrected (1 round) "
+                f"{out[task]['corrected_1']['mean_c2st']:.3f}, (2 rounds) {out[task]['corrected']['mean_c2st']:.3f} "
+                f"(NPE {NPE_C2ST[task]}; train {train:.0f} s)",
+                flush=True,
+            )
         except Exception as e:  # noqa: BLE001
             out[task] = {"error": f"{type(e).__name__}: {e}"}
         finally:
@@ -455,11 +556,11 @@ METHOD_LABELS = {
     "corrected": f"amortized + {CORRECTION_ROUNDS} Stein moment-correction rounds",
     "polished": f"amortized + {CORRECTION_ROUNDS} correction rounds + {MCMC_STEPS} MALA steps (mcmc_steps)",
     "polished_hmc": f"amortized + {CORRECTION_ROUNDS} correction rounds + {HMC_STEPS} HMC steps x {HMC_LEAPFROG} leapfrogs "
-                    "(mcmc_leapfrog)",
+    "(mcmc_leapfrog)",
     "polished_hmc3": f"amortized + {CORRECTION_ROUNDS} correction rounds + {HMC_LONG_STEPS} HMC steps x {HMC_LEAPFROG} "
-                     "leapfrogs",
+    "leapfrogs",
     "polished_hmc3_r1": f"amortized + {FEW_CORRECTION_ROUNDS} correction round + {HMC_LONG_STEPS} HMC steps x "
-                        f"{HMC_LEAPFROG} leapfrogs",
+    f"{HMC_LEAPFROG} leapfrogs",
     "refined": "semi-amortized: refine() then sample",
     "svi": "SVI AutoNormal from scratch",
 }
@@ -473,9 +574,11 @@ def _methods_of(fam: dict) -> tuple[dict, tuple, dict]:
     """The family's timed polish settings (the common ones and its ``extra_polish``), its methods and their labels."""
     extra = fam.get("extra_polish", {})
     polish = {**TIMED_POLISH, **extra}
-    labels = {**{m: METHOD_LABELS[m] for m in ("amortized", *TIMED_POLISH)},
-              **{m: _polish_label(*v) for m, v in extra.items()},
-              **{m: METHOD_LABELS[m] for m in ("refined", "svi")}}
+    labels = {
+        **{m: METHOD_LABELS[m] for m in ("amortized", *TIMED_POLISH)},
+        **{m: _polish_label(*v) for m, v in extra.items()},
+        **{m: METHOD_LABELS[m] for m in ("refined", "svi")},
+    }
     return polish, tuple(labels), labels
 
 
@@ -507,21 +610,39 @@ def _run_family(name: str, mode: str, out: Path) -> dict:
     fam, cfg = FAMILIES[name], CONFIG[mode]
     model = fam["model"]
     polish, methods, labels = _methods_of(fam)
-    result = {"part": name, "mode": mode, "config": cfg, "machine": machine_info(), "num_draws": NUM_DRAWS,
-              "dtype": "torch.float32", "family": fam["title"], "method_labels": labels, "size_label": fam["size"],
-              "correction_rounds": CORRECTION_ROUNDS}
+    result = {
+        "part": name,
+        "mode": mode,
+        "config": cfg,
+        "machine": machine_info(),
+        "num_draws": NUM_DRAWS,
+        "dtype": "torch.float32",
+        "family": fam["title"],
+        "method_labels": labels,
+        "size_label": fam["size"],
+        "correction_rounds": CORRECTION_ROUNDS,
+    }
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     stream = PriorPredictiveStream(model, fam["make_args"], obs_kwargs={"y": "y"})
     guide = AmortizedSteinGuide(model, amortized=True, **fam["guide_kwargs"])
     steps = cfg["steps"]
-    svgd = AmortizedSVGD(model, guide, pyro.optim.ClippedAdam({"lr": fam["lr"], "lrd": 0.1 ** (1 / steps)}),
-                         num_particles=cfg["particles"], **fam["svgd_kwargs"])
+    svgd = AmortizedSVGD(
+        model,
+        guide,
+        pyro.optim.ClippedAdam({"lr": fam["lr"], "lrd": 0.1 ** (1 / steps)}),
+        num_particles=cfg["particles"],
+        **fam["svgd_kwargs"],
+    )
     t0 = time.perf_counter()
     hist = svgd.run(datasets=stream, batch_size=cfg["batch"], num_steps=steps, progress_bar=False)
     train = time.perf_counter() - t0
     result["training"] = {
-        "steps": steps, "lr": fam["lr"], "batch_size": cfg["batch"], "num_particles": cfg["particles"], "wall_s": train,
+        "steps": steps,
+        "lr": fam["lr"],
+        "batch_size": cfg["batch"],
+        "num_particles": cfg["particles"],
+        "wall_s": train,
         "gradient_evaluations": steps * cfg["batch"] * cfg["particles"],
         "ksd_first_last": [statistics.mean(hist[:10]), statistics.mean(hist[-10:])],
     }
@@ -547,10 +668,17 @@ def _run_family(name: str, mode: str, out: Path) -> dict:
                 for _ in range(PREPARE_CALLS if cfg["datasets"] > 1 else 1):
                     _timed_draws(guide, prep[size], 1, rounds, steps, False, leapfrog)
         result["preparation"] = {
-            "wall_s": time.perf_counter() - t0, "sizes": sorted(prep), "calls_per_method": PREPARE_CALLS,
-            "recordings": recordings(), "graph_status": graph_status()}
-        print(f"  {name}: preparation over {len(prep)} sizes in {result['preparation']['wall_s']:.1f} s, "
-              f"{result['preparation']['recordings']} recordings", flush=True)
+            "wall_s": time.perf_counter() - t0,
+            "sizes": sorted(prep),
+            "calls_per_method": PREPARE_CALLS,
+            "recordings": recordings(),
+            "graph_status": graph_status(),
+        }
+        print(
+            f"  {name}: preparation over {len(prep)} sizes in {result['preparation']['wall_s']:.1f} s, "
+            f"{result['preparation']['recordings']} recordings",
+            flush=True,
+        )
     recordings_before = recordings()
     pyro.set_rng_seed(12345)  # held-out datasets: new prior-predictive draws, never seen in training
     held = [stream.sample() for _ in range(cfg["datasets"])]
@@ -576,23 +704,36 @@ def _run_family(name: str, mode: str, out: Path) -> dict:
                 row["reference_ess"], ref = ref[2], ref[:2]
             row["nuts"].update(_compare(nuts, ref))
         for method, repeats, (rounds, steps, leapfrog), warmup in (
-                ("amortized", 5, (0, 0, 1), True),  # warm-up: first call on this shape
-                *((m, 3, setting, False) for m, setting in polish.items())):
+            ("amortized", 5, (0, 0, 1), True),  # warm-up: first call on this shape
+            *((m, 3, setting, False) for m, setting in polish.items()),
+        ):
             draws, wall = _timed_draws(guide, d, repeats, rounds, steps, warmup, leapfrog)
             row[method] = dict(_compare(flat(draws, d), ref), wall_s=wall)
         pyro.set_rng_seed(0)
-        draws, wall = _timed(lambda: refine(guide, cfg["refine_steps"], *d.args, **fam["svgd_kwargs"], **d.kwargs)
-                             .sample_posterior(NUM_DRAWS, *d.args, **d.kwargs))
+        draws, wall = _timed(
+            lambda: refine(guide, cfg["refine_steps"], *d.args, **fam["svgd_kwargs"], **d.kwargs).sample_posterior(
+                NUM_DRAWS, *d.args, **d.kwargs
+            )
+        )
         row["refined"] = dict(_compare(flat(draws, d), ref), wall_s=wall)
         pyro.clear_param_store()
         draws, wall = _timed(lambda: _svi(model, d, cfg))
         row["svi"] = dict(_compare(flat(draws, d), ref), wall_s=wall)
         rows.append(row)
-        print(f"  {name} dataset {fam['size']}={row['size']}: NUTS {row['nuts']['wall_s']:.1f} s; " + "; ".join(
-            f"{m} {row[m]['wall_s'] * 1e3:.0f} ms err {row[m]['worst_mean_err']:.2f} sd {row[m]['worst_sd_ratio']:.2f}"
-            for m in methods), flush=True)
+        print(
+            f"  {name} dataset {fam['size']}={row['size']}: NUTS {row['nuts']['wall_s']:.1f} s; "
+            + "; ".join(
+                f"{m} {row[m]['wall_s'] * 1e3:.0f} ms err {row[m]['worst_mean_err']:.2f} sd {row[m]['worst_sd_ratio']:.2f}"
+                for m in methods
+            ),
+            flush=True,
+        )
     ok = [r for r in rows if "nuts" in r]
-    sm = {"num_datasets": len(ok), "num_failed": len(rows) - len(ok), "nuts_wall_s": _median([r["nuts"]["wall_s"] for r in ok])}
+    sm = {
+        "num_datasets": len(ok),
+        "num_failed": len(rows) - len(ok),
+        "nuts_wall_s": _median([r["nuts"]["wall_s"] for r in ok]),
+    }
     for m in methods:
         sm[m] = _accuracy_summary(ok, m)
         sm[m]["speedup_vs_nuts"] = sm["nuts_wall_s"] / sm[m]["wall_s"]
@@ -612,24 +753,31 @@ def _run_family(name: str, mode: str, out: Path) -> dict:
         f"{HMC_STEPS * HMC_LEAPFROG} evaluations; median of 3); polished (HMC, 3 steps) = the same with "
         f"`mcmc_steps={HMC_LONG_STEPS}` ({HMC_LONG_STEPS * HMC_LEAPFROG} evaluations; median of 3); polished (HMC, 3 "
         f"steps, {FEW_CORRECTION_ROUNDS} round) = the same with `moment_correction={FEW_CORRECTION_ROUNDS}` (median of 3); "
-        + "".join(f"{labels[m]} = `moment_correction={r}, mcmc_steps={k}, mcmc_leapfrog={lf}` (median of 3); "
-                  for m, (r, k, lf) in fam.get("extra_polish", {}).items())
-        + (f"before the held-out datasets, a preparation pass ({PREPARE_CALLS} calls per timed method on one other "
-           "prior-predictive dataset of each size) lets the guide record its graphs (`record_graph`: one per shape of "
-           "the arguments, shared by all datasets of that shape; its one-off cost is reported next to training); "
-           if fam.get("prepare_sizes") else "")
+        + "".join(
+            f"{labels[m]} = `moment_correction={r}, mcmc_steps={k}, mcmc_leapfrog={lf}` (median of 3); "
+            for m, (r, k, lf) in fam.get("extra_polish", {}).items()
+        )
+        + (
+            f"before the held-out datasets, a preparation pass ({PREPARE_CALLS} calls per timed method on one other "
+            "prior-predictive dataset of each size) lets the guide record its graphs (`record_graph`: one per shape of "
+            "the arguments, shared by all datasets of that shape; its one-off cost is reported next to training); "
+            if fam.get("prepare_sizes")
+            else ""
+        )
         + f"refined = `refine(guide, {cfg['refine_steps']})` on the dataset, then "
         f"`sample_posterior` (one call, copy included); SVI = AutoNormal from scratch, {cfg['svi_steps']} steps + "
         f"{NUM_DRAWS} draws; NUTS = one chain, {warm} warm-up + {num} draws (cap {cfg['nuts_cap_s']} s), "
-        + (f"the timing baseline. Accuracy per dataset against the exact posterior moments ({fam['exact_note']}): "
-           "worst dimension of |mean - mean_exact| / sd_exact and of sd / sd_exact; NUTS is scored the same way "
-           f"(a {NUM_DRAWS}-draw estimate has Monte Carlo error: ~{1 / math.sqrt(NUM_DRAWS):.2f} sd on each mean "
-           f"for independent draws, ~{1 / math.sqrt(num / 5):.2f} sd for NUTS allowing for autocorrelation, and a "
-           f"few % on each sd; the worst of {fam['scored_dims']} dimensions is 2-3 times that). "
-           if exact is not None else
-           "the reference. Accuracy per dataset: worst dimension of |mean - mean_NUTS| / sd_NUTS and of sd / sd_NUTS "
-           f"(NUTS is itself a {num}-draw Monte Carlo estimate: its own error on the mean is "
-           f"~{1 / math.sqrt(num / 5):.2f} sd allowing for autocorrelation). ")
+        + (
+            f"the timing baseline. Accuracy per dataset against the exact posterior moments ({fam['exact_note']}): "
+            "worst dimension of |mean - mean_exact| / sd_exact and of sd / sd_exact; NUTS is scored the same way "
+            f"(a {NUM_DRAWS}-draw estimate has Monte Carlo error: ~{1 / math.sqrt(NUM_DRAWS):.2f} sd on each mean "
+            f"for independent draws, ~{1 / math.sqrt(num / 5):.2f} sd for NUTS allowing for autocorrelation, and a "
+            f"few % on each sd; the worst of {fam['scored_dims']} dimensions is 2-3 times that). "
+            if exact is not None
+            else "the reference. Accuracy per dataset: worst dimension of |mean - mean_NUTS| / sd_NUTS and of sd / sd_NUTS "
+            f"(NUTS is itself a {num}-draw Monte Carlo estimate: its own error on the mean is "
+            f"~{1 / math.sqrt(num / 5):.2f} sd allowing for autocorrelation). "
+        )
         + "Targets: mean error < 0.2 sd and sd within 20% on every dataset, and >= 1000x faster than NUTS "
         "at that accuracy. float32."
     )

@@ -21,8 +21,10 @@ BYTES = 4  # float32
 CONFIGS = {
     "smoke": {"ours": [(64, 100)], "pyro_svgd": []},
     "quick": {"ours": [(64, 10), (256, 10), (64, 1000), (256, 1000), (64, 10000)], "pyro_svgd": [(64, 1000)]},
-    "full": {"ours": [(n, D) for D in (10, 1000, 10000) for n in (64, 256, 1024)],
-             "pyro_svgd": [(64, 1000), (256, 1000), (64, 10000), (128, 10000)]},
+    "full": {
+        "ours": [(n, D) for D in (10, 1000, 10000) for n in (64, 256, 1024)],
+        "pyro_svgd": [(64, 1000), (256, 1000), (64, 10000), (128, 10000)],
+    },
 }
 PYRO_SVGD_MAX_BYTES = 8e9  # skip pyro.infer.SVGD configs whose n x n x D tensors would need more (est. 4 of them)
 
@@ -51,7 +53,9 @@ def _child(method: str, n: int, D: int, steps: int) -> dict:
 
     # warm-up on a tiny model so that lazily imported/initialised machinery (functorch, optimizers) is in the baseline
     AmortizedSVGD(tiny, AmortizedSteinGuide(tiny), pyro.optim.ClippedAdam({"lr": 1e-2}), num_particles=4).step()
-    pyro.infer.SVGD(tiny, pyro.infer.RBFSteinKernel(), pyro.optim.Adam({"lr": 1e-2}), num_particles=4, max_plate_nesting=1).step()
+    pyro.infer.SVGD(
+        tiny, pyro.infer.RBFSteinKernel(), pyro.optim.Adam({"lr": 1e-2}), num_particles=4, max_plate_nesting=1
+    ).step()
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
@@ -62,8 +66,13 @@ def _child(method: str, n: int, D: int, steps: int) -> dict:
         svgd = AmortizedSVGD(model, guide, pyro.optim.ClippedAdam({"lr": 1e-2}), num_particles=n)
         step = svgd.step
     else:
-        svgd = pyro.infer.SVGD(model_plate, pyro.infer.RBFSteinKernel(), pyro.optim.Adam({"lr": 1e-2}),
-                               num_particles=n, max_plate_nesting=1)
+        svgd = pyro.infer.SVGD(
+            model_plate,
+            pyro.infer.RBFSteinKernel(),
+            pyro.optim.Adam({"lr": 1e-2}),
+            num_particles=n,
+            max_plate_nesting=1,
+        )
         step = svgd.step
     step()  # set-up step (vmap check, parameter creation)
     times = []
@@ -74,8 +83,11 @@ def _child(method: str, n: int, D: int, steps: int) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     _, tm_peak = tracemalloc.get_traced_memory()
     out.update(
-        baseline_rss_mb=base / 1024, peak_rss_mb=(peak - base) / 1024, tracemalloc_peak_mb=tm_peak / 2**20,
-        step_s=statistics.median(times), steps_timed=steps,
+        baseline_rss_mb=base / 1024,
+        peak_rss_mb=(peak - base) / 1024,
+        tracemalloc_peak_mb=tm_peak / 2**20,
+        step_s=statistics.median(times),
+        steps_timed=steps,
     )
     if method == "ours":
         out["affine"] = guide.sampler.affine
@@ -109,16 +121,27 @@ def run(mode: str, out: Path) -> dict:
         for n, D in cfg[method]:
             nnD = n * n * D * BYTES
             if method == "pyro_svgd" and 4 * nnD > PYRO_SVGD_MAX_BYTES:
-                r = {"method": method, "n": n, "D": D, "error": "skipped: n x n x D tensors would not fit the 8 GB allowance"}
+                r = {
+                    "method": method,
+                    "n": n,
+                    "D": D,
+                    "error": "skipped: n x n x D tensors would not fit the 8 GB allowance",
+                }
             else:
                 r = _spawn(method, n, D, steps, timeout)
             r["nnD_tensor_mb"] = nnD / 2**20
             r["particles_mb"] = n * D * BYTES / 2**20
             rows.append(r)
-            print(f"  memory {method} n={n} D={D}: {r.get('peak_rss_mb', float('nan')):.1f} MB, "
-                  f"step {r.get('step_s', float('nan')) * 1e3:.1f} ms {r.get('error', '')}", flush=True)
+            print(
+                f"  memory {method} n={n} D={D}: {r.get('peak_rss_mb', float('nan')):.1f} MB, "
+                f"step {r.get('step_s', float('nan')) * 1e3:.1f} ms {r.get('error', '')}",
+                flush=True,
+            )
     result = {
-        "mode": mode, "dtype": "torch.float32", "machine": machine_info(), "configs": rows,
+        "mode": mode,
+        "dtype": "torch.float32",
+        "machine": machine_info(),
+        "configs": rows,
         "notes": (
             "Model: `x ~ Normal(0, I_D)` (isotropic Gaussian). Each configuration runs in a fresh subprocess: peak RSS "
             "(`resource.getrusage(RUSAGE_SELF).ru_maxrss`) after a set-up step and "

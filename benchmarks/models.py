@@ -169,9 +169,7 @@ def blr(X: torch.Tensor, y: torch.Tensor | None = None) -> None:
         pyro.sample("y", dist.Normal(X @ beta, sigma), obs=y)
 
 
-def kidscore_interaction(
-    mom_hs: torch.Tensor, mom_iq: torch.Tensor, kid_score: torch.Tensor | None = None
-) -> None:
+def kidscore_interaction(mom_hs: torch.Tensor, mom_iq: torch.Tensor, kid_score: torch.Tensor | None = None) -> None:
     """Kid IQ regression with interaction; ``beta`` has a flat improper prior."""
     beta = pyro.sample("beta", dist.ImproperUniform(constraints.real, (), (4,)))
     sigma = pyro.sample("sigma", dist.HalfCauchy(mom_iq.new_tensor(2.5)))
@@ -254,16 +252,26 @@ def kidscore_momiq(mom_iq: torch.Tensor, kid_score: torch.Tensor | None = None) 
 
 
 def mesquite(
-    diam1: torch.Tensor, diam2: torch.Tensor, canopy_height: torch.Tensor, total_height: torch.Tensor,
-    density: torch.Tensor, group: torch.Tensor, weight: torch.Tensor | None = None,
+    diam1: torch.Tensor,
+    diam2: torch.Tensor,
+    canopy_height: torch.Tensor,
+    total_height: torch.Tensor,
+    density: torch.Tensor,
+    group: torch.Tensor,
+    weight: torch.Tensor | None = None,
 ) -> None:
     """mesquite-mesquite: ``weight`` on the six raw covariates plus an intercept, flat priors."""
     _flat_regression([diam1, diam2, canopy_height, total_height, density, group], "weight", weight, None)
 
 
 def nes(
-    real_ideo: torch.Tensor, race_adj: torch.Tensor, age_discrete: torch.Tensor, educ1: torch.Tensor,
-    gender: torch.Tensor, income: torch.Tensor, partyid7: torch.Tensor | None = None,
+    real_ideo: torch.Tensor,
+    race_adj: torch.Tensor,
+    age_discrete: torch.Tensor,
+    educ1: torch.Tensor,
+    gender: torch.Tensor,
+    income: torch.Tensor,
+    partyid7: torch.Tensor | None = None,
 ) -> None:
     """nes1996-nes: ``partyid7`` on ideology, race, age-group dummies (30-44, 45-64, 65+ for ``age_discrete``
     2, 3, 4: Stan's transformed data), education, gender and income; flat priors."""
@@ -381,24 +389,38 @@ def _hmm_drive_data(data: dict, t: Callable) -> tuple:
 
 # posteriordb name -> (data.json dict, tensor converter) -> (model, args, kwargs)
 _POSTERIORDB_MODELS: dict[str, Callable[[dict, Callable], tuple]] = {
-    "eight_schools-eight_schools_noncentered": lambda d, t: (eight_schools_noncentered, (t(d["sigma"]),), {"y": t(d["y"])}),
+    "eight_schools-eight_schools_noncentered": lambda d, t: (
+        eight_schools_noncentered,
+        (t(d["sigma"]),),
+        {"y": t(d["y"])},
+    ),
     "sblrc-blr": lambda d, t: (blr, (t(d["X"]),), {"y": t(d["y"])}),
     "sblri-blr": lambda d, t: (blr, (t(d["X"]),), {"y": t(d["y"])}),
     "kidiq-kidscore_interaction": lambda d, t: (
-        kidscore_interaction, (t(d["mom_hs"]), t(d["mom_iq"])), {"kid_score": t(d["kid_score"])}),
+        kidscore_interaction,
+        (t(d["mom_hs"]), t(d["mom_iq"])),
+        {"kid_score": t(d["kid_score"])},
+    ),
     "arK-arK": _ark_data,
     "gp_pois_regr-gp_regr": lambda d, t: (gp_regr, (t(d["x"]),), {"y": t(d["y"])}),
     "arma-arma11": _arma_data,
     "earnings-earn_height": lambda d, t: (earn_height, (t(d["height"]),), {"earn": t(d["earn"])}),
     "kidiq-kidscore_momiq": lambda d, t: (kidscore_momiq, (t(d["mom_iq"]),), {"kid_score": t(d["kid_score"])}),
     "mesquite-mesquite": lambda d, t: (
-        mesquite, tuple(t(d[k]) for k in ("diam1", "diam2", "canopy_height", "total_height", "density", "group")),
-        {"weight": t(d["weight"])}),
+        mesquite,
+        tuple(t(d[k]) for k in ("diam1", "diam2", "canopy_height", "total_height", "density", "group")),
+        {"weight": t(d["weight"])},
+    ),
     "nes1996-nes": lambda d, t: (
-        nes, tuple(t(d[k]) for k in ("real_ideo", "race_adj", "age_discrete", "educ1", "gender", "income")),
-        {"partyid7": t(d["partyid7"])}),
+        nes,
+        tuple(t(d[k]) for k in ("real_ideo", "race_adj", "age_discrete", "educ1", "gender", "income")),
+        {"partyid7": t(d["partyid7"])},
+    ),
     "kidiq_with_mom_work-kidscore_interaction_c2": lambda d, t: (
-        kidscore_interaction_c2, (t(d["mom_hs"]), t(d["mom_iq"])), {"kid_score": t(d["kid_score"])}),
+        kidscore_interaction_c2,
+        (t(d["mom_hs"]), t(d["mom_iq"])),
+        {"kid_score": t(d["kid_score"])},
+    ),
     "hmm_example-hmm_example": _hmm_example_data,
     "bball_drive_event_0-hmm_drive_0": _hmm_drive_data,
 }
@@ -446,8 +468,15 @@ def load_eight_schools_centered(
     """
     ref = load_posteriordb("eight_schools-eight_schools_noncentered", dtype, device)
     draws = {k: ref.draws[k] for k in ("theta", "mu", "tau")}
-    return ReferencePosterior(EIGHT_SCHOOLS_CENTERED, eight_schools_centered, ref.args, ref.kwargs, draws,
-                              ["theta", "mu", "tau"], list(ref.param_names))
+    return ReferencePosterior(
+        EIGHT_SCHOOLS_CENTERED,
+        eight_schools_centered,
+        ref.args,
+        ref.kwargs,
+        draws,
+        ["theta", "mu", "tau"],
+        list(ref.param_names),
+    )
 
 
 def baseball_model(
@@ -463,8 +492,11 @@ def baseball_model(
 
 
 def load_baseball(
-    num_samples: int = 10_000, warmup_steps: int = 2_000, seed: int = 0,
-    dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
+    num_samples: int = 10_000,
+    warmup_steps: int = 2_000,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
 ) -> ReferencePosterior:
     """The baseball posterior with a reference computed here by Pyro's NUTS (there is no published one).
 
@@ -539,7 +571,9 @@ def _design_matrix_file(path: Path) -> torch.Tensor:
 
 
 def _design_matrix(dtype: torch.dtype, device) -> torch.Tensor:
-    return _design_matrix_file(data_dir() / "sbibm" / "bernoulli_glm" / "design_matrix.pt").to(dtype=dtype, device=device)
+    return _design_matrix_file(data_dir() / "sbibm" / "bernoulli_glm" / "design_matrix.pt").to(
+        dtype=dtype, device=device
+    )
 
 
 def bernoulli_glm_summary(y: torch.Tensor, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:

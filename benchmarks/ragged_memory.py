@@ -62,8 +62,12 @@ def main() -> None:
         return
     results = []
     for small in (0, a.small):
-        out = subprocess.run([sys.executable, "-m", "benchmarks.ragged_memory", "--child", "--rows", str(a.rows),
-                              "--small", str(small)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-m", "benchmarks.ragged_memory", "--child", "--rows", str(a.rows), "--small", str(small)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
     alone, mixed = results[0]["step_peak_mb"], results[1]["step_peak_mb"]

@@ -79,7 +79,11 @@ class HandLogReg:
         (X,), y = args, kwargs["y"]
         u = u.detach()
         logits = u @ X.T  # (n, N)
-        lp = (y * logits - F.softplus(logits)).sum(-1) - 0.5 * (u * u).sum(-1) - 0.5 * u.shape[-1] * math.log(2 * math.pi)
+        lp = (
+            (y * logits - F.softplus(logits)).sum(-1)
+            - 0.5 * (u * u).sum(-1)
+            - 0.5 * u.shape[-1] * math.log(2 * math.pi)
+        )
         score = (y - torch.sigmoid(logits)) @ X - u
         return lp, score
 
@@ -104,8 +108,12 @@ class HandHierarchical:
         r = (y - theta) / sigma**2  # (n, G)
         c = 0.5 * math.log(2 * math.pi)
         lp = (
-            -0.5 * (mu / 5.0) ** 2 - math.log(5.0) - c
-            + math.log(2 / (math.pi * s)) - torch.log1p((tau / s) ** 2) + ut
+            -0.5 * (mu / 5.0) ** 2
+            - math.log(5.0)
+            - c
+            + math.log(2 / (math.pi * s))
+            - torch.log1p((tau / s) ** 2)
+            + ut
             + (-0.5 * tt**2 - c).sum(-1, keepdim=True)
             + (-0.5 * (y - theta) ** 2 / sigma**2 - sigma.log() - c).sum(-1, keepdim=True)
         ).squeeze(-1)
@@ -155,8 +163,12 @@ def _record(svgd, args, kwargs, device) -> dict:
         if svgd._log_density.graphs.status != "waiting":
             break
     ordinary = sorted(times[:-1])[len(times[:-1]) // 2] if len(times) > 1 else float("nan")
-    return {"status": svgd._log_density.graphs.status, "steps": len(times) + 1,  # + the set-up step
-            "recording_step_s": times[-1], "ordinary_step_s": ordinary}
+    return {
+        "status": svgd._log_density.graphs.status,
+        "steps": len(times) + 1,  # + the set-up step
+        "recording_step_s": times[-1],
+        "ordinary_step_s": ordinary,
+    }
 
 
 def _breakdown(guide, svgd, svgd_eager, hand, args, kwargs, n, repeats):
@@ -168,11 +180,14 @@ def _breakdown(guide, svgd, svgd_eager, hand, args, kwargs, n, repeats):
     out = {}
     out["draw (forward)"] = median_time(lambda: guide.draw(n), repeats, 5)["median_s"]
     out["log_density_and_score (Pyro model, recorded graph)"] = median_time(
-        lambda: svgd._log_density.log_density_and_score(zd, args, kwargs), repeats, 5)["median_s"]
+        lambda: svgd._log_density.log_density_and_score(zd, args, kwargs), repeats, 5
+    )["median_s"]
     out["log_density_and_score (Pyro model, vmap, not recorded)"] = median_time(
-        lambda: svgd_eager._log_density.log_density_and_score(zd, args, kwargs), repeats, 5)["median_s"]
+        lambda: svgd_eager._log_density.log_density_and_score(zd, args, kwargs), repeats, 5
+    )["median_s"]
     out["log_density_and_score (hand-written)"] = median_time(
-        lambda: hand.log_density_and_score(zd, args, kwargs), repeats, 5)["median_s"]
+        lambda: hand.log_density_and_score(zd, args, kwargs), repeats, 5
+    )["median_s"]
     score = hand.log_density_and_score(zd, args, kwargs)[1]
 
     def kern():
@@ -220,8 +235,14 @@ def run(mode: str, out: Path, device: str = "cpu") -> dict:
     repeats, inner = {"smoke": (3, 2), "quick": (5, 5), "full": (15, 10)}[mode]
     dev = torch.device(device)
     data = make_data(device=device)
-    result = {"mode": mode, "dtype": str(DTYPE), "num_particles": n, "device": str(dev), "models": {},
-              "machine": machine_info(dev)}
+    result = {
+        "mode": mode,
+        "dtype": str(DTYPE),
+        "num_particles": n,
+        "device": str(dev),
+        "models": {},
+        "machine": machine_info(dev),
+    }
     for name, (model_name, args, kwargs) in data.items():
         model = MODELS[model_name]
         hand_cls, psvgd_model = HAND[model_name], PYRO_SVGD_MODELS[model_name]
@@ -253,8 +274,13 @@ def run(mode: str, out: Path, device: str = "cpu") -> dict:
             timings[key]["median_s"] = (timings[key]["median_s"] + again["median_s"]) / 2
         try:
             pyro.clear_param_store()
-            psvgd = pyro.infer.SVGD(psvgd_model, pyro.infer.RBFSteinKernel(), pyro.optim.Adam({"lr": 1e-2}),
-                                    num_particles=n, max_plate_nesting=1)
+            psvgd = pyro.infer.SVGD(
+                psvgd_model,
+                pyro.infer.RBFSteinKernel(),
+                pyro.optim.Adam({"lr": 1e-2}),
+                num_particles=n,
+                max_plate_nesting=1,
+            )
             timings["pyro_svgd"] = median_time(lambda: psvgd.step(*args, **kwargs), repeats, inner)
         except Exception as e:  # noqa: BLE001
             timings["pyro_svgd"] = None
@@ -267,7 +293,8 @@ def run(mode: str, out: Path, device: str = "cpu") -> dict:
             "latent_dim": guide.latent_dim,
             "timings": timings,
             "ratio_ours_over_handwritten": timings["ours"]["median_s"] / timings["handwritten"]["median_s"],
-            "ratio_not_recorded_over_handwritten": timings["ours_not_recorded"]["median_s"] / timings["handwritten"]["median_s"],
+            "ratio_not_recorded_over_handwritten": timings["ours_not_recorded"]["median_s"]
+            / timings["handwritten"]["median_s"],
             "recording": recording,
             "handwritten_check": check,
             "breakdown": _breakdown(guide, svgd, svgd_eager, hand, args, kwargs, n, repeats),

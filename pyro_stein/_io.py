@@ -94,8 +94,9 @@ def load_weights_only(path, map_location=None) -> Any:
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            path, f"cannot be read as tensors and plain values only ({first}); it is corrupt, or holds pickled "
-            "objects, which pyro_stein never loads (loading them could run code)"
+            path,
+            f"cannot be read as tensors and plain values only ({first}); it is corrupt, or holds pickled "
+            "objects, which pyro_stein never loads (loading them could run code)",
         ) from None
     except Exception as e:  # noqa: BLE001 - EOFError, RuntimeError (bad zip), OSError, KeyError, ... from a bad file
         first = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
@@ -131,8 +132,13 @@ def check_plain(obj: Any, where: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def check_tensor_dict(path, state: Any, where: str, dtype: torch.dtype | None = None,
-                      integer_ok: Callable[[str], bool] = lambda key: False) -> torch.dtype | None:
+def check_tensor_dict(
+    path,
+    state: Any,
+    where: str,
+    dtype: torch.dtype | None = None,
+    integer_ok: Callable[[str], bool] = lambda key: False,
+) -> torch.dtype | None:
     """Check a loaded ``{name: Tensor}`` mapping: every value a floating-point tensor of one dtype (``dtype`` when
     given; integer or bool tensors only under keys for which ``integer_ok(key)``), all entries finite. Returns that
     dtype (``None`` when there is no floating-point entry)."""
@@ -146,16 +152,23 @@ def check_tensor_dict(path, state: Any, where: str, dtype: torch.dtype | None = 
         if not v.is_floating_point() and not v.is_complex() and integer_ok(k):
             continue
         if not v.is_floating_point() or v.dtype in (torch.float16, torch.bfloat16):
-            raise CheckpointError(path, f"{where}[{k!r}] has dtype {v.dtype}; the guide's tensors are float32 or "
-                                        "float64: the file is corrupt or was altered")
+            raise CheckpointError(
+                path,
+                f"{where}[{k!r}] has dtype {v.dtype}; the guide's tensors are float32 or "
+                "float64: the file is corrupt or was altered",
+            )
         if dtype is None:
             dtype = v.dtype
         elif v.dtype != dtype:
-            raise CheckpointError(path, f"{where}[{k!r}] has dtype {v.dtype} but the others {dtype}: the file is "
-                                        "corrupt or was altered")
+            raise CheckpointError(
+                path, f"{where}[{k!r}] has dtype {v.dtype} but the others {dtype}: the file is corrupt or was altered"
+            )
         if not bool(torch.isfinite(v).all()):
-            raise CheckpointError(path, f"{where}[{k!r}] holds NaN or infinite values (a diverged guide saved, or a "
-                                        "corrupt file); use an earlier checkpoint")
+            raise CheckpointError(
+                path,
+                f"{where}[{k!r}] holds NaN or infinite values (a diverged guide saved, or a "
+                "corrupt file); use an earlier checkpoint",
+            )
     return dtype
 
 
@@ -185,8 +198,9 @@ def config_int(path, cfg: dict, key: str, lo: int, hi: int, default: Any = ..., 
     if v is None and optional:
         return None
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not lo <= v <= hi:
-        raise CheckpointError(path, f"config[{key!r}] = {v!r} is not an int in [{lo}, {hi}]: the file is corrupt "
-                                    "or was altered")
+        raise CheckpointError(
+            path, f"config[{key!r}] = {v!r} is not an int in [{lo}, {hi}]: the file is corrupt or was altered"
+        )
     return int(v)
 
 
@@ -198,8 +212,9 @@ def config_float(path, cfg: dict, key: str, lo: float, hi: float, default: Any =
         return default
     v = cfg[key]
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or not lo < v <= hi:
-        raise CheckpointError(path, f"config[{key!r}] = {v!r} is not a number in ({lo}, {hi}]: the file is corrupt "
-                                    "or was altered")
+        raise CheckpointError(
+            path, f"config[{key!r}] = {v!r} is not a number in ({lo}, {hi}]: the file is corrupt or was altered"
+        )
     return float(v)
 
 
@@ -211,6 +226,7 @@ def config_choice(path, cfg: dict, key: str, choices: tuple, default: Any = ...)
         return default
     v = cfg[key]
     if not any(type(v) is type(c) and v == c for c in choices):
-        raise CheckpointError(path, f"config[{key!r}] = {v!r} is not one of {list(choices)}: the file is corrupt or "
-                                    "was altered")
+        raise CheckpointError(
+            path, f"config[{key!r}] = {v!r} is not one of {list(choices)}: the file is corrupt or was altered"
+        )
     return v

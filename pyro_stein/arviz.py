@@ -65,8 +65,7 @@ def _import_arviz():
         import arviz
     except ImportError as err:
         raise ImportError(
-            "ArviZ export needs the optional dependency 'arviz'; install it with "
-            'pip install "pyro_stein[arviz]"'
+            "ArviZ export needs the optional dependency 'arviz'; install it with pip install \"pyro_stein[arviz]\""
         ) from err
     return arviz
 
@@ -103,8 +102,6 @@ def _site_dims(name, shape, batch_ndim, frames):
             if 0 <= axis < len(shape) and shape[axis] == frame.size:
                 names[axis] = frame.name
     return names
-
-
 
 
 def _subsampled_plates(trace):
@@ -182,9 +179,9 @@ def _draw_latents(guide, model, sites, num_samples, parallel, args, kwargs):
             return {n: _to_draws(out[n], num_samples, sites[n].shape) for n in latents}
 
     def predictive(par):
-        return Predictive(
-            model, guide=guide, num_samples=num_samples, return_sites=latents, parallel=par
-        )(*args, **kwargs)
+        return Predictive(model, guide=guide, num_samples=num_samples, return_sites=latents, parallel=par)(
+            *args, **kwargs
+        )
 
     if parallel is None:
         try:
@@ -356,11 +353,8 @@ def _export(
     latents = _names(sites, "latent")
     if not latents:
         raise ValueError("model has no latent sample sites to export")
-    with torch.no_grad(), (full_data() if subsampled else contextlib.nullcontext()):
-        batches = [
-            _draw_latents(guide, model, sites, num_samples, parallel, args, kwargs)
-            for _ in range(num_chains)
-        ]
+    with torch.no_grad(), full_data() if subsampled else contextlib.nullcontext():
+        batches = [_draw_latents(guide, model, sites, num_samples, parallel, args, kwargs) for _ in range(num_chains)]
         draws = {name: torch.cat([b[name] for b in batches]) for name in latents}
         n = num_chains * num_samples
         for name in latents:
@@ -373,14 +367,14 @@ def _export(
         det = ll = pp = lp = None
         if parallel is not False:
             try:
-                det, ll, pp, lp = _evaluate_vectorized(
-                    model, sites, nesting, draws, n, predictive, args, kwargs
-                )
+                det, ll, pp, lp = _evaluate_vectorized(model, sites, nesting, draws, n, predictive, args, kwargs)
             except Exception:
                 if parallel:
                     raise
-            if lp is not None and parallel is None and not _agrees_with_loop(
-                model, sites, draws, n, (det, ll, pp, lp), args, kwargs
+            if (
+                lp is not None
+                and parallel is None
+                and not _agrees_with_loop(model, sites, draws, n, (det, ll, pp, lp), args, kwargs)
             ):
                 det = ll = pp = lp = None  # the model mixes draws under the plate: evaluate it draw by draw
         if lp is None:
@@ -399,10 +393,7 @@ def _export(
         if predictive:
             groups["posterior_predictive"] = {k: _numpy(v, c) for k, v in pp.items()}
     if constant_data:
-        groups["constant_data"] = {
-            k: _numpy(v) if torch.is_tensor(v) else v
-            for k, v in constant_data.items()
-        }
+        groups["constant_data"] = {k: _numpy(v) if torch.is_tensor(v) else v for k, v in constant_data.items()}
     all_dims = {k: s.dims for k, s in sites.items() if s.kind != "factor" and s.dims}
     all_dims.update(dims or {})
     stein = {}
@@ -411,10 +402,13 @@ def _export(
 
         k = min(n, _STEIN_DRAWS)
         sub = {name: draws[name][:k] for name in latents}
-        with (full_data() if subsampled else contextlib.nullcontext()):
+        with full_data() if subsampled else contextlib.nullcontext():
             low, high = stein_identity_range(model, sub, *args, max_samples=k, **kwargs)
-            stein = {"stein_discrepancy": stein_discrepancy(model, sub, *args, max_samples=k, **kwargs),
-                     "stein_identity_min": low, "stein_identity_max": high}
+            stein = {
+                "stein_discrepancy": stein_discrepancy(model, sub, *args, max_samples=k, **kwargs),
+                "stein_identity_min": low,
+                "stein_identity_max": high,
+            }
     all_attrs = {
         "inference_library": "pyro",
         "inference_library_version": str(pyro.__version__),
@@ -551,9 +545,7 @@ def to_inference_data_batch(guide, model, datasets: Sequence, **options) -> list
         raise TypeError(f"unknown option(s) for to_inference_data_batch: {sorted(unknown)}")
     constant = options.pop("constant_data", None)
     if isinstance(constant, Sequence) and len(constant) != len(datasets):
-        raise ValueError(
-            f"constant_data has {len(constant)} entries but there are {len(datasets)} datasets"
-        )
+        raise ValueError(f"constant_data has {len(constant)} entries but there are {len(datasets)} datasets")
     defaults = dict(
         num_samples=1000,
         num_chains=1,

@@ -142,11 +142,15 @@ def collate_features(items: Sequence[Tensor], start: int = 0) -> DatasetFeatures
     mats = []
     for i, f in enumerate(items, start):
         if not isinstance(f, Tensor):
-            raise TypeError(f"dataset features must be a Tensor[num_observations, num_features], got {type(f).__name__} (dataset {i})")
+            raise TypeError(
+                f"dataset features must be a Tensor[num_observations, num_features], got {type(f).__name__} (dataset {i})"
+            )
         if f.dim() == 1:
             f = f.unsqueeze(-1)
         if f.dim() != 2:
-            raise ValueError(f"dataset features must have shape (num_observations, num_features), got {tuple(f.shape)} (dataset {i})")
+            raise ValueError(
+                f"dataset features must have shape (num_observations, num_features), got {tuple(f.shape)} (dataset {i})"
+            )
         if f.shape[0] == 0:
             raise ValueError(f"dataset {i} is empty (0 observations); every dataset needs at least one observation")
         if f.shape[1] != mats[0].shape[1] if mats else False:
@@ -155,7 +159,9 @@ def collate_features(items: Sequence[Tensor], start: int = 0) -> DatasetFeatures
                 "all datasets must have the same feature width"
             )
         if not torch.isfinite(f).all():
-            raise ValueError(f"dataset {i} has non-finite features (NaN/inf); use fewer observations instead of NaN padding")
+            raise ValueError(
+                f"dataset {i} has non-finite features (NaN/inf); use fewer observations instead of NaN padding"
+            )
         mats.append(f)
     n_max = max(f.shape[0] for f in mats)
     ref = mats[0]
@@ -194,8 +200,9 @@ def _ordered_arguments(model: Callable, args: tuple, kwargs: dict) -> list:
     return list(args) + [kwargs[k] for k in keys]
 
 
-def default_dataset_fn(model: Callable, latent_values: dict, args: tuple, kwargs: dict,
-                       one_row_covariates: bool = False) -> Tensor:
+def default_dataset_fn(
+    model: Callable, latent_values: dict, args: tuple, kwargs: dict, one_row_covariates: bool = False
+) -> Tensor:
     """Per-observation features read from the model: the default ``dataset_fn``.
 
     The model is run once with its latent sites fixed at ``latent_values``. Every observed site
@@ -277,8 +284,10 @@ def default_dataset_fn(model: Callable, latent_values: dict, args: tuple, kwargs
             if isinstance(a, Tensor) and a.is_floating_point() and a.dim() >= 1 and a.shape[0] == n_obs:
                 # the observations themselves (also when the model indexes them, e.g. y[idx] in a subsampled plate,
                 # or reshapes them, e.g. y[:, None] for a vector-valued site)
-                if any(a is o or (a.numel() == o.numel() and a.dtype == o.dtype and torch.equal(a.reshape(o.shape), o))
-                       for o in observed):
+                if any(
+                    a is o or (a.numel() == o.numel() and a.dtype == o.dtype and torch.equal(a.reshape(o.shape), o))
+                    for o in observed
+                ):
                     continue
                 cols.append(a.reshape(n_obs, -1))
     dtype = next((c.dtype for c in cols if c.is_floating_point()), torch.get_default_dtype())
@@ -295,7 +304,7 @@ def _entries_in_use(site: dict, value: Tensor, batch_rank: int, axis: int) -> Te
         if keep is None:
             return None
         # the mask's dims past the distribution's batch shape are event dims that .to_event made of masked batch dims
-        keep = keep.expand(value.shape[:batch_rank] + keep.shape[len(site["fn"].batch_shape):])
+        keep = keep.expand(value.shape[:batch_rank] + keep.shape[len(site["fn"].batch_shape) :])
         keep = keep.reshape(keep.shape + (1,) * (value.dim() - keep.dim())).expand(value.shape)
     except RuntimeError:  # a mask over more than the site's batch shape: not read, every entry kept
         return None
@@ -304,7 +313,9 @@ def _entries_in_use(site: dict, value: Tensor, batch_rank: int, axis: int) -> Te
 
 def _check_batch_size(batch_size: Any) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
-        raise TypeError(f"batch_size must be an int >= 1 (datasets per batch), got {batch_size!r} ({type(batch_size).__name__})")
+        raise TypeError(
+            f"batch_size must be an int >= 1 (datasets per batch), got {batch_size!r} ({type(batch_size).__name__})"
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1 (datasets per batch), got {batch_size!r}")
     return int(batch_size)
@@ -341,7 +352,9 @@ class PriorPredictiveStream:
             raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
         if not callable(make_args):
             raise TypeError("make_args must be a callable returning the model's arguments for one dataset")
-        if not isinstance(obs_kwargs, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in obs_kwargs.items()):
+        if not isinstance(obs_kwargs, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in obs_kwargs.items()
+        ):
             raise TypeError(
                 f"obs_kwargs must be a dict mapping observed site names to the model keywords that feed their obs= "
                 f"(str -> str, e.g. {{'obs': 'y'}}), got {obs_kwargs!r}"
@@ -372,8 +385,11 @@ class PriorPredictiveStream:
                     "make_args must leave the observations out"
                 )
             kwargs[kw] = tr.nodes[site]["value"].detach()
-        latents = {name: site["value"].detach() for name, site in tr.iter_stochastic_nodes()
-                   if name not in self.obs_kwargs and not site_is_subsample(site)}  # no plates' index sites
+        latents = {
+            name: site["value"].detach()
+            for name, site in tr.iter_stochastic_nodes()
+            if name not in self.obs_kwargs and not site_is_subsample(site)
+        }  # no plates' index sites
         if not self._checked:
             self._check_observed(d.args, kwargs)
             self._checked = True
@@ -397,7 +413,9 @@ class PriorPredictiveStream:
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
         observed = [
-            n for n, s in tr.nodes.items() if s["type"] == "sample" and s["is_observed"] and not s["infer"].get("_deterministic")
+            n
+            for n, s in tr.nodes.items()
+            if s["type"] == "sample" and s["is_observed"] and not s["infer"].get("_deterministic")
         ]
         for site, kw in self.obs_kwargs.items():
             node = tr.nodes.get(site)

@@ -82,8 +82,10 @@ def _packed_draws_and_scores(model, samples, args, kwargs, max_samples) -> tuple
     for site in sites:
         v = samples[site.name]
         if not isinstance(v, Tensor) or v.dim() == 0:
-            raise TypeError(f"samples[{site.name!r}] must be a Tensor[num_samples, *site_shape], got "
-                            f"{tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}")
+            raise TypeError(
+                f"samples[{site.name!r}] must be a Tensor[num_samples, *site_shape], got "
+                f"{tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}"
+            )
         got = tuple(v.shape[1:])
         if got != tuple(site.shape):
             raise ValueError(
@@ -92,7 +94,9 @@ def _packed_draws_and_scores(model, samples, args, kwargs, max_samples) -> tuple
             )
     counts = {int(samples[s.name].shape[0]) for s in sites}
     if len(counts) > 1:
-        raise ValueError(f"the latent sites' samples hold different numbers of draws {sorted(counts)}; pass the same draws of every site")
+        raise ValueError(
+            f"the latent sites' samples hold different numbers of draws {sorted(counts)}; pass the same draws of every site"
+        )
     num = counts.pop()
     if num < 2:
         raise ValueError("stein_discrepancy needs at least 2 draws")
@@ -104,8 +108,9 @@ def _packed_draws_and_scores(model, samples, args, kwargs, max_samples) -> tuple
     return u, score
 
 
-def stein_identity_range(model: Callable, samples: dict[str, Tensor], *args, max_samples: int = 2000,
-                         **kwargs) -> tuple[float, float]:
+def stein_identity_range(
+    model: Callable, samples: dict[str, Tensor], *args, max_samples: int = 2000, **kwargs
+) -> tuple[float, float]:
     """The smallest and largest eigenvalue of Stein's identity matrix of posterior draws (see
     :func:`pyro_stein.stein.stein_identity_eigenvalues`): both about 1 for draws of the posterior; a value below
     0.25 says the draws are too narrow in some direction (by a factor of about 2 or more), above 4 too wide. Unlike
@@ -219,11 +224,15 @@ def plot_sbc(ranks: dict[str, Tensor], num_samples: int, bins: int = 20, path: s
     if bins > num_samples + 1:
         raise ValueError(f"bins must be an int between 1 and num_samples + 1 = {num_samples + 1}, got {bins!r}")
     if not isinstance(ranks, dict) or not ranks:
-        raise TypeError(f"ranks must be a non-empty dict {{site: integer ranks}} as sbc returns, got {type(ranks).__name__}")
+        raise TypeError(
+            f"ranks must be a non-empty dict {{site: integer ranks}} as sbc returns, got {type(ranks).__name__}"
+        )
     for name, r in ranks.items():
         if not isinstance(r, Tensor) or r.is_floating_point() or r.is_complex() or r.dtype == torch.bool:
-            raise TypeError(f"ranks[{name!r}] must be an integer Tensor (as sbc returns), got "
-                            f"{r.dtype if isinstance(r, Tensor) else type(r).__name__}")
+            raise TypeError(
+                f"ranks[{name!r}] must be an integer Tensor (as sbc returns), got "
+                f"{r.dtype if isinstance(r, Tensor) else type(r).__name__}"
+            )
     levels = num_samples + 1
     share = torch.bincount(torch.arange(levels) * bins // levels, minlength=bins).double() / levels
     names = list(ranks)
@@ -231,12 +240,16 @@ def plot_sbc(ranks: dict[str, Tensor], num_samples: int, bins: int = 20, path: s
     for ax, name in zip(axes[0], names):
         r = ranks[name].reshape(-1).cpu().long()
         if r.numel() and (r.min() < 0 or r.max() > num_samples):
-            raise ValueError(f"ranks of {name!r} lie in {int(r.min())}..{int(r.max())}, outside 0..num_samples = "
-                             f"0..{num_samples}: pass the num_samples the ranks were computed with")
+            raise ValueError(
+                f"ranks of {name!r} lie in {int(r.min())}..{int(r.max())}, outside 0..num_samples = "
+                f"0..{num_samples}: pass the num_samples the ranks were computed with"
+            )
         counts = torch.bincount(r * bins // levels, minlength=bins).double()
         expected = r.numel() * share
         half = 2.576 * (expected * (1 - share)).sqrt()
-        ax.bar(torch.arange(bins).numpy(), (2 * half).numpy(), bottom=(expected - half).numpy(), width=1.0, color="0.85")
+        ax.bar(
+            torch.arange(bins).numpy(), (2 * half).numpy(), bottom=(expected - half).numpy(), width=1.0, color="0.85"
+        )
         ax.bar(torch.arange(bins).numpy(), counts.numpy(), width=0.9, color="C0")
         ax.set_title(name)
         ax.set_xticks([])

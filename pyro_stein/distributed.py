@@ -132,7 +132,9 @@ def init_distributed(
     if not dist.is_initialized():
         kw: dict[str, Any] = {}
         if timeout is not None:
-            kw["timeout"] = timeout if isinstance(timeout, datetime.timedelta) else datetime.timedelta(seconds=float(timeout))
+            kw["timeout"] = (
+                timeout if isinstance(timeout, datetime.timedelta) else datetime.timedelta(seconds=float(timeout))
+            )
         if backend == "nccl":
             kw["device_id"] = device
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kw)
@@ -169,7 +171,9 @@ def shard(collection: Sequence, rank: int | None = None, world_size: int | None 
         raise ValueError(f"rank must be below world_size = {world_size}, got {rank}")
     items = list(collection)
     if len(items) < world_size:
-        raise ValueError(f"a collection of {len(items)} datasets cannot be split over {world_size} ranks (one rank would get none)")
+        raise ValueError(
+            f"a collection of {len(items)} datasets cannot be split over {world_size} ranks (one rank would get none)"
+        )
     return items[rank::world_size]
 
 
@@ -300,7 +304,10 @@ class DistributedAmortizedSVGD(AmortizedSVGD):
         w = self._weight
         grads = [torch.zeros_like(p) if (failed or p.grad is None) else p.grad * w for p in params]
         has = [0.0 if (failed or p.grad is None) else 1.0 for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor(has + [w, float(failed)], dtype=like.dtype, device=like.device)])
+        flat = torch.cat(
+            [g.reshape(-1) for g in grads]
+            + [torch.tensor(has + [w, float(failed)], dtype=like.dtype, device=like.device)]
+        )
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         total, num_failed = float(flat[-2]), int(flat[-1])
         if num_failed:
@@ -308,7 +315,9 @@ class DistributedAmortizedSVGD(AmortizedSVGD):
                 p.grad = None
             if failed:
                 return total, []
-            raise NonFiniteLogJointError(f"{num_failed} other rank(s) failed this step (see their error); no rank updated its parameters")
+            raise NonFiniteLogJointError(
+                f"{num_failed} other rank(s) failed this step (see their error); no rank updated its parameters"
+            )
         offset, with_grad = 0, []
         for k, p in enumerate(params):
             if flat[-2 - len(params) + k] > 0:
@@ -318,7 +327,9 @@ class DistributedAmortizedSVGD(AmortizedSVGD):
         return total, with_grad
 
     def _reduce_then_step(self, real_optim, params: list[Tensor]) -> None:
-        self._weight = float(self._num_used)  # datasets in this rank's loss (those left out for non-finite values excluded)
+        self._weight = float(
+            self._num_used
+        )  # datasets in this rank's loss (those left out for non-finite values excluded)
         if _active():
             total, params = self._all_reduce_grads()
         else:
@@ -354,12 +365,19 @@ class DistributedAmortizedSVGD(AmortizedSVGD):
 
         for key in ("format", "format_version", "guide", "svgd", "world_size"):
             if key in extra:
-                raise ValueError(f"save_checkpoint's extra entry {key!r} would overwrite the checkpoint's own; rename it")
+                raise ValueError(
+                    f"save_checkpoint's extra entry {key!r} would overwrite the checkpoint's own; rename it"
+                )
         check_plain(extra, "save_checkpoint's extra")
         if self.rank == 0:
-            state = {"format": _CHECKPOINT_FORMAT, "format_version": _CHECKPOINT_VERSION,
-                     "guide": dict(self.guide.state_dict()), "svgd": self.get_state(), "world_size": self.world_size,
-                     **extra}
+            state = {
+                "format": _CHECKPOINT_FORMAT,
+                "format_version": _CHECKPOINT_VERSION,
+                "guide": dict(self.guide.state_dict()),
+                "svgd": self.get_state(),
+                "world_size": self.world_size,
+                **extra,
+            }
             check_plain(state, "the checkpoint")
             atomic_torch_save(state, path)
         if _active():
@@ -376,7 +394,11 @@ def _checked_checkpoint(path, state: Any, guide: AmortizedSteinGuide) -> None:
     Raises :class:`~pyro_stein.CheckpointError` naming the file."""
     from ._io import CheckpointError, check_finite_tensors, check_tensor_dict
 
-    if not isinstance(state, dict) or not isinstance(state.get("guide"), dict) or not isinstance(state.get("svgd"), dict):
+    if (
+        not isinstance(state, dict)
+        or not isinstance(state.get("guide"), dict)
+        or not isinstance(state.get("svgd"), dict)
+    ):
         raise CheckpointError(path, "is not a file written by DistributedAmortizedSVGD.save_checkpoint()")
     fmt = state.get("format", _CHECKPOINT_FORMAT)  # files written before the format was recorded lack it
     if fmt != _CHECKPOINT_FORMAT:
@@ -385,17 +407,24 @@ def _checked_checkpoint(path, state: Any, guide: AmortizedSteinGuide) -> None:
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise CheckpointError(path, f"has format_version {version!r}, not a positive int: the file is corrupt")
     if version > _CHECKPOINT_VERSION:
-        raise CheckpointError(path, f"has format_version {version}, but this pyro_stein reads format_version "
-                                    f"{_CHECKPOINT_VERSION} and older: upgrade pyro_stein to load it")
+        raise CheckpointError(
+            path,
+            f"has format_version {version}, but this pyro_stein reads format_version "
+            f"{_CHECKPOINT_VERSION} and older: upgrade pyro_stein to load it",
+        )
     own = guide.state_dict(keep_vars=True)
-    check_tensor_dict(path, state["guide"], "guide",
-                      integer_ok=lambda key: key in own and not own[key].is_floating_point())
+    check_tensor_dict(
+        path, state["guide"], "guide", integer_ok=lambda key: key in own and not own[key].is_floating_point()
+    )
     got = {k: (tuple(v.shape), v.is_floating_point()) for k, v in state["guide"].items()}
     want = {k: (tuple(v.shape), v.is_floating_point()) for k, v in own.items()}
     if got != want:
         diff = sorted(set(got.items()) ^ set(want.items()))[:3]
-        raise CheckpointError(path, f"its guide weights do not match this guide's (e.g. {diff} differ): load it into a "
-                                    "guide built and set up as the one that was saved")
+        raise CheckpointError(
+            path,
+            f"its guide weights do not match this guide's (e.g. {diff} differ): load it into a "
+            "guide built and set up as the one that was saved",
+        )
     svgd = state["svgd"]
     for key in ("num_steps", "num_dropped_datasets", "datasets_seen"):
         v = svgd.get(key, 0)
@@ -439,5 +468,7 @@ def load_checkpoint(
     if svgd is not None:
         svgd.set_state(state["svgd"])
         if isinstance(svgd, DistributedAmortizedSVGD):
-            svgd._synced = False  # re-broadcast before the next step (a no-op in effect: all ranks loaded the same file)
+            svgd._synced = (
+                False  # re-broadcast before the next step (a no-op in effect: all ranks loaded the same file)
+            )
     return state

@@ -133,16 +133,33 @@ def _signature(u: Tensor, args: tuple, kwargs: dict, token: Any = None) -> _Call
 
 # Operations whose output's shape depends on the values of their input: a trace freezes that shape.
 _VALUE_SHAPED_OPS = {
-    "aten::nonzero", "aten::nonzero_static", "aten::masked_select", "aten::unique", "aten::_unique",
-    "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::unique_dim_consecutive",
-    "aten::bincount", "aten::repeat_interleave", "aten::_local_scalar_dense", "aten::item",
+    "aten::nonzero",
+    "aten::nonzero_static",
+    "aten::masked_select",
+    "aten::unique",
+    "aten::_unique",
+    "aten::_unique2",
+    "aten::unique_dim",
+    "aten::unique_consecutive",
+    "aten::unique_dim_consecutive",
+    "aten::bincount",
+    "aten::repeat_interleave",
+    "aten::_local_scalar_dense",
+    "aten::item",
 }
 # Operations that wait for the GPU (a value is needed on the host): a CUDA graph cannot capture them. A
 # capture that fails half-way can leave the device's random-number generator in capture mode, so such
 # graphs are screened out beforehand (see _screen).
 _SYNCING_OPS = _VALUE_SHAPED_OPS | {
-    "aten::is_nonzero", "aten::equal", "aten::allclose", "aten::histc", "aten::_assert_async",
-    "aten::masked_scatter", "aten::index_put", "aten::index_put_", "aten::_linalg_check_errors",
+    "aten::is_nonzero",
+    "aten::equal",
+    "aten::allclose",
+    "aten::histc",
+    "aten::_assert_async",
+    "aten::masked_scatter",
+    "aten::index_put",
+    "aten::index_put_",
+    "aten::_linalg_check_errors",
 }
 
 
@@ -165,7 +182,9 @@ def _screen(traced: torch.fx.GraphModule, u: Tensor, *data: Tensor) -> tuple[str
             if n.op != "call_function":
                 return super().run_node(n)
             name = getattr(getattr(n.target, "_schema", None), "name", str(n.target))
-            leaves = torch.utils._pytree.tree_leaves((self.map_nodes_to_values(n.args, n), self.map_nodes_to_values(n.kwargs, n)))
+            leaves = torch.utils._pytree.tree_leaves(
+                (self.map_nodes_to_values(n.args, n), self.map_nodes_to_values(n.kwargs, n))
+            )
             args = [a for a in leaves if isinstance(a, Tensor)]
             masked = name.startswith("aten::index") and any(a.dtype == torch.bool for a in args[1:])
             if name in _VALUE_SHAPED_OPS or (masked and name == "aten::index"):
@@ -174,7 +193,9 @@ def _screen(traced: torch.fx.GraphModule, u: Tensor, *data: Tensor) -> tuple[str
                 found.setdefault("hazard", f"{name}{' with a boolean mask' if masked else ''} waits for the device")
             out = super().run_node(n)
             outs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, Tensor)]
-            moved = [a for a in args if a.device != device and (a.dim() > 0 or "copy" in name or name.startswith("aten::to"))]
+            moved = [
+                a for a in args if a.device != device and (a.dim() > 0 or "copy" in name or name.startswith("aten::to"))
+            ]
             if on_gpu and moved and any(o.device == device for o in outs):
                 found.setdefault("hazard", f"{name} copies a tensor from {moved[0].device} to {device}")
             return out
@@ -188,7 +209,9 @@ def _screen(traced: torch.fx.GraphModule, u: Tensor, *data: Tensor) -> tuple[str
             with torch.no_grad():
                 Screen(traced).run(u, *data)
     except RuntimeError as e:
-        found.setdefault("hazard", f"an operation waits for the device ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        found.setdefault(
+            "hazard", f"an operation waits for the device ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        )
     finally:
         if on_gpu:
             with warnings.catch_warnings():
@@ -246,14 +269,35 @@ def _with_tensors(obj: Any, tensors: Any) -> Any:
 
 _ALIASES = ("aten::detach", "aten::lift_fresh_copy", "aten::alias")
 # operations whose value depends only on their input's shape, dtype and device (the shapes are fixed in a recording)
-_SHAPE_ONLY = ("aten::ones_like", "aten::zeros_like", "aten::full_like", "aten::new_zeros", "aten::new_ones",
-               "aten::new_full")
+_SHAPE_ONLY = (
+    "aten::ones_like",
+    "aten::zeros_like",
+    "aten::full_like",
+    "aten::new_zeros",
+    "aten::new_ones",
+    "aten::new_full",
+)
 # operations that keep the row-major order of their input's elements (when they keep their number too)
-_REORDERLESS = ("aten::view", "aten::_unsafe_view", "aten::reshape", "aten::unsqueeze", "aten::squeeze", "aten::expand",
-                "aten::slice", "aten::sum")
+_REORDERLESS = (
+    "aten::view",
+    "aten::_unsafe_view",
+    "aten::reshape",
+    "aten::unsqueeze",
+    "aten::squeeze",
+    "aten::expand",
+    "aten::slice",
+    "aten::sum",
+)
 # x op c == x exactly when every element of the constant c is (0 or 1); the key is (schema, which operand is c)
-_NEUTRAL = {("aten::add", 1): 0, ("aten::add", 0): 0, ("aten::sub", 1): 0, ("aten::mul", 1): 1, ("aten::mul", 0): 1,
-            ("aten::div", 1): 1, ("aten::pow", 1): 1}
+_NEUTRAL = {
+    ("aten::add", 1): 0,
+    ("aten::add", 0): 0,
+    ("aten::sub", 1): 0,
+    ("aten::mul", 1): 1,
+    ("aten::mul", 0): 1,
+    ("aten::div", 1): 1,
+    ("aten::pow", 1): 1,
+}
 
 
 def _name(node: torch.fx.Node) -> str:
@@ -309,7 +353,7 @@ def _same_value(n: torch.fx.Node, const: dict) -> Any:
         value = const.get(operand, operand)
         if isinstance(value, bool) or not isinstance(value, (numbers.Number, Tensor)):
             continue
-        if (bool((value == neutral).all()) if isinstance(value, Tensor) else value == neutral):
+        if bool((value == neutral).all()) if isinstance(value, Tensor) else value == neutral:
             return other
     return None
 
@@ -474,7 +518,9 @@ class GraphedLogDensity:
         self._shared.clear()
         self._counts.clear()
 
-    def _replay(self, rec: Callable[[Tensor], tuple[Tensor, Tensor]], u: Tensor, eager: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    def _replay(
+        self, rec: Callable[[Tensor], tuple[Tensor, Tensor]], u: Tensor, eager: Callable[[], tuple[Tensor, Tensor]]
+    ) -> tuple[Tensor, Tensor]:
         try:
             got = rec(u)
         except Exception as e:  # noqa: BLE001 - the model's own evaluation raises the model's error (or works)
@@ -498,7 +544,9 @@ class GraphedLogDensity:
             )
         return want
 
-    def __call__(self, u: Tensor, args: tuple, kwargs: dict, eager: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    def __call__(
+        self, u: Tensor, args: tuple, kwargs: dict, eager: Callable[[], tuple[Tensor, Tensor]]
+    ) -> tuple[Tensor, Tensor]:
         if self.status.startswith("off") or u.dim() != 2:
             return eager()
         call = _signature(u, args, kwargs, None if self.guard is None else self.guard())
@@ -530,24 +578,35 @@ class GraphedLogDensity:
         single = self.single
 
         def fn(v: Tensor) -> tuple[Tensor, Tensor]:  # the data are constants of the graph (tied to these tensors)
-            score, lp = torch.func.vmap(torch.func.grad_and_value(lambda r: single(r, args, kwargs)), randomness="same")(v)
+            score, lp = torch.func.vmap(
+                torch.func.grad_and_value(lambda r: single(r, args, kwargs)), randomness="same"
+            )(v)
             return lp, score
 
         rec = self._checked(lambda: _Recording(fn, u, call), lambda r: r(u), want)
         if rec is None:
             return want
         self._recording, self._replays = rec, 0
-        self.status = "replaying" if rec.hazard is None else f"replaying the traced graph, without a CUDA graph: {rec.hazard}"
+        self.status = (
+            "replaying" if rec.hazard is None else f"replaying the traced graph, without a CUDA graph: {rec.hazard}"
+        )
         return want
 
-    def _checked(self, build: Callable[[], Any], first: Callable[[Any], tuple[Tensor, Tensor]], want: tuple[Tensor, Tensor],
-                 hint: str = "") -> Any:
+    def _checked(
+        self,
+        build: Callable[[], Any],
+        first: Callable[[Any], tuple[Tensor, Tensor]],
+        want: tuple[Tensor, Tensor],
+        hint: str = "",
+    ) -> Any:
         """A recording from ``build()`` whose first replay ``first(recording)`` agrees with the model's ``want``;
         ``None``, with recording switched off and the reason in ``status``, if it cannot be built or used."""
         try:
             rec = build()
             if rec.frozen is not None:
-                self._off(f"the model's shapes depend on the data's values ({rec.frozen}); a recording would freeze them")
+                self._off(
+                    f"the model's shapes depend on the data's values ({rec.frozen}); a recording would freeze them"
+                )
                 return None
             got = first(rec)
         except Exception as e:  # noqa: BLE001 - any failure only means: no graph for this model
@@ -560,7 +619,9 @@ class GraphedLogDensity:
             return None
         return rec
 
-    def _call_shared(self, call: _Call, u: Tensor, args: tuple, kwargs: dict, eager: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    def _call_shared(
+        self, call: _Call, u: Tensor, args: tuple, kwargs: dict, eager: Callable[[], tuple[Tensor, Tensor]]
+    ) -> tuple[Tensor, Tensor]:
         data = call.tensors
         rec = self._shared.get(call.key)
         if rec is not None:
@@ -585,9 +646,13 @@ class GraphedLogDensity:
             score, lp = torch.func.vmap(torch.func.grad_and_value(lambda r: single(r, a, k)), randomness="same")(v)
             return lp, score
 
-        rec = self._checked(lambda: _SharedRecording(fn, u, data), lambda r: r(u, data), want,
-                            ": the model's Python reads its data's values (if, .item()), so it cannot be recorded for "
-                            "all data of a shape")
+        rec = self._checked(
+            lambda: _SharedRecording(fn, u, data),
+            lambda r: r(u, data),
+            want,
+            ": the model's Python reads its data's values (if, .item()), so it cannot be recorded for "
+            "all data of a shape",
+        )
         if rec is None:
             return want
         self.num_recordings += 1
@@ -597,6 +662,8 @@ class GraphedLogDensity:
             _, dropped = self._shared.popitem(last=False)
             self.num_wasted += dropped.replays < self.min_calls
         if self.num_wasted >= max(self.max_recordings, 1):
-            self._off(f"the arguments' shapes rarely repeat: {self.num_wasted} recordings were dropped before "
-                      f"{self.min_calls} replays each, so recording costs more than it saves")
+            self._off(
+                f"the arguments' shapes rarely repeat: {self.num_wasted} recordings were dropped before "
+                f"{self.min_calls} replays each, so recording costs more than it saves"
+            )
         return want

@@ -100,7 +100,8 @@ def _refuse_half_precision(args: tuple, kwargs: dict, position: int | None = Non
     argument: the log density's score loses too much in them (a first step of NaN, a posterior sd far off)."""
     which = "the model's " if position is None else f"dataset {position}'s "
     named = [(f"{which}argument {i}", a) for i, a in enumerate(args)] + [
-        (f"{which}argument {k!r}", v) for k, v in kwargs.items()]
+        (f"{which}argument {k!r}", v) for k, v in kwargs.items()
+    ]
     for name, value in named:
         for where, t in _tensors_in(value, name):
             if t.dtype in (torch.float16, torch.bfloat16):
@@ -152,9 +153,22 @@ def _num_samples(num_samples, arg: str = "num_samples") -> int:
 
 
 _FORMAT_VERSION = 2  # of the file AmortizedSteinGuide.save writes; 2 adds init values and site supports
-_GUIDE_OPTIONS = ("init_loc_fn", "init_scale", "amortized", "context_dim", "mean_features", "vectorize",
-                  "num_summary_samples", "moment_correction", "correction_samples", "whiten", "mcmc_steps",
-                  "laplace_evaluations", "mcmc_leapfrog", "record_graph")
+_GUIDE_OPTIONS = (
+    "init_loc_fn",
+    "init_scale",
+    "amortized",
+    "context_dim",
+    "mean_features",
+    "vectorize",
+    "num_summary_samples",
+    "moment_correction",
+    "correction_samples",
+    "whiten",
+    "mcmc_steps",
+    "laplace_evaluations",
+    "mcmc_leapfrog",
+    "record_graph",
+)
 _MAX_DIM = 1 << 20  # a bound on the sizes a checkpoint's configuration may state (checked against its weights too)
 _MAX_DRAWS = 1 << 24
 
@@ -229,8 +243,10 @@ def _checked_payload(path, payload) -> dict:
         raise CheckpointError(path, f"has format_version {version!r}, not a positive int: the file is corrupt")
     if version > _FORMAT_VERSION:
         raise CheckpointError(
-            path, f"has format_version {version} (written by pyro_stein {payload.get('pyro_stein_version')!s}), but "
-            f"this pyro_stein reads format_version {_FORMAT_VERSION} and older: upgrade pyro_stein to load it")
+            path,
+            f"has format_version {version} (written by pyro_stein {payload.get('pyro_stein_version')!s}), but "
+            f"this pyro_stein reads format_version {_FORMAT_VERSION} and older: upgrade pyro_stein to load it",
+        )
     cfg = payload.get("config")
     if not isinstance(cfg, dict):
         raise CheckpointError(path, "lacks its config dict: the file is corrupt")
@@ -251,43 +267,75 @@ def _checked_payload(path, payload) -> dict:
     config_choice(path, cfg, "adaptive_frame", (True, False), False)
     reparam = cfg.get("reparam_sites", [])
     if not (isinstance(reparam, list) and all(isinstance(n, str) for n in reparam)):
-        raise CheckpointError(path, f"config['reparam_sites'] = {reparam!r} is not a list of site names: the file is "
-                                    "corrupt or was altered")
+        raise CheckpointError(
+            path,
+            f"config['reparam_sites'] = {reparam!r} is not a list of site names: the file is corrupt or was altered",
+        )
     sites = cfg.get("sites")
-    ok = isinstance(sites, list) and sites and all(
-        isinstance(x, list) and len(x) == 3 and isinstance(x[0], str)
-        and all(isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _MAX_DIM
-                                                 for d in shape) for shape in x[1:])
-        for x in sites)
+    ok = (
+        isinstance(sites, list)
+        and sites
+        and all(
+            isinstance(x, list)
+            and len(x) == 3
+            and isinstance(x[0], str)
+            and all(
+                isinstance(shape, list)
+                and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _MAX_DIM for d in shape)
+                for shape in x[1:]
+            )
+            for x in sites
+        )
+    )
     if not ok:
-        raise CheckpointError(path, f"config['sites'] = {sites!r} is not a list of [name, shape, unconstrained "
-                                    "shape]: the file is corrupt or was altered")
+        raise CheckpointError(
+            path,
+            f"config['sites'] = {sites!r} is not a list of [name, shape, unconstrained "
+            "shape]: the file is corrupt or was altered",
+        )
     latent_dim = sum(math.prod(x[2]) for x in sites)
     if latent_dim > _MAX_DIM:
         raise CheckpointError(path, f"its sites pack into {latent_dim} dims, more than {_MAX_DIM}: the file is corrupt")
     kinds = cfg.get("site_kinds")
-    if version >= 2 and not (isinstance(kinds, list) and [k[0] for k in kinds if isinstance(k, list)] == [x[0] for x in sites]
-                             and all(len(k) == 3 and all(isinstance(v, str) for v in k) for k in kinds)):
+    if version >= 2 and not (
+        isinstance(kinds, list)
+        and [k[0] for k in kinds if isinstance(k, list)] == [x[0] for x in sites]
+        and all(len(k) == 3 and all(isinstance(v, str) for v in k) for k in kinds)
+    ):
         raise CheckpointError(path, "config['site_kinds'] does not list the sites' supports: the file is corrupt")
     state = payload.get("state_dict")
     # a custom network's buffers may be integers (it is also registered as _user_sampler / _user_encoder)
-    custom = tuple(f"{prefix}{part}." for part in ("sampler", "encoder") if cfg.get(part) is None for prefix in ("", "_user_"))
+    custom = tuple(
+        f"{prefix}{part}." for part in ("sampler", "encoder") if cfg.get(part) is None for prefix in ("", "_user_")
+    )
     dtype = check_tensor_dict(path, state, "state_dict", integer_ok=lambda key: key.startswith(custom))
     if version >= 2:
         saved = cfg.get("dtype")
         if dtype is not None and saved != str(dtype).replace("torch.", ""):
-            raise CheckpointError(path, f"its tensors have dtype {dtype}, but its config says {saved!r}: the file was "
-                                        "altered")
+            raise CheckpointError(
+                path, f"its tensors have dtype {dtype}, but its config says {saved!r}: the file was altered"
+            )
         for key in ("init_values", "site_probes"):
             check_tensor_dict(path, payload.get(key), key)
         probes = payload["site_probes"]
         for name, shape, _ in sites:
             if name not in probes or probes[name].dim() != 1 or probes[name].numel() != math.prod(shape):
                 raise CheckpointError(path, f"site_probes lacks a proper entry for site {name!r}: the file is corrupt")
-    for part, net_cls, keys in (("sampler", GaussianResidualSampler, (
-            ("latent_dim", 1), ("noise_dim", 1), ("context_dim", 0), ("hidden_dim", 1), ("num_layers", 1),
-            ("max_amortized_tril", 0))),
-            ("encoder", DeepSetEncoder, (("feature_dim", 1), ("output_dim", 1), ("hidden_dim", 1), ("num_layers", 1)))):
+    for part, net_cls, keys in (
+        (
+            "sampler",
+            GaussianResidualSampler,
+            (
+                ("latent_dim", 1),
+                ("noise_dim", 1),
+                ("context_dim", 0),
+                ("hidden_dim", 1),
+                ("num_layers", 1),
+                ("max_amortized_tril", 0),
+            ),
+        ),
+        ("encoder", DeepSetEncoder, (("feature_dim", 1), ("output_dim", 1), ("hidden_dim", 1), ("num_layers", 1))),
+    ):
         net = cfg.get(part)
         if net is None:  # a custom network (passed to load again), or an encoder-less guide
             if part == "sampler" and not isinstance(cfg.get("sampler_class"), str):
@@ -301,8 +349,11 @@ def _checked_payload(path, payload) -> dict:
             config_float(path, net, "init_scale", 0.0, 1e6)
             config_choice(path, net, "affine", ("auto", "full", "diag"))
             if net["latent_dim"] != latent_dim:
-                raise CheckpointError(path, f"config['sampler']['latent_dim'] = {net['latent_dim']} but the sites pack "
-                                            f"into {latent_dim} dims: the file is corrupt or was altered")
+                raise CheckpointError(
+                    path,
+                    f"config['sampler']['latent_dim'] = {net['latent_dim']} but the sites pack "
+                    f"into {latent_dim} dims: the file is corrupt or was altered",
+                )
         else:
             config_choice(path, net, "mean_features", (True, False), False)
         try:
@@ -315,8 +366,10 @@ def _checked_payload(path, payload) -> dict:
         if got != expected:
             diff = sorted(set(got.items()) ^ set(expected.items()))[:3]
             raise CheckpointError(
-                path, f"its weights do not match the {part} its config describes ({net}); e.g. {diff} differ: the "
-                "file is corrupt or was altered")
+                path,
+                f"its weights do not match the {part} its config describes ({net}); e.g. {diff} differ: the "
+                "file is corrupt or was altered",
+            )
     return cfg
 
 
@@ -618,11 +671,15 @@ class AmortizedSteinGuide(AutoContinuous):
         if sampler is not None and not isinstance(sampler, nn.Module):
             raise TypeError(f"sampler must be a torch.nn.Module, got {type(sampler).__name__}")
         if encoder is not None and not isinstance(encoder, nn.Module):
-            raise TypeError(f"encoder must be a torch.nn.Module (e.g. pyro_stein.nn.DeepSetEncoder), got {type(encoder).__name__}")
+            raise TypeError(
+                f"encoder must be a torch.nn.Module (e.g. pyro_stein.nn.DeepSetEncoder), got {type(encoder).__name__}"
+            )
         if not isinstance(amortized, bool):
             raise TypeError(f"amortized must be True or False, got {amortized!r}")
         if create_plates is not None and not callable(create_plates):
-            raise TypeError(f"create_plates must be a callable (*args, **kwargs) -> plates, or None, got {type(create_plates).__name__}")
+            raise TypeError(
+                f"create_plates must be a callable (*args, **kwargs) -> plates, or None, got {type(create_plates).__name__}"
+            )
         if isinstance(init_scale, bool) or not isinstance(init_scale, numbers.Real):
             raise TypeError(f"init_scale must be a positive number, got {init_scale!r}")
         if encoder is not None and not amortized:
@@ -635,16 +692,23 @@ class AmortizedSteinGuide(AutoContinuous):
         if whiten not in WHITEN_OPTIONS:
             raise ValueError(f"whiten must be one of {WHITEN_OPTIONS}, got {whiten!r}")
         if whiten == "adaptive" and amortized:
-            raise ValueError("whiten='adaptive' is for non-amortized guides; an amortized guide takes whiten='laplace' "
-                             "(a frame per dataset) or None")
+            raise ValueError(
+                "whiten='adaptive' is for non-amortized guides; an amortized guide takes whiten='laplace' "
+                "(a frame per dataset) or None"
+            )
         if not isinstance(record_graph, bool):
             raise TypeError(f"record_graph must be True or False, got {record_graph!r}")
         self.record_graph = record_graph
         # checked and held as ints by their _IntOption descriptors, here and when set later; set through object's
         # __setattr__, as PyroModule's would reject a 0-d tensor value before its own __init__
-        for name, value in (("moment_correction", moment_correction), ("correction_samples", correction_samples),
-                            ("mcmc_steps", mcmc_steps), ("mcmc_leapfrog", mcmc_leapfrog),
-                            ("laplace_evaluations", laplace_evaluations), ("num_summary_samples", num_summary_samples)):
+        for name, value in (
+            ("moment_correction", moment_correction),
+            ("correction_samples", correction_samples),
+            ("mcmc_steps", mcmc_steps),
+            ("mcmc_leapfrog", mcmc_leapfrog),
+            ("laplace_evaluations", laplace_evaluations),
+            ("num_summary_samples", num_summary_samples),
+        ):
             object.__setattr__(self, name, value)
         # what was asked for; `whiten` below is the frame in use ("laplace" or None), resolved at setup for "auto"
         self.frame_request = whiten
@@ -672,8 +736,10 @@ class AmortizedSteinGuide(AutoContinuous):
         if mean_features and not amortized:
             raise ValueError("mean_features=True is for the dataset encoder of an amortized guide; pass amortized=True")
         if mean_features and encoder is not None:
-            raise ValueError("mean_features=True configures the default encoder; build your encoder with "
-                             "DeepSetEncoder(..., mean_features=True) instead")
+            raise ValueError(
+                "mean_features=True configures the default encoder; build your encoder with "
+                "DeepSetEncoder(..., mean_features=True) instead"
+            )
         if mean_features is None:  # on where it was measured to help: the default encoder without a frame
             mean_features = bool(amortized) and encoder is None and self.whiten is None
         self.mean_features = mean_features
@@ -761,16 +827,26 @@ class AmortizedSteinGuide(AutoContinuous):
         if self.latent_dim == 0:
             raise ValueError("the model has no latent sample sites; there is nothing to infer")
         # the prototype trace hides observed and subsample sites (pyro.deterministic sites are observed): trace again
-        full = poutine.block(poutine.trace(poutine.condition(self._raw_model[0], self._init_values())).get_trace)(*args, **kwargs)
+        full = poutine.block(poutine.trace(poutine.condition(self._raw_model[0], self._init_values())).get_trace)(
+            *args, **kwargs
+        )
         self.subsample_plates = {
             name: (site["fn"].size, site["fn"].subsample_size)
             for name, site in full.nodes.items()
-            if site_is_subsample(site) and site["fn"].subsample_size is not None and site["fn"].subsample_size < site["fn"].size
+            if site_is_subsample(site)
+            and site["fn"].subsample_size is not None
+            and site["fn"].subsample_size < site["fn"].size
         }
-        self.deterministic_names = [n for n, s in full.nodes.items() if s["type"] == "sample" and
-                                    (s["infer"].get("_deterministic") or n in self.reparam_sites)]
-        self._reparam_frames = {n: (full.nodes[n]["cond_indep_stack"], full.nodes[n]["fn"].event_dim)
-                                for n in self.reparam_sites if n in full.nodes}
+        self.deterministic_names = [
+            n
+            for n, s in full.nodes.items()
+            if s["type"] == "sample" and (s["infer"].get("_deterministic") or n in self.reparam_sites)
+        ]
+        self._reparam_frames = {
+            n: (full.nodes[n]["cond_indep_stack"], full.nodes[n]["fn"].event_dim)
+            for n in self.reparam_sites
+            if n in full.nodes
+        }
         params = [n for n, site in full.nodes.items() if site["type"] == "param"]
         if params:
             warnings.warn(
@@ -780,12 +856,15 @@ class AmortizedSteinGuide(AutoContinuous):
                 ModelParameterWarning,
                 stacklevel=3,
             )
-        self.log_density = ModelLogDensity(self._raw_model[0], self.sites, self.vectorize,
-                                           record_graph=self.record_graph, share_across_data=True)
+        self.log_density = ModelLogDensity(
+            self._raw_model[0], self.sites, self.vectorize, record_graph=self.record_graph, share_across_data=True
+        )
         init_loc = pack(self._init_values(), self.sites, batch_dims=0)
         if not torch.isfinite(init_loc).all():
             bad = [s.name for s in self.sites if not torch.isfinite(init_loc[s.offset : s.offset + s.size]).all()]
-            raise ValueError(f"the initial value of site(s) {bad} is not finite in unconstrained space; pass a different init_loc_fn")
+            raise ValueError(
+                f"the initial value of site(s) {bad} is not finite in unconstrained space; pass a different init_loc_fn"
+            )
         with warnings.catch_warnings():  # the driver reports a model that does not vectorise, at its first step
             warnings.simplefilter("ignore", VectorizationWarning)
             self._build_networks(self._checked_init(init_loc, args, kwargs), args, kwargs)
@@ -797,6 +876,7 @@ class AmortizedSteinGuide(AutoContinuous):
         score is huge or undefined; training started there swings wildly. Candidates at growing distances (0.1 to 2
         in unconstrained space, 16 each, from a generator seeded for reproducibility) are tried and the finite,
         non-extreme one with the highest log joint is used."""
+
         def evaluate(x: Tensor) -> tuple[Tensor, Tensor]:
             with self._full_data(), poutine.block():
                 return self.log_density.log_density_and_score(x, args, kwargs, check=False)
@@ -812,7 +892,9 @@ class AmortizedSteinGuide(AutoContinuous):
             return init_loc
         gen = torch.Generator(device=init_loc.device).manual_seed(0)
         scales = torch.tensor([0.1, 0.5, 1.0, 2.0], dtype=init_loc.dtype, device=init_loc.device).repeat_interleave(16)
-        noise = torch.randn(scales.shape[0], init_loc.shape[0], generator=gen, dtype=init_loc.dtype, device=init_loc.device)
+        noise = torch.randn(
+            scales.shape[0], init_loc.shape[0], generator=gen, dtype=init_loc.dtype, device=init_loc.device
+        )
         candidates = init_loc + scales[:, None] * noise
         try:
             lp, score = evaluate(candidates)
@@ -838,9 +920,14 @@ class AmortizedSteinGuide(AutoContinuous):
             model = poutine.reparam(model, config={n: LocScaleReparam(centered=0.0) for n in self.reparam_sites})
         self._model = (model,)
         self._raw_model = (model,)
-        self.frame_fallback_reason = None if reason is None else (
-            f"no proper mode in the model's own parameterisation ({reason}); its sites {self.reparam_sites} were "
-            "non-centred (LocScaleReparam(centered=0.0))")
+        self.frame_fallback_reason = (
+            None
+            if reason is None
+            else (
+                f"no proper mode in the model's own parameterisation ({reason}); its sites {self.reparam_sites} were "
+                "non-centred (LocScaleReparam(centered=0.0))"
+            )
+        )
 
     def _hierarchical_normal_sites(self, args, kwargs) -> list[str]:
         """Latent Normal sites whose loc or scale depend on another latent site (the centred levels of a hierarchical
@@ -881,10 +968,12 @@ class AmortizedSteinGuide(AutoContinuous):
                 same_values = False
             if now != saved[site.name] or not same_values:
                 raise CheckpointError(
-                    path, f"latent site {site.name!r} has support {site.support} (bijection {now[1]}) in this model, "
+                    path,
+                    f"latent site {site.name!r} has support {site.support} (bijection {now[1]}) in this model, "
                     f"but support {saved[site.name][0]} (bijection {saved[site.name][1]}) "
                     f"{'' if now != saved[site.name] else 'with other bounds '}in the saved guide: the saved weights "
-                    "would give other values. Load it with the model it was trained with")
+                    "would give other values. Load it with the model it was trained with",
+                )
 
     def _check_sites(self, trace) -> None:
         for name, site in trace.iter_stochastic_nodes():
@@ -901,7 +990,9 @@ class AmortizedSteinGuide(AutoContinuous):
             try:
                 support_bijection(fn.support)
             except NotImplementedError as e:
-                raise ValueError(f"latent site {name!r} has support {fn.support} with no bijection to real space: {e}") from e
+                raise ValueError(
+                    f"latent site {name!r} has support {fn.support} with no bijection to real space: {e}"
+                ) from e
 
     def _laplace_frame(self, init_loc: Tensor, args, kwargs) -> tuple[Tensor, Tensor]:
         """``(m, L)``: the posterior mode in unconstrained space and ``L`` with ``L L^T = H^{-1}``.
@@ -917,7 +1008,9 @@ class AmortizedSteinGuide(AutoContinuous):
                 return -self.log_density.log_density(x.unsqueeze(0), args, kwargs)[0]
 
         z = init_loc.detach().clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([z], max_iter=200, line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=0.0)
+        opt = torch.optim.LBFGS(
+            [z], max_iter=200, line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=0.0
+        )
 
         def closure():
             opt.zero_grad()
@@ -939,8 +1032,9 @@ class AmortizedSteinGuide(AutoContinuous):
             hess = torch.autograd.functional.hessian(neg_log_p, mode)
             grad = torch.autograd.functional.jacobian(neg_log_p, mode)
         if not (torch.isfinite(mode).all() and torch.isfinite(hess).all() and torch.isfinite(grad).all()):
-            raise ValueError("whiten='laplace': the mode search or the Hessian at the mode is not finite; use "
-                             "whiten='auto'")
+            raise ValueError(
+                "whiten='laplace': the mode search or the Hessian at the mode is not finite; use whiten='auto'"
+            )
         chol, info = torch.linalg.cholesky_ex(0.5 * (hess + hess.T))
         if info != 0:
             raise ValueError(
@@ -978,7 +1072,9 @@ class AmortizedSteinGuide(AutoContinuous):
         if frame is not None:
             return frame
         if self.per_dataset_frames:
-            raise ValueError("an amortized guide with whiten='laplace' needs the dataset's frame: pass frame=guide.frames(datasets)")
+            raise ValueError(
+                "an amortized guide with whiten='laplace' needs the dataset's frame: pass frame=guide.frames(datasets)"
+            )
         return self.whiten_loc, self.whiten_scale
 
     def unwhiten(self, u: Tensor, frame: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -1030,7 +1126,9 @@ class AmortizedSteinGuide(AutoContinuous):
             pending = [datasets[i] for i in todo]
 
             def fn(idx: Tensor, points: Tensor):
-                return self.log_density.log_density_and_score_batch(points, [pending[i] for i in idx.tolist()], check=False)
+                return self.log_density.log_density_and_score_batch(
+                    points, [pending[i] for i in idx.tolist()], check=False
+                )
 
             with poutine.block():  # called inside the guide (e.g. under Predictive): keep the model's sites private
                 found = laplace_frames(fn, init.expand(len(todo), -1).clone(), max_evaluations=self.laplace_evaluations)
@@ -1078,7 +1176,10 @@ class AmortizedSteinGuide(AutoContinuous):
             elif fresh:
                 loc, scale = self._laplace_frame(init_loc, args, kwargs)
             else:
-                loc, scale = torch.zeros_like(init_loc), torch.eye(init_loc.shape[0], dtype=init_loc.dtype, device=init_loc.device)
+                loc, scale = (
+                    torch.zeros_like(init_loc),
+                    torch.eye(init_loc.shape[0], dtype=init_loc.dtype, device=init_loc.device),
+                )
             if self.whiten is not None:
                 self.register_buffer("whiten_loc", loc)
                 self.register_buffer("whiten_scale", scale)
@@ -1089,8 +1190,10 @@ class AmortizedSteinGuide(AutoContinuous):
             if encoder is None:
                 F = feats.features.shape[-1]
                 cfg = self._network_configs.get("encoder") or {  # the passed-through feature means widen it by F
-                    "feature_dim": F, "output_dim": self.context_dim + (F if self.mean_features else 0),
-                    "mean_features": self.mean_features}
+                    "feature_dim": F,
+                    "output_dim": self.context_dim + (F if self.mean_features else 0),
+                    "mean_features": self.mean_features,
+                }
                 encoder = DeepSetEncoder(**cfg)
                 encoder.to(dtype=init_loc.dtype, device=init_loc.device)
                 encoder.set_standardization(feats.features, feats.mask)
@@ -1110,7 +1213,8 @@ class AmortizedSteinGuide(AutoContinuous):
         sampler = self._user_sampler
         if sampler is None:
             cfg = self._network_configs.get("sampler") or {
-                "latent_dim": self.latent_dim, "context_dim": context_dim,
+                "latent_dim": self.latent_dim,
+                "context_dim": context_dim,
                 "init_scale": self.init_scale if self.whiten is None else 1.0,
             }
             sampler = GaussianResidualSampler(**cfg, init_loc=init_loc)
@@ -1152,7 +1256,9 @@ class AmortizedSteinGuide(AutoContinuous):
         from ._io import atomic_torch_save
 
         if self.prototype_trace is None:
-            raise ValueError("the guide has no parameters yet: call guide.setup(*example_args) or train it before save()")
+            raise ValueError(
+                "the guide has no parameters yet: call guide.setup(*example_args) or train it before save()"
+            )
         state = {k: v.detach().clone() for k, v in self.state_dict().items()}
         dtype = self._like().dtype
         payload = {
@@ -1180,7 +1286,9 @@ class AmortizedSteinGuide(AutoContinuous):
                 "sites": [[s.name, list(s.shape), list(s.unconstrained_shape)] for s in self.sites],
                 "site_kinds": [[s.name, *_site_kind(s)] for s in self.sites],
                 "sampler": getattr(self.sampler, "config", None) if self._user_sampler is None else None,
-                "encoder": getattr(self.encoder, "config", None) if self.amortized and self._user_encoder is None else None,
+                "encoder": getattr(self.encoder, "config", None)
+                if self.amortized and self._user_encoder is None
+                else None,
                 "sampler_class": type(self.sampler).__name__,
                 "custom_dataset_fn": self.dataset_fn is not None,
                 "custom_create_plates": getattr(self, "create_plates", None) is not None,
@@ -1193,8 +1301,18 @@ class AmortizedSteinGuide(AutoContinuous):
         atomic_torch_save(payload, path)
 
     @classmethod
-    def load(cls, path, model, *args, map_location=None, sampler=None, encoder=None, dataset_fn=None,
-             create_plates=None, **kwargs):
+    def load(
+        cls,
+        path,
+        model,
+        *args,
+        map_location=None,
+        sampler=None,
+        encoder=None,
+        dataset_fn=None,
+        create_plates=None,
+        **kwargs,
+    ):
         """Rebuild a guide saved with :meth:`save` for ``model``, set up with example ``*args, **kwargs``
         (the model's arguments only: the guide's options come from the file).
 
@@ -1220,38 +1338,60 @@ class AmortizedSteinGuide(AutoContinuous):
         cfg = _checked_payload(path, payload)
         if cfg["amortized"] and cfg.get("whiten") == "laplace" and not cfg.get("frame_context"):
             raise CheckpointError(
-                path, f"holds an amortized whiten='laplace' guide saved by pyro_stein "
+                path,
+                f"holds an amortized whiten='laplace' guide saved by pyro_stein "
                 f"{payload.get('pyro_stein_version')}, whose sampler did not see the frame summary that this version "
-                "passes it; retrain the guide with this version"
+                "passes it; retrain the guide with this version",
             )
         if cfg["sampler"] is None and sampler is None:
-            raise ValueError(f"the guide in {str(path)!r} was saved with a custom sampler ({cfg['sampler_class']}); "
-                             "pass sampler=<an instance of it> to load")
+            raise ValueError(
+                f"the guide in {str(path)!r} was saved with a custom sampler ({cfg['sampler_class']}); "
+                "pass sampler=<an instance of it> to load"
+            )
         if cfg["amortized"] and cfg["encoder"] is None and encoder is None:
-            raise ValueError(f"the guide in {str(path)!r} was saved with a custom encoder; pass "
-                             "encoder=<an instance of it> to load")
+            raise ValueError(
+                f"the guide in {str(path)!r} was saved with a custom encoder; pass encoder=<an instance of it> to load"
+            )
         if cfg.get("custom_dataset_fn") and dataset_fn is None:
-            raise ValueError(f"the guide in {str(path)!r} was saved with a custom dataset_fn; pass the same "
-                             "function as dataset_fn= to load")
+            raise ValueError(
+                f"the guide in {str(path)!r} was saved with a custom dataset_fn; pass the same "
+                "function as dataset_fn= to load"
+            )
         if cfg.get("custom_create_plates") and create_plates is None:
-            raise ValueError(f"the guide in {str(path)!r} was saved with a custom create_plates; pass the same "
-                             "function as create_plates= to load")
+            raise ValueError(
+                f"the guide in {str(path)!r} was saved with a custom create_plates; pass the same "
+                "function as create_plates= to load"
+            )
         init_values = payload.get("init_values")
         guide = cls(
-            model, sampler=sampler, encoder=encoder, dataset_fn=dataset_fn, create_plates=create_plates,
+            model,
+            sampler=sampler,
+            encoder=encoder,
+            dataset_fn=dataset_fn,
+            create_plates=create_plates,
             init_loc_fn=None if init_values is None else _init_to_saved(init_values),
             init_scale=cfg["init_scale"],
-            amortized=cfg["amortized"], context_dim=cfg["context_dim"], vectorize=cfg["vectorize"],
+            amortized=cfg["amortized"],
+            context_dim=cfg["context_dim"],
+            vectorize=cfg["vectorize"],
             mean_features=bool(cfg.get("mean_features", False)) and encoder is None,
             num_summary_samples=cfg["num_summary_samples"],
-            moment_correction=cfg.get("moment_correction", 0), correction_samples=cfg.get("correction_samples", 1000),
+            moment_correction=cfg.get("moment_correction", 0),
+            correction_samples=cfg.get("correction_samples", 1000),
             whiten="laplace" if cfg.get("whiten") == "affine" else cfg.get("whiten"),
-            mcmc_steps=cfg.get("mcmc_steps", 0), mcmc_leapfrog=cfg.get("mcmc_leapfrog", 1),
-            laplace_evaluations=cfg.get("laplace_evaluations", 50), record_graph=cfg.get("record_graph", True),
+            mcmc_steps=cfg.get("mcmc_steps", 0),
+            mcmc_leapfrog=cfg.get("mcmc_leapfrog", 1),
+            laplace_evaluations=cfg.get("laplace_evaluations", 50),
+            record_graph=cfg.get("record_graph", True),
         )
-        guide._network_configs = {"sampler": cfg["sampler"], "encoder": cfg["encoder"], "sites": cfg["sites"],
-                                  "site_kinds": cfg.get("site_kinds"), "site_probes": payload.get("site_probes"),
-                                  "path": path}
+        guide._network_configs = {
+            "sampler": cfg["sampler"],
+            "encoder": cfg["encoder"],
+            "sites": cfg["sites"],
+            "site_kinds": cfg.get("site_kinds"),
+            "site_probes": payload.get("site_probes"),
+            "path": path,
+        }
         guide._squash_frame_summary = bool(cfg.get("frame_summary_squash", False))  # as it was trained
         if cfg.get("reparam_sites"):  # the funnel's sites were non-centred when it was set up
             guide._use_reparam(cfg["reparam_sites"], None)
@@ -1259,14 +1399,20 @@ class AmortizedSteinGuide(AutoContinuous):
         own = guide.state_dict(keep_vars=True)
         for key, value in payload["state_dict"].items():
             if key in own and own[key].is_floating_point() != value.is_floating_point():
-                raise CheckpointError(path, f"state_dict[{key!r}] has dtype {value.dtype}, but the guide's {key} has "
-                                            f"dtype {own[key].dtype}: the file is corrupt or was altered")
+                raise CheckpointError(
+                    path,
+                    f"state_dict[{key!r}] has dtype {value.dtype}, but the guide's {key} has "
+                    f"dtype {own[key].dtype}: the file is corrupt or was altered",
+                )
         try:
             guide.load_state_dict(payload["state_dict"])
         except RuntimeError as e:  # a custom sampler/encoder whose weights differ from the saved ones
-            raise CheckpointError(path, f"its weights do not fit the guide rebuilt for this model "
-                                        f"({str(e).strip().splitlines()[0]}): pass the sampler/encoder it was saved "
-                                        "with") from None
+            raise CheckpointError(
+                path,
+                f"its weights do not fit the guide rebuilt for this model "
+                f"({str(e).strip().splitlines()[0]}): pass the sampler/encoder it was saved "
+                "with",
+            ) from None
         if cfg.get("whiten") == "affine":  # a frame that calibrate() gave a guide without one
             guide.whiten = "affine"
         guide.adaptive_frame = bool(cfg.get("adaptive_frame", guide.adaptive_frame))
@@ -1282,11 +1428,22 @@ class AmortizedSteinGuide(AutoContinuous):
         fn = self.dataset_fn or (lambda *a, **k: default_dataset_fn(self._raw_model[0], self._init_values(), a, k))
         out = collate_features([fn(*dataset.args, **dataset.kwargs)], start=position or 0)
         width = getattr(self, "feature_dim", None)
-        if self.dataset_fn is None and width is not None and out.features.shape[-1] != width and out.features.shape[-2] == 1:
+        if (
+            self.dataset_fn is None
+            and width is not None
+            and out.features.shape[-1] != width
+            and out.features.shape[-2] == 1
+        ):
             # one observation: the default reads no covariates unless asked (a length-1 argument may be a parameter);
             # ask when that gives the width the guide was set up with
-            wider = collate_features([default_dataset_fn(self._raw_model[0], self._init_values(), dataset.args,
-                                                         dataset.kwargs, one_row_covariates=True)], start=position or 0)
+            wider = collate_features(
+                [
+                    default_dataset_fn(
+                        self._raw_model[0], self._init_values(), dataset.args, dataset.kwargs, one_row_covariates=True
+                    )
+                ],
+                start=position or 0,
+            )
             if wider.features.shape[-1] == width:
                 out = wider
         if width is not None and out.features.shape[-1] != width:
@@ -1344,9 +1501,12 @@ class AmortizedSteinGuide(AutoContinuous):
         if self.prototype_trace is None:
             return {}
         like = self._like() if self.sampler is not None else None
-        return {n: s["value"].detach() if like is None or not s["value"].is_floating_point()
-                else s["value"].detach().to(dtype=like.dtype, device=like.device)
-                for n, s in self.prototype_trace.iter_stochastic_nodes()}
+        return {
+            n: s["value"].detach()
+            if like is None or not s["value"].is_floating_point()
+            else s["value"].detach().to(dtype=like.dtype, device=like.device)
+            for n, s in self.prototype_trace.iter_stochastic_nodes()
+        }
 
     @staticmethod
     def _raw_frame_summary(frame: tuple[Tensor, Tensor]) -> Tensor:
@@ -1361,8 +1521,10 @@ class AmortizedSteinGuide(AutoContinuous):
         if not self.per_dataset_frames:
             return enc
         if frame is None:
-            raise ValueError("an amortized guide with whiten='laplace' conditions on each dataset's frame: "
-                             "pass frame=guide.frames(datasets)")
+            raise ValueError(
+                "an amortized guide with whiten='laplace' conditions on each dataset's frame: "
+                "pass frame=guide.frames(datasets)"
+            )
         summary = (self._raw_frame_summary(frame) - self.frame_summary_loc) / self.frame_summary_scale
         if self._squash_frame_summary:
             # asinh: ~linear within a few sds of the first training batch, logarithmic beyond, so that a frame unlike
@@ -1380,8 +1542,10 @@ class AmortizedSteinGuide(AutoContinuous):
         groups = _size_groups([f.shape[0] for f in feats])
         if len(groups) == 1:
             return self.encode(collate_features(feats), frame)
-        parts = [self.encode(collate_features([feats[i] for i in g]),
-                             None if frame is None else (frame[0][g], frame[1][g])) for g in groups]
+        parts = [
+            self.encode(collate_features([feats[i] for i in g]), None if frame is None else (frame[0][g], frame[1][g]))
+            for g in groups
+        ]
         order = torch.tensor([i for g in groups for i in g], device=parts[0].device)
         return torch.cat(parts)[torch.argsort(order)]
 
@@ -1404,7 +1568,9 @@ class AmortizedSteinGuide(AutoContinuous):
     def _like(self) -> Tensor:
         return next(self.sampler.parameters())
 
-    def draw(self, num_samples: int, context: Tensor | None = None, frame: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def draw(
+        self, num_samples: int, context: Tensor | None = None, frame: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
         """Unconstrained draws ``(num_samples, D)``, or ``(B, num_samples, D)`` for a batch of contexts ``(B, C)``.
 
         Differentiable with respect to the sampler's (and encoder's) parameters. ``frame``: the
@@ -1416,7 +1582,9 @@ class AmortizedSteinGuide(AutoContinuous):
         """The sampler's own outputs ``u`` (what the Stein direction moves); :meth:`draw` is ``unwhiten(u)``."""
         like = self._like()
         if context is not None and context.dim() == 2:
-            noise = torch.randn(context.shape[0], num_samples, self.sampler.noise_dim, dtype=like.dtype, device=like.device)
+            noise = torch.randn(
+                context.shape[0], num_samples, self.sampler.noise_dim, dtype=like.dtype, device=like.device
+            )
             return self.sampler(noise, context.unsqueeze(-2))
         noise = torch.randn(num_samples, self.sampler.noise_dim, dtype=like.dtype, device=like.device)
         return self.sampler(noise, context)
@@ -1452,8 +1620,10 @@ class AmortizedSteinGuide(AutoContinuous):
         evaluated on all of its data.
         """
         if self.amortized:
-            raise ValueError("calibrate() folds one dataset's correction into the guide; an amortized guide corrects "
-                             "each dataset's draws when they are made: set guide.moment_correction instead")
+            raise ValueError(
+                "calibrate() folds one dataset's correction into the guide; an amortized guide corrects "
+                "each dataset's draws when they are made: set guide.moment_correction instead"
+            )
         self.setup(*args, **kwargs)
         data = [self._dataset_of(args, kwargs)]
         z = self.draw(_CALIBRATION_SAMPLES).detach()
@@ -1536,8 +1706,9 @@ class AmortizedSteinGuide(AutoContinuous):
         n = max(num_samples, self.correction_samples) if self.moment_correction or self.mcmc_steps else num_samples
         return n, (n if self.mcmc_steps else num_samples)
 
-    def _correct(self, z: Tensor, datasets: Sequence, keep: int,
-                 affine: bool = True) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    def _correct(
+        self, z: Tensor, datasets: Sequence, keep: int, affine: bool = True
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """``moment_correction`` rounds of the Stein moment correction on draws ``z`` ``(B, n, D)``, one set
         per dataset (see the class doc).
 
@@ -1604,6 +1775,7 @@ class AmortizedSteinGuide(AutoContinuous):
         leapfrog = self.mcmc_leapfrog
         out = []
         for i, (zi, d) in enumerate(zip(z, datasets)):
+
             def fn(x, d=d):  # a model that subsamples is polished on all of its data (exact Metropolis tests)
                 with self._full_data():
                     lp, score = self.log_density.log_density_and_score(x, d.args, d.kwargs, check=False)
@@ -1630,7 +1802,8 @@ class AmortizedSteinGuide(AutoContinuous):
             try:
                 with top_level(), full_data(), pyro.validation_enabled(False):
                     tr = poutine.block(poutine.trace(InitMessenger(init)(self._raw_model[0])).get_trace)(
-                        *dataset.args, **dataset.kwargs)
+                        *dataset.args, **dataset.kwargs
+                    )
             except Exception:  # noqa: BLE001 - the model's own error comes with its own message when it is evaluated
                 tr = None
             if tr is not None:
@@ -1658,7 +1831,8 @@ class AmortizedSteinGuide(AutoContinuous):
             return
         with top_level(), full_data(), pyro.validation_enabled(False):
             tr = poutine.block(poutine.trace(poutine.condition(self._raw_model[0], self._init_values())).get_trace)(
-                *dataset.args, **dataset.kwargs)
+                *dataset.args, **dataset.kwargs
+            )
         for site in bounded:
             node = tr.nodes.get(site.name)
             if node is None:
@@ -1666,8 +1840,9 @@ class AmortizedSteinGuide(AutoContinuous):
             new = node["fn"].support
             try:
                 fresh = support_bijection(new)
-                probe = torch.linspace(-2.0, 2.0, site.size, dtype=self._like().dtype,
-                                       device=self._like().device).reshape(site.unconstrained_shape)
+                probe = torch.linspace(
+                    -2.0, 2.0, site.size, dtype=self._like().dtype, device=self._like().device
+                ).reshape(site.unconstrained_shape)
                 same = bool(torch.allclose(fresh(probe), site.transform(probe)))
             except (NotImplementedError, RuntimeError):  # a support of another kind or shape: not the same
                 same = False
@@ -1695,7 +1870,9 @@ class AmortizedSteinGuide(AutoContinuous):
         return feats
 
     def sample_latent(self, *args, **kwargs):
-        return pyro.sample(f"_{self._pyro_name}_latent", self.get_posterior(*args, **kwargs), infer={"is_auxiliary": True})
+        return pyro.sample(
+            f"_{self._pyro_name}_latent", self.get_posterior(*args, **kwargs), infer={"is_auxiliary": True}
+        )
 
     def forward(self, *args, **kwargs):
         """Sample every latent site (constrained) under the model's plates; returns ``{site: value}``."""

@@ -33,8 +33,15 @@ from .kernels import RadialKernel, RBFKernel
 from .logjoint import ModelLogDensity, NonFiniteLogJointError, all_finite, finite_sets
 from .stein import ksd_from_matrices, stein_direction_from_matrices
 
-__all__ = ["AmortizedSVGD", "KernelWarning", "NonFiniteDatasetWarning", "NonFiniteUpdateError", "TrainingWarning",
-           "default_optim", "refine"]
+__all__ = [
+    "AmortizedSVGD",
+    "KernelWarning",
+    "NonFiniteDatasetWarning",
+    "NonFiniteUpdateError",
+    "TrainingWarning",
+    "default_optim",
+    "refine",
+]
 
 DEFAULT_NUM_STEPS = 1500
 DEFAULT_LR = (1e-2, 1e-3)  # ClippedAdam's learning rate, decayed geometrically from the first to the second over a run
@@ -117,8 +124,10 @@ def _deferred_interrupt() -> Iterator[None]:
     """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block has finished, then raise it as
     ``KeyboardInterrupt``: an optimiser step is never cut between two parameters. Only in the main thread, and
     only while SIGINT has Python's default handler (a handler of the caller's own is left alone)."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
         yield
         return
     caught: list[int] = []
@@ -169,9 +178,15 @@ class _UpdateTransaction:
                 continue
             opt = _torch_optimizer(obj)
             state = opt.state.get(p)
-            self.states[p] = (  # hyperparameters are numbers, tuples or None: replaced by a step, never changed in place
-                None if state is None else {k: v.clone() if isinstance(v, Tensor) else
-                                            _snapshot(v) if isinstance(v, (list, dict)) else v for k, v in state.items()},
+            self.states[
+                p
+            ] = (  # hyperparameters are numbers, tuples or None: replaced by a step, never changed in place
+                None
+                if state is None
+                else {
+                    k: v.clone() if isinstance(v, Tensor) else _snapshot(v) if isinstance(v, (list, dict)) else v
+                    for k, v in state.items()
+                },
                 [dict(group) for group in opt.param_groups],
             )
         self.waiting = dict(optim._state_waiting_to_be_consumed)
@@ -264,20 +279,26 @@ def _history_problems(history: Sequence[float]) -> list[str]:
     values = torch.tensor(history, dtype=torch.float64)
     if not torch.isfinite(values).all():
         first = int((~torch.isfinite(values)).nonzero()[0, 0])
-        return [f"the Stein discrepancy became non-finite at step {first} of this run: training diverged. Lower the "
-                "learning rate (the optimiser's lr) or check the model for values outside its supports."]
+        return [
+            f"the Stein discrepancy became non-finite at step {first} of this run: training diverged. Lower the "
+            "learning rate (the optimiser's lr) or check the model for values outside its supports."
+        ]
     if len(history) < _HEALTH_MIN_STEPS:
         return []
     medians = torch.stack([w.abs().median() for w in values.tensor_split(_HEALTH_WINDOWS)])
     best, last, before = float(medians.min()), float(medians[-1]), float(medians[-2])
     tiny = torch.finfo(torch.float64).tiny
     if last > 100 * max(best, tiny):
-        return [f"the Stein discrepancy ended {last / max(best, tiny):.3g}x above its best window median: training "
-                "diverged. Lower the learning rate (the optimiser's lr)."]
+        return [
+            f"the Stein discrepancy ended {last / max(best, tiny):.3g}x above its best window median: training "
+            "diverged. Lower the learning rate (the optimiser's lr)."
+        ]
     if last > 5 * max(best, tiny) or max(last, before) > 2 * max(min(last, before), tiny):
-        return [f"the Stein discrepancy had not settled by the end of training (median of the last tenth of the "
-                f"steps {last:.3g}, of the tenth before {before:.3g}, best tenth {best:.3g}). Train longer, or lower "
-                "the learning rate if it swings."]
+        return [
+            f"the Stein discrepancy had not settled by the end of training (median of the last tenth of the "
+            f"steps {last:.3g}, of the tenth before {before:.3g}, best tenth {best:.3g}). Train longer, or lower "
+            "the learning rate if it swings."
+        ]
     return []
 
 
@@ -395,7 +416,9 @@ class AmortizedSVGD:
         if not self.guide.subsample_plates:
             return {}
         model = self.guide.inference_model
-        tr = poutine.block(poutine.trace(poutine.condition(model, self.guide._init_values())).get_trace)(*d.args, **d.kwargs)
+        tr = poutine.block(poutine.trace(poutine.condition(model, self.guide._init_values())).get_trace)(
+            *d.args, **d.kwargs
+        )
         return {name: tr.nodes[name]["value"] for name in self.guide.subsample_plates if name in tr.nodes}
 
     def _scores(self, z: Tensor, datasets: Sequence[Dataset], plates: Sequence[dict]) -> tuple[Tensor, Tensor]:
@@ -459,8 +482,9 @@ class AmortizedSVGD:
             guide._check_dataset(datasets[0])
         if self._log_density is None:
             # the guide's own model: the user's, or it with a funnel's sites non-centred (see AmortizedSteinGuide)
-            self._log_density = ModelLogDensity(guide.inference_model, guide.sites, guide.vectorize,
-                                                record_graph=self.record_graph)
+            self._log_density = ModelLogDensity(
+                guide.inference_model, guide.sites, guide.vectorize, record_graph=self.record_graph
+            )
         params = _register_params(guide)
         if not getattr(guide, "_standardization_pending", False):
             return self._move(guide, params, datasets)
@@ -496,7 +520,9 @@ class AmortizedSVGD:
         stat = ksd_from_matrices(zd, score, km)
         if adaptive:
             phi = phi @ scale.T  # L phi_u: the direction for z
-        if self.precondition == "variance" or (self.precondition == "auto" and guide.amortized and guide.whiten is None):
+        if self.precondition == "variance" or (
+            self.precondition == "auto" and guide.amortized and guide.whiten is None
+        ):
             # per-dataset, per-coordinate scale: each dataset moves in units of its own posterior sd
             phi = phi * zd.var(-2, keepdim=True)
         if keep is None:
@@ -516,7 +542,9 @@ class AmortizedSVGD:
             bad = [n for n, p in guide.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
             for p in params:
                 p.grad = None
-            raise NonFiniteLogJointError(f"non-finite gradient for guide parameters {bad}; the parameters were not updated")
+            raise NonFiniteLogJointError(
+                f"non-finite gradient for guide parameters {bad}; the parameters were not updated"
+            )
         self._apply_update(guide, params)
         if adaptive:  # kept only once the step has succeeded
             self._frame_moments = moments
@@ -556,8 +584,11 @@ class AmortizedSVGD:
         value = float(stat)
         km = self._last_kernel_matrices
         if not math.isfinite(value) and not self._warned_kernel and km is not None:
-            bad = [name for name, t in (("k", km.k), ("dk (first derivative)", km.dk),
-                                        ("d2k (second derivative)", km.d2k)) if not bool(torch.isfinite(t).all())]
+            bad = [
+                name
+                for name, t in (("k", km.k), ("dk (first derivative)", km.dk), ("d2k (second derivative)", km.d2k))
+                if not bool(torch.isfinite(t).all())
+            ]
             if bad:
                 self._warned_kernel = True
                 warnings.warn(
@@ -691,8 +722,10 @@ class AmortizedSVGD:
                 guide = self.guide
                 if guide.mcmc_steps == 0:  # the draws fail Stein's identity: polish them unless the user chose
                     guide.mcmc_steps, guide.mcmc_leapfrog = AUTO_POLISH
-                    collapse += (f" From now on sample_posterior polishes this guide's draws with {AUTO_POLISH[0]} "
-                                 f"HMC steps of {AUTO_POLISH[1]} leapfrogs (guide.mcmc_steps = 0 turns it off).")
+                    collapse += (
+                        f" From now on sample_posterior polishes this guide's draws with {AUTO_POLISH[0]} "
+                        f"HMC steps of {AUTO_POLISH[1]} leapfrogs (guide.mcmc_steps = 0 turns it off)."
+                    )
                 problems.append(collapse)
         if calibrate and single:
             rng = pyro.util.get_rng_state()  # the calibration must not change the random stream of later training
@@ -725,34 +758,49 @@ class AmortizedSVGD:
             pyro.util.set_rng_state(rng)
         ok = torch.isfinite(lp) & torch.isfinite(score).all(-1)
         if int(ok.sum()) < _HEALTH_DRAWS // 2:
-            return (f"after training, {_HEALTH_DRAWS - int(ok.sum())} of {_HEALTH_DRAWS} draws have a non-finite log "
-                    "joint or score: the guide puts mass where the model has none. Train longer or lower the learning "
-                    "rate, and check the model's supports.")
+            return (
+                f"after training, {_HEALTH_DRAWS - int(ok.sum())} of {_HEALTH_DRAWS} draws have a non-finite log "
+                "joint or score: the guide puts mass where the model has none. Train longer or lower the learning "
+                "rate, and check the model's supports."
+            )
         z, score = z[ok].double(), score[ok].double()
         zc = z - z.mean(0)
         chol, info = torch.linalg.cholesky_ex(zc.T @ zc / (z.shape[0] - 1))
         if info != 0:  # a degenerate direction: the draws have no spread there at all
-            return ("the guide's draws have no spread in some direction (their covariance is singular): training "
-                    "collapsed. Train longer, use more particles, or check the model's parameterisation.")
+            return (
+                "the guide's draws have no spread in some direction (their covariance is singular): training "
+                "collapsed. Train longer, use more particles, or check the model's parameterisation."
+            )
         u = torch.linalg.solve_triangular(chol, zc.T, upper=False).T
         m = -(((score - score.mean(0)) @ chol).T @ u) / (z.shape[0] - 1)  # as stein_identity_eigenvalues
         evals, evecs = torch.linalg.eigh(0.5 * (m + m.T))
         if not float(evals[0]) < _COLLAPSE_THRESHOLD:
             return None
         direction = (chol @ evecs[:, 0]).abs()  # the collapsed direction in the latent coordinates
-        names = sorted({s.name for s in guide.sites for i in (direction > 0.3 * direction.max()).nonzero().flatten()
-                        .tolist() if s.offset <= i < s.offset + s.size})
-        return (f"the guide's draws are narrower than the posterior along a direction of site(s) {names}: Stein's "
-                f"identity gives a squared sd ratio of about {float(evals[0]):.2g} there (1 at the posterior). For a "
-                "centred hierarchical model (a funnel), a non-centred parameterisation "
-                "(pyro.infer.reparam.LocScaleReparam) trains better; otherwise train longer or use more particles. "
-                "The calibration at the end of run() corrects the draws' mean, not their spread.")
+        names = sorted(
+            {
+                s.name
+                for s in guide.sites
+                for i in (direction > 0.3 * direction.max()).nonzero().flatten().tolist()
+                if s.offset <= i < s.offset + s.size
+            }
+        )
+        return (
+            f"the guide's draws are narrower than the posterior along a direction of site(s) {names}: Stein's "
+            f"identity gives a squared sd ratio of about {float(evals[0]):.2g} there (1 at the posterior). For a "
+            "centred hierarchical model (a funnel), a non-centred parameterisation "
+            "(pyro.infer.reparam.LocScaleReparam) trains better; otherwise train longer or use more particles. "
+            "The calibration at the end of run() corrects the draws' mean, not their spread."
+        )
 
     def get_state(self) -> dict:
         """The optimiser state, keyed by parameter name (see :meth:`set_state`): a snapshot (tensors copied),
         which later steps do not change."""
-        state = {"optim": _snapshot(self.optim.get_state()), "num_steps": self.num_steps,
-                 "num_dropped_datasets": self.num_dropped_datasets}
+        state = {
+            "optim": _snapshot(self.optim.get_state()),
+            "num_steps": self.num_steps,
+            "num_dropped_datasets": self.num_dropped_datasets,
+        }
         if self._frame_moments is not None:  # the adaptive frame's running moments (see _adaptive_frame)
             state["frame_moments"] = [m.detach().clone() for m in self._frame_moments]
         return state

@@ -182,7 +182,9 @@ class IMQKernel(RadialKernel):
     :param float c: offset, default ``1``.
     """
 
-    def __init__(self, bandwidth: float | None = None, bandwidth_factor: float = 1.0, beta: float = -0.5, c: float = 1.0):
+    def __init__(
+        self, bandwidth: float | None = None, bandwidth_factor: float = 1.0, beta: float = -0.5, c: float = 1.0
+    ):
         super().__init__(bandwidth, bandwidth_factor)
         if not -1.0 < beta < 0.0:
             raise ValueError(f"IMQKernel beta must lie in (-1, 0), got {beta!r}")

@@ -178,7 +178,9 @@ def laplace_frames(
         direction = torch.where(esc[:, None], escape_dir[idx], step[idx])
         damped = (mu[idx] > 0) & ~esc
         if damped.any():
-            direction = torch.where(damped[:, None], newton_direction(grad[idx], hess[idx], damping=mu[idx])[0], direction)
+            direction = torch.where(
+                damped[:, None], newton_direction(grad[idx], hess[idx], damping=mu[idx])[0], direction
+            )
             # a direction damped to nothing (under 0.001 sds) cannot make progress: the dataset stops where it is
             move = (direction.unsqueeze(-2) @ abs_hess[idx] @ direction.unsqueeze(-1)).flatten().clamp_min(0).sqrt()
             stalled[idx[move < 1e-3]] = True
@@ -200,7 +202,12 @@ def laplace_frames(
         best = good.to(torch.int8).argmax(-1)  # the longest acceptable length (the ladder decreases)
         pick = lambda x: x[torch.arange(len(idx), device=x.device), best]  # noqa: E731
         acc = idx[accept]
-        z[acc], lp[acc], grad[acc], hess[acc] = pick(cand)[accept], pick(lp_c)[accept], pick(grad_c)[accept], pick(hess_c)[accept]
+        z[acc], lp[acc], grad[acc], hess[acc] = (
+            pick(cand)[accept],
+            pick(lp_c)[accept],
+            pick(grad_c)[accept],
+            pick(hess_c)[accept],
+        )
         if acc.numel():
             step[acc], dec[acc], abs_hess[acc], escape_dir[acc], curved_up[acc] = _newton_terms(grad[acc], hess[acc])
         # no length acceptable: damp the direction 10x more (from 0.001 of the largest curvature), which shortens
@@ -215,7 +222,8 @@ def laplace_frames(
     chol, info = torch.linalg.cholesky_ex(abs_hess)
     if (info != 0).any():  # |H| is positive definite by construction; this guards against rounding only
         abs_hess = abs_hess + 1e-6 * abs_hess.diagonal(dim1=-2, dim2=-1).amax(-1)[:, None, None] * torch.eye(
-            dim, dtype=z.dtype, device=z.device)
+            dim, dtype=z.dtype, device=z.device
+        )
         chol = torch.linalg.cholesky(abs_hess)
     eye = torch.eye(dim, dtype=z.dtype, device=z.device).expand(num, dim, dim)
     scale = torch.linalg.solve_triangular(chol, eye, upper=False).transpose(-1, -2)  # L = R^{-T}: L L^T = (R R^T)^{-1}

@@ -54,8 +54,9 @@ class ModelEvaluationError(ValueError):
     """The model raised an error while its log density was evaluated at the guide's latent values."""
 
 
-_DTYPE_ERROR = re.compile(r"dtype|scalar type|expected .*(Float|Double|Half|BFloat16)|(Float|Double|Half) but found",
-                          re.IGNORECASE)
+_DTYPE_ERROR = re.compile(
+    r"dtype|scalar type|expected .*(Float|Double|Half|BFloat16)|(Float|Double|Half) but found", re.IGNORECASE
+)
 _SHAPE_ERROR = re.compile(r"shape|size of tensor|must match the size|mat1 and mat2|broadcast|dimension", re.IGNORECASE)
 
 
@@ -64,15 +65,21 @@ def _evaluation_hint(error: Exception, u: Tensor) -> str:
     mismatch, a shape mismatch (data of another form than at setup), or the model's own error."""
     text = str(error)
     if isinstance(error, (RuntimeError, TypeError)) and _DTYPE_ERROR.search(text):
-        return (f"It is a dtype mismatch: the guide's latent values are {u.dtype} (the dtype of the data the guide "
-                "was set up with), and the model computes with tensors of another dtype (its constants, or data in "
-                f"another precision). Make the model's tensors and all the data one dtype, e.g. .to({u.dtype}).")
+        return (
+            f"It is a dtype mismatch: the guide's latent values are {u.dtype} (the dtype of the data the guide "
+            "was set up with), and the model computes with tensors of another dtype (its constants, or data in "
+            f"another precision). Make the model's tensors and all the data one dtype, e.g. .to({u.dtype})."
+        )
     if isinstance(error, (RuntimeError, ValueError, IndexError)) and _SHAPE_ERROR.search(text):
-        return ("It is a shape mismatch: if these arguments have another form than those the guide was set up with "
-                "(e.g. another number of features or groups), the latent sites' shapes change and the data needs "
-                "a new guide; otherwise check the model's shapes with these arguments.")
-    return ("The error comes from the model itself (the chained traceback shows where): check the model with these "
-            "arguments, e.g. by running it once under pyro.poutine.trace.")
+        return (
+            "It is a shape mismatch: if these arguments have another form than those the guide was set up with "
+            "(e.g. another number of features or groups), the latent sites' shapes change and the data needs "
+            "a new guide; otherwise check the model's shapes with these arguments."
+        )
+    return (
+        "The error comes from the model itself (the chained traceback shows where): check the model with these "
+        "arguments, e.g. by running it once under pyro.poutine.trace."
+    )
 
 
 class VectorizationWarning(UserWarning):
@@ -119,8 +126,16 @@ def latent_sites_from_trace(trace) -> list[LatentSite]:
             continue
         transform = support_bijection(site["fn"].support)
         ushape = transform.inv(site["value"].detach()).shape
-        s = LatentSite(name, site["value"].shape, ushape, transform, offset, site["fn"].event_dim, site["cond_indep_stack"],
-                       site["fn"].support)
+        s = LatentSite(
+            name,
+            site["value"].shape,
+            ushape,
+            transform,
+            offset,
+            site["fn"].event_dim,
+            site["cond_indep_stack"],
+            site["fn"].support,
+        )
         sites.append(s)
         offset += s.size
     return sites
@@ -287,9 +302,11 @@ def full_data():
     """Within this context every subsampled :func:`pyro.plate` uses all of its indices."""
     global _PATCH_USERS
     if not isinstance(_ORIGINAL_SUBSAMPLE, staticmethod):
-        raise ValueError("evaluating a model that subsamples a plate on all of its data (ArviZ export, the default "
-                         "dataset features) needs pyro.plate's SubsampleMessenger._subsample helper (pyro-ppl 1.9), "
-                         "which this Pyro version lacks; drop the plate's subsample_size")
+        raise ValueError(
+            "evaluating a model that subsamples a plate on all of its data (ArviZ export, the default "
+            "dataset features) needs pyro.plate's SubsampleMessenger._subsample helper (pyro-ppl 1.9), "
+            "which this Pyro version lacks; drop the plate's subsample_size"
+        )
     with _PATCH_LOCK:
         if _PATCH_USERS == 0:
             SubsampleMessenger._subsample = staticmethod(_full_subsample)
@@ -370,7 +387,11 @@ class ModelLogDensity:
     """
 
     def __init__(
-        self, model: Callable, sites: Sequence[LatentSite], vectorize: str = "auto", record_graph: bool = False,
+        self,
+        model: Callable,
+        sites: Sequence[LatentSite],
+        vectorize: str = "auto",
+        record_graph: bool = False,
         share_across_data: bool = False,
     ):
         if vectorize not in ("auto", "vmap", "loop"):
@@ -488,8 +509,11 @@ class ModelLogDensity:
                         read |= torch.isfinite(g) & (g != 0)
         except Exception:  # noqa: BLE001 - the evaluation itself will raise the model's error with context
             return
-        self._read_masked = {s.name: read[s.offset : s.offset + s.size].reshape(s.unconstrained_shape)
-                             for s in self.sites if bool(read[s.offset : s.offset + s.size].any())}
+        self._read_masked = {
+            s.name: read[s.offset : s.offset + s.size].reshape(s.unconstrained_shape)
+            for s in self.sites
+            if bool(read[s.offset : s.offset + s.size].any())
+        }
 
     def _masked_out_anchor(self, u: Tensor, trace) -> Tensor | None:
         """``-|u_k|^2 / 2`` summed over the unconstrained entries of latent sites that a mask removes from the
@@ -581,7 +605,9 @@ class ModelLogDensity:
                 return "loop"
         return "vmap"
 
-    def log_density(self, u: Tensor, args: tuple = (), kwargs: dict | None = None, plates: dict | None = None) -> Tensor:
+    def log_density(
+        self, u: Tensor, args: tuple = (), kwargs: dict | None = None, plates: dict | None = None
+    ) -> Tensor:
         """Log joint + ``log|det J|`` at each row of ``u`` (shape ``(P, D)``) -> ``(P,)``.
 
         :param dict plates: subsample indices per subsampled plate name, fixed for all particles.
@@ -631,10 +657,14 @@ class ModelLogDensity:
             bad = ~(torch.isfinite(lp) & torch.isfinite(score).all(-1))
             if bad.any():
                 row = int(bad.nonzero()[0, 0])
-                raise NonFiniteLogJointError(self.describe_nonfinite(u[row].detach(), args, kwargs or {}, plates or {}, lp[row], score[row]))
+                raise NonFiniteLogJointError(
+                    self.describe_nonfinite(u[row].detach(), args, kwargs or {}, plates or {}, lp[row], score[row])
+                )
         return lp, score
 
-    def score_batch(self, z: Tensor, datasets: Sequence[Any], plates: Sequence[dict] | None = None, check: bool = True) -> Tensor:
+    def score_batch(
+        self, z: Tensor, datasets: Sequence[Any], plates: Sequence[dict] | None = None, check: bool = True
+    ) -> Tensor:
         """Scores ``(B, P, D)`` for particle sets ``z`` ``(B, P, D)``, one per dataset (``.args``/``.kwargs``).
 
         Datasets whose arguments have the same structure and tensor shapes (e.g. simulated with a
@@ -651,15 +681,24 @@ class ModelLogDensity:
         plates = list(plates) if plates is not None else [{}] * len(datasets)
         if self._read_masked is None and len(datasets):
             self._probe_masked_reads(z[0], datasets[0].args, datasets[0].kwargs)
-        if len(datasets) > 1 and self._mode == "vmap" and self._stack_ok is not False and not any(plates) and all(
+        if (
+            len(datasets) > 1
+            and self._mode == "vmap"
+            and self._stack_ok is not False
+            and not any(plates)
+            and all(
                 self._chunk_rows(z.shape[-2] * len(datasets), d.args, d.kwargs) == z.shape[-2] * len(datasets)
-                for d in datasets):  # one pass over all datasets' particles, within the chunk budget
+                for d in datasets
+            )
+        ):  # one pass over all datasets' particles, within the chunk budget
             stacked = _stack_arguments(datasets)
             if stacked is not None:
                 out = self._stacked_log_density_and_score(z, datasets, stacked, check)
                 if out is not None:
                     return out
-        outs = [self.log_density_and_score(zi, d.args, d.kwargs, pl, check=check) for zi, d, pl in zip(z, datasets, plates)]
+        outs = [
+            self.log_density_and_score(zi, d.args, d.kwargs, pl, check=check) for zi, d, pl in zip(z, datasets, plates)
+        ]
         return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
 
     def _stacked_log_density_and_score(
@@ -684,7 +723,9 @@ class ModelLogDensity:
             return None
         lp = lp.detach()
         if self._stack_ok is None:
-            want = torch.stack([self.log_density_and_score(z[b], d.args, d.kwargs, check=False)[1] for b, d in enumerate(datasets[:2])])
+            want = torch.stack(
+                [self.log_density_and_score(z[b], d.args, d.kwargs, check=False)[1] for b, d in enumerate(datasets[:2])]
+            )
             self._stack_ok = bool(torch.allclose(score[:2], want, rtol=1e-4, atol=1e-6, equal_nan=True))
             if not self._stack_ok:
                 return None
@@ -710,11 +751,17 @@ class ModelLogDensity:
                     continue
                 if not torch.isfinite(term):
                     moved = name in self._by_name and not bool(site["fn"].support.check(site["value"]).all())
-                    culprits.append(f"{name!r} (log_prob = {term.item()}" + (
-                        f"; its value lies outside its support {site['fn'].support} here, although the guide maps "
-                        "into the support the site had at setup: the support depends on other latent values, which "
-                        "the guide cannot follow. Reparameterise, e.g. u = a * Uniform(0, 1) instead of "
-                        "Uniform(0, a))" if moved else ")"))
+                    culprits.append(
+                        f"{name!r} (log_prob = {term.item()}"
+                        + (
+                            f"; its value lies outside its support {site['fn'].support} here, although the guide maps "
+                            "into the support the site had at setup: the support depends on other latent values, which "
+                            "the guide cannot follow. Reparameterise, e.g. u = a * Uniform(0, 1) instead of "
+                            "Uniform(0, a))"
+                            if moved
+                            else ")"
+                        )
+                    )
                     continue
                 if not term.requires_grad:
                     continue
@@ -802,7 +849,10 @@ def _stack_arguments(datasets: Sequence[Any]) -> tuple[Any, list, list[bool]] | 
             leaves.append(first)
             batched.append(False)
             continue
-        if not all(isinstance(c, Tensor) and c.shape == first.shape and c.dtype == first.dtype and c.device == first.device for c in column):
+        if not all(
+            isinstance(c, Tensor) and c.shape == first.shape and c.dtype == first.dtype and c.device == first.device
+            for c in column
+        ):
             return None  # differing non-tensors, or tensors that cannot be stacked
         leaves.append(torch.stack(column))
         batched.append(True)

@@ -77,7 +77,9 @@ def _preconditioner(z: Tensor) -> Tensor:
 def _check_polish_arguments(z, num_steps: int, target_accept: float) -> int:
     """Check the polish's arguments; returns ``num_steps`` as an ``int``."""
     if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[-1] == 0:
-        raise ValueError(f"z must be a Tensor of draws with shape (n, D), D >= 1, got {getattr(z, 'shape', type(z).__name__)}")
+        raise ValueError(
+            f"z must be a Tensor of draws with shape (n, D), D >= 1, got {getattr(z, 'shape', type(z).__name__)}"
+        )
     if not z.is_floating_point():
         raise TypeError(f"z must be a floating-point Tensor (the draws), got dtype {z.dtype}")
     num_steps = _int_at_least(num_steps, "num_steps", 0)
@@ -127,7 +129,9 @@ def _start(z: Tensor, evaluate: LogDensityAndScore, initial: tuple[Tensor, Tenso
             f"got {got}"
         )
     if initial[0].dtype != z.dtype or initial[1].dtype != z.dtype:
-        raise ValueError(f"initial must be in the draws' dtype {z.dtype}, got {initial[0].dtype} and {initial[1].dtype}")
+        raise ValueError(
+            f"initial must be in the draws' dtype {z.dtype}, got {initial[0].dtype} and {initial[1].dtype}"
+        )
     return _mask_nonfinite(*initial)
 
 
@@ -139,8 +143,12 @@ def _metropolis_update(current: tuple, proposed: tuple, log_a: Tensor, valid: Te
     z_p, lp_p, score_p = proposed
     log_a = torch.where(valid & ~torch.isnan(log_a), log_a, torch.full_like(log_a, -math.inf))
     accept = torch.rand_like(lp).log() < log_a
-    return (torch.where(accept[:, None], z_p, z), torch.where(accept, lp_p, lp),
-            torch.where(accept[:, None], score_p, score), accept.to(z.dtype).mean())
+    return (
+        torch.where(accept[:, None], z_p, z),
+        torch.where(accept, lp_p, lp),
+        torch.where(accept[:, None], score_p, score),
+        accept.to(z.dtype).mean(),
+    )
 
 
 def hmc_polish(

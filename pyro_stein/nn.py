@@ -82,8 +82,14 @@ class GaussianResidualSampler(nn.Module):
         D = latent_dim
         hidden_dim = hidden_dim or min(512, max(64, 2 * D))
         self.config = {
-            "latent_dim": D, "noise_dim": noise_dim, "context_dim": context_dim, "hidden_dim": hidden_dim,
-            "num_layers": num_layers, "init_scale": init_scale, "affine": affine, "max_amortized_tril": max_amortized_tril,
+            "latent_dim": D,
+            "noise_dim": noise_dim,
+            "context_dim": context_dim,
+            "hidden_dim": hidden_dim,
+            "num_layers": num_layers,
+            "init_scale": init_scale,
+            "affine": affine,
+            "max_amortized_tril": max_amortized_tril,
         }
         self.latent_dim = D
         self.noise_dim = D if noise_dim is None else int(noise_dim)
@@ -171,18 +177,33 @@ class DeepSetEncoder(nn.Module):
     """
 
     def __init__(
-        self, feature_dim: int, output_dim: int = 32, hidden_dim: int = 128, num_layers: int = 2, mean_features: bool = False
+        self,
+        feature_dim: int,
+        output_dim: int = 32,
+        hidden_dim: int = 128,
+        num_layers: int = 2,
+        mean_features: bool = False,
     ):
         super().__init__()
         feature_dim = _int_at_least(feature_dim, "feature_dim", 1, "a positive int")
         passed = feature_dim + 1 if mean_features else 1  # coordinates passed through: the feature means, log n
         output_dim = _int_at_least(
-            output_dim, "output_dim", passed + 1, f"an int >= {passed + 1} (the last coordinate is log n"
-            + (f", the {feature_dim} before it the feature means" if mean_features else "") + ")")
+            output_dim,
+            "output_dim",
+            passed + 1,
+            f"an int >= {passed + 1} (the last coordinate is log n"
+            + (f", the {feature_dim} before it the feature means" if mean_features else "")
+            + ")",
+        )
         hidden_dim = _int_at_least(hidden_dim, "hidden_dim", 1, "a positive int")
         num_layers = _int_at_least(num_layers, "num_layers", 1, "a positive int")
-        self.config = {"feature_dim": feature_dim, "output_dim": output_dim, "hidden_dim": hidden_dim,
-                       "num_layers": num_layers, "mean_features": bool(mean_features)}
+        self.config = {
+            "feature_dim": feature_dim,
+            "output_dim": output_dim,
+            "hidden_dim": hidden_dim,
+            "num_layers": num_layers,
+            "mean_features": bool(mean_features),
+        }
         self.feature_dim = feature_dim
         self.output_dim = output_dim
         self.mean_features = bool(mean_features)
@@ -211,14 +232,18 @@ class DeepSetEncoder(nn.Module):
                 f"got {tuple(features.shape)}"
             )
         if features.dtype != self.feature_loc.dtype:
-            raise ValueError(f"dataset features are {features.dtype} but the encoder is {self.feature_loc.dtype}; "
-                             "convert one to the other (e.g. encoder.to(features.dtype))")
+            raise ValueError(
+                f"dataset features are {features.dtype} but the encoder is {self.feature_loc.dtype}; "
+                "convert one to the other (e.g. encoder.to(features.dtype))"
+            )
         if mask is None:
             mask = torch.ones(features.shape[:-1], dtype=torch.bool, device=features.device)
         elif not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != features.shape[:-1]:
             got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
-            raise ValueError(f"mask must be a bool tensor of shape {tuple(features.shape[:-1])} (True for real "
-                             f"observations), got {got}")
+            raise ValueError(
+                f"mask must be a bool tensor of shape {tuple(features.shape[:-1])} (True for real "
+                f"observations), got {got}"
+            )
         count = mask.sum(-1, keepdim=True).to(features.dtype)
         if (count == 0).any():
             raise ValueError("a dataset has no observations (empty dataset); every dataset needs at least one")

@@ -51,9 +51,7 @@ def _check(z: Tensor, score: Tensor) -> None:
         raise ValueError(f"score shape {tuple(score.shape)} must equal particle shape {tuple(z.shape)}")
 
 
-def stein_direction_from_matrices(
-    z: Tensor, score: Tensor, km: KernelMatrices, leave_one_out: bool = True
-) -> Tensor:
+def stein_direction_from_matrices(z: Tensor, score: Tensor, km: KernelMatrices, leave_one_out: bool = True) -> Tensor:
     """SVGD direction from precomputed kernel matrices (see :func:`stein_direction`)."""
     n = z.shape[-2]
     k = km.k
@@ -72,9 +70,7 @@ def stein_direction_from_matrices(
     return (drive + repulse) / m
 
 
-def stein_direction(
-    z: Tensor, score: Tensor, kernel: RadialKernel, leave_one_out: bool = True
-) -> Tensor:
+def stein_direction(z: Tensor, score: Tensor, kernel: RadialKernel, leave_one_out: bool = True) -> Tensor:
     """The SVGD direction at each particle.
 
     :param Tensor z: particles, shape ``(..., n, D)`` (treated as constants).

@@ -27,7 +27,9 @@ def fit(model, *args, steps=1500, num_particles=64, lr=1e-2, final_lr=1e-3, **gu
     pyro.set_rng_seed(0)
     guide = AmortizedSteinGuide(model, **guide_kw)
     optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": (final_lr / lr) ** (1.0 / steps)})
-    history = AmortizedSVGD(model, guide, optim, num_particles=num_particles).run(*args, num_steps=steps, progress_bar=False)
+    history = AmortizedSVGD(model, guide, optim, num_particles=num_particles).run(
+        *args, num_steps=steps, progress_bar=False
+    )
     assert all(math.isfinite(h) for h in history), "training diagnostic became non-finite"
     return guide
 
@@ -39,7 +41,9 @@ def check_moments(draws, mean, cov, label):
     z = ((emp_mean - mean) / sd).abs().max().item()
     assert z < 0.1, f"{label}: worst |mean error| = {z:.3f} posterior sd, target < 0.1 (MC s.e. {MC_SE:.4f})"
     ratio = (emp_sd / sd - 1).abs().max().item()
-    assert ratio < 0.1, f"{label}: worst |sd ratio - 1| = {ratio:.3f}, target < 0.1 (MC s.e. {MC_SE / math.sqrt(2):.4f})"
+    assert ratio < 0.1, (
+        f"{label}: worst |sd ratio - 1| = {ratio:.3f}, target < 0.1 (MC s.e. {MC_SE / math.sqrt(2):.4f})"
+    )
     if draws.shape[1] > 1:
         corr = cov / (sd[:, None] * sd[None, :])
         emp_corr = torch.corrcoef(draws.T)

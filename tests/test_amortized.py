@@ -88,8 +88,10 @@ def train(model, make_args, steps, site, batch_size=8, num_particles=32, lr=3e-3
     if small:  # compact networks: a 1-D posterior family needs little capacity and trains faster
         like = tensor(0.0)  # user-built networks must live where the model's values live
         # the feature-mean pass-through (AmortizedSteinGuide(mean_features=True) for the default encoder)
-        kw = dict(encoder=DeepSetEncoder(1, output_dim=8, hidden_dim=32, mean_features=True).to(like),
-                  sampler=GaussianResidualSampler(1, context_dim=8, hidden_dim=32, init_scale=0.3).to(like))
+        kw = dict(
+            encoder=DeepSetEncoder(1, output_dim=8, hidden_dim=32, mean_features=True).to(like),
+            sampler=GaussianResidualSampler(1, context_dim=8, hidden_dim=32, init_scale=0.3).to(like),
+        )
     guide = AmortizedSteinGuide(model, amortized=True, **kw)
     first = stream.sample()
     guide.setup(*first.args, **first.kwargs)
@@ -148,8 +150,12 @@ def test_amortized_accuracy_with_moment_correction_on_a_non_gaussian_family():
             worst_sd = max(worst_sd, abs(draws.std() / s - 1).item())
         errs[k] = (worst_mean, worst_sd)
     worst_mean, worst_sd = errs[2]
-    assert worst_mean < 0.2, f"worst |mean error| {worst_mean:.3f} posterior sd (uncorrected {errs[0][0]:.3f}), target < 0.2 (MC s.e. 0.016)"
-    assert worst_sd < 0.2, f"worst |sd ratio - 1| {worst_sd:.3f} (uncorrected {errs[0][1]:.3f}), target < 0.2 (MC s.e. 0.011)"
+    assert worst_mean < 0.2, (
+        f"worst |mean error| {worst_mean:.3f} posterior sd (uncorrected {errs[0][0]:.3f}), target < 0.2 (MC s.e. 0.016)"
+    )
+    assert worst_sd < 0.2, (
+        f"worst |sd ratio - 1| {worst_sd:.3f} (uncorrected {errs[0][1]:.3f}), target < 0.2 (MC s.e. 0.011)"
+    )
 
 
 def test_default_dataset_fn_encodes_covariate_pairs():
@@ -224,8 +230,9 @@ def test_guide_mean_features_option_builds_and_saves_the_default_encoder(mean_fe
     pyro.set_rng_seed(0)
     stream = PriorPredictiveStream(regression_model, make_regression_args, {"y": "y"})
     d = stream.sample()
-    guide = AmortizedSteinGuide(regression_model, amortized=True, context_dim=16, whiten=whiten,
-                                mean_features=mean_features).setup(*d.args, **d.kwargs)
+    guide = AmortizedSteinGuide(
+        regression_model, amortized=True, context_dim=16, whiten=whiten, mean_features=mean_features
+    ).setup(*d.args, **d.kwargs)
     on = mean_features if mean_features is not None else whiten is None
     assert guide.mean_features is on and guide.encoder.mean_features == on
     assert guide.encoder.output_dim == (18 if on else 16)
@@ -239,13 +246,17 @@ def test_guide_mean_features_option_builds_and_saves_the_default_encoder(mean_fe
         del payload["config"]["mean_features"], payload["config"]["encoder"]["mean_features"]
         torch.save(payload, tmp_path / "old.pt")
         old = AmortizedSteinGuide.load(tmp_path / "old.pt", regression_model, *d.args, **d.kwargs)
-        assert not old.encoder.mean_features and torch.equal(old.context(*d.args, **d.kwargs), guide.context(*d.args, **d.kwargs))
+        assert not old.encoder.mean_features and torch.equal(
+            old.context(*d.args, **d.kwargs), guide.context(*d.args, **d.kwargs)
+        )
 
 
 def test_mean_features_default_is_off_with_a_user_encoder_or_without_amortization():
     """The default (None) never conflicts: off for a non-amortized guide and for a user-supplied encoder."""
     assert AmortizedSteinGuide(mean_model).mean_features is False
-    assert AmortizedSteinGuide(mean_model, amortized=True, encoder=DeepSetEncoder(1, output_dim=8)).mean_features is False
+    assert (
+        AmortizedSteinGuide(mean_model, amortized=True, encoder=DeepSetEncoder(1, output_dim=8)).mean_features is False
+    )
     assert AmortizedSteinGuide(mean_model, amortized=True).mean_features is True
 
 
@@ -269,7 +280,9 @@ def test_feature_standardisation_is_refit_on_the_first_training_batch_only(tmp_p
     svgd = AmortizedSVGD(regression_model, guide, pyro.optim.Adam({"lr": 1e-3}), num_particles=4)
     svgd.step_batch(batch)
     rows = torch.cat([torch.stack([d.kwargs["y"], d.args[0]], -1) for d in batch])
-    assert torch.allclose(guide.encoder.feature_loc, rows.mean(0)) and torch.allclose(guide.encoder.feature_scale, rows.std(0))
+    assert torch.allclose(guide.encoder.feature_loc, rows.mean(0)) and torch.allclose(
+        guide.encoder.feature_scale, rows.std(0)
+    )
     svgd.step_batch([stream.sample() for _ in range(4)])
     assert torch.allclose(guide.encoder.feature_loc, rows.mean(0)), "only the first batch refits"
     guide.save(tmp_path / "g.pt")
@@ -405,7 +418,9 @@ def test_batch_errors_name_the_datasets_position_and_single_datasets_are_rejecte
     with pytest.raises(ValueError, match="dataset 2 has non-finite features"):
         guide.sample_posterior_batch(5, [good[0], good[1], nan])
     with pytest.raises(ValueError, match="dataset 2 has non-finite features"):
-        AmortizedSVGD(regression_model, guide, pyro.optim.Adam({"lr": 1e-3}), num_particles=4).step_batch([good[0], good[1], nan])
+        AmortizedSVGD(regression_model, guide, pyro.optim.Adam({"lr": 1e-3}), num_particles=4).step_batch(
+            [good[0], good[1], nan]
+        )
     with pytest.raises(TypeError, match="got a single Dataset: wrap it in a list"):
         guide.sample_posterior_batch(5, good[0])
     with pytest.raises(ValueError, match="num_samples must be a positive int, got 0"):
@@ -430,7 +445,8 @@ def test_a_failed_first_step_leaves_the_standardisation_unfitted():
     fresh = AmortizedSteinGuide(penalised_mean_model, amortized=True).setup(*good[0].args, **good[0].kwargs)
     fresh.fit_standardization(good)
     assert all(torch.equal(dict(fresh.named_buffers())[k], v) for k, v in guide.named_buffers()), (
-        "the standardisation must be the one fitted on the first step that succeeded")
+        "the standardisation must be the one fitted on the first step that succeeded"
+    )
 
 
 def test_refine_leaves_nothing_in_the_param_store():
@@ -487,7 +503,9 @@ def test_refine_starts_from_amortized_weights_and_leaves_original_alone():
     # the driver's settings reach AmortizedSVGD (here its check of `precondition`), never the model
     with pytest.raises(ValueError, match="precondition must be 'auto', 'variance' or None, got 'diag'"):
         refine(guide, 1, *d.args, precondition="diag", **d.kwargs)
-    assert refine(guide, 2, *d.args, precondition=None, **d.kwargs).sample_posterior(5, *d.args, **d.kwargs)["mu"].shape == (5,)
+    assert refine(guide, 2, *d.args, precondition=None, **d.kwargs).sample_posterior(5, *d.args, **d.kwargs)[
+        "mu"
+    ].shape == (5,)
 
 
 def test_ksd_flags_out_of_distribution_datasets():
@@ -526,7 +544,9 @@ def test_laplace_frames_make_an_untrained_amortized_guide_exact_on_gaussian_post
     pyro.set_rng_seed(0)
     stream = PriorPredictiveStream(regression_model, make_regression_args, {"y": "y"})
     held = [stream.sample() for _ in range(10)]
-    guide = AmortizedSteinGuide(regression_model, amortized=True, whiten="laplace").setup(*held[0].args, **held[0].kwargs)
+    guide = AmortizedSteinGuide(regression_model, amortized=True, whiten="laplace").setup(
+        *held[0].args, **held[0].kwargs
+    )
     exact = [exact_regression(d) for d in held]
     worst_mean, worst_sd = _worst_errors(guide.sample_posterior_batch(4000, held)["beta"], exact)
     assert worst_mean < 0.08, f"worst |mean error| {worst_mean:.3f} sd, bound 0.08 (5 MC s.e.)"
@@ -539,7 +559,9 @@ def test_laplace_frames_make_an_untrained_amortized_guide_exact_on_gaussian_post
     d, (m, s) = held[3], exact[3]
     single = guide.sample_posterior(4000, *d.args, **d.kwargs)["beta"]
     assert abs((single.mean() - m) / s) < 0.08 and abs(single.std() / s - 1) < 0.055
-    pred = pyro.infer.Predictive(regression_model, guide=guide, num_samples=4000, return_sites=["beta"])(*d.args, **d.kwargs)["beta"]
+    pred = pyro.infer.Predictive(regression_model, guide=guide, num_samples=4000, return_sites=["beta"])(
+        *d.args, **d.kwargs
+    )["beta"]
     assert abs((pred.mean() - m) / s) < 0.08 and abs(pred.std() / s - 1) < 0.055
     # under Predictive(parallel=True) the guide runs inside a vectorizing plate; its feature read-out and frame
     # search evaluate the model as if on its own (the plate's dim would otherwise shift the model's plates)
@@ -550,7 +572,8 @@ def test_laplace_frames_make_an_untrained_amortized_guide_exact_on_gaussian_post
         beta = par["beta"].reshape(-1)
         assert abs((beta.mean() - m) / s) < 0.08 and abs(beta.std() / s - 1) < 0.055, (
             f"parallel Predictive: mean error {float((beta.mean() - m) / s):.3f} sd (bound 0.08, 5 MC s.e.), "
-            f"sd ratio {float(beta.std() / s):.3f} (bound 1 +- 0.055, 5 MC s.e.)")
+            f"sd ratio {float(beta.std() / s):.3f} (bound 1 +- 0.055, 5 MC s.e.)"
+        )
     guide.moment_correction, guide.mcmc_steps = 0, 0
     assert math.isfinite(guide_ksd(guide, *d.args, **d.kwargs)), "the KSD flag draws in the dataset's frame"
     guide.save(tmp_path / "g.pt")
@@ -569,12 +592,16 @@ def test_laplace_frames_with_training_fix_a_skewed_family():
     stream = PriorPredictiveStream(poisson_model, make_poisson_args, obs_kwargs={"y": "y"})
     like = tensor(0.0)
     guide = AmortizedSteinGuide(
-        poisson_model, amortized=True, whiten="laplace",
+        poisson_model,
+        amortized=True,
+        whiten="laplace",
         encoder=DeepSetEncoder(1, output_dim=8, hidden_dim=32).to(like),
         # the context: the 8-wide encoding, then the frame summary (mode and log sd of the one latent)
         sampler=GaussianResidualSampler(1, context_dim=8 + 2, hidden_dim=32, init_scale=1.0).to(like),
     )
-    svgd = AmortizedSVGD(poisson_model, guide, pyro.optim.ClippedAdam({"lr": 1e-2, "lrd": 0.1 ** (1 / 300)}), num_particles=32)
+    svgd = AmortizedSVGD(
+        poisson_model, guide, pyro.optim.ClippedAdam({"lr": 1e-2, "lrd": 0.1 ** (1 / 300)}), num_particles=32
+    )
     svgd.run(datasets=stream, batch_size=8, num_steps=300, progress_bar=False)
     pyro.set_rng_seed(123)
     held = [stream.sample() for _ in range(20)]
@@ -586,7 +613,9 @@ def test_laplace_frames_with_training_fix_a_skewed_family():
     laplace = (loc[:, None] + torch.randn(20, 4000, 1).to(like) * scale[:, None, 0]).exp()[..., 0]
     laplace_mean, _ = _worst_errors(laplace, exact)
     worst_mean, worst_sd = _worst_errors(guide.sample_posterior_batch(4000, held)["lam"], exact)
-    assert worst_mean < 0.2, f"worst |mean error| {worst_mean:.3f} sd (Laplace frame alone {laplace_mean:.3f}), target < 0.2 (MC s.e. 0.016)"
+    assert worst_mean < 0.2, (
+        f"worst |mean error| {worst_mean:.3f} sd (Laplace frame alone {laplace_mean:.3f}), target < 0.2 (MC s.e. 0.016)"
+    )
     assert worst_sd < 0.2, f"worst |sd ratio - 1| {worst_sd:.3f}, target < 0.2 (MC s.e. 0.011)"
 
 
@@ -613,8 +642,12 @@ def test_laplace_frame_summary_is_part_of_the_context(tmp_path):
     with pytest.raises(ValueError, match="pass frame=guide.frames"):
         guide.encode(feats)
     with pytest.raises(ValueError, match=r"build the sampler with context_dim=34"):
-        AmortizedSteinGuide(regression_model, amortized=True, whiten="laplace",
-                            sampler=GaussianResidualSampler(1, context_dim=32).to(tensor(0.0))).setup(*d.args, **d.kwargs)
+        AmortizedSteinGuide(
+            regression_model,
+            amortized=True,
+            whiten="laplace",
+            sampler=GaussianResidualSampler(1, context_dim=32).to(tensor(0.0)),
+        ).setup(*d.args, **d.kwargs)
     guide.save(tmp_path / "g.pt")
     payload = torch.load(tmp_path / "g.pt", weights_only=True)
     del payload["config"]["frame_context"]
@@ -678,9 +711,11 @@ def test_one_frame_search_per_new_dataset(monkeypatch):
     calls = []
     real = guide_module.laplace_frames
     monkeypatch.setattr(guide_module, "laplace_frames", lambda *a, **k: calls.append(1) or real(*a, **k))
-    for use in (lambda e: guide.sample_posterior(10, *e.args, **e.kwargs),
-                lambda e: guide.get_posterior(*e.args, **e.kwargs).rsample(),
-                lambda e: guide_ksd(guide, *e.args, num_samples=10, **e.kwargs)):
+    for use in (
+        lambda e: guide.sample_posterior(10, *e.args, **e.kwargs),
+        lambda e: guide.get_posterior(*e.args, **e.kwargs).rsample(),
+        lambda e: guide_ksd(guide, *e.args, num_samples=10, **e.kwargs),
+    ):
         calls.clear()
         use(d.map_tensors(torch.clone))  # new tensors: a new dataset for the guide
         assert len(calls) == 1, f"{len(calls)} frame searches for one new dataset"

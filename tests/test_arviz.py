@@ -100,8 +100,12 @@ def test_groups_shapes_and_plate_dims(fitted):
     assert post["delta"].dims == ("chain", "draw", "school")
     # theta - mu in the model's dtype: rounding of a difference, bounded by eps times the operands' size
     eps = np.finfo(post["theta"].dtype).eps
-    np.testing.assert_allclose(post["delta"], post["theta"] - post["mu"], rtol=0,
-                               atol=4 * eps * float(abs(post["theta"]).max() + abs(post["mu"]).max()))
+    np.testing.assert_allclose(
+        post["delta"],
+        post["theta"] - post["mu"],
+        rtol=0,
+        atol=4 * eps * float(abs(post["theta"]).max() + abs(post["mu"]).max()),
+    )
     assert (post["tau"] > 0).all()
 
     pp, ll = idata["posterior_predictive"], idata["log_likelihood"]
@@ -528,7 +532,7 @@ def test_stein_attributes_flag_draws_that_are_too_narrow(r):
             pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
 
     def guide(y):
-        pyro.sample("mu", dist.Normal(y.sum() / 5, r * 5 ** -0.5))
+        pyro.sample("mu", dist.Normal(y.sum() / 5, r * 5**-0.5))
 
     pyro.set_rng_seed(0)
     attrs = _attrs(to_inference_data(guide, conjugate, y, num_samples=1000))

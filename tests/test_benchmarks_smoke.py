@@ -22,8 +22,14 @@ DATA = Path(os.environ.get("PYRO_STEIN_SHARED_DATA", ROOT.parent / "shared" / "d
 
 def _run(args, out):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "benchmarks", *args, "--out", str(out)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "benchmarks", *args, "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, f"benchmarks failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
 

@@ -103,7 +103,9 @@ def test_default_features_model_failure_is_explained(make_dataset, original):
     X, y = torch.randn(10, 3, generator=g).to(tensor(0.0)), torch.randn(10, generator=g).to(tensor(0.0))
     args, kwargs = make_dataset(X, y)
     latents = {"sigma": tensor(1.0), "w": tensor([1.0, 0.0, -1.0])}
-    with pytest.raises(ValueError, match=rf"model failed on this dataset while its observations were being read \({original}") as info:
+    with pytest.raises(
+        ValueError, match=rf"model failed on this dataset while its observations were being read \({original}"
+    ) as info:
         default_dataset_fn(regression_model, latents, args, kwargs)
     assert "check the dataset" in str(info.value) and "empty" in str(info.value)
     assert type(info.value.__cause__).__name__ == original
@@ -153,12 +155,16 @@ def nested_event_model(y=None):
         pyro.sample("y", dist.Normal(mu, 1.0).to_event(1), obs=y)
 
 
-@pytest.mark.parametrize("model, shape", [(mvn_model, (7, 3)), (nested_event_model, (7, 2, 3))], ids=["mvn", "nested-to_event"])
+@pytest.mark.parametrize(
+    "model, shape", [(mvn_model, (7, 3)), (nested_event_model, (7, 2, 3))], ids=["mvn", "nested-to_event"]
+)
 def test_default_features_observations_with_event_dims(model, shape):
     """The plate's axis is counted left of the site's event dims: one row per observation, never transposed."""
     y = tensor(torch.arange(float(torch.tensor(shape).prod())).reshape(shape))
     feats = default_dataset_fn(model, {"mu": tensor(torch.zeros(3))}, (), {"y": y})
-    assert feats.shape == (7, y[0].numel()), f"expected one row per observation (7, {y[0].numel()}), got {tuple(feats.shape)}"
+    assert feats.shape == (7, y[0].numel()), (
+        f"expected one row per observation (7, {y[0].numel()}), got {tuple(feats.shape)}"
+    )
     assert torch.equal(feats, y.reshape(7, -1)), "row i must hold observation i's values"
 
 
@@ -204,8 +210,11 @@ def event_masked_model(X, y, keep):
         return pyro.sample("obs", dist.Normal((X @ w)[:, None], sigma).mask(keep[:, None]).to_event(1), obs=y[:, None])
 
 
-@pytest.mark.parametrize("model", [padded_model, dist_masked_model, event_masked_model],
-                         ids=["poutine.mask", "dist.mask", "dist.mask inside to_event"])
+@pytest.mark.parametrize(
+    "model",
+    [padded_model, dist_masked_model, event_masked_model],
+    ids=["poutine.mask", "dist.mask", "dist.mask inside to_event"],
+)
 def test_default_features_leave_out_masked_rows(model):
     """Rows that a mask removes from the log density are not observations: a padded dataset has the features of
     the unpadded one (the padding rows were encoded as observations)."""
@@ -241,7 +250,9 @@ def test_default_features_keep_rows_another_site_observes():
 def test_stream_latents_are_the_latent_sites_only():
     """sample_with_latents gave the plate's index site ('data') as a latent too, which sbc then rejects."""
     pyro.set_rng_seed(0)
-    stream = PriorPredictiveStream(regression_model, lambda: Dataset(torch.randn(8, 3).to(tensor(0.0))), obs_kwargs={"obs": "y"})
+    stream = PriorPredictiveStream(
+        regression_model, lambda: Dataset(torch.randn(8, 3).to(tensor(0.0))), obs_kwargs={"obs": "y"}
+    )
     _, latents = stream.sample_with_latents()
     assert sorted(latents) == ["sigma", "w"]
 
@@ -249,17 +260,24 @@ def test_stream_latents_are_the_latent_sites_only():
 def test_stream_rejects_make_args_that_pass_the_observations():
     """make_args returning y= would make the stream hand back those fixed observations with fresh latents."""
     y = torch.zeros(8).to(tensor(0.0))
-    stream = PriorPredictiveStream(regression_model, lambda: Dataset(torch.randn(8, 3).to(y), y=y), obs_kwargs={"obs": "y"})
-    with pytest.raises(ValueError, match="'obs' is already observed in the arguments make_args returned.*leave the observations out"):
+    stream = PriorPredictiveStream(
+        regression_model, lambda: Dataset(torch.randn(8, 3).to(y), y=y), obs_kwargs={"obs": "y"}
+    )
+    with pytest.raises(
+        ValueError, match="'obs' is already observed in the arguments make_args returned.*leave the observations out"
+    ):
         stream.sample()
 
 
-@pytest.mark.parametrize("model, obs_kwargs, match", [
-    (None, {"obs": "y"}, "model must be a callable"),
-    (regression_model, "y", "obs_kwargs must be a dict mapping"),
-    (regression_model, ["y"], "obs_kwargs must be a dict mapping"),
-    (regression_model, {"obs": 3}, "obs_kwargs must be a dict mapping"),
-])
+@pytest.mark.parametrize(
+    "model, obs_kwargs, match",
+    [
+        (None, {"obs": "y"}, "model must be a callable"),
+        (regression_model, "y", "obs_kwargs must be a dict mapping"),
+        (regression_model, ["y"], "obs_kwargs must be a dict mapping"),
+        (regression_model, {"obs": 3}, "obs_kwargs must be a dict mapping"),
+    ],
+)
 def test_stream_checks_its_arguments(model, obs_kwargs, match):
     with pytest.raises(TypeError, match=match):
         PriorPredictiveStream(model, lambda: Dataset(torch.randn(8, 3)), obs_kwargs=obs_kwargs)
@@ -268,8 +286,13 @@ def test_stream_checks_its_arguments(model, obs_kwargs, match):
 @pytest.mark.parametrize("site", ["sigma", "w"])
 def test_stream_rejects_latent_obs_site(site):
     pyro.set_rng_seed(0)
-    stream = PriorPredictiveStream(regression_model, lambda: Dataset(torch.randn(8, 3).to(tensor(0.0))), obs_kwargs={site: "y"})
-    with pytest.raises(ValueError, match=rf"'{site}' is a latent \(unobserved\) site of the model even with y= set.*observed site whose obs=.*'obs'"):
+    stream = PriorPredictiveStream(
+        regression_model, lambda: Dataset(torch.randn(8, 3).to(tensor(0.0))), obs_kwargs={site: "y"}
+    )
+    with pytest.raises(
+        ValueError,
+        match=rf"'{site}' is a latent \(unobserved\) site of the model even with y= set.*observed site whose obs=.*'obs'",
+    ):
         stream.sample()
 
 
@@ -285,7 +308,12 @@ def test_stream_checks_obs_sites_once_without_changing_the_draws():
     pyro.set_rng_seed(0)
     (d1, l1), (d2, l2) = stream.sample_with_latents(), stream.sample_with_latents()
     assert calls == [True, False, True]  # one checking run, on the first sample only
-    assert {"sigma", "w"} <= set(l1) and "obs" not in l1 and d1.kwargs["y"].shape == (8,) and not torch.equal(d1.kwargs["y"], d2.kwargs["y"])
+    assert (
+        {"sigma", "w"} <= set(l1)
+        and "obs" not in l1
+        and d1.kwargs["y"].shape == (8,)
+        and not torch.equal(d1.kwargs["y"], d2.kwargs["y"])
+    )
 
     unchecked = PriorPredictiveStream(counted, make, obs_kwargs={"obs": "y"})
     unchecked._checked = True
@@ -313,7 +341,9 @@ def test_iterate_batches_validates_batch_size(batch_size, error):
 
 @pytest.mark.parametrize("batch_size, error", BAD_BATCH_SIZES)
 def test_stream_batches_validates_batch_size(batch_size, error):
-    stream = PriorPredictiveStream(regression_model, lambda: Dataset(torch.randn(4, 2).to(tensor(0.0))), obs_kwargs={"obs": "y"})
+    stream = PriorPredictiveStream(
+        regression_model, lambda: Dataset(torch.randn(4, 2).to(tensor(0.0))), obs_kwargs={"obs": "y"}
+    )
     with pytest.raises(error, match=rf"batch_size must be an int >= 1.*got {re.escape(repr(batch_size))}"):
         stream.batches(batch_size)
 
@@ -328,7 +358,9 @@ def test_iterate_batches_cycles_in_full_batches(batch_size):
     drawn = [[int(d.args[0]) for d in next(batches)] for _ in range(5 * 42 // size)]
     assert all(len(b) == size and len(set(b)) == size for b in drawn), drawn
     assert torch.bincount(torch.tensor(sum(drawn, [])), minlength=5).tolist() == [42] * 5
-    stream = PriorPredictiveStream(regression_model, lambda: Dataset(torch.randn(4, 2).to(tensor(0.0))), obs_kwargs={"obs": "y"})
+    stream = PriorPredictiveStream(
+        regression_model, lambda: Dataset(torch.randn(4, 2).to(tensor(0.0))), obs_kwargs={"obs": "y"}
+    )
     assert len(next(stream.batches(batch_size))) == batch_size
 
 

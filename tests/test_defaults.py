@@ -17,7 +17,9 @@ from pyro_stein.infer import DEFAULT_NUM_STEPS, TrainingWarning, _history_proble
 
 from .conftest import DEVICE, tensor
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "posteriordb" / "eight_schools-eight_schools_noncentered"
+DATA = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "posteriordb" / "eight_schools-eight_schools_noncentered"
+)
 SCHOOLS_Y = [28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0]
 SCHOOLS_SIGMA = [15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0]
 

@@ -23,7 +23,9 @@ def test_ksd_of_exact_draws_is_small_and_of_shifted_draws_is_large():
     y = tensor([0.3, 1.2, -0.4, 0.8])
     post = dist.Normal(y.sum() / 5, 5**-0.5)
     torch.manual_seed(0)
-    exact = torch.stack([torch.tensor(stein_discrepancy(plated_model, {"mu": post.sample((400,))}, y)) for _ in range(10)])
+    exact = torch.stack(
+        [torch.tensor(stein_discrepancy(plated_model, {"mu": post.sample((400,))}, y)) for _ in range(10)]
+    )
     se = exact.std() / 10**0.5
     assert exact.mean().abs() < 5 * se + 1e-3, f"KSD^2 of exact draws {exact.mean():.2e} vs s.e. {se:.2e}"
     shifted = stein_discrepancy(plated_model, {"mu": post.sample((400,)) + post.stddev}, y)
@@ -44,7 +46,9 @@ def test_missing_site_and_bad_input_errors():
 def test_draws_grouped_by_chain_are_rejected_not_read_as_a_wider_site():
     """(chains, draws) for a scalar site was read as 4 draws of a 100-vector, giving a confident, wrong KSD."""
     y = tensor([0.3, 1.2])
-    with pytest.raises(ValueError, match=r"samples\['mu'\] has draws of shape \(100,\), but the site's shape is \(\).*group_by_chain"):
+    with pytest.raises(
+        ValueError, match=r"samples\['mu'\] has draws of shape \(100,\), but the site's shape is \(\).*group_by_chain"
+    ):
         stein_discrepancy(plated_model, {"mu": tensor(torch.randn(4, 100))}, y)
 
 
@@ -73,10 +77,13 @@ class _PriorGuide:
         return {"mu": tensor(torch.randn(num_samples))}
 
 
-@pytest.mark.parametrize("truth, match", [
-    ({"MU": tensor(0.0)}, r"true values of \['MU'\], which are not among the guide's sites \['mu'\]"),
-    ({"mu": tensor([0.0, 1.0, 2.0])}, r"true value of 'mu' has shape \(3,\), but the site's draws have shape \(\)"),
-])
+@pytest.mark.parametrize(
+    "truth, match",
+    [
+        ({"MU": tensor(0.0)}, r"true values of \['MU'\], which are not among the guide's sites \['mu'\]"),
+        ({"mu": tensor([0.0, 1.0, 2.0])}, r"true value of 'mu' has shape \(3,\), but the site's draws have shape \(\)"),
+    ],
+)
 def test_sbc_rejects_true_values_that_do_not_fit(truth, match):
     from pyro_stein import Dataset
     from pyro_stein.diagnostics import sbc
@@ -141,8 +148,11 @@ def test_plot_sbc_bins_hold_their_share_of_ranks(num_samples, bins):
 def test_plot_sbc_argument_errors():
     from pyro_stein.diagnostics import plot_sbc
 
-    for bad, match in (({}, "ranks must be a non-empty dict"), (torch.arange(10), "ranks must be a non-empty dict"),
-                       ({"mu": torch.tensor([0.5, 3.7])}, r"ranks\['mu'\] must be an integer Tensor")):
+    for bad, match in (
+        ({}, "ranks must be a non-empty dict"),
+        (torch.arange(10), "ranks must be a non-empty dict"),
+        ({"mu": torch.tensor([0.5, 3.7])}, r"ranks\['mu'\] must be an integer Tensor"),
+    ):
         with pytest.raises(TypeError, match=match):
             plot_sbc(bad, 99)
     ranks = {"mu": torch.arange(10)}

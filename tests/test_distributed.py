@@ -95,12 +95,19 @@ def _free_port() -> int:
 
 
 def _launch(cmd: list[str], out: Path) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MASTER_ADDR="127.0.0.1",
+        GLOO_SOCKET_IFNAME="lo",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(k, None)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         log, _ = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -141,7 +148,9 @@ def _check_accuracy(res, label):
     assert worst_mean < MEAN_TOL, (
         f"{label}, {mode}: worst |mean error| {worst_mean:.3f} posterior sd, target < {MEAN_TOL} (MC s.e. 0.016); {errs}"
     )
-    assert worst_sd < SD_TOL, f"{label}, {mode}: worst |sd ratio - 1| {worst_sd:.3f}, target < {SD_TOL} (MC s.e. 0.011); {ratios}"
+    assert worst_sd < SD_TOL, (
+        f"{label}, {mode}: worst |sd ratio - 1| {worst_sd:.3f}, target < {SD_TOL} (MC s.e. 0.011); {ratios}"
+    )
 
 
 # ------------------------------------------------------------------------------------------ tests
@@ -247,8 +256,11 @@ def test_shard_and_seed_helpers(monkeypatch):
     assert shard(items) == items  # no process group: world size 1
     with pytest.raises(ValueError, match="cannot be split"):
         shard([1], 0, 2)
-    for rank, world, message in ((2, 2, "rank must be below world_size = 2, got 2"), (-1, 2, "rank must be an int >= 0"),
-                                 (0, 0, "world_size must be an int >= 1")):
+    for rank, world, message in (
+        (2, 2, "rank must be below world_size = 2, got 2"),
+        (-1, 2, "rank must be an int >= 0"),
+        (0, 0, "world_size must be an int >= 1"),
+    ):
         with pytest.raises(ValueError, match=message):
             shard(items, rank, world)
     assert seed_rank(7) == 7 and seed_rank(7, rank=3) == 10

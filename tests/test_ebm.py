@@ -27,7 +27,9 @@ F64 = torch.float64
 
 def _rbm(D, H, sigma=0.8, num_classes=None, seed=0, device="cpu", dtype=None):
     torch.manual_seed(seed)
-    rbm = GaussianBernoulliRBM(D, H, sigma=sigma, num_classes=num_classes, init_scale=0.5).to(device=device, dtype=dtype)
+    rbm = GaussianBernoulliRBM(D, H, sigma=sigma, num_classes=num_classes, init_scale=0.5).to(
+        device=device, dtype=dtype
+    )
     with torch.no_grad():
         for p in rbm.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -134,7 +136,8 @@ def test_exact_sample_matches_enumerated_moments(num_classes, device):
     assert x.shape == (n, 3) and x.device.type == torch.device(device).type
     se = x.std(0) / math.sqrt(n)
     assert ((x.mean(0) - mean).abs() < 5 * se).all(), (
-        f"sample mean {x.mean(0).tolist()} vs exact {mean.tolist()}, 5 Monte Carlo s.e. = {(5 * se).tolist()}")
+        f"sample mean {x.mean(0).tolist()} vs exact {mean.tolist()}, 5 Monte Carlo s.e. = {(5 * se).tolist()}"
+    )
     if num_classes is not None:
         py = p.sum(1)
         freq = torch.bincount(y, minlength=num_classes).to(py.dtype) / n
@@ -242,8 +245,13 @@ def test_driver_conditional_and_features_run(device, dtype):
     energy = AutoencoderEnergy((1, 8, 8), channels=4, code_dim=6, num_classes=3).to(device=device, dtype=dtype)
     sampler = MLPSampler(5, 64, hidden=(32,), num_classes=3).to(device=device, dtype=dtype)
     driver = AmortizedMLE(
-        energy, sampler, torch.optim.Adam(energy.parameters(), 1e-3), torch.optim.Adam(sampler.parameters(), 1e-3),
-        noise_dim=5, feature_fn=energy.features, num_samples=12,
+        energy,
+        sampler,
+        torch.optim.Adam(energy.parameters(), 1e-3),
+        torch.optim.Adam(sampler.parameters(), 1e-3),
+        noise_dim=5,
+        feature_fn=energy.features,
+        num_samples=12,
     )
     x = torch.randn(30, 64, device=device, dtype=dtype)
     y = torch.arange(30, device=device) % 3
@@ -261,7 +269,9 @@ def test_cd_baselines_improve_likelihood(device, dtype):
         torch.manual_seed(1)
         rbm = GaussianBernoulliRBM(2, 4).to(device=device, dtype=dtype)
         before = float(rbm.log_likelihood(data).detach().mean())
-        cd = ContrastiveDivergence(rbm, torch.optim.Adam(rbm.parameters(), 1e-2), k=2, persistent=persistent, exact=exact)
+        cd = ContrastiveDivergence(
+            rbm, torch.optim.Adam(rbm.parameters(), 1e-2), k=2, persistent=persistent, exact=exact
+        )
         cd.run(data, num_steps=200, batch_size=50, progress_bar=False)
         assert float(rbm.log_likelihood(data).detach().mean()) > before + 0.5
 
@@ -280,7 +290,10 @@ def _driver(energy=None, sampler=None, noise_dim=3):
     energy = energy or MLPEnergy(2)
     sampler = sampler or MLPSampler(noise_dim, 2)
     return AmortizedMLE(
-        energy, sampler, torch.optim.SGD(energy.parameters(), 0.1), torch.optim.SGD(sampler.parameters(), 0.1),
+        energy,
+        sampler,
+        torch.optim.SGD(energy.parameters(), 0.1),
+        torch.optim.SGD(sampler.parameters(), 0.1),
         noise_dim=noise_dim,
     )
 
@@ -377,10 +390,16 @@ def test_rbm_rejects_boolean_labels():
 
 def test_error_exact_negatives():
     with pytest.raises(ValueError, match=r"exact=True .*\(persistent=False\)"):
-        ContrastiveDivergence(GaussianBernoulliRBM(2, 3), torch.optim.SGD([nn.Parameter(torch.zeros(1))], 0.1),
-                              persistent=True, exact=True)
+        ContrastiveDivergence(
+            GaussianBernoulliRBM(2, 3),
+            torch.optim.SGD([nn.Parameter(torch.zeros(1))], 0.1),
+            persistent=True,
+            exact=True,
+        )
     with pytest.raises(ValueError, match="num_hidden <= 20, got 21"):
-        ContrastiveDivergence(GaussianBernoulliRBM(2, 21), torch.optim.SGD([nn.Parameter(torch.zeros(1))], 0.1), exact=True)
+        ContrastiveDivergence(
+            GaussianBernoulliRBM(2, 21), torch.optim.SGD([nn.Parameter(torch.zeros(1))], 0.1), exact=True
+        )
     with pytest.raises(ValueError, match="n must be a positive int"):
         GaussianBernoulliRBM(2, 3).sample(0)
 

@@ -59,7 +59,9 @@ def mean_model(n, y=None):
 def trained_guide(steps=3):
     y = y_data()
     guide = AmortizedSteinGuide(poisson_model)
-    AmortizedSVGD(poisson_model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=8).run(y, num_steps=steps, progress_bar=False)
+    AmortizedSVGD(poisson_model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=8).run(
+        y, num_steps=steps, progress_bar=False
+    )
     return guide, y
 
 
@@ -198,15 +200,18 @@ def test_newer_distributed_format_version_is_refused_naming_both(dist_file):
         load_checkpoint(path, fresh_set_up_guide())
 
 
-@pytest.mark.parametrize("key, value, fragment", [
-    ("init_scale", "big", "init_scale"),
-    ("num_summary_samples", 0, "num_summary_samples"),
-    ("context_dim", -1, "context_dim"),
-    ("whiten", "pca", "whiten"),
-    ("correction_samples", 10 ** 12, "correction_samples"),
-    ("amortized", "yes", "amortized"),
-    ("sites", [["lam", [], "x"]], "sites"),
-])
+@pytest.mark.parametrize(
+    "key, value, fragment",
+    [
+        ("init_scale", "big", "init_scale"),
+        ("num_summary_samples", 0, "num_summary_samples"),
+        ("context_dim", -1, "context_dim"),
+        ("whiten", "pca", "whiten"),
+        ("correction_samples", 10**12, "correction_samples"),
+        ("amortized", "yes", "amortized"),
+        ("sites", [["lam", [], "x"]], "sites"),
+    ],
+)
 def test_guide_config_out_of_range_is_refused(guide_file, key, value, fragment):
     _, y, path = guide_file
     payload = torch.load(path, weights_only=True)
@@ -267,10 +272,13 @@ def test_distributed_checkpoint_with_nan_optimiser_state_is_refused(dist_file):
 
 
 # ------------------------------------------------------------------------------------------ sites
-@pytest.mark.parametrize("other, fragment", [
-    (poisson_model_real_support, r"'lam' has support Real.*GreaterThan"),
-    (uniform_model(2.0), r"'lam'.*Interval"),
-])
+@pytest.mark.parametrize(
+    "other, fragment",
+    [
+        (poisson_model_real_support, r"'lam' has support Real.*GreaterThan"),
+        (uniform_model(2.0), r"'lam'.*Interval"),
+    ],
+)
 def test_checkpoint_refuses_a_site_with_another_support(tmp_path, other, fragment):
     y = y_data()
     model = poisson_model if other is poisson_model_real_support else uniform_model(1.0)
@@ -293,8 +301,9 @@ def test_laplace_guide_with_custom_init_draws_the_same_after_save_load(tmp_path)
         with pyro.plate("d", len(y)):
             pyro.sample("y", dist.Normal(mu, s), obs=y)
 
-    init = pyro.infer.autoguide.init_to_value(values={"mu": torch.tensor(5.0, device=DEVICE),
-                                                      "s": torch.tensor(3.0, device=DEVICE)})
+    init = pyro.infer.autoguide.init_to_value(
+        values={"mu": torch.tensor(5.0, device=DEVICE), "s": torch.tensor(3.0, device=DEVICE)}
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", pyro_stein_laplace_warning())
         g1 = AmortizedSteinGuide(model, amortized=True, whiten="laplace", laplace_evaluations=2, init_loc_fn=init)
@@ -437,7 +446,9 @@ def test_interrupted_plot_sbc_leaves_the_previous_figure(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------ updates
 def make_svgd(lr=1e-2, optim=None):
     guide = AmortizedSteinGuide(poisson_model).setup(y_data())
-    svgd = AmortizedSVGD(poisson_model, guide, optim or pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.99}), num_particles=8)
+    svgd = AmortizedSVGD(
+        poisson_model, guide, optim or pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.99}), num_particles=8
+    )
     return guide, svgd
 
 
@@ -609,15 +620,18 @@ def test_numpy_integer_options_are_accepted():
     svgd.step(y_data())
 
 
-@pytest.mark.parametrize("owner, name, value, fragment", [
-    ("guide", "num_summary_samples", 0, "guide.num_summary_samples must be"),
-    ("guide", "num_summary_samples", 2.5, "guide.num_summary_samples must be"),
-    ("svgd", "num_particles", 1, r"svgd.num_particles must be an int >= 2"),
-    ("svgd", "num_particles", True, r"svgd.num_particles must be an int >= 2"),
-    ("svgd", "leave_one_out", "no", r"svgd.leave_one_out must be True or False, got 'no'"),
-    ("svgd", "precondition", "diag", r"svgd.precondition must be 'auto', 'variance' or None, got 'diag'"),
-    ("svgd", "record_graph", 1, r"svgd.record_graph must be True or False, got 1"),
-])
+@pytest.mark.parametrize(
+    "owner, name, value, fragment",
+    [
+        ("guide", "num_summary_samples", 0, "guide.num_summary_samples must be"),
+        ("guide", "num_summary_samples", 2.5, "guide.num_summary_samples must be"),
+        ("svgd", "num_particles", 1, r"svgd.num_particles must be an int >= 2"),
+        ("svgd", "num_particles", True, r"svgd.num_particles must be an int >= 2"),
+        ("svgd", "leave_one_out", "no", r"svgd.leave_one_out must be True or False, got 'no'"),
+        ("svgd", "precondition", "diag", r"svgd.precondition must be 'auto', 'variance' or None, got 'diag'"),
+        ("svgd", "record_graph", 1, r"svgd.record_graph must be True or False, got 1"),
+    ],
+)
 def test_options_set_after_construction_are_checked(owner, name, value, fragment):
     guide = AmortizedSteinGuide(poisson_model)
     svgd = AmortizedSVGD(poisson_model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=8)
@@ -661,8 +675,10 @@ def test_sbc_refuses_a_nan_true_value_naming_the_site():
 
     def simulate():
         calls["n"] += 1
-        truth = {"mu": torch.tensor(float("nan") if calls["n"] == 2 else 0.3, device=DEVICE),
-                 "s": torch.tensor(1.0, device=DEVICE)}
+        truth = {
+            "mu": torch.tensor(float("nan") if calls["n"] == 2 else 0.3, device=DEVICE),
+            "s": torch.tensor(1.0, device=DEVICE),
+        }
         return Dataset(5, y=torch.randn(5, device=DEVICE)), truth
 
     with pytest.raises(ValueError, match=r"true value of 'mu' for simulated dataset 1 is not finite"):
@@ -682,11 +698,14 @@ def _regression_with(kind):
     return model
 
 
-@pytest.mark.parametrize("kind, hint, not_hint", [
-    ("dtype", r"dtype mismatch: the guide's latent values are torch.float64", "another number of features"),
-    ("shape", r"shape mismatch: .*another number of features", "dtype mismatch"),
-    ("model_error", r"ZeroDivisionError \(the model's own bug\).*comes from the model itself", "another number"),
-])
+@pytest.mark.parametrize(
+    "kind, hint, not_hint",
+    [
+        ("dtype", r"dtype mismatch: the guide's latent values are torch.float64", "another number of features"),
+        ("shape", r"shape mismatch: .*another number of features", "dtype mismatch"),
+        ("model_error", r"ZeroDivisionError \(the model's own bug\).*comes from the model itself", "another number"),
+    ],
+)
 def test_model_errors_get_a_hint_matching_their_cause(kind, hint, not_hint):
     from pyro_stein.logjoint import ModelEvaluationError, ModelLogDensity
 
@@ -712,7 +731,9 @@ def test_numpy_integers_accepted_by_every_integer_option(build, tmp_path):
     from pyro_stein.nn import DeepSetEncoder, GaussianResidualSampler
 
     if build == "sampler":
-        net = GaussianResidualSampler(np.int64(3), context_dim=np.int64(2), hidden_dim=np.int64(8), num_layers=np.int64(1))
+        net = GaussianResidualSampler(
+            np.int64(3), context_dim=np.int64(2), hidden_dim=np.int64(8), num_layers=np.int64(1)
+        )
         assert all(type(v) is int for k, v in net.config.items() if k in ("latent_dim", "context_dim", "hidden_dim"))
         torch.save(net.config, tmp_path / "c.pt")
         torch.load(tmp_path / "c.pt", weights_only=True)
@@ -812,6 +833,7 @@ def test_a_failed_recording_says_its_real_cause(cause, monkeypatch):
 
     y = torch.tensor([1.0, 2.0, 3.0], device=DEVICE)
     if cause == "reads_values":
+
         def model(y):
             p = pyro.sample("p", dist.Normal(torch.tensor(0.0, device=y.device), 1.0))
             if y.sum() > 0:

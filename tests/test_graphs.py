@@ -73,7 +73,9 @@ def _assert_close(got, want, what):
     tol = 1e-9 if want[0].dtype == torch.float64 else 1e-4
     for g, w, name in zip(got, want, ("log density", "score")):
         scale = float(w.abs().max())
-        assert torch.allclose(g, w, rtol=tol, atol=tol * scale), f"{what}: replayed {name} differs from the model's by {float((g - w).abs().max()):.3g}"
+        assert torch.allclose(g, w, rtol=tol, atol=tol * scale), (
+            f"{what}: replayed {name} differs from the model's by {float((g - w).abs().max()):.3g}"
+        )
 
 
 def _cases():
@@ -200,7 +202,9 @@ def test_driver_records_and_can_be_told_not_to():
         svgd.step(X, y)
     assert svgd._log_density.graphs.status == "replaying"
     pyro.clear_param_store()
-    off = AmortizedSVGD(logreg, AmortizedSteinGuide(logreg), pyro.optim.Adam({"lr": 1e-2}), num_particles=8, record_graph=False)
+    off = AmortizedSVGD(
+        logreg, AmortizedSteinGuide(logreg), pyro.optim.Adam({"lr": 1e-2}), num_particles=8, record_graph=False
+    )
     off.step(X, y)
     assert off._log_density.graphs is None
     with pytest.raises(TypeError, match="record_graph must be True or False"):
@@ -232,7 +236,11 @@ def test_cuda_graph_replay_equals_the_model_and_survives_a_failed_capture():
     u = tensor(torch.randn(8, 2, generator=torch.Generator().manual_seed(6)))
     _evaluate(ld, u, (), {}, ld.graphs.min_calls)
     assert ld.graphs.status.startswith("replaying"), ld.graphs.status
-    _assert_close(ld.log_density_and_score(u, (), {}), ModelLogDensity(correlated, ld.sites).log_density_and_score(u), "MVN on the GPU")
+    _assert_close(
+        ld.log_density_and_score(u, (), {}),
+        ModelLogDensity(correlated, ld.sites).log_density_and_score(u),
+        "MVN on the GPU",
+    )
     # the device and its random-number generator still work after the failed and the screened recordings
     assert torch.randn(1000, device=DEVICE).abs().max() > 0
 
@@ -267,8 +275,13 @@ def test_shapes_that_depend_on_data_values_are_not_recorded():
     ld = _log_density(selected_rows, X, y)
     u = tensor(torch.randn(4, ld.dim, generator=torch.Generator().manual_seed(4)))
     got = _evaluate(ld, u, (X, y), {}, ld.graphs.min_calls)
-    assert ld.graphs.status == "off: the model's shapes depend on the data's values (aten::index with a boolean mask); a recording would freeze them"
-    _assert_close(got, ModelLogDensity(selected_rows, ld.sites).log_density_and_score(u, (X, y), {}), "boolean-mask model")
+    assert (
+        ld.graphs.status
+        == "off: the model's shapes depend on the data's values (aten::index with a boolean mask); a recording would freeze them"
+    )
+    _assert_close(
+        got, ModelLogDensity(selected_rows, ld.sites).log_density_and_score(u, (X, y), {}), "boolean-mask model"
+    )
 
 
 def test_replayed_values_carry_no_gradient_to_tensors_the_model_reads():
@@ -298,7 +311,10 @@ def test_models_with_parameter_sites_are_not_recorded():
 
     ld = _log_density(with_param, X, y)
     _evaluate(ld, tensor(torch.zeros(4, ld.dim)), (X, y), {}, ld.graphs.min_calls)
-    assert ld.graphs.status == "off: the model has pyro.param/pyro.module sites, whose values can be replaced between calls"
+    assert (
+        ld.graphs.status
+        == "off: the model has pyro.param/pyro.module sites, whose values can be replaced between calls"
+    )
 
 
 def test_plain_values_are_told_apart_by_type_and_sign():
@@ -348,7 +364,11 @@ def test_a_replay_that_raises_gives_the_models_own_result():
     ld.graphs._recording.traced = broken
     got = ld.log_density_and_score(u, (X,), {"y": y})
     assert ld.graphs.status == "off: a replay raised RuntimeError"
-    _assert_close(got, ModelLogDensity(logreg, ld.sites).log_density_and_score(u, (X,), {"y": y}), "fallback after a raising replay")
+    _assert_close(
+        got,
+        ModelLogDensity(logreg, ld.sites).log_density_and_score(u, (X,), {"y": y}),
+        "fallback after a raising replay",
+    )
 
 
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
@@ -451,7 +471,7 @@ def test_recording_stops_when_shapes_rarely_repeat(replayed):
 
 
 def test_counts_of_a_shape_need_not_be_consecutive():
-    (sigma, ), kw = _hier_data(0)
+    (sigma,), kw = _hier_data(0)
     ld = _shared_log_density(hierarchical, sigma, **kw)
     u = tensor(torch.zeros(4, ld.dim))
     other = tensor(torch.zeros(5, ld.dim))
@@ -470,8 +490,11 @@ def test_shared_recording_refuses_models_whose_python_reads_the_data():
     _evaluate(ld, u, (X, y), {}, ld.graphs.min_calls)
     assert ld.graphs.status.startswith("off: recording failed"), ld.graphs.status
     flipped = 1.0 - y  # the other branch, had the first dataset's been frozen into a graph
-    _assert_close(ld.log_density_and_score(u, (X, flipped), {}),
-                  ModelLogDensity(branching, ld.sites).log_density_and_score(u, (X, flipped)), "other branch")
+    _assert_close(
+        ld.log_density_and_score(u, (X, flipped), {}),
+        ModelLogDensity(branching, ld.sites).log_density_and_score(u, (X, flipped)),
+        "other branch",
+    )
 
 
 def test_folded_constants_are_computed_once_and_random_operations_are_not_folded():
@@ -489,6 +512,7 @@ def test_folded_constants_are_computed_once_and_random_operations_are_not_folded
     assert "aten.randn.default" in targets, f"a random operation was folded into a constant: {targets}"
     a, b = gm(tensor(torch.zeros(2, 3))), gm(tensor(torch.zeros(2, 3)))
     assert not torch.equal(a, b), "the random term was frozen"
+
 
 def test_the_periodic_check_sees_a_change_in_a_coordinate_on_a_small_scale():
     """The check's tolerance follows each coordinate's own scale: a stale replay of a coordinate whose scores are
@@ -535,11 +559,11 @@ def test_folding_bypasses_exact_identities_only(mode):
 
     def fn(u, data):
         zero, one = torch.zeros_like(u), torch.ones(u.shape[-1], dtype=u.dtype)
-        a = (u + zero) * one / one                     # bypassed: a is u
-        b = -(-(a ** 1.0)).unsqueeze(-1).sum(-1)       # bypassed: b is a
-        c = b - data.new_zeros(3)                      # bypassed: data's shape-only zeros
+        a = (u + zero) * one / one  # bypassed: a is u
+        b = -(-(a**1.0)).unsqueeze(-1).sum(-1)  # bypassed: b is a
+        c = b - data.new_zeros(3)  # bypassed: data's shape-only zeros
         kept = zero[:1] - c + data.new_zeros(4, 2, 3)  # not bypassed: 0 - c is -c, and + zeros broadcasts to (4, 2, 3)
-        flags = (data > 0).to(torch.int64) * one       # not bypassed: the product is floating point
+        flags = (data > 0).to(torch.int64) * one  # not bypassed: the product is floating point
         return c.exp(), kept.sum(0) * one.to(torch.int64), flags
 
     u, data = tensor(torch.randn(2, 3, generator=torch.Generator().manual_seed(3))), tensor(torch.randn(3))
@@ -550,7 +574,8 @@ def test_folding_bypasses_exact_identities_only(mode):
     assert ops == ["aten::_to_copy", "aten::add", "aten::exp", "aten::gt", "aten::mul", "aten::sub", "aten::sum"], ops
     for got, want in zip(gm(u, data), before):
         assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), (
-            "a bypassed operation changed a value, its dtype or its shape")
+            "a bypassed operation changed a value, its dtype or its shape"
+        )
 
 
 def test_shared_recording_never_returns_its_input_or_a_stored_constant():
@@ -567,7 +592,9 @@ def test_shared_recording_never_returns_its_input_or_a_stored_constant():
     score.add_(1.0)
     assert torch.equal(u, u_before), "writing to the returned score changed the particles"
     again = rec(u, (data,))
-    assert torch.equal(again[0], torch.full_like(again[0], math.e)), "writing to the returned log density changed the recording"
+    assert torch.equal(again[0], torch.full_like(again[0], math.e)), (
+        "writing to the returned log density changed the recording"
+    )
 
 
 def test_guide_draws_through_shared_recordings_and_can_be_told_not_to(tmp_path):
@@ -587,7 +614,11 @@ def test_guide_draws_through_shared_recordings_and_can_be_told_not_to(tmp_path):
     eager = guide.sample_posterior(50, *a, **k)
     guide.log_density.graphs = graphs
     for name in eager:
-        _assert_close((replayed[name], replayed[name]), (eager[name], eager[name]), f"draws of {name!r} with and without recordings")
+        _assert_close(
+            (replayed[name], replayed[name]),
+            (eager[name], eager[name]),
+            f"draws of {name!r} with and without recordings",
+        )
     guide.save(tmp_path / "g.pt")
     off = AmortizedSteinGuide.load(tmp_path / "g.pt", hierarchical, *args, **kwargs)
     assert off.log_density.graphs is not None, "record_graph=True (the default) was not restored"
@@ -601,7 +632,7 @@ def test_guide_draws_through_shared_recordings_and_can_be_told_not_to(tmp_path):
 def test_a_copied_log_density_records_for_itself():
     import copy
 
-    (sigma, ), kw = _hier_data(0)
+    (sigma,), kw = _hier_data(0)
     ld = _shared_log_density(hierarchical, sigma, **kw)
     u = tensor(torch.zeros(4, ld.dim))
     _evaluate(ld, u, (sigma,), kw, ld.graphs.min_calls)
@@ -610,5 +641,8 @@ def test_a_copied_log_density_records_for_itself():
     _evaluate(twin, u, (sigma,), kw, twin.graphs.min_calls)
     assert twin.graphs.status == "replaying"
     del ld
-    _assert_close(twin.log_density_and_score(u, (sigma,), kw),
-                  ModelLogDensity(hierarchical, twin.sites).log_density_and_score(u, (sigma,), kw), "the copy, original gone")
+    _assert_close(
+        twin.log_density_and_score(u, (sigma,), kw),
+        ModelLogDensity(hierarchical, twin.sites).log_density_and_score(u, (sigma,), kw),
+        "the copy, original gone",
+    )

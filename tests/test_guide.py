@@ -52,7 +52,9 @@ def broadcasting_model(X, y=None):
         return pyro.sample("y", dist.Bernoulli(logits=(X * beta.unsqueeze(-2)).sum(-1)), obs=y)
 
 
-@pytest.mark.parametrize("model, parallel", [(regression_model, False), (broadcasting_model, False), (broadcasting_model, True)])
+@pytest.mark.parametrize(
+    "model, parallel", [(regression_model, False), (broadcasting_model, False), (broadcasting_model, True)]
+)
 def test_predictive_shapes_match_autonormal(model, parallel):
     """Predictive(model, guide=...) gives the same site shapes as with Pyro's AutoNormal."""
     from pyro.infer import SVI, Trace_ELBO
@@ -232,7 +234,9 @@ def test_subsampled_plate_is_scaled_and_shared_by_particles():
     # the minibatch estimate is unbiased: its mean over 400 draws matches the full log joint
     per_draw_sd = torch.stack([ld.log_density(u[:1], (y, 5))[0] for _ in range(100)]).std()
     se = per_draw_sd / math.sqrt(400)
-    assert (mean_est - full).abs() < 5 * se, f"minibatch log joint biased by {(mean_est - full).item():.3f} (5 s.e. = {5 * se:.3f})"
+    assert (mean_est - full).abs() < 5 * se, (
+        f"minibatch log joint biased by {(mean_est - full).item():.3f} (5 s.e. = {5 * se:.3f})"
+    )
     assert full - prior < 0
     with pytest.raises(ValueError, match=r"whiten='laplace' needs the full-data log density, .*whiten='auto'"):
         AmortizedSteinGuide(model, whiten="laplace").setup(y, 5)
@@ -324,7 +328,9 @@ def test_discrete_latent_site_error_names_site():
     def model():
         pyro.sample("k", dist.Categorical(tensor([0.3, 0.7])))
 
-    with pytest.raises(ValueError, match=r"'k' is discrete .*does not enumerate. Sum it out of the model by hand") as err:
+    with pytest.raises(
+        ValueError, match=r"'k' is discrete .*does not enumerate. Sum it out of the model by hand"
+    ) as err:
         AmortizedSteinGuide(model).setup()
     assert "config_enumerate" not in str(err.value), "enumeration does not help: the message must not suggest it"
 
@@ -411,8 +417,16 @@ def test_bad_driver_arguments():
         ({"context_dim": 0}, ValueError, "context_dim must be an int >= 1, got 0"),
         ({"num_summary_samples": 0}, ValueError, "num_summary_samples must be an int >= 1, got 0"),
     ],
-    ids=["encoder", "amortized", "create_plates", "init_scale-type", "init_scale-value", "context_dim-float",
-         "context_dim-zero", "num_summary_samples"],
+    ids=[
+        "encoder",
+        "amortized",
+        "create_plates",
+        "init_scale-type",
+        "init_scale-value",
+        "context_dim-float",
+        "context_dim-zero",
+        "num_summary_samples",
+    ],
 )
 def test_bad_guide_arguments(kwargs, error, message):
     with pytest.raises(error, match=re.escape(message)):
@@ -468,7 +482,9 @@ def test_non_finite_log_joint_names_site_and_leaves_params_unchanged():
 def test_kernel_choice_is_used():
     X, y = data()
     guide = AmortizedSteinGuide(regression_model)
-    svgd = AmortizedSVGD(regression_model, guide, pyro.optim.Adam({"lr": 1e-2}), kernel=RBFKernel(bandwidth_factor=2.0), num_particles=8)
+    svgd = AmortizedSVGD(
+        regression_model, guide, pyro.optim.Adam({"lr": 1e-2}), kernel=RBFKernel(bandwidth_factor=2.0), num_particles=8
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert math.isfinite(svgd.step(X, y))
@@ -483,11 +499,14 @@ def linear_gaussian_model(X, y=None):
 
 def test_moment_correction_makes_an_untrained_guide_exact_on_a_gaussian_posterior():
     X, _ = data(n=40, d=3)
-    y = X @ tensor([1.0, -2.0, 0.5]) + 0.5 * torch.randn(40, dtype=X.dtype, generator=torch.Generator().manual_seed(1)).to(X)
+    y = X @ tensor([1.0, -2.0, 0.5]) + 0.5 * torch.randn(
+        40, dtype=X.dtype, generator=torch.Generator().manual_seed(1)
+    ).to(X)
     cov = torch.linalg.inv(torch.eye(3, dtype=X.dtype, device=X.device) + X.T @ X / 0.25)
     mean = cov @ X.T @ y / 0.25
-    guide = AmortizedSteinGuide(linear_gaussian_model, moment_correction=1, correction_samples=2000, whiten=None,
-                                mcmc_steps=0)
+    guide = AmortizedSteinGuide(
+        linear_gaussian_model, moment_correction=1, correction_samples=2000, whiten=None, mcmc_steps=0
+    )
     w = guide.sample_posterior(2000, X, y)["w"]  # no training: the sampler is N(0, 0.1^2 I)
     # the posterior is Gaussian and the scores linear, so one round is exact up to rounding
     tol = 1e-8 if X.dtype == torch.float64 else 1e-3
@@ -528,8 +547,14 @@ def test_mcmc_steps_keep_exact_draws_exact_per_dataset_in_a_batch(leapfrog):
     for n, w in ((40, [1.0, -2.0, 0.5]), (25, [-1.5, 0.0, 2.0])):
         X = torch.randn(n, 3, generator=g, dtype=torch.float64).to(tensor(0.0))
         sets.append(Dataset(X, y=X @ tensor(w) + 0.5 * torch.randn(n, generator=g, dtype=torch.float64).to(X)))
-    guide = AmortizedSteinGuide(linear_gaussian_model, amortized=True, moment_correction=1, correction_samples=2000,
-                                mcmc_steps=10 if leapfrog == 1 else 3, mcmc_leapfrog=leapfrog)
+    guide = AmortizedSteinGuide(
+        linear_gaussian_model,
+        amortized=True,
+        moment_correction=1,
+        correction_samples=2000,
+        mcmc_steps=10 if leapfrog == 1 else 3,
+        mcmc_leapfrog=leapfrog,
+    )
     torch.manual_seed(0)
     w = guide.sample_posterior_batch(2000, sets)["w"]
     for i, d in enumerate(sets):
@@ -575,8 +600,9 @@ def test_small_requests_are_polished_within_a_full_population(correction):
     ``correction_samples`` polishes ``correction_samples`` draws and returns the first ``k`` (2 draws alone would
     give a degenerate preconditioner, 1 an error)."""
     X, y = data(n=30, d=2)
-    guide = AmortizedSteinGuide(linear_gaussian_model, moment_correction=correction, correction_samples=300,
-                                mcmc_steps=3, mcmc_leapfrog=1).setup(X, y)
+    guide = AmortizedSteinGuide(
+        linear_gaussian_model, moment_correction=correction, correction_samples=300, mcmc_steps=3, mcmc_leapfrog=1
+    ).setup(X, y)
     draws = []
     for k in (1, 2, 300):
         torch.manual_seed(0)
@@ -603,8 +629,17 @@ def test_mcmc_steps_argument_errors_and_persistence(tmp_path):
     assert loaded.sample_posterior(7, X, y)["w"].shape == (7, 2)
 
 
-@pytest.mark.parametrize("option, bad", [("moment_correction", -1), ("moment_correction", 1.5), ("correction_samples", 2.5),
-                                         ("correction_samples", -5), ("mcmc_steps", "3"), ("laplace_evaluations", 0)])
+@pytest.mark.parametrize(
+    "option, bad",
+    [
+        ("moment_correction", -1),
+        ("moment_correction", 1.5),
+        ("correction_samples", 2.5),
+        ("correction_samples", -5),
+        ("mcmc_steps", "3"),
+        ("laplace_evaluations", 0),
+    ],
+)
 def test_options_set_after_construction_are_checked(option, bad):
     """The README sets these as attributes; a bad value was accepted silently (moment_correction=-1 drew
     correction_samples draws and corrected nothing) or failed later with a message not naming it."""
@@ -620,8 +655,9 @@ def test_integer_options_of_any_integer_type_are_held_as_ints():
     rejected np.int64 later and a tensor broke the construction."""
     np = pytest.importorskip("numpy")
     X, y = data(n=10, d=2)
-    guide = AmortizedSteinGuide(linear_gaussian_model, mcmc_steps=np.int64(2), mcmc_leapfrog=np.int64(2),
-                                moment_correction=torch.tensor(1)).setup(X, y)
+    guide = AmortizedSteinGuide(
+        linear_gaussian_model, mcmc_steps=np.int64(2), mcmc_leapfrog=np.int64(2), moment_correction=torch.tensor(1)
+    ).setup(X, y)
     assert (guide.mcmc_steps, guide.mcmc_leapfrog, guide.moment_correction) == (2, 2, 1)
     assert all(type(v) is int for v in (guide.mcmc_steps, guide.mcmc_leapfrog, guide.moment_correction))
     guide.correction_samples = np.int32(50)
@@ -631,7 +667,9 @@ def test_integer_options_of_any_integer_type_are_held_as_ints():
 def _concentrated_linear_data():
     """200 rows, noise sd 0.01, covariate scales 1, 10, 0.1: posterior sds 7e-4, 7e-5, 7e-3 under N(0, I)."""
     g = torch.Generator().manual_seed(0)
-    X = (torch.randn(200, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 10.0, 0.1], dtype=torch.float64)).to(tensor(0.0))
+    X = (
+        torch.randn(200, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 10.0, 0.1], dtype=torch.float64)
+    ).to(tensor(0.0))
     y = X @ tensor([1.0, -2.0, 0.5]) + 0.01 * torch.randn(200, generator=g, dtype=torch.float64).to(X)
     cov = torch.linalg.inv(torch.eye(3, dtype=X.dtype, device=X.device) + X.T @ X / 1e-4)
     return X, y, cov @ X.T @ y / 1e-4, cov
@@ -653,7 +691,9 @@ def test_whiten_laplace_frame_is_exact_for_a_gaussian_posterior():
     n = 20_000
     w = guide.sample_posterior(n, X, y)["w"]
     err = (w.mean(0) - mean).abs() / cov.diagonal().sqrt()
-    assert (err < 5 / math.sqrt(n)).all(), f"mean errors {err.tolist()} sd exceed 5 Monte Carlo s.e. ({5 / math.sqrt(n):.3f})"
+    assert (err < 5 / math.sqrt(n)).all(), (
+        f"mean errors {err.tolist()} sd exceed 5 Monte Carlo s.e. ({5 / math.sqrt(n):.3f})"
+    )
     pw = Predictive(concentrated_model, guide=guide, num_samples=500)(X)["w"]  # forward() goes through the frame too
     assert pw.shape == (500, 1, 3) and ((pw.mean(0)[0] - mean).abs() / cov.diagonal().sqrt()).max() < 5 / math.sqrt(500)
 
@@ -668,11 +708,14 @@ def test_whiten_laplace_trains_where_the_raw_frame_fails():
     for whiten in ("laplace", None):
         pyro.set_rng_seed(0)
         guide = AmortizedSteinGuide(concentrated_model, whiten=whiten, moment_correction=0, mcmc_steps=0)
-        AmortizedSVGD(concentrated_model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=32).run(X, y, num_steps=300, progress_bar=False)
+        AmortizedSVGD(concentrated_model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=32).run(
+            X, y, num_steps=300, progress_bar=False
+        )
         w = guide.sample_posterior(4000, X, y)["w"]
         errs[whiten], ratios[whiten] = ((w.mean(0) - mean).abs() / sd).max(), w.std(0) / sd
     assert errs["laplace"] < 0.2 and ((ratios["laplace"] - 1).abs() < 0.2).all(), (
-        f"whitened: mean error {errs['laplace']:.3f} sd (4000 draws: Monte Carlo s.e. 0.016), sd ratios {ratios['laplace'].tolist()}")
+        f"whitened: mean error {errs['laplace']:.3f} sd (4000 draws: Monte Carlo s.e. 0.016), sd ratios {ratios['laplace'].tolist()}"
+    )
     assert errs[None] > 2, f"the raw frame was expected to fail here, mean error {errs[None]:.3f} sd"
 
 

@@ -264,8 +264,12 @@ def test_batched_equals_per_batch(name, bandwidth):
         for b in range(3):
             kmi = kern.matrices(z[a, b])
             for field in KernelMatrices._fields:
-                close(getattr(km, field)[a, b], getattr(kmi, field), rtol=1e-10 if F64 else 1e-5,
-                      atol=1e-12 if F64 else 1e-6)
+                close(
+                    getattr(km, field)[a, b],
+                    getattr(kmi, field),
+                    rtol=1e-10 if F64 else 1e-5,
+                    atol=1e-12 if F64 else 1e-6,
+                )
             close(kc[a, b], kern(z[a, b]), rtol=1e-10 if F64 else 1e-5, atol=1e-12 if F64 else 1e-6)
 
 
@@ -370,4 +374,6 @@ def test_no_n_by_n_by_d_tensor():
             base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             work()
             growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
-    assert growth < limit, f"peak memory grew by {growth / 2**20:.0f} MiB (n x n x D would be {nnd_bytes / 2**20:.0f} MiB)"
+    assert growth < limit, (
+        f"peak memory grew by {growth / 2**20:.0f} MiB (n x n x D would be {nnd_bytes / 2**20:.0f} MiB)"
+    )

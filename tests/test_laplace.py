@@ -152,7 +152,7 @@ def test_a_stationary_point_that_is_not_a_mode_is_left(kind):
     z2 = +-sqrt(1 / 20) (curvature 2 / 5) for the minimum. It must find a mode, not report the origin as converged."""
 
     def log_p(idx, x):
-        quad = -x[..., 1] ** 2 if kind == "saddle" else x[..., 1] ** 2 / 10 - x[..., 1] ** 4
+        quad = -(x[..., 1] ** 2) if kind == "saddle" else x[..., 1] ** 2 / 10 - x[..., 1] ** 4
         return -((x[..., 0] ** 2 - 1) ** 2) + quad
 
     frame = laplace_frames(batched(log_p), t([[0.0, 0.0]]), tol=TOL)
@@ -186,7 +186,9 @@ def test_only_unconverged_datasets_are_evaluated_and_non_finite_steps_are_reject
             if i == 0:
                 out.append(-0.5 * row**2)
             else:  # mode at 1.5, but steps past 2 are infeasible
-                out.append(torch.where(row < 2, -0.5 * (row - 1.5) ** 2 - 0.1 * row**4, -torch.inf * torch.ones_like(row)))
+                out.append(
+                    torch.where(row < 2, -0.5 * (row - 1.5) ** 2 - 0.1 * row**4, -torch.inf * torch.ones_like(row))
+                )
         return torch.stack(out)
 
     frame = laplace_frames(batched(log_p), t([[0.0], [-3.0]]), tol=TOL)

@@ -31,11 +31,19 @@ def _bernoulli_case(name):
     }[name]()
 
 
-@pytest.mark.parametrize("support, identity", [
-    (dist.constraints.real, True), (dist.constraints.real_vector, True), (dist.constraints.independent(dist.constraints.real, 2), True),
-    (dist.constraints.positive, False), (dist.constraints.simplex, False), (dist.constraints.interval(0.0, 1.0), False),
-    (dist.constraints.independent(dist.constraints.positive, 1), False), (dist.constraints.lower_cholesky, False),
-])
+@pytest.mark.parametrize(
+    "support, identity",
+    [
+        (dist.constraints.real, True),
+        (dist.constraints.real_vector, True),
+        (dist.constraints.independent(dist.constraints.real, 2), True),
+        (dist.constraints.positive, False),
+        (dist.constraints.simplex, False),
+        (dist.constraints.interval(0.0, 1.0), False),
+        (dist.constraints.independent(dist.constraints.positive, 1), False),
+        (dist.constraints.lower_cholesky, False),
+    ],
+)
 def test_identity_bijections_are_recognised(support, identity):
     """Sites whose bijection is the identity skip the log|det J| term, which must then be exactly zero."""
     from pyro_stein.logjoint import _is_identity
@@ -45,7 +53,9 @@ def test_identity_bijections_are_recognised(support, identity):
     assert _is_identity(t) == identity
     if identity:
         x = randn(3, 4)
-        assert torch.equal(t(x), x) and torch.equal(t.log_abs_det_jacobian(x, x), torch.zeros_like(t.log_abs_det_jacobian(x, x)))
+        assert torch.equal(t(x), x) and torch.equal(
+            t.log_abs_det_jacobian(x, x), torch.zeros_like(t.log_abs_det_jacobian(x, x))
+        )
 
 
 @pytest.mark.parametrize("support", [dist.constraints.lower_cholesky, dist.constraints.positive_definite])
@@ -89,11 +99,17 @@ def test_latent_entries_a_mask_removes_get_a_standard_normal(how, vectorize):
     assert [s.name for s in ld.sites] == ["mu", "y_unobserved"]
     u = randn(4, 6).requires_grad_(True)
     mu, yu = u[:, :1], u[:, 1:]
-    exact = (dist.Normal(0.0, 10.0).log_prob(mu[:, 0]) + (dist.Normal(mu, 1.0).log_prob(y) * m).sum(-1)
-             + (dist.Normal(mu, 1.0).log_prob(yu) * ~m).sum(-1) - 0.5 * (yu.square() * m).sum(-1))
+    exact = (
+        dist.Normal(0.0, 10.0).log_prob(mu[:, 0])
+        + (dist.Normal(mu, 1.0).log_prob(y) * m).sum(-1)
+        + (dist.Normal(mu, 1.0).log_prob(yu) * ~m).sum(-1)
+        - 0.5 * (yu.square() * m).sum(-1)
+    )
     (exact_score,) = torch.autograd.grad(exact.sum(), u)
     lp, score = ld.log_density_and_score(u.detach())
-    assert torch.allclose(lp, exact.detach(), rtol=TOL, atol=TOL) and torch.allclose(score, exact_score, rtol=TOL, atol=TOL)
+    assert torch.allclose(lp, exact.detach(), rtol=TOL, atol=TOL) and torch.allclose(
+        score, exact_score, rtol=TOL, atol=TOL
+    )
 
 
 @pytest.mark.parametrize("vectorize", ["vmap", "loop"])
@@ -113,7 +129,9 @@ def test_a_masked_out_prior_that_the_model_reads_gets_no_standard_normal(vectori
     exact = dist.Normal(u, 1.0).log_prob(y).sum(-1)
     (exact_score,) = torch.autograd.grad(exact.sum(), u)
     lp, score = ld.log_density_and_score(u.detach())
-    assert torch.allclose(lp, exact.detach(), rtol=TOL, atol=TOL) and torch.allclose(score, exact_score, rtol=TOL, atol=TOL)
+    assert torch.allclose(lp, exact.detach(), rtol=TOL, atol=TOL) and torch.allclose(
+        score, exact_score, rtol=TOL, atol=TOL
+    )
 
 
 @pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf"), "overflow"])
@@ -176,7 +194,9 @@ def test_vmapped_bernoulli_density_and_score_match_loop(fused, monkeypatch):
     assert torch.allclose(lp_v, lp_l, rtol=TOL, atol=TOL) and torch.allclose(s_v, s_l, rtol=TOL, atol=TOL)
     # and against the closed form
     logits = u @ X.T
-    want = (y * logits - torch.nn.functional.softplus(logits)).sum(-1) + dist.Normal(u.new_tensor(0.0), 1.0).log_prob(u).sum(-1)
+    want = (y * logits - torch.nn.functional.softplus(logits)).sum(-1) + dist.Normal(u.new_tensor(0.0), 1.0).log_prob(
+        u
+    ).sum(-1)
     assert torch.allclose(lp_v, want, rtol=TOL, atol=TOL)
     want_score = (y - torch.sigmoid(logits)) @ X - u
     assert torch.allclose(s_v, want_score, rtol=TOL, atol=TOL)
@@ -242,7 +262,9 @@ def test_score_batch_one_pass_over_same_shaped_datasets(model, stacked):
 
     torch.manual_seed(0)
     datasets = [Dataset(randn(30, 3), y=randn(30) + 3.0 * (b % 2)) for b in range(4)]  # 2 branch both ways
-    ld = ModelLogDensity(model, latent_sites_from_trace(poutine.trace(model).get_trace(*datasets[0].args, **datasets[0].kwargs)))
+    ld = ModelLogDensity(
+        model, latent_sites_from_trace(poutine.trace(model).get_trace(*datasets[0].args, **datasets[0].kwargs))
+    )
     z = randn(4, 6, 3)
     ld.score_batch(z, datasets)  # first call settles the particle vmap, second may stack
     got = ld.score_batch(z, datasets)
@@ -257,7 +279,10 @@ def test_score_batch_keeps_the_loop_for_ragged_datasets():
 
     torch.manual_seed(0)
     datasets = [Dataset(randn(20 + 5 * b, 3), y=randn(20 + 5 * b)) for b in range(3)]
-    ld = ModelLogDensity(_regression, latent_sites_from_trace(poutine.trace(_regression).get_trace(*datasets[0].args, **datasets[0].kwargs)))
+    ld = ModelLogDensity(
+        _regression,
+        latent_sites_from_trace(poutine.trace(_regression).get_trace(*datasets[0].args, **datasets[0].kwargs)),
+    )
     z = randn(3, 5, 3)
     for _ in range(2):
         got = ld.score_batch(z, datasets)
@@ -278,7 +303,10 @@ def test_score_batch_stacks_datasets_that_share_non_tensor_arguments():
 
     torch.manual_seed(0)
     datasets = [Dataset(5, y=randn(5), scale=2.0) for _ in range(3)]
-    ld = ModelLogDensity(mean_model, latent_sites_from_trace(poutine.trace(mean_model).get_trace(*datasets[0].args, **datasets[0].kwargs)))
+    ld = ModelLogDensity(
+        mean_model,
+        latent_sites_from_trace(poutine.trace(mean_model).get_trace(*datasets[0].args, **datasets[0].kwargs)),
+    )
     z = randn(3, 4, 1)
     ld.score_batch(z, datasets)
     got = ld.score_batch(z, datasets)

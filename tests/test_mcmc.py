@@ -68,7 +68,9 @@ def test_polish_leaves_exact_draws_exact_on_a_curved_target(polish, name, _):
 def test_polish_converges_from_a_shifted_narrow_start_on_a_gaussian(polish, name, steps):
     torch.manual_seed(0)
     d, n = 4, 4000
-    a = torch.tensor([[1.0, 0, 0, 0], [0.8, 0.6, 0, 0], [0.3, -0.4, 0.5, 0], [0.1, 0.2, -0.3, 2.0]], dtype=DTYPE, device=DEVICE)
+    a = torch.tensor(
+        [[1.0, 0, 0, 0], [0.8, 0.6, 0, 0], [0.3, -0.4, 0.5, 0], [0.1, 0.2, -0.3, 2.0]], dtype=DTYPE, device=DEVICE
+    )
     cov = a @ a.T
     prec = torch.linalg.inv(cov)
     mu = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=DTYPE, device=DEVICE)
@@ -86,8 +88,13 @@ def test_polish_converges_from_a_shifted_narrow_start_on_a_gaussian(polish, name
     )
 
 
-@pytest.mark.parametrize("polish, name, steps", [pytest.param(mala_polish, "MALA", 20, id="mala"), pytest.param(
-    lambda z, f, n, **kw: hmc_polish(z, f, n, 3, **kw), "HMC(3 leapfrogs)", 10, id="hmc")])
+@pytest.mark.parametrize(
+    "polish, name, steps",
+    [
+        pytest.param(mala_polish, "MALA", 20, id="mala"),
+        pytest.param(lambda z, f, n, **kw: hmc_polish(z, f, n, 3, **kw), "HMC(3 leapfrogs)", 10, id="hmc"),
+    ],
+)
 def test_polish_does_not_depend_on_the_units_of_a_coordinate(polish, name, steps):
     """A Gaussian with sds (1, 1e-4) from a start twice too wide converges as one with sds (1, 1) does. The
     preconditioner's jitter was relative to the mean variance, which made the narrow coordinate's proposal 7x too
@@ -180,7 +187,6 @@ def test_hmc_num_leapfrog_errors(bad):
         hmc_polish(torch.zeros(10, 2, dtype=DTYPE, device=DEVICE), banana, 1, bad)
 
 
-
 @pytest.mark.parametrize("polish, name, _", KERNELS)
 def test_polish_initial_saves_one_evaluation_and_changes_nothing(polish, name, _):
     calls = []
@@ -198,7 +204,9 @@ def test_polish_initial_saves_one_evaluation_and_changes_nothing(polish, name, _
     got, _ = polish(z0, counted, 3, initial=banana(z0))
     assert torch.equal(got, want), f"{name}: passing the known log density and score at z changed the draws"
     assert len(calls) == fresh - 1, f"{name}: {len(calls)} evaluations with initial, {fresh} without"
-    with pytest.raises(ValueError, match=r"initial must be a pair \(log density, score\) at z with shapes \(300,\) and \(300, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"initial must be a pair \(log density, score\) at z with shapes \(300,\) and \(300, 2\)"
+    ):
         polish(z0, banana, 1, initial=(z0[:, 0], z0[:10]))
     with pytest.raises(ValueError, match="initial must be a pair .* got Tensor"):
         polish(z0, banana, 1, initial=z0)

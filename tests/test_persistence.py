@@ -76,6 +76,7 @@ def test_save_load_round_trip_with_map_location(tmp_path):
     p1, p2 = params_of(g1), params_of(g2)
     assert p1.keys() == p2.keys() and all(torch.equal(p1[k].cpu(), p2[k].cpu()) for k in p1)
     with pytest.raises(ValueError, match="do not match"):
+
         def other(y):
             pyro.sample("lam", dist.Gamma(torch.tensor(3.0, dtype=y.dtype, device=y.device), 1.0))
 
@@ -130,7 +131,9 @@ def test_dtype_follows_data_and_both_are_accurate(dtype):
     model, y = make_model(dtype), y_data(dtype)
     pyro.set_rng_seed(0)
     guide = AmortizedSteinGuide(model)
-    AmortizedSVGD(model, guide, pyro.optim.ClippedAdam({"lr": 1e-2, "lrd": 0.1 ** (1 / 1500)}), num_particles=64).run(y, num_steps=1500, progress_bar=False)
+    AmortizedSVGD(model, guide, pyro.optim.ClippedAdam({"lr": 1e-2, "lrd": 0.1 ** (1 / 1500)}), num_particles=64).run(
+        y, num_steps=1500, progress_bar=False
+    )
     assert all(p.dtype == dtype for p in guide.parameters())
     lam = guide.sample_posterior(20_000, y)["lam"]
     assert lam.dtype == dtype and lam.device.type == DEVICE.type

@@ -50,6 +50,7 @@ from benchmarks.models import (
 NUM_CHAINS = 10  # the reference draws are 10 chains of 1,000, concatenated chain by chain
 Z_TOL = 5.0  # in Monte Carlo standard errors
 
+
 def _beta(d):
     return [f"beta[{i}]" for i in range(1, d + 1)]
 
@@ -68,8 +69,16 @@ EXPECTED_NAMES = {
     "sblri-blr": _beta(5) + ["sigma"],
     "kidiq_with_mom_work-kidscore_interaction_c2": _beta(4) + ["sigma"],
     "hmm_example-hmm_example": ["theta1[1]", "theta1[2]", "theta2[1]", "theta2[2]", "mu[1]", "mu[2]"],
-    "bball_drive_event_0-hmm_drive_0": ["theta1[1]", "theta1[2]", "theta2[1]", "theta2[2]", "phi[1]", "phi[2]",
-                                        "lambda[1]", "lambda[2]"],
+    "bball_drive_event_0-hmm_drive_0": [
+        "theta1[1]",
+        "theta1[2]",
+        "theta2[1]",
+        "theta2[2]",
+        "phi[1]",
+        "phi[2]",
+        "lambda[1]",
+        "lambda[2]",
+    ],
     EIGHT_SCHOOLS_CENTERED: [f"theta[{i}]" for i in range(1, 9)] + ["mu", "tau"],
 }
 
@@ -151,7 +160,9 @@ def test_log_density_finite_and_vectorized(name, device):
     u, lp, score, ld = sc.u, sc.lp, sc.score, sc.ld
     assert ld._mode == "vmap", f"{name}: the model is not evaluated with torch.func.vmap"
     assert u.shape == (10000, ld.dim)
-    assert torch.isfinite(lp).all(), f"{name}: log density not finite at {int((~torch.isfinite(lp)).sum())} reference draws"
+    assert torch.isfinite(lp).all(), (
+        f"{name}: log density not finite at {int((~torch.isfinite(lp)).sum())} reference draws"
+    )
     assert torch.isfinite(score).all(), f"{name}: score not finite at some reference draws"
     # every latent coordinate is read by the model: no coordinate has a score that is zero at every draw
     assert (score.abs().amax(0) > 0).all(), f"{name}: some latent coordinates do not enter the log density"
@@ -207,7 +218,9 @@ def test_check_detects_a_wrong_prior(device):
     u = pack({s.name: ref.draws[s.name] for s in sites}, sites)
     _, score = ModelLogDensity(_schools_tau_halfcauchy_1, sites).log_density_and_score(u, ref.args, ref.kwargs)
     z, _ = _mean_score_z(score)
-    assert z.abs().max() > 2 * Z_TOL, f"a HalfCauchy(1) prior on tau went unnoticed (max |z| {float(z.abs().max()):.2f})"
+    assert z.abs().max() > 2 * Z_TOL, (
+        f"a HalfCauchy(1) prior on tau went unnoticed (max |z| {float(z.abs().max()):.2f})"
+    )
 
 
 @pytest.mark.parametrize("name", [EIGHT_SCHOOLS_CENTERED, "hmm_example-hmm_example", "bball_drive_event_0-hmm_drive_0"])
@@ -298,14 +311,23 @@ def test_baseball_model_and_data(device):
     loc, scale = torch.tensor(-1.2, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64)
     alpha = -1 + 0.3 * torch.randn(18, generator=g, dtype=torch.float64)
     values = {"loc": loc, "scale": scale, "alpha": alpha}
-    tr = poutine.trace(poutine.condition(model, data={k: v.to(device) for k, v in values.items()})).get_trace(*args, **kwargs)
+    tr = poutine.trace(poutine.condition(model, data={k: v.to(device) for k, v in values.items()})).get_trace(
+        *args, **kwargs
+    )
     h = hits.cpu()
     want = (
-        -0.5 * (loc + 1) ** 2 - 0.5 * math.log(2 * math.pi)
-        + math.log(2 / math.pi) - torch.log1p(scale**2)
+        -0.5 * (loc + 1) ** 2
+        - 0.5 * math.log(2 * math.pi)
+        + math.log(2 / math.pi)
+        - torch.log1p(scale**2)
         + (-0.5 * ((alpha - loc) / scale) ** 2 - torch.log(scale) - 0.5 * math.log(2 * math.pi)).sum()
-        + (torch.lgamma(torch.tensor(46.0, dtype=torch.float64)) - torch.lgamma(h + 1) - torch.lgamma(46 - h)
-           + h * torch.nn.functional.logsigmoid(alpha) + (45 - h) * torch.nn.functional.logsigmoid(-alpha)).sum()
+        + (
+            torch.lgamma(torch.tensor(46.0, dtype=torch.float64))
+            - torch.lgamma(h + 1)
+            - torch.lgamma(46 - h)
+            + h * torch.nn.functional.logsigmoid(alpha)
+            + (45 - h) * torch.nn.functional.logsigmoid(-alpha)
+        ).sum()
     )
     assert torch.allclose(tr.log_prob_sum().cpu(), want, rtol=1e-12)
 

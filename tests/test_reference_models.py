@@ -165,7 +165,9 @@ def _schools_moments_dense(sigma, y, num_grid=40_001):
     J = sigma.shape[0]
     tau = torch.linspace(1e-9, 60.0, num_grid, dtype=torch.float64)[:, None, None]
     # prior covariance of x = (mu, theta_1..J): Var mu = 25, Cov(theta_i, theta_j) = 25 + tau^2 [i == j]
-    C = torch.full((J + 1, J + 1), 25.0, dtype=torch.float64) + tau**2 * torch.diag(torch.tensor([0.0] + [1.0] * J, dtype=torch.float64))
+    C = torch.full((J + 1, J + 1), 25.0, dtype=torch.float64) + tau**2 * torch.diag(
+        torch.tensor([0.0] + [1.0] * J, dtype=torch.float64)
+    )
     S = C[:, 1:, 1:] + torch.diag(sigma**2)  # y = theta + noise
     K = C[:, :, 1:] @ torch.linalg.inv(S)
     mean = (K @ y[:, None])[..., 0]

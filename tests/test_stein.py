@@ -206,7 +206,9 @@ def test_ksd_zero_for_target_positive_for_shift(name):
     v = ksd_from_matrices(z, -z, km, ustat=False)
     assert u.shape == (R,)
     sd = u[1:].std()  # standard error of a single n = 500 estimate, estimated from replicates 1..R-1
-    assert abs(u[0]) < 6 * sd, f"|KSD^2| = {float(abs(u[0])):.3g} vs empirical SE {float(sd):.3g} from {R - 1} replicates"
+    assert abs(u[0]) < 6 * sd, (
+        f"|KSD^2| = {float(abs(u[0])):.3g} vs empirical SE {float(sd):.3g} from {R - 1} replicates"
+    )
     se_mean = u.std() / R**0.5
     assert abs(u.mean()) < 5 * se_mean, (
         f"mean KSD^2 over {R} replicates {float(u.mean()):.3g} vs its empirical SE {float(se_mean):.3g}"
@@ -314,7 +316,9 @@ def test_moment_correction_is_identity_at_the_target_up_to_monte_carlo_error():
     moved = (out.mean(0) - x.mean(0)).abs().max()
     assert moved < 5 * se, f"mean moved by {moved:.4f}, more than 5 Monte Carlo s.e. ({5 * se:.4f}) at q = p"
     ratio = out.std(0) / x.std(0)
-    assert (ratio - 1).abs().max() < 5 * 2**0.5 / n**0.5 * 3, f"sds changed by {ratio} at q = p (MC s.e. ~{2**0.5 / n**0.5:.3f})"
+    assert (ratio - 1).abs().max() < 5 * 2**0.5 / n**0.5 * 3, (
+        f"sds changed by {ratio} at q = p (MC s.e. ~{2**0.5 / n**0.5:.3f})"
+    )
 
 
 def test_moment_correction_batches_independently():
@@ -359,7 +363,9 @@ def test_moment_correction_falls_back_per_element_when_the_draws_covariance_is_s
     assert torch.allclose(out[0], alone, rtol=RTOL, atol=ATOL * 1e3)
     g = s[1].mean(0)
     zc = z[1] - z[1].mean(0)
-    assert torch.allclose(out[1], z[1] + g @ (zc.T @ zc / 299), rtol=RTOL, atol=ATOL * 1e3), "location step: z + Cov_q g"
+    assert torch.allclose(out[1], z[1] + g @ (zc.T @ zc / 299), rtol=RTOL, atol=ATOL * 1e3), (
+        "location step: z + Cov_q g"
+    )
 
 
 def test_moment_correction_errors():

@@ -159,8 +159,10 @@ def main():
     history = svgd.run(datasets=stream, batch_size=BATCH_SIZE, num_steps=TRAIN_STEPS, progress_bar=False)
     train_s = time.perf_counter() - t0
     grad_evals = TRAIN_STEPS * BATCH_SIZE * NUM_PARTICLES
-    log(f"\n1. training: {TRAIN_STEPS} steps x {BATCH_SIZE} datasets x {NUM_PARTICLES} particles = "
-        f"{grad_evals:,} gradient evaluations of the log joint, {train_s:.1f} s wall")
+    log(
+        f"\n1. training: {TRAIN_STEPS} steps x {BATCH_SIZE} datasets x {NUM_PARTICLES} particles = "
+        f"{grad_evals:,} gradient evaluations of the log joint, {train_s:.1f} s wall"
+    )
 
     # ------------------------------------------------------------ 2. twenty unseen datasets, one call
     pyro.set_rng_seed(SEED + 123)
@@ -169,8 +171,10 @@ def main():
     with torch.no_grad():
         batch = guide.sample_posterior_batch(NUM_DRAWS, held_out)["mu"]  # (20, NUM_DRAWS)
     batch_s = time.perf_counter() - t0
-    log(f"\n2. {NUM_HELD_OUT} unseen datasets: {NUM_DRAWS} draws each in one sample_posterior_batch call, "
-        f"{batch_s * 1e3:.1f} ms")
+    log(
+        f"\n2. {NUM_HELD_OUT} unseen datasets: {NUM_DRAWS} draws each in one sample_posterior_batch call, "
+        f"{batch_s * 1e3:.1f} ms"
+    )
     log(f"   {'#':>3}{'n':>5}{'exact mean':>12}{'exact sd':>10}{'mean err (sd)':>15}{'sd ratio':>10}")
     rows = []
     for i, (d, draws) in enumerate(zip(held_out, batch)):
@@ -182,11 +186,15 @@ def main():
     worst_ratio = max(rows, key=lambda r: abs(r[2] - 1))[2]
     met = worst_err < TARGET_MEAN and abs(worst_ratio - 1) < TARGET_SD
     log(f"   worst |mean error| = {worst_err:.3f} posterior sd (target < {TARGET_MEAN}; MC s.e. 0.016)")
-    log(f"   worst sd ratio     = {worst_ratio:.3f} (target within {1 - TARGET_SD:.1f}..{1 + TARGET_SD:.1f}; MC s.e. 0.011)")
+    log(
+        f"   worst sd ratio     = {worst_ratio:.3f} (target within {1 - TARGET_SD:.1f}..{1 + TARGET_SD:.1f}; MC s.e. 0.011)"
+    )
     # how far outside the target the worst dataset is, in units of the Monte Carlo noise of the check
     miss = max(worst_err - TARGET_MEAN, abs(worst_ratio - 1) - TARGET_SD)
-    log(f"   accuracy target met on all {NUM_HELD_OUT} datasets: {'yes' if met else 'NO'}"
-        + ("" if met else f" (missed by {miss:.3f}; a known shortfall of the amortized guide)"))
+    log(
+        f"   accuracy target met on all {NUM_HELD_OUT} datasets: {'yes' if met else 'NO'}"
+        + ("" if met else f" (missed by {miss:.3f}; a known shortfall of the amortized guide)")
+    )
 
     # ------------------------------------------------------------ 2b. the same, with the moment correction
     # Each round evaluates the model's score at the draws once and moves each dataset's draws by
@@ -201,9 +209,11 @@ def main():
     c_err = max(abs(r[1]) for r in crows)
     c_ratio = max(crows, key=lambda r: abs(r[2] - 1))[2]
     log(f"\n2b. the same 20 datasets with moment_correction=2: {corr_s * 1e3:.1f} ms for the batch")
-    log(f"   worst |mean error| = {c_err:.3f} posterior sd, worst sd ratio = {c_ratio:.3f} "
+    log(
+        f"   worst |mean error| = {c_err:.3f} posterior sd, worst sd ratio = {c_ratio:.3f} "
         f"(exact for a Gaussian posterior up to MC error; target met: "
-        f"{'yes' if c_err < TARGET_MEAN and abs(c_ratio - 1) < TARGET_SD else 'NO'})")
+        f"{'yes' if c_err < TARGET_MEAN and abs(c_ratio - 1) < TARGET_SD else 'NO'})"
+    )
 
     # ------------------------------------------------------------ 3. reference-free flags: KSD
     # guide_ksd scores the guide's draws for one dataset against the model's score (no exact
@@ -222,7 +232,9 @@ def main():
     for name in order[:6]:
         log(f"   {name:<16}{ksds[name]:>12.4g}")
     max_in = max(v for k, v in ksds.items() if k not in ood)
-    log(f"   ... largest in-distribution KSD^2 {max_in:.4g}, median {statistics.median(v for k, v in ksds.items() if k not in ood):.4g}")
+    log(
+        f"   ... largest in-distribution KSD^2 {max_in:.4g}, median {statistics.median(v for k, v in ksds.items() if k not in ood):.4g}"
+    )
     top2 = set(order[:2])
     log(f"   the two OOD datasets have the two largest KSDs: {'yes' if top2 == set(ood) else 'NO'}")
     for name, d in ood.items():
@@ -271,8 +283,10 @@ def main():
     log(f"   amortized guide + moment correction (2 rounds):  {c_med * 1e3:8.1f} ms")
     log(f"   NUTS, {NUTS_WARMUP} warmup + {NUTS_SAMPLES} draws:            {n_med * 1e3:8.1f} ms")
     log(f"   ratio NUTS / (amortized + correction): {n_med / c_med:,.0f}x")
-    log(f"   ratio NUTS / amortized: {n_med / a_med:,.0f}x  (training cost {train_s:.0f} s is paid once; "
-        f"break-even after ~{train_s / max(n_med - a_med, 1e-9):.0f} datasets)")
+    log(
+        f"   ratio NUTS / amortized: {n_med / a_med:,.0f}x  (training cost {train_s:.0f} s is paid once; "
+        f"break-even after ~{train_s / max(n_med - a_med, 1e-9):.0f} datasets)"
+    )
     log("   NUTS accuracy on these: " + ", ".join(f"mean err {e:.3f} sd / sd ratio {r:.3f}" for e, r in nuts_err))
 
     # ------------------------------------------------------------ figure

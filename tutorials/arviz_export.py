@@ -86,8 +86,16 @@ SEED = 0
 
 # ---------------------------------------------------------------------------- data and model
 # Estimated effects of coaching on SAT-V scores in eight high schools and their standard errors.
-SCHOOLS = ["Choate", "Deerfield", "Phillips Andover", "Phillips Exeter", "Hotchkiss", "Lawrenceville", "St. Paul's",
-           "Mt. Hermon"]
+SCHOOLS = [
+    "Choate",
+    "Deerfield",
+    "Phillips Andover",
+    "Phillips Exeter",
+    "Hotchkiss",
+    "Lawrenceville",
+    "St. Paul's",
+    "Mt. Hermon",
+]
 Y = [28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0]
 SIGMA = [15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0]
 
@@ -164,8 +172,9 @@ def main():
     say(f"AutoNormal + SVI:           {SVI_STEPS} steps, {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
     stein = fit_stein(sigma, y)
-    say(f"AmortizedSteinGuide + SVGD: {STEIN_STEPS} steps x {NUM_PARTICLES} particles, "
-        f"{time.perf_counter() - t0:.1f} s")
+    say(
+        f"AmortizedSteinGuide + SVGD: {STEIN_STEPS} steps x {NUM_PARTICLES} particles, {time.perf_counter() - t0:.1f} s"
+    )
 
     # -------------------------------------------------------------- export
     # One call per guide. The model arguments come after (guide, model), exactly as they are
@@ -176,10 +185,12 @@ def main():
     t0 = time.perf_counter()
     pyro.set_rng_seed(SEED + 1)
     idata = {
-        "AutoNormal": to_inference_data(auto, model, sigma, y, num_samples=NUM_DRAWS, num_chains=NUM_CHAINS,
-                                        coords=coords),
-        "AmortizedStein": to_inference_data(stein, model, sigma, y, num_samples=NUM_DRAWS, num_chains=NUM_CHAINS,
-                                            coords=coords),
+        "AutoNormal": to_inference_data(
+            auto, model, sigma, y, num_samples=NUM_DRAWS, num_chains=NUM_CHAINS, coords=coords
+        ),
+        "AmortizedStein": to_inference_data(
+            stein, model, sigma, y, num_samples=NUM_DRAWS, num_chains=NUM_CHAINS, coords=coords
+        ),
     }
     say(f"export: 2 x {NUM_CHAINS} chains x {NUM_DRAWS} draws, {time.perf_counter() - t0:.1f} s")
     say()
@@ -203,13 +214,21 @@ def main():
     theta = nuts["mu"][:, None] + nuts["tau"][:, None] * nuts["theta_tilde"]
     # The pointwise log-likelihood is added by hand, so that NUTS's LOO can be printed for reference.
     log_lik = dist.Normal(theta, sigma).log_prob(y)
-    idata_nuts = az.from_dict(posterior={k: v.numpy()[None] for k, v in {**nuts, "theta": theta}.items()},
-                              log_likelihood={"y": log_lik.numpy()[None]}, observed_data={"y": y.numpy()},
-                              coords=coords, dims={"theta": ["school"], "theta_tilde": ["school"], "y": ["school"]})
+    idata_nuts = az.from_dict(
+        posterior={k: v.numpy()[None] for k, v in {**nuts, "theta": theta}.items()},
+        log_likelihood={"y": log_lik.numpy()[None]},
+        observed_data={"y": y.numpy()},
+        coords=coords,
+        dims={"theta": ["school"], "theta_tilde": ["school"], "y": ["school"]},
+    )
     for name in ("mu", "tau"):
-        say(f"  {name:<4} mean (sd): " + ", ".join(
-            f"{m} {float(d.posterior[name].mean()):.2f} ({float(d.posterior[name].std()):.2f})"
-            for m, d in {**idata, "NUTS": idata_nuts}.items()))
+        say(
+            f"  {name:<4} mean (sd): "
+            + ", ".join(
+                f"{m} {float(d.posterior[name].mean()):.2f} ({float(d.posterior[name].std()):.2f})"
+                for m, d in {**idata, "NUTS": idata_nuts}.items()
+            )
+        )
 
     # -------------------------------------------------------------- plots
     axes = az.plot_posterior(idata["AmortizedStein"], var_names=["mu", "tau", "theta"], hdi_prob=0.94)
@@ -218,9 +237,14 @@ def main():
     fig.savefig(OUT / "posterior_stein.png", dpi=80, bbox_inches="tight")
     plt.close(fig)
 
-    axes = az.plot_forest([idata["AutoNormal"], idata["AmortizedStein"], idata_nuts],
-                          model_names=["AutoNormal", "AmortizedStein", "NUTS"], var_names=["mu", "tau", "theta"],
-                          combined=True, hdi_prob=0.94, figsize=(7, 8))
+    axes = az.plot_forest(
+        [idata["AutoNormal"], idata["AmortizedStein"], idata_nuts],
+        model_names=["AutoNormal", "AmortizedStein", "NUTS"],
+        var_names=["mu", "tau", "theta"],
+        combined=True,
+        hdi_prob=0.94,
+        figsize=(7, 8),
+    )
     fig = np.ravel(axes)[0].figure
     fig.suptitle("eight schools: 94% HDI of each approximation")
     fig.savefig(OUT / "forest.png", dpi=80, bbox_inches="tight")
@@ -244,8 +268,10 @@ def main():
         comparison = az.compare(idata, ic="loo")
     for name, result in loo.items():
         k = np.asarray(result.pareto_k)
-        say(f"LOO {name:<17} elpd_loo = {result.elpd_loo:8.2f} (se {result.se:.2f}), p_loo = {result.p_loo:5.2f}, "
-            f"Pareto k max {k.max():.2f}, {int((k > 0.7).sum())} of {k.size} above 0.7")
+        say(
+            f"LOO {name:<17} elpd_loo = {result.elpd_loo:8.2f} (se {result.se:.2f}), p_loo = {result.p_loo:5.2f}, "
+            f"Pareto k max {k.max():.2f}, {int((k > 0.7).sum())} of {k.size} above 0.7"
+        )
     say()
     say("az.compare (same model, two posterior approximations):")
     say(comparison.to_string())
@@ -255,7 +281,9 @@ def main():
     # fit. It needs only the model's score, so it scores any draws, NUTS's included.
     say()
     say(f"kernelized Stein discrepancy KSD^2 of {KSD_DRAWS} draws (lower is better):")
-    ksd = {name: stein_discrepancy(model, latent_draws(d), sigma, y, max_samples=KSD_DRAWS) for name, d in idata.items()}
+    ksd = {
+        name: stein_discrepancy(model, latent_draws(d), sigma, y, max_samples=KSD_DRAWS) for name, d in idata.items()
+    }
     ksd["NUTS"] = stein_discrepancy(model, nuts, sigma, y, max_samples=KSD_DRAWS)
     for name, value in ksd.items():
         say(f"  {name:<15} {value:.4f}")

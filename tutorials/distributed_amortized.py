@@ -93,7 +93,10 @@ def main(argv=None):
         example = stream.sample()
         guide.setup(*example.args, **example.kwargs)
         svgd = DistributedAmortizedSVGD(
-            model, guide, pyro.optim.ClippedAdam({"lr": a.lr, "lrd": 0.1 ** (1 / max(a.steps, 1))}), num_particles=a.num_particles
+            model,
+            guide,
+            pyro.optim.ClippedAdam({"lr": a.lr, "lrd": 0.1 ** (1 / max(a.steps, 1))}),
+            num_particles=a.num_particles,
         )
         if a.resume:
             load_checkpoint(a.resume, guide, svgd, map_location=ctx.device)
@@ -105,7 +108,9 @@ def main(argv=None):
         t0, done, history = time.perf_counter(), 0, []
         while done < a.steps:
             k = min(chunk, a.steps - done)
-            history += svgd.run(datasets=stream, batch_size=a.batch_size, num_steps=k, progress_bar=not os.environ.get("CI"))
+            history += svgd.run(
+                datasets=stream, batch_size=a.batch_size, num_steps=k, progress_bar=not os.environ.get("CI")
+            )
             done += k
             if a.checkpoint:
                 svgd.save_checkpoint(a.checkpoint)

@@ -147,8 +147,12 @@ def fit_stein(X, y):
 
 def fit_nuts(X, y):
     pyro.set_rng_seed(SEED)
-    mcmc = MCMC(NUTS(model, jit_compile=True, ignore_jit_warnings=True), num_samples=NUTS_SAMPLES, warmup_steps=NUTS_WARMUP,
-                disable_progbar=True)
+    mcmc = MCMC(
+        NUTS(model, jit_compile=True, ignore_jit_warnings=True),
+        num_samples=NUTS_SAMPLES,
+        warmup_steps=NUTS_WARMUP,
+        disable_progbar=True,
+    )
     mcmc.run(X, y)
     return mcmc
 
@@ -166,7 +170,9 @@ def guide_draws(guide, X, y):
 
 def flatten(samples, names):
     """{tau, w, b} -> (S, 2 + D) matrix with columns [tau, w_1..w_D, b]."""
-    return torch.cat([samples["tau"].reshape(-1, 1), samples["w"].reshape(len(samples["tau"]), -1), samples["b"].reshape(-1, 1)], 1)
+    return torch.cat(
+        [samples["tau"].reshape(-1, 1), samples["w"].reshape(len(samples["tau"]), -1), samples["b"].reshape(-1, 1)], 1
+    )
 
 
 # ---------------------------------------------------------------------------- main
@@ -194,15 +200,19 @@ def main():
     stein, ksd = fit_stein(X, y)
     results["AmortizedStein"] = flatten(guide_draws(stein, X, y), params)
     times["AmortizedStein"], cpu["AmortizedStein"] = time.perf_counter() - t0, time.process_time() - c0
-    print(f"AmortizedSteinGuide + SVGD:  {STEIN_STEPS} steps x {NUM_PARTICLES} particles, {times['AmortizedStein']:.1f} s")
+    print(
+        f"AmortizedSteinGuide + SVGD:  {STEIN_STEPS} steps x {NUM_PARTICLES} particles, {times['AmortizedStein']:.1f} s"
+    )
 
     t0, c0 = time.perf_counter(), time.process_time()
     mcmc = fit_nuts(X, y)
     results["NUTS"] = flatten(mcmc.get_samples(), params)
     times["NUTS"], cpu["NUTS"] = time.perf_counter() - t0, time.process_time() - c0
     ess = effective_sample_size(results["NUTS"].unsqueeze(0), chain_dim=0, sample_dim=1)
-    print(f"NUTS:                        {NUTS_WARMUP} warmup + {NUTS_SAMPLES} draws, {times['NUTS']:.1f} s "
-          f"(ESS min {ess.min():.0f}, median {ess.median():.0f})")
+    print(
+        f"NUTS:                        {NUTS_WARMUP} warmup + {NUTS_SAMPLES} draws, {times['NUTS']:.1f} s "
+        f"(ESS min {ess.min():.0f}, median {ess.median():.0f})"
+    )
 
     # -------------------------------------------------------------- posterior summary table
     ref = results["NUTS"]
@@ -226,8 +236,11 @@ def main():
     # error has Monte Carlo s.e. about sqrt(1/S + 1/n_eff); an sd ratio about half that.
     floor = math.sqrt(1 / NUM_DRAWS + 1 / float(ess.min()))
     metrics = {}
-    lines += ["", "accuracy vs NUTS, in NUTS posterior sds (0 and 1 are perfect):",
-              f"{'':<16}{'worst |mean - mean_NUTS| / sd_NUTS':<38}{'worst sd / sd_NUTS':<32}{'all sd ratios':<14}"]
+    lines += [
+        "",
+        "accuracy vs NUTS, in NUTS posterior sds (0 and 1 are perfect):",
+        f"{'':<16}{'worst |mean - mean_NUTS| / sd_NUTS':<38}{'worst sd / sd_NUTS':<32}{'all sd ratios':<14}",
+    ]
     for m in ["AutoNormal", "AmortizedStein"]:
         z = (results[m].mean(0) - ref_mean).abs() / ref_sd
         r = results[m].std(0) / ref_sd
@@ -242,9 +255,13 @@ def main():
             "wall_time_s": times[m],
             "cpu_time_s": cpu[m],
         }
-        lines.append(f"{m:<16}{f'{z.max():.3f}  {params[int(z.argmax())]}':<38}{f'{r[k]:.3f}  {params[k]}':<32}"
-                     f"{r.min():.2f} .. {r.max():.2f}")
-    lines.append(f"(Monte Carlo noise floor of the mean errors ~ {floor:.3f}, of the sd ratios ~ {floor / math.sqrt(2):.3f})")
+        lines.append(
+            f"{m:<16}{f'{z.max():.3f}  {params[int(z.argmax())]}':<38}{f'{r[k]:.3f}  {params[k]}':<32}"
+            f"{r.min():.2f} .. {r.max():.2f}"
+        )
+    lines.append(
+        f"(Monte Carlo noise floor of the mean errors ~ {floor:.3f}, of the sd ratios ~ {floor / math.sqrt(2):.3f})"
+    )
 
     # skewness of tau: a Gaussian in log tau (AutoNormal) vs the sampler vs NUTS
     def skew(v):
@@ -261,19 +278,35 @@ def main():
     i, j = divmod(int(corr.abs().argmax()), corr.shape[0])
     pair = (1 + i, 1 + j)
     corr_of = {m: float(torch.corrcoef(results[m][:, list(pair)].T)[0, 1]) for m in methods}
-    lines.append(f"posterior corr({params[pair[0]]}, {params[pair[1]]}):  "
-                 + "   ".join(f"{m} {corr_of[m]:+.2f}" for m in methods))
+    lines.append(
+        f"posterior corr({params[pair[0]]}, {params[pair[1]]}):  "
+        + "   ".join(f"{m} {corr_of[m]:+.2f}" for m in methods)
+    )
 
     table = "\n".join(lines)
     print()
     print(table)
     (OUT / "summary.txt").write_text(table + "\n")
-    metrics["NUTS"] = {"wall_time_s": times["NUTS"], "cpu_time_s": cpu["NUTS"], "ess_min": float(ess.min()), "ess_median": float(ess.median())}
-    metrics["settings"] = {"svi_steps": SVI_STEPS, "stein_steps": STEIN_STEPS, "num_particles": NUM_PARTICLES,
-                           "nuts_warmup": NUTS_WARMUP, "nuts_samples": NUTS_SAMPLES, "guide_draws": NUM_DRAWS,
-                           "ci": CI, "torch_threads": torch.get_num_threads()}
-    metrics["posterior"] = {m: {p: [float(results[m][:, k].mean()), float(results[m][:, k].std())] for k, p in enumerate(params)}
-                            for m in methods}
+    metrics["NUTS"] = {
+        "wall_time_s": times["NUTS"],
+        "cpu_time_s": cpu["NUTS"],
+        "ess_min": float(ess.min()),
+        "ess_median": float(ess.median()),
+    }
+    metrics["settings"] = {
+        "svi_steps": SVI_STEPS,
+        "stein_steps": STEIN_STEPS,
+        "num_particles": NUM_PARTICLES,
+        "nuts_warmup": NUTS_WARMUP,
+        "nuts_samples": NUTS_SAMPLES,
+        "guide_draws": NUM_DRAWS,
+        "ci": CI,
+        "torch_threads": torch.get_num_threads(),
+    }
+    metrics["posterior"] = {
+        m: {p: [float(results[m][:, k].mean()), float(results[m][:, k].std())] for k, p in enumerate(params)}
+        for m in methods
+    }
     (OUT / "summary.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
     # -------------------------------------------------------------- figures
@@ -284,7 +317,15 @@ def main():
         lo, hi = np.quantile(np.concatenate(list(vals.values())), [0.001, 0.995])
         bins = np.linspace(lo, hi, 50)
         for m in methods:
-            ax.hist(vals[m], bins=bins, density=True, histtype="step", lw=1.8 if m == "NUTS" else 1.4, color=colors[m], label=m)
+            ax.hist(
+                vals[m],
+                bins=bins,
+                density=True,
+                histtype="step",
+                lw=1.8 if m == "NUTS" else 1.4,
+                color=colors[m],
+                label=m,
+            )
         ax.set_xlabel(label)
         ax.set_yticks([])
     axes[0].legend(frameon=False)
@@ -313,11 +354,19 @@ def main():
         return np.convolve(v, np.ones(k) / k, mode="valid")
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
-    for ax, trace, m, title in [(axes[0], elbo, "AutoNormal", "AutoNormal: -ELBO (Trace_ELBO, 1 particle)"),
-                                (axes[1], ksd, "AmortizedStein", "AmortizedSVGD: KSD^2 of each step's particles")]:
+    for ax, trace, m, title in [
+        (axes[0], elbo, "AutoNormal", "AutoNormal: -ELBO (Trace_ELBO, 1 particle)"),
+        (axes[1], ksd, "AmortizedStein", "AmortizedSVGD: KSD^2 of each step's particles"),
+    ]:
         ax.plot(trace, color=colors[m], lw=0.4, alpha=0.3)
         smooth = running_mean(trace)
-        ax.plot(np.arange(len(smooth)) + (len(trace) - len(smooth)) // 2, smooth, color=colors[m], lw=1.5, label="running mean")
+        ax.plot(
+            np.arange(len(smooth)) + (len(trace) - len(smooth)) // 2,
+            smooth,
+            color=colors[m],
+            lw=1.5,
+            label="running mean",
+        )
         ax.set(title=title, xlabel="step")
         ax.legend(frameon=False)
     axes[0].set_ylim(np.quantile(elbo, 0.002), np.quantile(elbo[len(elbo) // 20 :], 0.99))
