@@ -15,3 +15,25 @@ def _int_at_least(value, name: str, lo: int, expected: str | None = None) -> int
     if n is None or n < lo:
         raise ValueError(f"{name} must be {expected or f'an int >= {lo}'}, got {value!r}")
     return n
+
+
+class _CheckedOption:
+    """An option held in the instance's ``__dict__`` and checked whenever it is set (in the constructor or later as
+    ``obj.<name> = value``); subclasses define :meth:`check`, which returns the value to store or raises."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        try:
+            return obj.__dict__[self.name]
+        except KeyError:
+            raise AttributeError(self.name) from None
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__[self.name] = self.check(value)
+
+    def check(self, value):
+        raise NotImplementedError

@@ -20,7 +20,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.distributions import constraints
 
-from ._checks import _int_at_least
+from ._checks import _CheckedOption, _int_at_least
 from .data import Dataset, DatasetFeatures, LastDataset, _dataset_sequence, collate_features, default_dataset_fn
 from .kernels import IMQKernel
 from .laplace import LaplaceFrameWarning, laplace_frames
@@ -373,26 +373,15 @@ def _checked_payload(path, payload) -> dict:
     return cfg
 
 
-class _IntOption:
+class _IntOption(_CheckedOption):
     """A guide option held as an ``int`` >= ``lo``, checked (and converted, e.g. from ``numpy.int64``) whenever it is
     set, in the constructor or later as ``guide.<name> = value``, with an error naming the option."""
 
     def __init__(self, lo: int, expected: str | None = None, owner: str = "guide"):
         self.lo, self.expected, self.owner = lo, expected, owner
 
-    def __set_name__(self, owner, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj, objtype=None):
-        if obj is None:
-            return self
-        try:
-            return obj.__dict__[self.name]
-        except KeyError:
-            raise AttributeError(self.name) from None
-
-    def __set__(self, obj, value) -> None:
-        obj.__dict__[self.name] = _int_at_least(value, f"{self.owner}.{self.name}", self.lo, self.expected)
+    def check(self, value) -> int:
+        return _int_at_least(value, f"{self.owner}.{self.name}", self.lo, self.expected)
 
 
 class _Reparametrise(Exception):

@@ -19,6 +19,7 @@ from pyro.optim import PyroOptim
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ._checks import _CheckedOption
 from .data import (
     Dataset,
     LastDataset,
@@ -82,28 +83,17 @@ class NonFiniteUpdateError(ValueError):
     """An optimiser step made guide parameters NaN or infinite (e.g. an infinite learning rate); the step was undone."""
 
 
-class _ChoiceOption:
+class _ChoiceOption(_CheckedOption):
     """An :class:`AmortizedSVGD` option that takes one of a few values (compared by type and value), checked whenever
     it is set (``svgd.<name> = value``), with an error naming the option."""
 
     def __init__(self, choices: tuple, expected: str, error: type[Exception]):
         self.choices, self.expected, self.error = choices, expected, error
 
-    def __set_name__(self, owner, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj, objtype=None):
-        if obj is None:
-            return self
-        try:
-            return obj.__dict__[self.name]
-        except KeyError:
-            raise AttributeError(self.name) from None
-
-    def __set__(self, obj, value) -> None:
+    def check(self, value):
         if not any(type(value) is type(c) and value == c for c in self.choices):
             raise self.error(f"svgd.{self.name} must be {self.expected}, got {value!r}")
-        obj.__dict__[self.name] = value
+        return value
 
 
 def _snapshot(obj):
