@@ -213,8 +213,17 @@ class GAN:
         generator: torch.Generator | None = None,
         callback: Callable[[int, dict[str, float]], None] | None = None,
     ) -> list[dict[str, float]]:
-        """Run :meth:`step` on shuffled mini-batches, exactly as :meth:`AmortizedMLE.run
-        <pyro_stein.ebm.AmortizedMLE.run>` (same arguments; ``generator`` is the CPU random
-        generator for the shuffling)."""
+        """Run :meth:`step` on shuffled mini-batches (reshuffled every epoch), as
+        :meth:`pyro_stein.ebm.AmortizedMLE.run` does.
+
+        :param Tensor data: the training set, ``(N, *event_shape)``.
+        :param int num_steps: number of steps (one discriminator and one generator update each).
+        :param int batch_size: mini-batch size (at most ``N``).
+        :param labels: ``(N,)`` labels for a class-conditional model.
+        :param bool progress_bar: show a tqdm bar.
+        :param generator: CPU random generator for the shuffling.
+        :param callback: called as ``callback(step_index, diagnostics)`` after every step.
+        :returns: the list of diagnostics dicts, one per step.
+        """
         self._check_inputs(data, labels, "data")
         return _run_batches(self.step, data, labels, num_steps, batch_size, progress_bar, generator, callback)
