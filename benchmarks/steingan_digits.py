@@ -23,7 +23,8 @@ real test split. Rows:
 ``--energy autoencoder`` uses the paper's energy instead
 (:class:`~pyro_stein.ebm.AutoencoderEnergy`, the kernel on its encoder's code) and the same
 autoencoder network as the GAN's discriminator (``D = -E``); results go to
-``steingan_digits_autoencoder.json``.
+``steingan_digits_autoencoder.json``. ``--energy-l2 ALPHA`` adds ``AmortizedMLE``'s stabilizer
+``ALPHA * (mean E(data)^2 + mean E(samples)^2)`` to SteinGAN's energy loss (the GAN is unchanged).
 
 The classifier is scikit-learn's ``LogisticRegression`` (the same settings for every row).
 Sample quality: the Fréchet distance between the generated sample and the real test split in the
@@ -99,7 +100,8 @@ def _network(energy: str, confinement: float | None) -> nn.Module:
     raise ValueError(f"energy must be 'mlp' or 'autoencoder', got {energy!r}")
 
 
-def train_generator(method: str, seed: int, xtr: np.ndarray, ytr: np.ndarray, steps: int, energy: str = "mlp"):
+def train_generator(method: str, seed: int, xtr: np.ndarray, ytr: np.ndarray, steps: int, energy: str = "mlp",
+                    energy_l2: float = 0.0):
     """Train ``method`` ("SteinGAN" or "GAN") from ``seed`` with the ``energy`` network ("mlp": the kernel on the
     pixels; "autoencoder": the paper's energy, the kernel on its code); returns ``(driver, seconds)``."""
     torch.manual_seed(seed)
@@ -109,7 +111,7 @@ def train_generator(method: str, seed: int, xtr: np.ndarray, ytr: np.ndarray, st
     if method == "SteinGAN":
         net = _network(energy, 4.0)
         driver = AmortizedMLE(net, sampler, torch.optim.Adam(net.parameters(), LR, betas=BETAS), opt_s,
-                              noise_dim=NOISE, compute_ksd=False,
+                              noise_dim=NOISE, compute_ksd=False, energy_l2=energy_l2,
                               feature_fn=net.features if energy == "autoencoder" else None)
     elif method == "GAN":
         net = Negated(_network(energy, None))
@@ -222,7 +224,7 @@ def save_grids(drivers: dict, path: Path, mu: np.ndarray, sd: np.ndarray, xtr, y
 
 
 def run(mode: str, out: Path, seeds: list[int] | None = None, steps: int | None = None,
-        num_generated: int | None = None, energy: str = "mlp") -> dict:
+        num_generated: int | None = None, energy: str = "mlp", energy_l2: float = 0.0) -> dict:
     cfg = dict(CONFIG[mode])
     if seeds is not None:
         cfg["seeds"] = seeds
@@ -242,7 +244,7 @@ def run(mode: str, out: Path, seeds: list[int] | None = None, steps: int | None 
     keep = {}
     for seed in cfg["seeds"]:
         for method in ("SteinGAN", "GAN"):
-            drv, secs = train_generator(method, seed, xtr, ytr, cfg["steps"], energy)
+            drv, secs = train_generator(method, seed, xtr, ytr, cfg["steps"], energy, energy_l2)
             x, y = generate(drv, n, seed)
             acc[method].append(classifier_accuracy(x, y, xte, yte))
             qual[method].append(quality(fnet, x, y, ref))
@@ -274,11 +276,14 @@ def run(mode: str, out: Path, seeds: list[int] | None = None, steps: int | None 
         "data": "sklearn digits 8x8, split RandomState(0) 1297 train / 500 test, dequantized (v+u)/17, standardized per pixel",
         "generator": f"MLPSampler(noise {NOISE}, hidden {list(HIDDEN)}, class-conditional, 10 classes)",
         "energy": energy,
+        "energy_l2": energy_l2,
         "steingan": (f"AmortizedMLE, MLPEnergy(64, hidden {list(HIDDEN)}, class-conditional, confinement 4), RBF kernel on pixels"
                      if energy == "mlp" else
                      "AmortizedMLE, AutoencoderEnergy((1, 8, 8), channels 16, code 16, class-conditional, confinement 4), "
                      "RBF kernel on the encoder's code (feature_fn=energy.features)")
-                    + ", median bandwidth, 1 sampler update per energy update",
+                    + ", median bandwidth, 1 sampler update per energy update"
+                    + (f", energy_l2={energy_l2} (alpha * (mean E(data)^2 + mean E(samples)^2) added to the energy's loss)"
+                       if energy_l2 else ", energy_l2=0 (the exact contrastive loss)"),
         "gan": "GAN (non-saturating), discriminator D = -E for the same network as the energy, without the confinement "
                f"({'MLPEnergy' if energy == 'mlp' else 'AutoencoderEnergy'})",
         "optimizer": f"Adam lr={LR} betas={BETAS} for both networks of both methods",
@@ -292,7 +297,7 @@ def run(mode: str, out: Path, seeds: list[int] | None = None, steps: int | None 
         "wall_seconds": time.perf_counter() - t_start,
         "threads": torch.get_num_threads(),
     }
-    name = "steingan_digits" if energy == "mlp" else f"steingan_digits_{energy}"
+    name = "steingan_digits" + ("" if energy == "mlp" else f"_{energy}") + (f"_l2_{energy_l2:g}" if energy_l2 else "")
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{name}.md").write_text(markdown(result))
     if mode != "smoke":
@@ -306,7 +311,8 @@ def _fmt(s: dict, digits: int) -> str:
 
 def markdown(r: dict) -> str:
     lines = [
-        f"Class-conditional generators on the 8x8 digits ({r['energy']} energy/discriminator), {r['updates']} updates, batch {r['batch_size']}, "
+        f"Class-conditional generators on the 8x8 digits ({r['energy']} energy/discriminator, SteinGAN energy_l2 "
+        f"{r.get('energy_l2', 0.0):g}), {r['updates']} updates, batch {r['batch_size']}, "
         f"{len(r['seeds'])} seed(s) {r['seeds']}, {r['num_generated']} generated labelled images per generator; "
         f"mean ± standard error over seeds. Wall time {r['wall_seconds']:.0f} s ({r['threads']} thread(s)).",
         "",
@@ -330,13 +336,15 @@ def main(argv=None) -> int:
     p.add_argument("--num-generated", type=int, default=None)
     p.add_argument("--energy", choices=("mlp", "autoencoder"), default="mlp",
                    help="energy / discriminator network (autoencoder: the paper's, kernel on its code)")
+    p.add_argument("--energy-l2", type=float, default=0.0,
+                   help="SteinGAN's energy_l2 stabilizer (0: the exact contrastive loss); the output name gets _l2_<value>")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     a = p.parse_args(argv)
     mode = "smoke" if a.smoke or (os.environ.get("CI") and not a.full) else "full"
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else None
-    r = run(mode, Path(a.out), seeds=seeds, steps=a.steps, num_generated=a.num_generated, energy=a.energy)
+    r = run(mode, Path(a.out), seeds=seeds, steps=a.steps, num_generated=a.num_generated, energy=a.energy, energy_l2=a.energy_l2)
     print(markdown(r))
     return 0
 
