@@ -110,11 +110,22 @@ def test_fits_a_2d_gaussian():
     assert float((draws.std(0) - s).abs().max()) < 0.7 * s + mc
 
 
-def test_steingan_digits_benchmark_smoke(tmp_path):
+def _smoke(out, *args):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-m", "benchmarks.steingan_digits", "--smoke", "--out", str(tmp_path)],
+    p = subprocess.run([sys.executable, "-m", "benchmarks.steingan_digits", "--smoke", *args, "--out", str(out)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+
+
+def test_steingan_digits_benchmark_smoke_autoencoder(tmp_path):
+    _smoke(tmp_path, "--energy", "autoencoder", "--energy-l2", "1", "--steps", "5", "--num-generated", "500")
+    r = json.loads((tmp_path / "steingan_digits_autoencoder_l2_1.json").read_text())
+    assert r["energy"] == "autoencoder" and r["energy_l2"] == 1.0 and r["updates"] == 5
+    assert [row["method"] for row in r["results"]] == ["SteinGAN", "GAN", "duplicate", "real"]
+
+
+def test_steingan_digits_benchmark_smoke(tmp_path):
+    _smoke(tmp_path)
     r = json.loads((tmp_path / "steingan_digits.json").read_text())
     rows = {row["method"]: row for row in r["results"]}
     assert set(rows) == {"SteinGAN", "GAN", "duplicate", "real"}
