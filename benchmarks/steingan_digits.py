@@ -46,7 +46,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from torch import nn
 
 from pyro_stein.ebm import AmortizedMLE, AutoencoderEnergy, MLPEnergy, MLPSampler
@@ -100,8 +99,9 @@ def _network(energy: str, confinement: float | None) -> nn.Module:
     raise ValueError(f"energy must be 'mlp' or 'autoencoder', got {energy!r}")
 
 
-def train_generator(method: str, seed: int, xtr: np.ndarray, ytr: np.ndarray, steps: int, energy: str = "mlp",
-                    energy_l2: float = 0.0):
+def train_generator(
+    method: str, seed: int, xtr: np.ndarray, ytr: np.ndarray, steps: int, energy: str = "mlp", energy_l2: float = 0.0
+):
     """Train ``method`` ("SteinGAN" or "GAN") from ``seed`` with the ``energy`` network ("mlp": the kernel on the
     pixels; "autoencoder": the paper's energy, the kernel on its code); returns ``(driver, seconds)``."""
     torch.manual_seed(seed)
@@ -110,17 +110,30 @@ def train_generator(method: str, seed: int, xtr: np.ndarray, ytr: np.ndarray, st
     sampler, opt_s = _models()
     if method == "SteinGAN":
         net = _network(energy, 4.0)
-        driver = AmortizedMLE(net, sampler, torch.optim.Adam(net.parameters(), LR, betas=BETAS), opt_s,
-                              noise_dim=NOISE, compute_ksd=False, energy_l2=energy_l2,
-                              feature_fn=net.features if energy == "autoencoder" else None)
+        driver = AmortizedMLE(
+            net,
+            sampler,
+            torch.optim.Adam(net.parameters(), LR, betas=BETAS),
+            opt_s,
+            noise_dim=NOISE,
+            compute_ksd=False,
+            energy_l2=energy_l2,
+            feature_fn=net.features if energy == "autoencoder" else None,
+        )
     elif method == "GAN":
         net = Negated(_network(energy, None))
         driver = GAN(net, sampler, torch.optim.Adam(net.parameters(), LR, betas=BETAS), opt_s, noise_dim=NOISE)
     else:
         raise ValueError(f"method must be 'SteinGAN' or 'GAN', got {method!r}")
     t0 = time.perf_counter()
-    driver.run(x, num_steps=steps, batch_size=BATCH, labels=y, progress_bar=False,
-               generator=torch.Generator().manual_seed(seed))
+    driver.run(
+        x,
+        num_steps=steps,
+        batch_size=BATCH,
+        labels=y,
+        progress_bar=False,
+        generator=torch.Generator().manual_seed(seed),
+    )
     return driver, time.perf_counter() - t0
 
 
@@ -167,7 +180,9 @@ def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
     m1, m2 = f1.mean(0), f2.mean(0)
     c1, c2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # features that are zero on every image (dead ReLUs) make C1 C2 singular: harmless
+        warnings.simplefilter(
+            "ignore"
+        )  # features that are zero on every image (dead ReLUs) make C1 C2 singular: harmless
         covmean = linalg.sqrtm(c1 @ c2)
     if np.iscomplexobj(covmean):
         covmean = covmean.real
@@ -223,8 +238,15 @@ def save_grids(drivers: dict, path: Path, mu: np.ndarray, sd: np.ndarray, xtr, y
     plt.close(fig)
 
 
-def run(mode: str, out: Path, seeds: list[int] | None = None, steps: int | None = None,
-        num_generated: int | None = None, energy: str = "mlp", energy_l2: float = 0.0) -> dict:
+def run(
+    mode: str,
+    out: Path,
+    seeds: list[int] | None = None,
+    steps: int | None = None,
+    num_generated: int | None = None,
+    energy: str = "mlp",
+    energy_l2: float = 0.0,
+) -> dict:
     cfg = dict(CONFIG[mode])
     if seeds is not None:
         cfg["seeds"] = seeds
@@ -250,10 +272,15 @@ def run(mode: str, out: Path, seeds: list[int] | None = None, steps: int | None 
             qual[method].append(quality(fnet, x, y, ref))
             train_s[method].append(secs)
             keep.setdefault(method, drv)
-            print(f"{method:9s} seed {seed}: test accuracy {acc[method][-1]:.3f}, Frechet {qual[method][-1]['frechet']:.2f}, "
-                  f"train {secs:.1f}s", flush=True)
+            print(
+                f"{method:9s} seed {seed}: test accuracy {acc[method][-1]:.3f}, Frechet {qual[method][-1]['frechet']:.2f}, "
+                f"train {secs:.1f}s",
+                flush=True,
+            )
         rs = np.random.RandomState(seed)
-        idx = np.concatenate([rs.choice(np.flatnonzero(ytr == k), cfg["dup_per_class"], replace=False) for k in range(10)])
+        idx = np.concatenate(
+            [rs.choice(np.flatnonzero(ytr == k), cfg["dup_per_class"], replace=False) for k in range(10)]
+        )
         rep = np.resize(idx, n)  # the subset, repeated to the generated sample's size
         acc["duplicate"].append(classifier_accuracy(xtr[rep], ytr[rep], xte, yte))
         qual["duplicate"].append(quality(fnet, xtr[rep], ytr[rep], ref))
@@ -267,8 +294,13 @@ def run(mode: str, out: Path, seeds: list[int] | None = None, steps: int | None 
         if method in train_s:
             row["train_seconds"] = _summary(train_s[method])
         rows.append(row)
-    rows.append({"method": "real", "test_accuracy": {"mean": real_acc, "se": None, "per_seed": [real_acc]},
-                 **{k: {"mean": v, "se": None, "per_seed": [v]} for k, v in real_q.items()}})
+    rows.append(
+        {
+            "method": "real",
+            "test_accuracy": {"mean": real_acc, "se": None, "per_seed": [real_acc]},
+            **{k: {"mean": v, "se": None, "per_seed": [v]} for k, v in real_q.items()},
+        }
+    )
     a, b = rows[0]["test_accuracy"], rows[1]["test_accuracy"]
     diff = [u - v for u, v in zip(a["per_seed"], b["per_seed"])]
     result = {
@@ -277,21 +309,29 @@ def run(mode: str, out: Path, seeds: list[int] | None = None, steps: int | None 
         "generator": f"MLPSampler(noise {NOISE}, hidden {list(HIDDEN)}, class-conditional, 10 classes)",
         "energy": energy,
         "energy_l2": energy_l2,
-        "steingan": (f"AmortizedMLE, MLPEnergy(64, hidden {list(HIDDEN)}, class-conditional, confinement 4), RBF kernel on pixels"
-                     if energy == "mlp" else
-                     "AmortizedMLE, AutoencoderEnergy((1, 8, 8), channels 16, code 16, class-conditional, confinement 4), "
-                     "RBF kernel on the encoder's code (feature_fn=energy.features)")
-                    + ", median bandwidth, 1 sampler update per energy update"
-                    + (f", energy_l2={energy_l2} (alpha * (mean E(data)^2 + mean E(samples)^2) added to the energy's loss)"
-                       if energy_l2 else ", energy_l2=0 (the exact contrastive loss)"),
+        "steingan": (
+            f"AmortizedMLE, MLPEnergy(64, hidden {list(HIDDEN)}, class-conditional, confinement 4), RBF kernel on pixels"
+            if energy == "mlp"
+            else "AmortizedMLE, AutoencoderEnergy((1, 8, 8), channels 16, code 16, class-conditional, confinement 4), "
+            "RBF kernel on the encoder's code (feature_fn=energy.features)"
+        )
+        + ", median bandwidth, 1 sampler update per energy update"
+        + (
+            f", energy_l2={energy_l2} (alpha * (mean E(data)^2 + mean E(samples)^2) added to the energy's loss)"
+            if energy_l2
+            else ", energy_l2=0 (the exact contrastive loss)"
+        ),
         "gan": "GAN (non-saturating), discriminator D = -E for the same network as the energy, without the confinement "
-               f"({'MLPEnergy' if energy == 'mlp' else 'AutoencoderEnergy'})",
+        f"({'MLPEnergy' if energy == 'mlp' else 'AutoencoderEnergy'})",
         "optimizer": f"Adam lr={LR} betas={BETAS} for both networks of both methods",
-        "updates": cfg["steps"], "batch_size": BATCH, "seeds": cfg["seeds"],
-        "num_generated": n, "dup_per_class": cfg["dup_per_class"],
+        "updates": cfg["steps"],
+        "batch_size": BATCH,
+        "seeds": cfg["seeds"],
+        "num_generated": n,
+        "dup_per_class": cfg["dup_per_class"],
         "classifier": "sklearn LogisticRegression(C=1, max_iter=500) on standardized pixels",
         "feature_net": "sklearn MLPClassifier(hidden 64, alpha 1e-3, random_state 0) on the real training split; "
-                       "Frechet distance in its ReLU features against the real test split (500 images)",
+        "Frechet distance in its ReLU features against the real test split (500 images)",
         "results": rows,
         "steingan_minus_gan_accuracy": _summary(diff),
         "wall_seconds": time.perf_counter() - t_start,
@@ -320,8 +360,10 @@ def markdown(r: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for row in r["results"]:
-        lines.append(f"| {row['method']} | {_fmt(row['test_accuracy'], 3)} | {_fmt(row['frechet'], 2)} | "
-                     f"{_fmt(row['inception_score'], 2)} | {_fmt(row['label_agreement'], 3)} |")
+        lines.append(
+            f"| {row['method']} | {_fmt(row['test_accuracy'], 3)} | {_fmt(row['frechet'], 2)} | "
+            f"{_fmt(row['inception_score'], 2)} | {_fmt(row['label_agreement'], 3)} |"
+        )
     d = r["steingan_minus_gan_accuracy"]
     lines += ["", f"SteinGAN − GAN accuracy, paired by seed: {_fmt(d, 3)}."]
     return "\n".join(lines) + "\n"
@@ -334,17 +376,33 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default=None, help="comma-separated seeds (overrides the mode's)")
     p.add_argument("--steps", type=int, default=None, help="updates per generator (overrides the mode's)")
     p.add_argument("--num-generated", type=int, default=None)
-    p.add_argument("--energy", choices=("mlp", "autoencoder"), default="mlp",
-                   help="energy / discriminator network (autoencoder: the paper's, kernel on its code)")
-    p.add_argument("--energy-l2", type=float, default=0.0,
-                   help="SteinGAN's energy_l2 stabilizer (0: the exact contrastive loss); the output name gets _l2_<value>")
+    p.add_argument(
+        "--energy",
+        choices=("mlp", "autoencoder"),
+        default="mlp",
+        help="energy / discriminator network (autoencoder: the paper's, kernel on its code)",
+    )
+    p.add_argument(
+        "--energy-l2",
+        type=float,
+        default=0.0,
+        help="SteinGAN's energy_l2 stabilizer (0: the exact contrastive loss); the output name gets _l2_<value>",
+    )
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     a = p.parse_args(argv)
     mode = "smoke" if a.smoke or (os.environ.get("CI") and not a.full) else "full"
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else None
-    r = run(mode, Path(a.out), seeds=seeds, steps=a.steps, num_generated=a.num_generated, energy=a.energy, energy_l2=a.energy_l2)
+    r = run(
+        mode,
+        Path(a.out),
+        seeds=seeds,
+        steps=a.steps,
+        num_generated=a.num_generated,
+        energy=a.energy,
+        energy_l2=a.energy_l2,
+    )
     print(markdown(r))
     return 0
 

@@ -70,10 +70,15 @@ class GAN:
         num_samples: int | None = None,
     ):
         if not isinstance(discriminator, nn.Module):
-            raise TypeError(f"discriminator must be an nn.Module mapping x -> logits of shape (batch,), got {type(discriminator).__name__}")
+            raise TypeError(
+                f"discriminator must be an nn.Module mapping x -> logits of shape (batch,), got {type(discriminator).__name__}"
+            )
         if not isinstance(generator, nn.Module):
             raise TypeError(f"generator must be an nn.Module mapping noise -> x, got {type(generator).__name__}")
-        for name, opt in (("discriminator_optimizer", discriminator_optimizer), ("generator_optimizer", generator_optimizer)):
+        for name, opt in (
+            ("discriminator_optimizer", discriminator_optimizer),
+            ("generator_optimizer", generator_optimizer),
+        ):
             if not isinstance(opt, torch.optim.Optimizer):
                 raise TypeError(
                     f"{name} must be a torch.optim.Optimizer (e.g. torch.optim.Adam(module.parameters(), 1e-3)), "
@@ -191,7 +196,9 @@ class GAN:
         loss_g = F.softplus(-self._logits(x, ys)).mean()
         if not bool(torch.isfinite(loss_g)):
             self.generator_optimizer.zero_grad()
-            raise ValueError("the generator's loss is not finite; the generator was not updated: lower the learning rates")
+            raise ValueError(
+                "the generator's loss is not finite; the generator was not updated: lower the learning rates"
+            )
         loss_g.backward()
         self.generator_optimizer.step()
         self.discriminator_optimizer.zero_grad()  # drop the generator loss's gradient on the discriminator

@@ -21,8 +21,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def _gan(dim=2, noise=3, num_classes=None, hidden=(16, 16), lr=1e-3):
     disc = MLPEnergy(dim, hidden=hidden, num_classes=num_classes, confinement=None).to(DEVICE)
     gen = MLPSampler(noise, dim, hidden=hidden, num_classes=num_classes).to(DEVICE)
-    return GAN(disc, gen, torch.optim.Adam(disc.parameters(), lr, betas=(0.5, 0.9)),
-               torch.optim.Adam(gen.parameters(), lr, betas=(0.5, 0.9)), noise_dim=noise)
+    return GAN(
+        disc,
+        gen,
+        torch.optim.Adam(disc.parameters(), lr, betas=(0.5, 0.9)),
+        torch.optim.Adam(gen.parameters(), lr, betas=(0.5, 0.9)),
+        noise_dim=noise,
+    )
 
 
 def test_shapes_dtype_device_and_diagnostics(dtype):
@@ -112,8 +117,14 @@ def test_fits_a_2d_gaussian():
 
 def _smoke(out, *args):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-m", "benchmarks.steingan_digits", "--smoke", *args, "--out", str(out)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "benchmarks.steingan_digits", "--smoke", *args, "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
 
 
