@@ -2,12 +2,13 @@
 
 Wang & Liu (2016), "Learning to Draw Samples": a neural sampler trained with the Stein
 variational gradient, as a Pyro guide (:class:`AmortizedSteinGuide`) with an Infer-style driver
-(:class:`AmortizedSVGD`), amortized across datasets, and SteinGAN (:mod:`pyro_stein.ebm`).
+(:class:`AmortizedSVGD`), amortized across datasets, and SteinGAN (:mod:`pyro_stein.ebm`) with a GAN baseline (:mod:`pyro_stein.gan`).
 """
 
 from ._io import CheckpointError
 from .data import Dataset, PriorPredictiveStream
 from .ebm import AmortizedMLE, ContrastiveDivergence, GaussianBernoulliRBM
+from .gan import GAN
 from .graphs import RecordedGraphWarning
 from .guide import AmortizedSteinGuide, ModelParameterWarning
 from .infer import AmortizedSVGD, KernelWarning, NonFiniteDatasetWarning, NonFiniteUpdateError, refine
@@ -25,6 +26,7 @@ __all__ = [
     "CheckpointError",
     "ContrastiveDivergence",
     "Dataset",
+    "GAN",
     "GaussianBernoulliRBM",
     "IMQKernel",
     "KernelWarning",
