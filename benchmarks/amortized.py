@@ -56,10 +56,10 @@ NUM_DRAWS = 1000
 CORRECTION_ROUNDS = 2
 MCMC_STEPS = 10  # the "polished" method: the corrected draws, then this many MALA steps (guide.mcmc_steps)
 HMC_STEPS, HMC_LEAPFROG = 2, 5  # "polished_hmc": the same 10 evaluations as 2 HMC steps of 5 leapfrogs
-# "polished_hmc3": one more HMC step (15 evaluations). Session 17 swept the polish on family (b) (one guide trained
+# "polished_hmc3": one more HMC step (15 evaluations). A sweep of the polish on family (b) (one guide trained
 # as in the full mode, the 20 held-out datasets, exact moments): 2 rounds + 2 x 5 met both targets on 19/20 datasets,
 # 2 rounds + 3 x 5 on 20/20 at 1.26x its time; cheaper settings (1 round + 2 x 3 to 2 x 5, 1 round + 3 x 3) on 15-19/20
-# (1 round + 2 x 5: 16/20 and 19/20 in two sweeps; see README, known limitations)
+# (1 round + 2 x 5: 16/20 and 19/20 in two sweeps; see the design notes)
 HMC_LONG_STEPS = 3
 # "polished_hmc3_r1": 1 correction round + 3 HMC steps x 5 (a sweep on family (b): 20/20 datasets, worst mean
 # error 0.153 sd, sd ratios 0.91-1.10, 8 % cheaper than 2 rounds + 3 x 5)
@@ -401,11 +401,11 @@ SBIBM_CONFIG = {  # part "amortized_sbibm": the guide trained once per task on t
     },
 }
 SBIBM_CORRECTION_ROUNDS = 2
-# The sbibm guides: the encoder passes the feature means through (mean_features=True), trained at lr 3e-3. Session 15
-# swept seeds 0-2 of both tasks at 3e-3 (3000 steps; worst over observations 1-5 of 4,000 draws): every run trained,
+# The sbibm guides: the encoder passes the feature means through (mean_features=True), trained at lr 3e-3. A sweep of
+# seeds 0-2 of both tasks at 3e-3 (3000 steps; worst over observations 1-5 of 4,000 draws): every run trained,
 # with or without the option, and the option cut the raw draws' worst mean error from 0.16-0.23 to 0.09-0.10 sd
 # (gaussian_linear) and from 1.38-1.55 to 0.44-0.77 sd (bernoulli_glm; after 2 correction rounds 0.09-0.13 to
-# 0.05-0.08 sd). At lr 1e-2 (sessions 6-14) gaussian_linear diverged at seed 1 with the default encoder.
+# 0.05-0.08 sd). At lr 1e-2 (the earlier setting) gaussian_linear diverged at seed 1 with the default encoder.
 SBIBM_GUIDE = {"lr": 3e-3, "mean_features": True}
 # what each row of the sbibm part applies to the sampler's draws: raw, and 1 or 2 Stein moment-correction rounds
 SBIBM_KINDS = {"raw": 0, "corrected_1": 1, "corrected": SBIBM_CORRECTION_ROUNDS}

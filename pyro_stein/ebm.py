@@ -593,7 +593,81 @@ def _check_labels(labels: Tensor | None, n: int, name: str = "labels") -> None:
         raise ValueError(f"{name} must have shape (batch,) = ({n},), got {tuple(labels.shape)}")
 
 
-class AmortizedMLE:
+class _NeuralSampling:
+    """What :class:`AmortizedMLE` and :class:`~pyro_stein.gan.GAN` share about their noise-to-data network (the
+    SteinGAN *sampler*, the GAN *generator*): drawing from it, labels for a class-conditional one, and the checks of a
+    data batch. A subclass sets ``noise_dim``, ``conditional`` and :attr:`_role` and defines :meth:`_network`."""
+
+    _role = "sampler"
+
+    def _network(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _noise(self, n: int, like: Tensor) -> Tensor:
+        return torch.randn(n, self.noise_dim, dtype=like.dtype, device=like.device)
+
+    def _draw(self, n: int, labels: Tensor | None, like: Tensor, event_shape: tuple[int, ...]) -> Tensor:
+        noise = self._noise(n, like)
+        net = self._network()
+        x = net(noise) if labels is None else net(noise, labels)
+        if not isinstance(x, Tensor) or tuple(x.shape) != (n, *event_shape):
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"{self._role} output shape {shape} does not match the data: expected (num_samples, *data.shape[1:]) "
+                f"= {(n, *event_shape)}; make the {self._role}'s output dimension equal the data dimension "
+                f"(e.g. MLPSampler(noise_dim, data_dim={math.prod(event_shape)}))"
+            )
+        return x
+
+    def _sample_labels(self, labels: Tensor | None, n: int) -> Tensor | None:
+        if labels is None or n == labels.shape[0]:
+            return labels
+        return labels[torch.randint(labels.shape[0], (n,), device=labels.device)]
+
+    def _check_inputs(self, data: Tensor, labels: Tensor | None, name: str = "data_batch") -> None:
+        if not isinstance(data, Tensor):
+            raise TypeError(f"{name} must be a tensor of shape (batch, ...), got {type(data).__name__}")
+        if not data.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {data.dtype}; use data.float()")
+        if not bool(torch.isfinite(data).all()):
+            raise ValueError(f"{name} has non-finite values (NaN/inf); remove or impute them before training")
+        if data.dim() < 2 or data.shape[0] < 1:
+            raise ValueError(
+                f"{name} must have shape (batch, *event_shape), got {tuple(data.shape)}; "
+                "for a single example use data.unsqueeze(0)"
+            )
+        if labels is not None and not self.conditional:
+            raise TypeError(
+                f"labels were given but the {self._role} is unconditional (it takes only the noise); "
+                "pass labels=None, or use a class-conditional one, e.g. MLPSampler(..., num_classes=K)"
+            )
+        if labels is None and self.conditional:
+            raise TypeError(
+                f"the {self._role} is class-conditional (it takes (noise, labels)) but no labels were given; "
+                "pass labels=<(batch,) integer tensor>, or use an unconditional one (num_classes=None)"
+            )
+        _check_labels(labels, data.shape[0])
+
+    def sample(self, n: int, labels: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
+        """``n`` draws from the network (no gradient); noise and output live on its device/dtype (or ``noise``'s,
+        when given)."""
+        n = _int_at_least(n, "n", 1, "a positive int")
+        if labels is not None and not self.conditional:
+            raise TypeError(f"labels were given but the {self._role} is unconditional; pass labels=None")
+        if labels is None and self.conditional:
+            raise TypeError(f"the {self._role} is class-conditional: pass labels of shape (n,)")
+        _check_labels(labels, n)
+        net = self._network()
+        if noise is None:
+            noise = self._noise(n, next(net.parameters()))
+        elif not isinstance(noise, Tensor) or noise.shape != (n, self.noise_dim):
+            shape = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
+            raise ValueError(f"noise must have shape (n, noise_dim) = ({n}, {self.noise_dim}), got {shape}")
+        with torch.no_grad():
+            return net(noise) if labels is None else net(noise, labels)
+
+
+class AmortizedMLE(_NeuralSampling):
     """Amortized MLE (SteinGAN) for an energy-based model with a neural sampler.
 
     Each :meth:`step` (i) draws ``n`` noise vectors ``xi`` (and labels), ``x~ = sampler(xi[, y])``,
@@ -692,8 +766,8 @@ class AmortizedMLE:
         self.num_steps_taken = 0
 
     # -- helpers -------------------------------------------------------------------------
-    def _noise(self, n: int, like: Tensor) -> Tensor:
-        return torch.randn(n, self.noise_dim, dtype=like.dtype, device=like.device)
+    def _network(self) -> nn.Module:
+        return self.sampler
 
     def _energy(self, x: Tensor, y: Tensor | None) -> Tensor:
         e = self.energy(x) if y is None else self.energy(x, y)
@@ -704,50 +778,6 @@ class AmortizedMLE:
                 "if it returns (batch, 1), squeeze the last dimension, e.g. `return out.squeeze(-1)`"
             )
         return e
-
-    def _draw(self, n: int, labels: Tensor | None, like: Tensor, event_shape: tuple[int, ...]) -> Tensor:
-        noise = self._noise(n, like)
-        x = self.sampler(noise) if labels is None else self.sampler(noise, labels)
-        if not isinstance(x, Tensor) or tuple(x.shape) != (n, *event_shape):
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(
-                f"sampler output shape {shape} does not match the data: expected (num_samples, *data.shape[1:]) = "
-                f"{(n, *event_shape)}; make the sampler's output dimension equal the data dimension "
-                f"(e.g. MLPSampler(noise_dim, data_dim={math.prod(event_shape)}))"
-            )
-        return x
-
-    def _sample_labels(self, labels: Tensor | None, n: int) -> Tensor | None:
-        if labels is None:
-            return None
-        if n == labels.shape[0]:
-            return labels
-        idx = torch.randint(labels.shape[0], (n,), device=labels.device)
-        return labels[idx]
-
-    def _check_inputs(self, data: Tensor, labels: Tensor | None) -> None:
-        if not isinstance(data, Tensor):
-            raise TypeError(f"data_batch must be a tensor of shape (batch, ...), got {type(data).__name__}")
-        if not data.is_floating_point():
-            raise TypeError(f"data_batch must be a floating-point tensor, got dtype {data.dtype}; use data.float()")
-        if not bool(torch.isfinite(data).all()):
-            raise ValueError("data_batch has non-finite values (NaN/inf); remove or impute them before training")
-        if data.dim() < 2 or data.shape[0] < 1:
-            raise ValueError(
-                f"data_batch must have shape (batch, *event_shape), got {tuple(data.shape)}; "
-                "for a single example use data.unsqueeze(0)"
-            )
-        if labels is not None and not self.conditional:
-            raise TypeError(
-                "labels were given but the sampler is unconditional (it takes only the noise); "
-                "pass labels=None, or use a class-conditional sampler, e.g. MLPSampler(..., num_classes=K)"
-            )
-        if labels is None and self.conditional:
-            raise TypeError(
-                "the sampler is class-conditional (it takes (noise, labels)) but no labels were given; "
-                "pass labels=<(batch,) integer tensor>, or use an unconditional sampler (num_classes=None)"
-            )
-        _check_labels(labels, data.shape[0])
 
     def score(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         """``-grad_x E(x[, y])`` at detached ``x`` (no gradient reaches the energy's parameters)."""
@@ -766,22 +796,6 @@ class AmortizedMLE:
         return phi, s
 
     # -- public API ----------------------------------------------------------------------
-    def sample(self, n: int, labels: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
-        """``n`` draws from the sampler (no gradient); noise and output live on the sampler's
-        device/dtype (or ``noise``'s, when given)."""
-        if labels is not None and not self.conditional:
-            raise TypeError("labels were given but the sampler is unconditional; pass labels=None")
-        if labels is None and self.conditional:
-            raise TypeError("the sampler is class-conditional: pass labels of shape (n,)")
-        _check_labels(labels, n)
-        if noise is None:
-            like = next(self.sampler.parameters())
-            noise = self._noise(n, like)
-        elif noise.shape != (n, self.noise_dim):
-            raise ValueError(f"noise must have shape (n, noise_dim) = ({n}, {self.noise_dim}), got {tuple(noise.shape)}")
-        with torch.no_grad():
-            return self.sampler(noise) if labels is None else self.sampler(noise, labels)
-
     def step(self, data_batch: Tensor, labels: Tensor | None = None) -> dict[str, float]:
         """One sampler update (``sampler_steps`` of them) and one energy update.
 

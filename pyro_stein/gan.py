@@ -29,7 +29,6 @@ References: I. Goodfellow et al., "Generative Adversarial Nets", NeurIPS 2014.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -37,12 +36,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import _int_at_least
-from .ebm import _check_labels, _run_batches, _takes_labels
+from .ebm import _NeuralSampling, _run_batches, _takes_labels
 
 __all__ = ["GAN"]
 
 
-class GAN:
+class GAN(_NeuralSampling):
     """Non-saturating GAN trainer (see the module docstring).
 
     :param nn.Module discriminator: ``x -> logits`` of shape ``(batch,)`` (``(x, y) -> logits`` when
@@ -59,6 +58,8 @@ class GAN:
         gan = GAN(disc, gen, opt_d, opt_g, noise_dim=32)
         gan.run(x_train, num_steps=2000, batch_size=100, labels=y_train)
     """
+
+    _role = "generator"
 
     def __init__(
         self,
@@ -96,8 +97,8 @@ class GAN:
         self.num_steps_taken = 0
 
     # -- helpers -------------------------------------------------------------------------
-    def _noise(self, n: int, like: Tensor) -> Tensor:
-        return torch.randn(n, self.noise_dim, dtype=like.dtype, device=like.device)
+    def _network(self) -> nn.Module:
+        return self.generator
 
     def _logits(self, x: Tensor, y: Tensor | None) -> Tensor:
         d = self.discriminator(x) if y is None else self.discriminator(x, y)
@@ -109,54 +110,7 @@ class GAN:
             )
         return d
 
-    def _draw(self, n: int, labels: Tensor | None, like: Tensor, event_shape: tuple[int, ...]) -> Tensor:
-        noise = self._noise(n, like)
-        x = self.generator(noise) if labels is None else self.generator(noise, labels)
-        if not isinstance(x, Tensor) or tuple(x.shape) != (n, *event_shape):
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(
-                f"generator output shape {shape} does not match the data: expected {(n, *event_shape)}; "
-                f"make the generator's output dimension equal the data dimension ({math.prod(event_shape)})"
-            )
-        return x
-
-    def _labels_for(self, labels: Tensor | None, n: int) -> Tensor | None:
-        if labels is None or n == labels.shape[0]:
-            return labels
-        return labels[torch.randint(labels.shape[0], (n,), device=labels.device)]
-
-    def _check_inputs(self, data: Tensor, labels: Tensor | None, name: str = "data_batch") -> None:
-        if not isinstance(data, Tensor):
-            raise TypeError(f"{name} must be a tensor of shape (batch, ...), got {type(data).__name__}")
-        if not data.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {data.dtype}; use data.float()")
-        if data.dim() < 2 or data.shape[0] < 1:
-            raise ValueError(f"{name} must have shape (batch, *event_shape), got {tuple(data.shape)}")
-        if not bool(torch.isfinite(data).all()):
-            raise ValueError(f"{name} has non-finite values (NaN/inf); remove or impute them before training")
-        if labels is not None and not self.conditional:
-            raise TypeError("labels were given but the generator is unconditional; pass labels=None")
-        if labels is None and self.conditional:
-            raise TypeError("the generator is class-conditional: pass labels=<(batch,) integer tensor>")
-        _check_labels(labels, data.shape[0])
-
     # -- public API ----------------------------------------------------------------------
-    def sample(self, n: int, labels: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
-        """``n`` draws from the generator (no gradient), on the generator's device/dtype (or ``noise``'s)."""
-        n = _int_at_least(n, "n", 1, "a positive int")
-        if labels is not None and not self.conditional:
-            raise TypeError("labels were given but the generator is unconditional; pass labels=None")
-        if labels is None and self.conditional:
-            raise TypeError("the generator is class-conditional: pass labels of shape (n,)")
-        _check_labels(labels, n)
-        if noise is None:
-            noise = self._noise(n, next(self.generator.parameters()))
-        elif not isinstance(noise, Tensor) or noise.shape != (n, self.noise_dim):
-            shape = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
-            raise ValueError(f"noise must have shape (n, noise_dim) = ({n}, {self.noise_dim}), got {shape}")
-        with torch.no_grad():
-            return self.generator(noise) if labels is None else self.generator(noise, labels)
-
     def step(self, data_batch: Tensor, labels: Tensor | None = None) -> dict[str, float]:
         """One discriminator update, then one generator update.
 
@@ -174,7 +128,7 @@ class GAN:
         event = tuple(data_batch.shape[1:])
         self.discriminator.train()
         self.generator.train()
-        ys = self._labels_for(labels, n)
+        ys = self._sample_labels(labels, n)
 
         # (1) discriminator
         with torch.no_grad():
@@ -190,7 +144,7 @@ class GAN:
         self.discriminator_optimizer.step()
 
         # (2) generator, non-saturating loss at fresh draws; only the generator's optimizer steps
-        ys = self._labels_for(labels, n)
+        ys = self._sample_labels(labels, n)
         self.generator_optimizer.zero_grad()
         x = self._draw(n, ys, data_batch, event)
         loss_g = F.softplus(-self._logits(x, ys)).mean()

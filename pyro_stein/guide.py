@@ -574,8 +574,8 @@ class AmortizedSteinGuide(AutoContinuous):
         ``L > 1`` each of the ``mcmc_steps`` steps is a Hamiltonian Monte Carlo step of ``L`` leapfrog
         steps (:func:`~pyro_stein.mcmc.hmc_polish`), costing ``L`` evaluations. A trajectory travels
         where MALA diffuses, but with few steps HMC has less room to tune its step size, so use it
-        after ``moment_correction`` has fixed the draws' spread (see the README for a comparison at
-        equal cost).
+        after ``moment_correction`` has fixed the draws' spread (see the post-processing guide for a
+        comparison at equal cost).
     :param str whiten: ``"laplace"``: the sampler works in the whitened frame of a Laplace
         approximation, ``z = m + L u`` with ``m`` the posterior mode (L-BFGS from the initial
         values, at setup) and ``L L^T`` the inverse Hessian of ``-log p`` there; the sampler starts
@@ -593,7 +593,7 @@ class AmortizedSteinGuide(AutoContinuous):
         :class:`~pyro_stein.data.Dataset` objects. The sampler then only learns each posterior's
         departure from its Laplace approximation, in coordinates that mean the same for every
         dataset, instead of the whole data-to-posterior map; models whose posterior location swings
-        with the data (regressions) need this (see the README). The sampler's context is then the
+        with the data (regressions) need this (see the frames guide). The sampler's context is then the
         dataset encoding followed by a summary of the frame, the mode ``m_d`` and the log sds
         ``log sqrt(diag(L_d L_d^T))`` (``2 D`` numbers, standardised with fixed statistics of the
         first training batch, then passed through ``asinh``, so that a frame far outside that

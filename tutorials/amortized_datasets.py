@@ -149,7 +149,7 @@ def main():
     # unchanged: this posterior's mean, sum(y) / (n + 1), is linear in it, and a linear path
     # extrapolates to datasets at the edge of the prior, where the encoder's MLPs alone bend
     # (without it, an earlier run's worst dataset was 0.13 sd off and one dataset's sd collapsed;
-    # see the README).
+    # see the design notes).
     guide = AmortizedSteinGuide(model, amortized=True, mean_features=True)
     first = stream.sample()
     guide.setup(*first.args, **first.kwargs)  # build the networks from one example dataset
