@@ -1616,12 +1616,8 @@ class AmortizedSteinGuide(AutoContinuous):
         self.setup(*args, **kwargs)
         data = [self._dataset_of(args, kwargs)]
         z = self.draw(_CALIBRATION_SAMPLES).detach()
-        saved = self.moment_correction
-        object.__setattr__(self, "moment_correction", _CALIBRATION_ROUNDS)
-        try:
-            moved = self._correct(z.unsqueeze(0), data, z.shape[0], affine=False)[0][0]
-        finally:
-            object.__setattr__(self, "moment_correction", saved)
+        moved, evaluated = self._correct(z.unsqueeze(0), data, z.shape[0], affine=False, rounds=_CALIBRATION_ROUNDS)
+        moved = moved[0]
         if torch.equal(moved, z) or not torch.isfinite(moved).all():
             return self  # no round helped
         # kept only if it also lowers the kernelized Stein discrepancy (IMQ kernel) of 1,000 of the draws
@@ -1629,7 +1625,7 @@ class AmortizedSteinGuide(AutoContinuous):
         d = data[0]
         with self._full_data():
             _, before = self.log_density.log_density_and_score(z[:k], d.args, d.kwargs, check=False)
-            _, after = self.log_density.log_density_and_score(moved[:k], d.args, d.kwargs, check=False)
+        after = evaluated[1][0, :k]  # the correction's own last evaluation, at the moved draws
         ksd_before = _inf_if_not_finite(ksd(z[:k], before.to(z.dtype), IMQKernel()))
         ksd_after = _inf_if_not_finite(ksd(moved[:k], after.to(z.dtype), IMQKernel()))
         if not bool(ksd_after < ksd_before):
@@ -1696,7 +1692,7 @@ class AmortizedSteinGuide(AutoContinuous):
         return n, (n if self.mcmc_steps else num_samples)
 
     def _correct(
-        self, z: Tensor, datasets: Sequence, keep: int, affine: bool = True
+        self, z: Tensor, datasets: Sequence, keep: int, affine: bool = True, rounds: int | None = None
     ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """``moment_correction`` rounds of the Stein moment correction on draws ``z`` ``(B, n, D)``, one set
         per dataset (see the class doc).
@@ -1712,7 +1708,8 @@ class AmortizedSteinGuide(AutoContinuous):
         the posterior); a round that raises both, e.g. a linearisation far from the posterior that
         overshoots, is dropped, so the draws never end worse than the sampler's own by both measures.
         """
-        if not self.moment_correction:
+        rounds = self.moment_correction if rounds is None else rounds
+        if not rounds:
             return z[:, :keep], None
         affine = z.shape[-2] > 2 * z.shape[-1] and affine
 
@@ -1734,7 +1731,7 @@ class AmortizedSteinGuide(AutoContinuous):
 
         lp, score, resid = score_and_residual(z)
         active = torch.isfinite(resid)  # a dataset with a non-finite score keeps its draws
-        for _ in range(self.moment_correction):
+        for _ in range(rounds):
             if not active.any():
                 break
             # datasets whose draws are not all in the support (infinite residual) take no part: zero draws and scores
