@@ -111,9 +111,7 @@ def _interaction_mask(n: int, labels: Tensor | None, leave_one_out: bool, like: 
     return mask
 
 
-def _direction(
-    z: Tensor, score: Tensor, k: Tensor, mask: Tensor | None, repulse: Tensor | None
-) -> Tensor:
+def _direction(z: Tensor, score: Tensor, k: Tensor, mask: Tensor | None, repulse: Tensor | None) -> Tensor:
     """``(sum_j mask_ij k_ij s_j + repulse_i) / m_i`` with ``m_i = sum_j mask_ij`` (at least 1)."""
     if mask is not None:
         k = k * mask
@@ -305,9 +303,7 @@ class GaussianBernoulliRBM(nn.Module):
         """All ``2^H`` binary hidden configurations, shape ``(2^H, H)``, on the weights' device/dtype."""
         H = self.num_hidden
         if H > _MAX_EXACT_HIDDEN:
-            raise ValueError(
-                f"exact enumeration needs num_hidden <= {_MAX_EXACT_HIDDEN}, got {H} (2^{H} states)"
-            )
+            raise ValueError(f"exact enumeration needs num_hidden <= {_MAX_EXACT_HIDDEN}, got {H} (2^{H} states)")
         idx = torch.arange(2**H, device=self.W.device)
         bits = (idx.unsqueeze(-1) >> torch.arange(H, device=self.W.device)) & 1
         return bits.to(self.W.dtype)
@@ -463,14 +459,19 @@ class AutoencoderEnergy(nn.Module):
         self.confinement = confinement
         hw = (H // 2) * (W // 2)
         self.enc = nn.Sequential(
-            nn.Conv2d(C, channels, 3, padding=1), nn.ELU(),
-            nn.Conv2d(channels, 2 * channels, 4, stride=2, padding=1), nn.ELU(),
-            nn.Flatten(), nn.Linear(2 * channels * hw, code_dim),
+            nn.Conv2d(C, channels, 3, padding=1),
+            nn.ELU(),
+            nn.Conv2d(channels, 2 * channels, 4, stride=2, padding=1),
+            nn.ELU(),
+            nn.Flatten(),
+            nn.Linear(2 * channels * hw, code_dim),
         )
         self.dec = nn.Sequential(
-            nn.Linear(code_dim, 2 * channels * hw), nn.ELU(),
+            nn.Linear(code_dim, 2 * channels * hw),
+            nn.ELU(),
             nn.Unflatten(1, (2 * channels, H // 2, W // 2)),
-            nn.ConvTranspose2d(2 * channels, channels, 4, stride=2, padding=1), nn.ELU(),
+            nn.ConvTranspose2d(2 * channels, channels, 4, stride=2, padding=1),
+            nn.ELU(),
             nn.Conv2d(channels, C, 3, padding=1),
         )
         self.classifier = nn.Linear(code_dim, num_classes) if num_classes is not None else None
@@ -491,7 +492,9 @@ class AutoencoderEnergy(nn.Module):
             e = e + img.pow(2).flatten(1).sum(-1) / (2.0 * self.confinement**2)
         if self.classifier is not None:
             logits = self.classifier(code)
-            e = e - (torch.logsumexp(logits, -1) if y is None else logits.gather(-1, y.long().unsqueeze(-1)).squeeze(-1))
+            e = e - (
+                torch.logsumexp(logits, -1) if y is None else logits.gather(-1, y.long().unsqueeze(-1)).squeeze(-1)
+            )
         elif y is not None:
             raise TypeError("labels y were given to an AutoencoderEnergy without num_classes")
         return e
@@ -511,9 +514,7 @@ class MLPSampler(nn.Module):
         x = sampler(torch.randn(10, 16), torch.arange(10))
     """
 
-    def __init__(
-        self, noise_dim: int, data_dim: int, hidden: Sequence[int] = (64, 64), num_classes: int | None = None
-    ):
+    def __init__(self, noise_dim: int, data_dim: int, hidden: Sequence[int] = (64, 64), num_classes: int | None = None):
         super().__init__()
         self.noise_dim = noise_dim
         self.data_dim = data_dim
@@ -588,7 +589,9 @@ def _check_labels(labels: Tensor | None, n: int, name: str = "labels") -> None:
     if not isinstance(labels, Tensor):
         raise TypeError(f"{name} must be a tensor of integer class indices, got {type(labels).__name__}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor (class indices), got dtype {labels.dtype}; use labels.long()")
+        raise TypeError(
+            f"{name} must be an integer tensor (class indices), got dtype {labels.dtype}; use labels.long()"
+        )
     if labels.shape != (n,):
         raise ValueError(f"{name} must have shape (batch,) = ({n},), got {tuple(labels.shape)}")
 
@@ -732,7 +735,9 @@ class AmortizedMLE(_NeuralSampling):
         compute_ksd: bool = True,
     ):
         if not isinstance(energy, nn.Module):
-            raise TypeError(f"energy must be an nn.Module mapping x -> energies of shape (batch,), got {type(energy).__name__}")
+            raise TypeError(
+                f"energy must be an nn.Module mapping x -> energies of shape (batch,), got {type(energy).__name__}"
+            )
         if not isinstance(sampler, nn.Module):
             raise TypeError(f"sampler must be an nn.Module mapping noise -> x, got {type(sampler).__name__}")
         for name, opt in (("energy_optimizer", energy_optimizer), ("sampler_optimizer", sampler_optimizer)):
@@ -790,9 +795,7 @@ class AmortizedMLE(_NeuralSampling):
     def direction(self, x: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(phi, score)``: the Stein direction at the samples ``x`` for the current energy."""
         s = self.score(x, labels)
-        phi = feature_stein_direction(
-            x, s, self.feature_fn, self.kernel, self.leave_one_out, self.repulsive, labels
-        )
+        phi = feature_stein_direction(x, s, self.feature_fn, self.kernel, self.leave_one_out, self.repulsive, labels)
         return phi, s
 
     # -- public API ----------------------------------------------------------------------
@@ -849,8 +852,10 @@ class AmortizedMLE(_NeuralSampling):
             x = self._draw(n, ys, data_batch, event)
             phi, s = self.direction(x, ys)
             if not bool(torch.isfinite(phi).all()):
-                raise ValueError("the Stein direction is not finite at the sampler's draws (the energy's gradient "
-                                 "overflowed or is NaN there); nothing was updated: lower the learning rates")
+                raise ValueError(
+                    "the Stein direction is not finite at the sampler's draws (the energy's gradient "
+                    "overflowed or is NaN there); nothing was updated: lower the learning rates"
+                )
             if t == 0:
                 if self.compute_ksd:
                     z = x.detach().reshape(n, -1)
@@ -929,7 +934,9 @@ def _run_batches(step, data, labels, num_steps, batch_size, progress_bar, genera
         diag = step(data[idx], None if labels is None else labels[idx])
         history.append(diag)
         if progress_bar and (t % 10 == 0 or t == num_steps - 1):
-            bar.set_postfix({k: f"{v:.3g}" for k, v in diag.items() if k in ("contrastive_loss", "ksd") and not math.isnan(v)})
+            bar.set_postfix(
+                {k: f"{v:.3g}" for k, v in diag.items() if k in ("contrastive_loss", "ksd") and not math.isnan(v)}
+            )
         if callback is not None:
             callback(t, diag)
     bar.close()
@@ -978,9 +985,14 @@ class ContrastiveDivergence:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         k = _int_at_least(k, "k", 1, "a positive int")
         if exact and persistent:
-            raise ValueError("exact=True draws fresh exact negatives each step; it has no persistent chains (persistent=False)")
+            raise ValueError(
+                "exact=True draws fresh exact negatives each step; it has no persistent chains (persistent=False)"
+            )
         if exact and rbm.num_hidden > _MAX_EXACT_HIDDEN:
-            raise ValueError(f"exact=True enumerates the 2^H hidden states: needs num_hidden <= {_MAX_EXACT_HIDDEN}, got {rbm.num_hidden}")
+            raise ValueError(
+                "exact=True enumerates the 2^H hidden states: "
+                f"needs num_hidden <= {_MAX_EXACT_HIDDEN}, got {rbm.num_hidden}"
+            )
         self.rbm = rbm
         self.exact = bool(exact)
         self.optimizer = optimizer

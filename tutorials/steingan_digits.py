@@ -94,8 +94,14 @@ def load_data():
 def make_amle(rbm, repulsive, conditional=False):
     sampler = MLPSampler(NOISE, 64, hidden=(128, 128), num_classes=10 if conditional else None)
     return AmortizedMLE(
-        rbm, sampler, torch.optim.Adam(rbm.parameters(), LR), torch.optim.Adam(sampler.parameters(), LR),
-        noise_dim=NOISE, repulsive=repulsive, sampler_steps=2, compute_ksd=False,
+        rbm,
+        sampler,
+        torch.optim.Adam(rbm.parameters(), LR),
+        torch.optim.Adam(sampler.parameters(), LR),
+        noise_dim=NOISE,
+        repulsive=repulsive,
+        sampler_steps=2,
+        compute_ksd=False,
     )
 
 
@@ -162,10 +168,15 @@ def main():
         se = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None
         rows.append({"method": m, "mean": float(v.mean()), "se": se, "per_seed": v.tolist()})
     summary = {
-        "data": "sklearn digits 8x8, split RandomState(0) 1297 train / 500 test, dequantized (v+u)/17, standardized per pixel",
+        "data": "sklearn digits 8x8, split RandomState(0) 1297 train / 500 test, dequantized (v+u)/17, "
+        "standardized per pixel",
         "model": f"Gaussian-Bernoulli RBM, {HIDDEN} hidden, sigma={SIGMA}, exact log Z",
-        "energy_updates": STEPS, "batch_size": BATCH, "energy_optimizer": f"Adam lr={LR}",
-        "seeds": SEEDS, "log_jacobian_to_unit_interval_scale": log_jac, "results": rows,
+        "energy_updates": STEPS,
+        "batch_size": BATCH,
+        "energy_optimizer": f"Adam lr={LR}",
+        "seeds": SEEDS,
+        "log_jacobian_to_unit_interval_scale": log_jac,
+        "results": rows,
         "sampler_over_model_total_variance": var_ratio,
     }
     (OUT / "loglik.json").write_text(json.dumps(summary, indent=2))
@@ -179,8 +190,11 @@ def main():
     for r in rows:
         se = "n/a" if r["se"] is None else f"{r['se']:.2f}"
         lines.append(f"| {r['method']} | {r['mean']:.2f} +- {se} | {', '.join(f'{v:.2f}' for v in r['per_seed'])} |")
-    lines += ["", "Sampler draws' total variance / the trained RBM's (exact draws), per seed: " + "; ".join(
-        f"{m}: {', '.join(f'{v:.2f}' for v in vs)}" for m, vs in var_ratio.items())]
+    lines += [
+        "",
+        "Sampler draws' total variance / the trained RBM's (exact draws), per seed: "
+        + "; ".join(f"{m}: {', '.join(f'{v:.2f}' for v in vs)}" for m, vs in var_ratio.items()),
+    ]
     (OUT / "loglik.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -199,15 +213,26 @@ def main():
     torch.manual_seed(0)
     jrbm = GaussianBernoulliRBM(64, HIDDEN, sigma=SIGMA, num_classes=10)
     cond = make_amle(jrbm, True, conditional=True)
-    cond.run(xtr, num_steps=COND_STEPS, batch_size=BATCH, labels=ytr, progress_bar=not CI,
-             generator=torch.Generator().manual_seed(0))
+    cond.run(
+        xtr,
+        num_steps=COND_STEPS,
+        batch_size=BATCH,
+        labels=ytr,
+        progress_bar=not CI,
+        generator=torch.Generator().manual_seed(0),
+    )
     with torch.no_grad():
         jll = float(jrbm.log_likelihood(xte, yte).mean())
-        acc = float((torch.stack([-jrbm(xte, torch.full_like(yte, k)) for k in range(10)], -1).argmax(-1) == yte).float().mean())
+        acc = float(
+            (torch.stack([-jrbm(xte, torch.full_like(yte, k)) for k in range(10)], -1).argmax(-1) == yte).float().mean()
+        )
     labels = torch.arange(10).repeat_interleave(8)
     fig, ax = plt.subplots(figsize=(6, 8))
-    grid(ax, to_images(cond.sample(80, labels=labels), mu, sd).reshape(10, 8, 8, 8).transpose(1, 0, 2, 3).reshape(80, 8, 8),
-         "class-conditional samples (column = class 0..9)")
+    grid(
+        ax,
+        to_images(cond.sample(80, labels=labels), mu, sd).reshape(10, 8, 8, 8).transpose(1, 0, 2, 3).reshape(80, 8, 8),
+        "class-conditional samples (column = class 0..9)",
+    )
     fig.tight_layout()
     fig.savefig(OUT / "class_conditional.png", dpi=100)
     plt.close(fig)
@@ -230,12 +255,21 @@ def main():
     interp = torch.cos(t * math.pi / 2) * n0 + torch.sin(t * math.pi / 2) * n1
     rows_img.append(to_images(amle.sample(steps, noise=interp), mu, sd))
     fig, ax = plt.subplots(figsize=(12, 4.5))
-    grid(ax, np.concatenate(rows_img), "noise random walk (rows: class 0, 3, 7) and spherical interpolation (unconditional)", ncol=steps)
+    grid(
+        ax,
+        np.concatenate(rows_img),
+        "noise random walk (rows: class 0, 3, 7) and spherical interpolation (unconditional)",
+        ncol=steps,
+    )
     fig.tight_layout()
     fig.savefig(OUT / "latent_walk.png", dpi=100)
     plt.close(fig)
 
-    summary["joint_model"] = {"test_log_p_x_y": jll, "test_accuracy_argmax_p_y_given_x": acc, "energy_updates": COND_STEPS}
+    summary["joint_model"] = {
+        "test_log_p_x_y": jll,
+        "test_accuracy_argmax_p_y_given_x": acc,
+        "energy_updates": COND_STEPS,
+    }
     (OUT / "loglik.json").write_text(json.dumps(summary, indent=2))
     print(f"joint RBM p(x, y): test log p(x, y) {jll:.2f}, classification accuracy {acc:.3f}")
     print(f"outputs in {OUT}")
