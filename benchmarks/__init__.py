@@ -1,1 +1,2 @@
-"""Benchmark support: reference posteriors (:mod:`benchmarks.models`) and accuracy metrics (:mod:`benchmarks.metrics`)."""
+"""Benchmark support: reference posteriors (:mod:`benchmarks.models`) and accuracy metrics
+(:mod:`benchmarks.metrics`)."""

@@ -1,4 +1,5 @@
-"""``python -m benchmarks [--quick|--full|--smoke] [--only step_cost,accuracy,amortized,amortized_hier,amortized_sbibm,memory] [--out DIR] [--device cuda]``.
+"""``python -m benchmarks [--quick|--full|--smoke] [--out DIR] [--device cuda]
+[--only step_cost,accuracy,amortized,amortized_hier,amortized_sbibm,memory]``.
 
 Writes one JSON file per part into ``--out`` and regenerates ``REPORT.md`` (plus PNG plots) from
 whatever JSON files are there. ``--quick`` (default) finishes in a few minutes on 2 cores;

@@ -64,9 +64,10 @@ HMC_LONG_STEPS = 3
 # "polished_hmc3_r1": 1 correction round + 3 HMC steps x 5 (a sweep on family (b): 20/20 datasets, worst mean
 # error 0.153 sd, sd ratios 0.91-1.10, 8 % cheaper than 2 rounds + 3 x 5)
 FEW_CORRECTION_ROUNDS = 1
-# Preparation (family (b)): before the held-out datasets, `sample_posterior` runs PREPARE_CALLS times per timed method on
-# one prior-predictive dataset of each group count 5-30, so that the guide's recorded graphs (`record_graph`, one per
-# shape of the arguments, shared by every dataset of that shape) exist; its wall time is reported next to training.
+# Preparation (family (b)): before the held-out datasets, `sample_posterior` runs PREPARE_CALLS times per timed
+# method on one prior-predictive dataset of each group count 5-30, so that the guide's recorded graphs
+# (`record_graph`, one per shape of the arguments, shared by every dataset of that shape) exist; its wall time is
+# reported next to training.
 PREPARE_CALLS = 4
 # the timed methods after "amortized": method -> (correction rounds, mcmc_steps, mcmc_leapfrog) of `sample_posterior`
 TIMED_POLISH = {
@@ -263,10 +264,10 @@ FAMILIES = {
             "s ~ HalfNormal(1), w = s * w_raw, w_raw ~ N(0, I_20), y_i ~ Bernoulli(sigmoid(x_i . w)); 20-500 rows and "
             "5-20 features x_i ~ N(0, I) per dataset (zero-padded to 20 columns), drawn from the prior predictive "
             '(`PriorPredictiveStream`). Default encoder (DeepSets over the rows (x_i, y_i)); `whiten="laplace"`: each '
-            "dataset's Laplace frame (a batched Newton search per dataset, its cost included in the times), whose summary "
-            "(mode, log sds) the sampler also sees. `record_graph=False`: a new dataset rarely shares its number of "
-            "rows with an earlier one, so there are no recorded graphs to replay. Scored on s and the dataset's real "
-            "weights."
+            "dataset's Laplace frame (a batched Newton search per dataset, its cost included in the times), whose "
+            "summary (mode, log sds) the sampler also sees. `record_graph=False`: a new dataset rarely shares its "
+            "number of rows with an earlier one, so there are no recorded graphs to replay. Scored on s and the "
+            "dataset's real weights."
         ),
     },
     "amortized_hier": {
@@ -290,8 +291,8 @@ FAMILIES = {
             "with sigma_j ~ U(5, 20), drawn from the prior predictive. Encoding: the rows (y_j, sigma_j, 1) in group "
             'order, zero-padded to 30 groups (a `dataset_fn`); `whiten="laplace"`: each dataset\'s Laplace frame (its '
             "cost included in the times), whose summary (mode, log sds) the sampler also sees. `precondition=None` "
-            "(before the frames, the default 'auto' collapsed log tau and diverged; with a frame 'auto' is off anyway). "
-            "Scored on mu, tau and the dataset's theta_j."
+            "(before the frames, the default 'auto' collapsed log tau and diverged; with a frame 'auto' is off "
+            "anyway). Scored on mu, tau and the dataset's theta_j."
         ),
     },
 }
@@ -306,7 +307,8 @@ def _compare(draws: torch.Tensor, ref: tuple[torch.Tensor, torch.Tensor]) -> dic
     mean, sd = _moments(draws)
     ratio = sd / ref[1]
     # worst_sd_ratio (the ratio farthest from 1 on a log scale) is what the tables show; the "sd within 20 %" test
-    # needs every dimension's |ratio - 1|, which that one ratio does not bound (0.82 is "worse" than 1.21 on a log scale)
+    # needs every dimension's |ratio - 1|, which that one ratio does not bound (0.82 is "worse" than 1.21 on a log
+    # scale)
     return {
         "worst_mean_err": float(((mean - ref[0]).abs() / ref[1]).max()),
         "worst_sd_ratio": worst_ratio(ratio),
@@ -555,8 +557,8 @@ METHOD_LABELS = {
     "amortized": "amortized (one sample_posterior call)",
     "corrected": f"amortized + {CORRECTION_ROUNDS} Stein moment-correction rounds",
     "polished": f"amortized + {CORRECTION_ROUNDS} correction rounds + {MCMC_STEPS} MALA steps (mcmc_steps)",
-    "polished_hmc": f"amortized + {CORRECTION_ROUNDS} correction rounds + {HMC_STEPS} HMC steps x {HMC_LEAPFROG} leapfrogs "
-    "(mcmc_leapfrog)",
+    "polished_hmc": f"amortized + {CORRECTION_ROUNDS} correction rounds + {HMC_STEPS} HMC steps x {HMC_LEAPFROG} "
+    "leapfrogs (mcmc_leapfrog)",
     "polished_hmc3": f"amortized + {CORRECTION_ROUNDS} correction rounds + {HMC_LONG_STEPS} HMC steps x {HMC_LEAPFROG} "
     "leapfrogs",
     "polished_hmc3_r1": f"amortized + {FEW_CORRECTION_ROUNDS} correction round + {HMC_LONG_STEPS} HMC steps x "
@@ -710,20 +712,21 @@ def _run_family(name: str, mode: str, out: Path) -> dict:
             draws, wall = _timed_draws(guide, d, repeats, rounds, steps, warmup, leapfrog)
             row[method] = dict(_compare(flat(draws, d), ref), wall_s=wall)
         pyro.set_rng_seed(0)
-        draws, wall = _timed(
-            lambda: refine(guide, cfg["refine_steps"], *d.args, **fam["svgd_kwargs"], **d.kwargs).sample_posterior(
+        draws, wall = _timed(  # the lambdas are called right away; d=d binds this iteration's dataset
+            lambda d=d: refine(guide, cfg["refine_steps"], *d.args, **fam["svgd_kwargs"], **d.kwargs).sample_posterior(
                 NUM_DRAWS, *d.args, **d.kwargs
             )
         )
         row["refined"] = dict(_compare(flat(draws, d), ref), wall_s=wall)
         pyro.clear_param_store()
-        draws, wall = _timed(lambda: _svi(model, d, cfg))
+        draws, wall = _timed(lambda d=d: _svi(model, d, cfg))
         row["svi"] = dict(_compare(flat(draws, d), ref), wall_s=wall)
         rows.append(row)
         print(
             f"  {name} dataset {fam['size']}={row['size']}: NUTS {row['nuts']['wall_s']:.1f} s; "
             + "; ".join(
-                f"{m} {row[m]['wall_s'] * 1e3:.0f} ms err {row[m]['worst_mean_err']:.2f} sd {row[m]['worst_sd_ratio']:.2f}"
+                f"{m} {row[m]['wall_s'] * 1e3:.0f} ms err {row[m]['worst_mean_err']:.2f} "
+                f"sd {row[m]['worst_sd_ratio']:.2f}"
                 for m in methods
             ),
             flush=True,
@@ -752,7 +755,8 @@ def _run_family(name: str, mode: str, out: Path) -> dict:
         f"polished (HMC) = the same with `mcmc_steps={HMC_STEPS}, mcmc_leapfrog={HMC_LEAPFROG}` (the same "
         f"{HMC_STEPS * HMC_LEAPFROG} evaluations; median of 3); polished (HMC, 3 steps) = the same with "
         f"`mcmc_steps={HMC_LONG_STEPS}` ({HMC_LONG_STEPS * HMC_LEAPFROG} evaluations; median of 3); polished (HMC, 3 "
-        f"steps, {FEW_CORRECTION_ROUNDS} round) = the same with `moment_correction={FEW_CORRECTION_ROUNDS}` (median of 3); "
+        f"steps, {FEW_CORRECTION_ROUNDS} round) = the same with `moment_correction={FEW_CORRECTION_ROUNDS}` "
+        "(median of 3); "
         + "".join(
             f"{labels[m]} = `moment_correction={r}, mcmc_steps={k}, mcmc_leapfrog={lf}` (median of 3); "
             for m, (r, k, lf) in fam.get("extra_polish", {}).items()
@@ -774,7 +778,8 @@ def _run_family(name: str, mode: str, out: Path) -> dict:
             f"for independent draws, ~{1 / math.sqrt(num / 5):.2f} sd for NUTS allowing for autocorrelation, and a "
             f"few % on each sd; the worst of {fam['scored_dims']} dimensions is 2-3 times that). "
             if exact is not None
-            else "the reference. Accuracy per dataset: worst dimension of |mean - mean_NUTS| / sd_NUTS and of sd / sd_NUTS "
+            else "the reference. Accuracy per dataset: worst dimension of |mean - mean_NUTS| / sd_NUTS and of "
+            "sd / sd_NUTS "
             f"(NUTS is itself a {num}-draw Monte Carlo estimate: its own error on the mean is "
             f"~{1 / math.sqrt(num / 5):.2f} sd allowing for autocorrelation). "
         )

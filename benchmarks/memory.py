@@ -145,7 +145,8 @@ def run(mode: str, out: Path) -> dict:
         "notes": (
             "Model: `x ~ Normal(0, I_D)` (isotropic Gaussian). Each configuration runs in a fresh subprocess: peak RSS "
             "(`resource.getrusage(RUSAGE_SELF).ru_maxrss`) after a set-up step and "
-            f"{steps} timed steps, minus the same process's RSS after imports and one warm-up step on a 2-dim model (this includes the guide's parameters and "
+            f"{steps} timed steps, minus the same process's RSS after imports and one warm-up step on a 2-dim model "
+            "(this includes the guide's parameters and "
             "Adam state: for D = 10^4 the default sampler's residual MLP alone has ~10.5 M parameters). "
             "`affine` is what the default GaussianResidualSampler chose automatically ('auto' = full up to D = 512, "
             "else diag). tracemalloc sees only Python allocations, not torch's allocator. `n x n x D tensor` is the "

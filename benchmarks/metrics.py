@@ -37,9 +37,10 @@ def c2st(
     Both samples are z-scored with the reference's mean and std; an MLP with two hidden layers of width
     ``10 * dim`` is trained to tell them apart and its ``n_folds``-fold (stratified, shuffled)
     cross-validated accuracy is returned. Two differences from sbibm's own ``c2st``: at most 1000
-    adam iterations (sbibm: 10,000) and stratified folds (sbibm: plain ``KFold``). Samples larger than ``max_samples`` are subsampled (without
-    replacement, seeded). Slow for 10,000 vs 10,000 draws: when the samples are close, adam keeps
-    fitting noise and runs all 1000 epochs per fold. Use in benchmarks, not unit tests.
+    adam iterations (sbibm: 10,000) and stratified folds (sbibm: plain ``KFold``). Samples larger than
+    ``max_samples`` are subsampled (without replacement, seeded). Slow for 10,000 vs 10,000 draws: when the
+    samples are close, adam keeps fitting noise and runs all 1000 epochs per fold. Use in benchmarks, not unit
+    tests.
 
     :param reference: ``[n, dim]`` reference draws.
     :param approx: ``[m, dim]`` approximate draws.

@@ -208,7 +208,8 @@ def eight_schools_centered(sigma: torch.Tensor, y: torch.Tensor | None = None) -
 
 
 def arma11(y_prev: torch.Tensor, y: torch.Tensor | None = None) -> None:
-    """ARMA(1, 1) (arma-arma11): ``y_prev = y[:-1]`` (the lagged outputs the recursion reads), ``y`` = all ``T`` outputs.
+    """ARMA(1, 1) (arma-arma11): ``y_prev = y[:-1]`` (the lagged outputs the recursion reads), ``y`` = all ``T``
+    outputs.
 
     ``nu_1 = mu + phi * mu`` (``err_0 = 0``), ``nu_t = mu + phi * y_{t-1} + theta * err_{t-1}`` with
     ``err_t = y_t - nu_t``; Stan's ``err ~ normal(0, sigma)`` is ``y ~ normal(nu, sigma)``.
@@ -247,7 +248,8 @@ def earn_height(height: torch.Tensor, earn: torch.Tensor | None = None) -> None:
 
 
 def kidscore_momiq(mom_iq: torch.Tensor, kid_score: torch.Tensor | None = None) -> None:
-    """kidiq-kidscore_momiq: ``kid_score ~ N(beta_1 + beta_2 mom_iq, sigma)``, flat ``beta``, ``sigma ~ HalfCauchy(2.5)``."""
+    """kidiq-kidscore_momiq: ``kid_score ~ N(beta_1 + beta_2 mom_iq, sigma)``, flat ``beta``,
+    ``sigma ~ HalfCauchy(2.5)``."""
     _flat_regression([mom_iq], "kid_score", kid_score, dist.HalfCauchy(mom_iq.new_tensor(2.5)))
 
 
@@ -502,9 +504,9 @@ def load_baseball(
 
     One chain of ``warmup_steps`` + ``num_samples`` iterations (defaults: 2,000 + 10,000, about five minutes on
     one CPU core), seeded with ``seed``. NUTS runs on the non-centred form of the same posterior
-    (``poutine.reparam`` with ``LocScaleReparam(centered=0.0)`` on ``alpha``; ``alpha = loc + scale * alpha_decentered``),
-    which it explores far better than the centred funnel; the returned model is the centred one.
-    Columns: ``loc, scale, alpha[1..18]``.
+    (``poutine.reparam`` with ``LocScaleReparam(centered=0.0)`` on ``alpha``;
+    ``alpha = loc + scale * alpha_decentered``), which it explores far better than the centred funnel; the
+    returned model is the centred one. Columns: ``loc, scale, alpha[1..18]``.
 
     :param num_samples: NUTS draws kept, the reference's size (at least 1).
     :param warmup_steps: NUTS adaptation steps (at least 0).

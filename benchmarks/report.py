@@ -23,7 +23,8 @@ __all__ = ["build_report", "load_json", "machine_info", "median_time", "write_js
 
 
 def machine_info(device: Any = None) -> dict[str, Any]:
-    """CPU model (from /proc/cpuinfo), core count, torch/pyro versions, threads, date; the GPU's name for a CUDA ``device``."""
+    """CPU model (from /proc/cpuinfo), core count, torch/pyro versions, threads, date; the GPU's name for a CUDA
+    ``device``."""
     import pyro
     import torch
 
@@ -178,8 +179,8 @@ def _section_step_cost(d: dict, out: Path) -> list[str]:
         m = d["machine"]
         s.append(
             f"Machine: {m.get('gpu')} (CUDA {m.get('cuda')}), host {m['cpu']} with {m['cores']} cores, torch "
-            f"{m['torch']}, pyro {m['pyro']}, Python {m['python']}, date {m['date']}. Same code and settings as the CPU "
-            "table; every timing block starts and ends with `torch.cuda.synchronize()`."
+            f"{m['torch']}, pyro {m['pyro']}, Python {m['python']}, date {m['date']}. Same code and settings as the "
+            "CPU table; every timing block starts and ends with `torch.cuda.synchronize()`."
         )
         s.append("")
     s.append(d.get("notes", ""))
@@ -213,7 +214,8 @@ def _section_step_cost(d: dict, out: Path) -> list[str]:
             "Recording (one-off, at the step where it happens): "
             + "; ".join(
                 f"{n}: {m['recording']['status']} from step {m['recording']['steps']}, whose "
-                f"cost was {m['recording']['recording_step_s']:.2f} s (an ordinary one {m['recording']['ordinary_step_s'] * 1e3:.3g} ms)"
+                f"cost was {m['recording']['recording_step_s']:.2f} s "
+                f"(an ordinary one {m['recording']['ordinary_step_s'] * 1e3:.3g} ms)"
                 for n, m in d["models"].items()
             )
         )
@@ -773,7 +775,8 @@ def build_report(out: Path) -> Path:
             lines.append(f"## {name}: report section failed ({type(e).__name__}: {e})")
             lines.append("")
         lines.append(
-            f"_{name}: wall {d.get('wall_s', float('nan')):.1f} s, mode `{d.get('mode')}`, written {d.get('machine', {}).get('date')}_"
+            f"_{name}: wall {d.get('wall_s', float('nan')):.1f} s, mode `{d.get('mode')}`, "
+            f"written {d.get('machine', {}).get('date')}_"
         )
         lines.append("")
     path = out / "REPORT.md"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import cProfile
+import functools
 import io
 import math
 import pstats
@@ -220,7 +221,7 @@ def _profile(model_name, args, kwargs, n, steps):
     total = time.perf_counter() - t0
     st = pstats.Stats(prof, stream=io.StringIO())
     rows = []
-    for (file, line, fn), (cc, nc, tt, ct, _) in st.stats.items():
+    for (file, line, fn), (_cc, nc, tt, ct, _) in st.stats.items():
         short = file.split("site-packages/")[-1].split("/work/main/")[-1]
         rows.append({"function": f"{short}:{line}({fn})", "ncalls": nc, "tottime": tt, "cumtime": ct})
     by_cum = sorted(rows, key=lambda r: -r["cumtime"])
@@ -267,10 +268,10 @@ def run(mode: str, out: Path, device: str = "cpu") -> dict:
         timings = {}
         timed = {"ours": svgd, "handwritten": svgd_a, "ours_not_recorded": svgd_eager}
         for key, driver in timed.items():
-            timings[key] = median_time(lambda: driver.step(*args, **kwargs), repeats, inner)
+            timings[key] = median_time(functools.partial(driver.step, *args, **kwargs), repeats, inner)
         # interleave once more so that machine-load drift affects all alike; keep the medians of both rounds
         for key, driver in timed.items():
-            again = median_time(lambda: driver.step(*args, **kwargs), repeats, inner, warmup=1)
+            again = median_time(functools.partial(driver.step, *args, **kwargs), repeats, inner, warmup=1)
             timings[key]["median_s"] = (timings[key]["median_s"] + again["median_s"]) / 2
         try:
             pyro.clear_param_store()
@@ -281,13 +282,13 @@ def run(mode: str, out: Path, device: str = "cpu") -> dict:
                 num_particles=n,
                 max_plate_nesting=1,
             )
-            timings["pyro_svgd"] = median_time(lambda: psvgd.step(*args, **kwargs), repeats, inner)
+            timings["pyro_svgd"] = median_time(functools.partial(psvgd.step, *args, **kwargs), repeats, inner)
         except Exception as e:  # noqa: BLE001
             timings["pyro_svgd"] = None
             result.setdefault("errors", []).append(f"pyro SVGD {name}: {type(e).__name__}: {e}")
         pyro.clear_param_store()
         svi = SVI(model, AutoNormal(model), pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
-        timings["svi_autonormal"] = median_time(lambda: svi.step(*args, **kwargs), repeats, inner)
+        timings["svi_autonormal"] = median_time(functools.partial(svi.step, *args, **kwargs), repeats, inner)
         pyro.clear_param_store()
         result["models"][name] = {
             "latent_dim": guide.latent_dim,
@@ -303,16 +304,18 @@ def run(mode: str, out: Path, device: str = "cpu") -> dict:
     _, args, kwargs = data["logreg"]
     result["profile"] = _profile("logreg", args, kwargs, n, {"smoke": 5, "quick": 20, "full": 50}[mode])
     result["notes"] = (
-        "Logistic regression: N = 1000 rows (on a GPU also 10^5 and 10^6 rows), D = 20, synthetic data; hierarchical: eight-schools-like non-centred model "
-        "with 50 groups (D = 52). (a) is the same AmortizedSVGD driver (same sampler network, kernel, Stein direction, "
-        "KSD diagnostic, optimizer) with `_log_density` replaced by a hand-written, vectorized torch log density with an "
-        "analytic score; its agreement with the Pyro model is checked (`handwritten_check` in the JSON). (b) uses the "
-        "same logistic model written with `(X * w).sum(-1)` because pyro.infer.SVGD's particle plate gives `w` the "
-        "shape (P, 1, D), for which `X @ w` is wrong. Timings: ours, ours not recorded and (a) are measured twice, interleaved, and the "
-        f"two medians averaged; {repeats} blocks of {inner} steps each. 'ours' is the default driver, which records the "
-        "model's log density and score as a graph after 20 steps on the same data and replays it (a CUDA graph on a GPU; "
-        "`record_graph`, see pyro_stein.graphs); the timed blocks start after the recording, whose one-off cost is "
-        "reported. 'ours, not recorded' is `record_graph=False`: the Pyro model runs under vmap every step."
+        "Logistic regression: N = 1000 rows (on a GPU also 10^5 and 10^6 rows), D = 20, synthetic data; "
+        "hierarchical: eight-schools-like non-centred model "
+        "with 50 groups (D = 52). (a) is the same AmortizedSVGD driver (same sampler network, kernel, Stein "
+        "direction, KSD diagnostic, optimizer) with `_log_density` replaced by a hand-written, vectorized torch log "
+        "density with an analytic score; its agreement with the Pyro model is checked (`handwritten_check` in the "
+        "JSON). (b) uses the same logistic model written with `(X * w).sum(-1)` because pyro.infer.SVGD's particle "
+        "plate gives `w` the shape (P, 1, D), for which `X @ w` is wrong. Timings: ours, ours not recorded and (a) "
+        f"are measured twice, interleaved, and the two medians averaged; {repeats} blocks of {inner} steps each. "
+        "'ours' is the default driver, which records the model's log density and score as a graph after 20 steps on "
+        "the same data and replays it (a CUDA graph on a GPU; `record_graph`, see pyro_stein.graphs); the timed "
+        "blocks start after the recording, whose one-off cost is reported. 'ours, not recorded' is "
+        "`record_graph=False`: the Pyro model runs under vmap every step."
     )
     result["wall_s"] = time.perf_counter() - t_start
     write_json(out, "step_cost" if dev.type == "cpu" else f"step_cost_{dev.type}", result)

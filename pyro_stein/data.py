@@ -143,7 +143,8 @@ def collate_features(items: Sequence[Tensor], start: int = 0) -> DatasetFeatures
     for i, f in enumerate(items, start):
         if not isinstance(f, Tensor):
             raise TypeError(
-                f"dataset features must be a Tensor[num_observations, num_features], got {type(f).__name__} (dataset {i})"
+                "dataset features must be a Tensor[num_observations, num_features], "
+                f"got {type(f).__name__} (dataset {i})"
             )
         if f.dim() == 1:
             f = f.unsqueeze(-1)
@@ -273,7 +274,8 @@ def default_dataset_fn(
         if n_obs is not None and v.shape[0] != n_obs:
             raise ValueError(
                 f"observed site {site['name']!r} has {v.shape[0]} observations but another observed site has {n_obs}; "
-                "the default dataset_fn cannot line them up: give the guide a dataset_fn(*args, **kwargs) -> Tensor[N, F]"
+                "the default dataset_fn cannot line them up: "
+                "give the guide a dataset_fn(*args, **kwargs) -> Tensor[N, F]"
             )
         n_obs = v.shape[0]
         cols.append(v)

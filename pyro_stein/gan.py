@@ -72,7 +72,8 @@ class GAN(_NeuralSampling):
     ):
         if not isinstance(discriminator, nn.Module):
             raise TypeError(
-                f"discriminator must be an nn.Module mapping x -> logits of shape (batch,), got {type(discriminator).__name__}"
+                "discriminator must be an nn.Module mapping x -> logits of shape (batch,), "
+                f"got {type(discriminator).__name__}"
             )
         if not isinstance(generator, nn.Module):
             raise TypeError(f"generator must be an nn.Module mapping noise -> x, got {type(generator).__name__}")

@@ -75,7 +75,8 @@ def hessian_stencil(z: Tensor, step: float | None = None) -> Tensor:
 
 
 def _stencil_derivatives(score: Tensor, step: float) -> tuple[Tensor, Tensor]:
-    """``(grad, H)`` from the scores at :func:`hessian_stencil` points; ``H`` is the symmetrised Hessian of ``-log p``."""
+    """``(grad, H)`` from the scores at :func:`hessian_stencil` points; ``H`` is the symmetrised Hessian of
+    ``-log p``."""
     d = score.shape[-1]
     hess = -(score[..., 1 : d + 1, :] - score[..., d + 1 :, :]) / (2 * step)
     return score[..., 0, :], 0.5 * (hess + hess.transpose(-1, -2))
@@ -200,7 +201,8 @@ def laplace_frames(
         accept = good.any(-1)
         stalled[idx[esc & ~accept]] = True  # no way up found: the dataset stops there, unconverged
         best = good.to(torch.int8).argmax(-1)  # the longest acceptable length (the ladder decreases)
-        pick = lambda x: x[torch.arange(len(idx), device=x.device), best]  # noqa: E731
+        rows = torch.arange(len(idx), device=best.device)  # cand, lp_c, grad_c, hess_c and best share a device
+        pick = lambda x, rows=rows, best=best: x[rows, best]  # noqa: E731 (defaults bind this iteration's values)
         acc = idx[accept]
         z[acc], lp[acc], grad[acc], hess[acc] = (
             pick(cand)[accept],

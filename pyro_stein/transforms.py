@@ -64,7 +64,8 @@ class LowerCholeskyBijection(Transform):
 
 
 class PositiveDefiniteBijection(Transform):
-    """``R^{n(n+1)/2}`` -> positive-definite matrices, ``x -> L L^T`` with ``L`` from :class:`LowerCholeskyBijection`."""
+    """``R^{n(n+1)/2}`` -> positive-definite matrices, ``x -> L L^T`` with ``L`` from
+    :class:`LowerCholeskyBijection`."""
 
     domain = constraints.real_vector
     codomain = constraints.positive_definite

@@ -586,8 +586,9 @@ def test_laplace_frames_make_an_untrained_amortized_guide_exact_on_gaussian_post
 def test_laplace_frames_with_training_fix_a_skewed_family():
     """poisson_model: each log lam posterior is a skewed log-Gamma(2 + sum y, 1 + n), so the Laplace frame
     alone is off (by ~1 / (2 sqrt(2 + sum y)) sd on lam's mean: up to 0.21 sd on these 20 datasets, measured
-    with 200,000 draws) and the sampler must learn the skew. After 300 steps, without any correction, 20 held-out datasets: means within 0.2 posterior sd
-    and sds within 20 % of the exact posterior (4,000 draws: MC s.e. 0.016 sd on the mean, 0.011 on the sd)."""
+    with 200,000 draws) and the sampler must learn the skew. After 300 steps, without any correction, 20 held-out
+    datasets: means within 0.2 posterior sd and sds within 20 % of the exact posterior (4,000 draws: MC s.e.
+    0.016 sd on the mean, 0.011 on the sd)."""
     pyro.set_rng_seed(0)
     stream = PriorPredictiveStream(poisson_model, make_poisson_args, obs_kwargs={"y": "y"})
     like = tensor(0.0)

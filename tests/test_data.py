@@ -291,7 +291,8 @@ def test_stream_rejects_latent_obs_site(site):
     )
     with pytest.raises(
         ValueError,
-        match=rf"'{site}' is a latent \(unobserved\) site of the model even with y= set.*observed site whose obs=.*'obs'",
+        match=rf"'{site}' is a latent \(unobserved\) site of the model even with y= set"
+        r".*observed site whose obs=.*'obs'",
     ):
         stream.sample()
 
@@ -306,7 +307,7 @@ def test_stream_checks_obs_sites_once_without_changing_the_draws():
     make = lambda: Dataset(torch.randn(8, 3).to(tensor(0.0)))  # noqa: E731
     stream = PriorPredictiveStream(counted, make, obs_kwargs={"obs": "y"})
     pyro.set_rng_seed(0)
-    (d1, l1), (d2, l2) = stream.sample_with_latents(), stream.sample_with_latents()
+    (d1, l1), (d2, _) = stream.sample_with_latents(), stream.sample_with_latents()
     assert calls == [True, False, True]  # one checking run, on the first sample only
     assert (
         {"sigma", "w"} <= set(l1)

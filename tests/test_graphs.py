@@ -275,9 +275,9 @@ def test_shapes_that_depend_on_data_values_are_not_recorded():
     ld = _log_density(selected_rows, X, y)
     u = tensor(torch.randn(4, ld.dim, generator=torch.Generator().manual_seed(4)))
     got = _evaluate(ld, u, (X, y), {}, ld.graphs.min_calls)
-    assert (
-        ld.graphs.status
-        == "off: the model's shapes depend on the data's values (aten::index with a boolean mask); a recording would freeze them"
+    assert ld.graphs.status == (
+        "off: the model's shapes depend on the data's values (aten::index with a boolean mask); "
+        "a recording would freeze them"
     )
     _assert_close(
         got, ModelLogDensity(selected_rows, ld.sites).log_density_and_score(u, (X, y), {}), "boolean-mask model"

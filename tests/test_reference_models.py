@@ -222,7 +222,8 @@ def _logistic_moments_dense(X, y, num_t=300, num_w=81):
 def test_logistic_reference_moments_match_dense_grid(k, scale):
     """Family (a)'s reference (benchmarks.amortized.logistic_reference_moments: importance sampling from a
     nested-Laplace proposal) agrees with a dense grid over the model's own coordinates, on datasets with one or two
-    real columns (zero-padded like the benchmark's), including a small weight scale (a curved, funnel-like posterior)."""
+    real columns (zero-padded like the benchmark's), including a small weight scale (a curved, funnel-like
+    posterior)."""
     from benchmarks.amortized import logistic_reference_moments
 
     g = torch.Generator().manual_seed(k)

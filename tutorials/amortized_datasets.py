@@ -187,7 +187,8 @@ def main():
     met = worst_err < TARGET_MEAN and abs(worst_ratio - 1) < TARGET_SD
     log(f"   worst |mean error| = {worst_err:.3f} posterior sd (target < {TARGET_MEAN}; MC s.e. 0.016)")
     log(
-        f"   worst sd ratio     = {worst_ratio:.3f} (target within {1 - TARGET_SD:.1f}..{1 + TARGET_SD:.1f}; MC s.e. 0.011)"
+        f"   worst sd ratio     = {worst_ratio:.3f} "
+        f"(target within {1 - TARGET_SD:.1f}..{1 + TARGET_SD:.1f}; MC s.e. 0.011)"
     )
     # how far outside the target the worst dataset is, in units of the Monte Carlo noise of the check
     miss = max(worst_err - TARGET_MEAN, abs(worst_ratio - 1) - TARGET_SD)
@@ -232,9 +233,8 @@ def main():
     for name in order[:6]:
         log(f"   {name:<16}{ksds[name]:>12.4g}")
     max_in = max(v for k, v in ksds.items() if k not in ood)
-    log(
-        f"   ... largest in-distribution KSD^2 {max_in:.4g}, median {statistics.median(v for k, v in ksds.items() if k not in ood):.4g}"
-    )
+    median_in = statistics.median(v for k, v in ksds.items() if k not in ood)
+    log(f"   ... largest in-distribution KSD^2 {max_in:.4g}, median {median_in:.4g}")
     top2 = set(order[:2])
     log(f"   the two OOD datasets have the two largest KSDs: {'yes' if top2 == set(ood) else 'NO'}")
     for name, d in ood.items():

@@ -117,7 +117,8 @@ def main(argv=None):
         train_s = time.perf_counter() - t0
         dev = max_parameter_deviation(guide)
         log(f"{a.steps} steps in {train_s:.1f} s ({1e3 * train_s / max(a.steps, 1):.0f} ms/step), "
-            f"{svgd.datasets_seen} datasets seen in all; KSD^2 {history[0]:.3g} -> {sum(history[-10:]) / len(history[-10:]):.3g}; "
+            f"{svgd.datasets_seen} datasets seen in all; "
+            f"KSD^2 {history[0]:.3g} -> {sum(history[-10:]) / len(history[-10:]):.3g}; "
             f"max parameter difference across ranks {dev:.1e}")  # fmt: skip
 
         if ctx.is_main:  # evaluate on fixed held-out datasets
