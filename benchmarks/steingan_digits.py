@@ -29,9 +29,13 @@ autoencoder network as the GAN's discriminator (``D = -E``); results go to
 The classifier is scikit-learn's ``LogisticRegression`` (the same settings for every row).
 Sample quality: the Fréchet distance between the generated sample and the real test split in the
 hidden-layer features of an ``MLPClassifier`` trained on the real training split, an
-inception-style score ``exp(E_x KL(p(y|x) || p(y)))`` with that network, and its agreement with
-the generator's labels. Data: the split and preprocessing of ``tutorials/steingan_digits.py``
-(``RandomState(0)``: 1297 train / 500 test; dequantized, standardized per pixel).
+inception-style score ``exp(E_x KL(p(y|x) || p(y)))`` with that network, its agreement with
+the generator's labels, and the within-class spread: the total variance (sum of per-pixel
+variances) of each class's images over that of the real test images of the class, averaged over
+classes (1 = as varied as real digits; a generator that ignores its noise scores near 0). Figures:
+per-class samples and a latent random walk of the first seed's generators. Data: the split and
+preprocessing of ``tutorials/steingan_digits.py`` (``RandomState(0)``: 1297 train / 500 test;
+dequantized, standardized per pixel).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ CONFIG = {
 }
 NOISE, HIDDEN, BATCH, LR, BETAS = 32, (128, 128), 100, 1e-3, (0.5, 0.9)
 NUM_CLASSES = 10
+WALK_STEPS, WALK_RHO, WALK_SEED = 12, 0.9, 3  # the latent random-walk figure: steps, correlation, seed
 
 
 def load_data():
@@ -157,7 +162,8 @@ def classifier_accuracy(x: np.ndarray, y: np.ndarray, xte: np.ndarray, yte: np.n
 
 
 class FeatureNet:
-    """A small MLP classifier trained on the real training split: features (its hidden layer) and class probabilities."""
+    """A small MLP classifier trained on the real training split: features (its hidden layer) and class
+    probabilities."""
 
     def __init__(self, xtr: np.ndarray, ytr: np.ndarray):
         from sklearn.neural_network import MLPClassifier
@@ -189,7 +195,16 @@ def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
     return float(((m1 - m2) ** 2).sum() + np.trace(c1 + c2 - 2.0 * covmean))
 
 
-def quality(fnet: FeatureNet, x: np.ndarray, y: np.ndarray, ref_features: np.ndarray) -> dict[str, float]:
+def class_variances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Total variance (sum of the per-pixel variances) of the images of each class, ``(10,)``."""
+    return np.array([x[y == k].var(0).sum() for k in range(NUM_CLASSES)])
+
+
+def quality(
+    fnet: FeatureNet, x: np.ndarray, y: np.ndarray, ref_features: np.ndarray, ref_class_var: np.ndarray
+) -> dict[str, float]:
+    """Sample quality of labelled images ``(x, y)`` against the real test split (its features ``ref_features`` and
+    per-class total variances ``ref_class_var``)."""
     x = np.clip(x, -50.0, 50.0)
     p = np.clip(fnet.proba(x), 1e-12, 1.0)
     py = p.mean(0)
@@ -198,6 +213,7 @@ def quality(fnet: FeatureNet, x: np.ndarray, y: np.ndarray, ref_features: np.nda
         "frechet": frechet_distance(fnet.features(x), ref_features),
         "inception_score": score,
         "label_agreement": float((p.argmax(1) == y).mean()),
+        "class_spread": float((class_variances(x, y) / ref_class_var).mean()),
     }
 
 
@@ -207,35 +223,74 @@ def _summary(values: list[float]) -> dict:
     return {"mean": float(v.mean()), "se": se, "per_seed": v.tolist()}
 
 
-def save_grids(drivers: dict, path: Path, mu: np.ndarray, sd: np.ndarray, xtr, ytr) -> None:
+def _images(x: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """Standardized draws back to ``[0, 1]`` pixels, ``(n, 8, 8)``."""
+    return np.clip(x * sd + mu, 0, 1).reshape(-1, 8, 8)
+
+
+def _canvas(imgs: np.ndarray) -> np.ndarray:
+    """``(rows, cols, 8, 8)`` images on one canvas, one pixel of separator between them."""
+    rows, cols = imgs.shape[:2]
+    out = np.ones((rows * 9 - 1, cols * 9 - 1))
+    for r in range(rows):
+        for c in range(cols):
+            out[r * 9 : r * 9 + 8, c * 9 : c * 9 + 8] = imgs[r, c]
+    return out
+
+
+def _save_panels(panels: dict[str, np.ndarray], path: Path, width: float, height: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def canvas(imgs):  # imgs: (rows=8, cols=10, 8, 8)
-        out = np.ones((8 * 9 - 1, 10 * 9 - 1))
-        for r in range(imgs.shape[0]):
-            for c in range(imgs.shape[1]):
-                out[r * 9 : r * 9 + 8, c * 9 : c * 9 + 8] = imgs[r, c]
-        return out
-
-    def img(x):
-        return np.clip(x * sd + mu, 0, 1).reshape(-1, 8, 8)
-
-    panels = {"real training digits": np.stack([img(xtr[ytr == k][:8]) for k in range(10)], 1)}
-    torch.manual_seed(123)
-    labels = torch.arange(10).repeat(8)
-    for name, drv in drivers.items():
-        panels[f"{name} samples"] = img(drv.sample(80, labels=labels).double().numpy()).reshape(8, 10, 8, 8)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.4))
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height))
     for ax, (title, ims) in zip(np.atleast_1d(axes), panels.items()):
-        ax.imshow(canvas(ims), cmap="gray_r", vmin=0, vmax=1)
-        ax.set_title(f"{title} (column = class)")
+        ax.imshow(_canvas(ims), cmap="gray_r", vmin=0, vmax=1)
+        ax.set_title(title)
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def save_grids(drivers: dict, path: Path, mu: np.ndarray, sd: np.ndarray, xtr, ytr) -> None:
+    """Per-class samples of each generator next to real training digits: 8 rows, column = class."""
+    panels = {
+        "real training digits (column = class)": np.stack([_images(xtr[ytr == k][:8], mu, sd) for k in range(10)], 1)
+    }
+    torch.manual_seed(123)
+    labels = torch.arange(10).repeat(8)
+    for name, drv in drivers.items():
+        x = drv.sample(80, labels=labels).double().numpy()
+        panels[f"{name} samples (column = class)"] = _images(x, mu, sd).reshape(8, 10, 8, 8)
+    _save_panels(panels, path, 5.0, 4.4)
+
+
+def latent_walk(num_steps: int, noise_dim: int, seed: int, rho: float = WALK_RHO) -> torch.Tensor:
+    """A random walk in the noise space, ``xi_{t+1} = rho xi_t + sqrt(1 - rho^2) eps_t``, started at
+    ``xi_0 ~ N(0, I)``: every ``xi_t`` is a standard normal draw, consecutive ones are correlated by ``rho``.
+    Returns ``(num_steps, noise_dim)``."""
+    g = torch.Generator().manual_seed(seed)
+    xi = torch.randn(noise_dim, generator=g)
+    walk = [xi]
+    for _ in range(num_steps - 1):
+        xi = rho * xi + math.sqrt(1.0 - rho**2) * torch.randn(noise_dim, generator=g)
+        walk.append(xi)
+    return torch.stack(walk)
+
+
+def save_latent_walk(drivers: dict, path: Path, mu: np.ndarray, sd: np.ndarray) -> None:
+    """The paper's latent random walk: each generator's images along one walk in the noise space (columns), for
+    every class (rows); the same walk for all classes and both generators."""
+    noise = latent_walk(WALK_STEPS, NOISE, seed=WALK_SEED)
+    panels = {}
+    for name, drv in drivers.items():
+        x = torch.cat([drv.sample(WALK_STEPS, labels=torch.full((WALK_STEPS,), k), noise=noise) for k in range(10)])
+        panels[f"{name}: noise random walk (row = class)"] = _images(x.double().numpy(), mu, sd).reshape(
+            10, WALK_STEPS, 8, 8
+        )
+    _save_panels(panels, path, 6.0, 5.6)
 
 
 def run(
@@ -258,7 +313,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     xtr, ytr, xte, yte, mu, sd = load_data()
     fnet = FeatureNet(xtr, ytr)
-    ref = fnet.features(xte)
+    ref, ref_var = fnet.features(xte), class_variances(xte, yte)
     n = cfg["num_generated"]
     acc = {"SteinGAN": [], "GAN": [], "duplicate": []}
     qual = {"SteinGAN": [], "GAN": [], "duplicate": []}
@@ -269,12 +324,12 @@ def run(
             drv, secs = train_generator(method, seed, xtr, ytr, cfg["steps"], energy, energy_l2)
             x, y = generate(drv, n, seed)
             acc[method].append(classifier_accuracy(x, y, xte, yte))
-            qual[method].append(quality(fnet, x, y, ref))
+            qual[method].append(quality(fnet, x, y, ref, ref_var))
             train_s[method].append(secs)
             keep.setdefault(method, drv)
             print(
-                f"{method:9s} seed {seed}: test accuracy {acc[method][-1]:.3f}, Frechet {qual[method][-1]['frechet']:.2f}, "
-                f"train {secs:.1f}s",
+                f"{method:9s} seed {seed}: test accuracy {acc[method][-1]:.3f}, "
+                f"Frechet {qual[method][-1]['frechet']:.2f}, train {secs:.1f}s",
                 flush=True,
             )
         rs = np.random.RandomState(seed)
@@ -283,13 +338,13 @@ def run(
         )
         rep = np.resize(idx, n)  # the subset, repeated to the generated sample's size
         acc["duplicate"].append(classifier_accuracy(xtr[rep], ytr[rep], xte, yte))
-        qual["duplicate"].append(quality(fnet, xtr[rep], ytr[rep], ref))
+        qual["duplicate"].append(quality(fnet, xtr[rep], ytr[rep], ref, ref_var))
     real_acc = classifier_accuracy(xtr, ytr, xte, yte)
-    real_q = quality(fnet, xtr, ytr, ref)
+    real_q = quality(fnet, xtr, ytr, ref, ref_var)
     rows = []
     for method in ("SteinGAN", "GAN", "duplicate"):
         row = {"method": method, "test_accuracy": _summary(acc[method])}
-        for key in ("frechet", "inception_score", "label_agreement"):
+        for key in ("frechet", "inception_score", "label_agreement", "class_spread"):
             row[key] = _summary([q[key] for q in qual[method]])
         if method in train_s:
             row["train_seconds"] = _summary(train_s[method])
@@ -303,14 +358,20 @@ def run(
     )
     a, b = rows[0]["test_accuracy"], rows[1]["test_accuracy"]
     diff = [u - v for u, v in zip(a["per_seed"], b["per_seed"])]
+    name = "steingan_digits" + ("" if energy == "mlp" else f"_{energy}") + (f"_l2_{energy_l2:g}" if energy_l2 else "")
+    figures = {"samples": f"{name}_samples.png", "latent_walk": f"{name}_latent_walk.png"}
+    save_grids(keep, out / figures["samples"], mu, sd, xtr, ytr)
+    save_latent_walk(keep, out / figures["latent_walk"], mu, sd)
     result = {
         "mode": mode,
-        "data": "sklearn digits 8x8, split RandomState(0) 1297 train / 500 test, dequantized (v+u)/17, standardized per pixel",
+        "data": "sklearn digits 8x8, split RandomState(0) 1297 train / 500 test, dequantized (v+u)/17, "
+        "standardized per pixel",
         "generator": f"MLPSampler(noise {NOISE}, hidden {list(HIDDEN)}, class-conditional, 10 classes)",
         "energy": energy,
         "energy_l2": energy_l2,
         "steingan": (
-            f"AmortizedMLE, MLPEnergy(64, hidden {list(HIDDEN)}, class-conditional, confinement 4), RBF kernel on pixels"
+            f"AmortizedMLE, MLPEnergy(64, hidden {list(HIDDEN)}, class-conditional, confinement 4), "
+            "RBF kernel on pixels"
             if energy == "mlp"
             else "AmortizedMLE, AutoencoderEnergy((1, 8, 8), channels 16, code 16, class-conditional, confinement 4), "
             "RBF kernel on the encoder's code (feature_fn=energy.features)"
@@ -332,16 +393,21 @@ def run(
         "classifier": "sklearn LogisticRegression(C=1, max_iter=500) on standardized pixels",
         "feature_net": "sklearn MLPClassifier(hidden 64, alpha 1e-3, random_state 0) on the real training split; "
         "Frechet distance in its ReLU features against the real test split (500 images)",
+        "class_spread": "per class, total variance of the images over that of the real test images of the class "
+        "(standardized pixels), averaged over the 10 classes",
         "results": rows,
         "steingan_minus_gan_accuracy": _summary(diff),
+        "figures": {
+            **figures,
+            "drawn_by": f"the seed-{cfg['seeds'][0]} generators; the walk: rho={WALK_RHO}, {WALK_STEPS} steps, "
+            f"seed {WALK_SEED}, the same noise for every class and both generators",
+        },
         "wall_seconds": time.perf_counter() - t_start,
         "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
     }
-    name = "steingan_digits" + ("" if energy == "mlp" else f"_{energy}") + (f"_l2_{energy_l2:g}" if energy_l2 else "")
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{name}.md").write_text(markdown(result))
-    if mode != "smoke":
-        save_grids(keep, out / f"{name}_samples.png", mu, sd, xtr, ytr)
     return result
 
 
@@ -349,23 +415,48 @@ def _fmt(s: dict, digits: int) -> str:
     return f"{s['mean']:.{digits}f}" + ("" if s["se"] is None else f" ± {s['se']:.{digits}f}")
 
 
+def verdict(r: dict) -> str:
+    """The paper's finding, judged from the numbers: SteinGAN's accuracy above the GAN's by more than the two
+    standard errors together (``mean_S - mean_G > se_S + se_G``); the paired difference is reported with it."""
+    rows = {row["method"]: row["test_accuracy"] for row in r["results"]}
+    s, g, d = rows["SteinGAN"], rows["GAN"], r["steingan_minus_gan_accuracy"]
+    paired = f"SteinGAN − GAN accuracy, paired by seed: {_fmt(d, 3)} ({len(d['per_seed'])} seed(s))."
+    if s["se"] is None or g["se"] is None:
+        return paired + " One seed: no standard errors, no verdict."
+    gap, margin = s["mean"] - g["mean"], s["se"] + g["se"]
+    if gap > margin:
+        outcome = "higher than the GAN's by more than the standard errors: the paper's finding is reproduced"
+    elif gap < -margin:
+        outcome = "lower than the GAN's by more than the standard errors: the paper's finding is not reproduced"
+    else:
+        outcome = "within the standard errors of the GAN's: the paper's finding is not reproduced"
+    return (
+        f"{paired} SteinGAN's accuracy ({_fmt(s, 3)}) is {outcome} "
+        f"(difference {gap:+.3f}, standard errors together {margin:.3f})."
+    )
+
+
 def markdown(r: dict) -> str:
+    """The result table of a run, generated from its JSON (``--markdown-from`` regenerates it)."""
+    machine = f"{r['threads']} thread(s)" + (f", {r['cpu_count']} CPU cores" if r.get("cpu_count") else "")
     lines = [
         f"Class-conditional generators on the 8x8 digits ({r['energy']} energy/discriminator, SteinGAN energy_l2 "
         f"{r.get('energy_l2', 0.0):g}), {r['updates']} updates, batch {r['batch_size']}, "
         f"{len(r['seeds'])} seed(s) {r['seeds']}, {r['num_generated']} generated labelled images per generator; "
-        f"mean ± standard error over seeds. Wall time {r['wall_seconds']:.0f} s ({r['threads']} thread(s)).",
+        f"mean ± standard error over seeds. Wall time of the whole run {r['wall_seconds']:.0f} s ({machine}).",
         "",
-        "| training data of the classifier | real test accuracy | Fréchet distance | inception-style score | label agreement |",
-        "|---|---|---|---|---|",
+        "| training data of the classifier | real test accuracy | Fréchet distance | inception-style score "
+        "| label agreement | within-class spread | training time (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in r["results"]:
+        secs = _fmt(row["train_seconds"], 1) if "train_seconds" in row else "–"
+        spread = _fmt(row["class_spread"], 2) if "class_spread" in row else "–"  # absent from older runs
         lines.append(
             f"| {row['method']} | {_fmt(row['test_accuracy'], 3)} | {_fmt(row['frechet'], 2)} | "
-            f"{_fmt(row['inception_score'], 2)} | {_fmt(row['label_agreement'], 3)} |"
+            f"{_fmt(row['inception_score'], 2)} | {_fmt(row['label_agreement'], 3)} | {spread} | {secs} |"
         )
-    d = r["steingan_minus_gan_accuracy"]
-    lines += ["", f"SteinGAN − GAN accuracy, paired by seed: {_fmt(d, 3)}."]
+    lines += ["", verdict(r)]
     return "\n".join(lines) + "\n"
 
 
@@ -389,7 +480,19 @@ def main(argv=None) -> int:
         help="SteinGAN's energy_l2 stabilizer (0: the exact contrastive loss); the output name gets _l2_<value>",
     )
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument(
+        "--markdown-from",
+        metavar="JSON",
+        default=None,
+        help="only rewrite the Markdown table next to an existing result file from its numbers (no training)",
+    )
     a = p.parse_args(argv)
+    if a.markdown_from:
+        src = Path(a.markdown_from)
+        text = markdown(json.loads(src.read_text()))
+        src.with_suffix(".md").write_text(text)
+        print(text, end="")
+        return 0
     mode = "smoke" if a.smoke or (os.environ.get("CI") and not a.full) else "full"
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)

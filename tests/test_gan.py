@@ -16,6 +16,8 @@ from pyro_stein.gan import GAN
 from .conftest import DEVICE
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+COMMITTED_DIGITS_RUNS = sorted(RESULTS.glob("steingan_digits*.json"))
 
 
 def _gan(dim=2, noise=3, num_classes=None, hidden=(16, 16), lr=1e-3):
@@ -145,4 +147,80 @@ def test_steingan_digits_benchmark_smoke(tmp_path):
     # real digits train a good classifier and sit close to the real test split in the feature space
     assert rows["real"]["test_accuracy"]["mean"] > 0.9
     assert rows["real"]["frechet"]["mean"] < rows["duplicate"]["frechet"]["mean"]
+    assert all(0.0 <= row["class_spread"]["mean"] for row in rows.values())
+    md = (tmp_path / "steingan_digits.md").read_text()
+    assert "| SteinGAN |" in md and "paired by seed" in md
+    for figure in ("steingan_digits_samples.png", "steingan_digits_latent_walk.png"):
+        assert (tmp_path / figure).stat().st_size > 0
+
+
+def _digits_benchmark():
+    if str(ROOT) not in sys.path:  # benchmarks/ is not part of the installed package
+        sys.path.insert(0, str(ROOT))
+    from benchmarks import steingan_digits
+
+    return steingan_digits
+
+
+@pytest.mark.parametrize("path", COMMITTED_DIGITS_RUNS, ids=[p.stem for p in COMMITTED_DIGITS_RUNS])
+def test_committed_digits_tables_are_generated_from_their_json(path):
+    """The committed Markdown tables (included by the docs) are what the benchmark renders from the committed JSON."""
+    r = json.loads(path.read_text())
+    assert path.with_suffix(".md").read_text() == _digits_benchmark().markdown(r), (
+        f"{path.with_suffix('.md').name} is stale: python -m benchmarks.steingan_digits --markdown-from "
+        f"benchmarks/results/{path.name}"
+    )
+
+
+def test_committed_digits_run_is_full_and_has_its_figures():
+    r = json.loads((RESULTS / "steingan_digits.json").read_text())
+    assert r["mode"] == "full" and len(r["seeds"]) >= 3 and r["wall_seconds"] < 3600
+    assert {row["method"] for row in r["results"]} == {"SteinGAN", "GAN", "duplicate", "real"}
+    for key in ("samples", "latent_walk"):
+        assert (RESULTS / r["figures"][key]).is_file()
+
+
+def test_digits_verdict_follows_the_numbers():
+    bench = _digits_benchmark()
+
+    def result(steingan, gan, se, seeds=3):
+        def row(method, v):
+            return {"method": method, "test_accuracy": {"mean": v, "se": se, "per_seed": [v] * seeds}}
+
+        diff = {"mean": steingan - gan, "se": se, "per_seed": [steingan - gan] * seeds}
+        return {"results": [row("SteinGAN", steingan), row("GAN", gan)], "steingan_minus_gan_accuracy": diff}
+
+    assert "the paper's finding is reproduced" in bench.verdict(result(0.90, 0.80, 0.01))
+    assert "lower than the GAN's by more than the standard errors" in bench.verdict(result(0.70, 0.80, 0.01))
+    assert "within the standard errors" in bench.verdict(result(0.81, 0.80, 0.01))
+    assert "no verdict" in bench.verdict(result(0.90, 0.80, None, seeds=1))
+
+
+def test_latent_walk_is_stationary_and_correlated():
+    """Each step of the walk is a standard normal draw; consecutive steps are correlated by rho."""
+    w = _digits_benchmark().latent_walk(4000, 3, seed=0, rho=0.9)
+    assert w.shape == (4000, 3)
+    # effective sample size ~ 4000 * 3 * (1 - 0.9) / (1 + 0.9) ~ 630: s.e. ~0.06 on the variance, ~0.01 on rho
+    assert abs(float(w.var()) - 1.0) < 0.25
+    lag1 = float((w[1:] * w[:-1]).mean() / w.var())
+    assert abs(lag1 - 0.9) < 0.05
+
+
+@pytest.mark.slow
+def test_steingan_tutorial_smoke_runs_the_classifier_test(tmp_path):
+    """The tutorial's CI version runs the classifier test (the benchmark's smoke configuration) and writes its table
+    and figures next to the RBM results."""
+    env = dict(os.environ, CI="1", OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "tutorials" / "steingan_digits.py"), "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "| SteinGAN |" in (tmp_path / "steingan_digits.md").read_text()
+    assert "| SteinGAN |" in p.stdout and (tmp_path / "loglik.md").is_file()
+    for figure in ("steingan_digits_samples.png", "steingan_digits_latent_walk.png", "latent_walk.png"):
+        assert (tmp_path / figure).stat().st_size > 0
