@@ -6,6 +6,10 @@
   datasets the guide handles badly (e.g. out of its training distribution); refine those with
   :func:`pyro_stein.refine`.
 * :func:`sbc` runs simulation-based calibration from the model's own prior predictive.
+* :func:`importance_diagnostics` (guides whose sampler has a density, e.g. :class:`~pyro_stein.flows.FlowSampler`):
+  the importance weights of the guide's draws against the model's log joint, their Pareto ``k-hat`` (a calibrated
+  reliability score per dataset: above 0.7, do not trust the fit) and a log-evidence estimate;
+  :func:`importance_sample_posterior` resamples the draws with their Pareto-smoothed weights.
 
 KSD is computed in the model's *unconstrained* space (where the guide works), with the IMQ
 kernel by default, whose KSD controls convergence in distribution (Gorham & Mackey, 2017).
@@ -16,6 +20,7 @@ References:
 [1] Q. Liu, J. Lee, M. Jordan, "A Kernelized Stein Discrepancy for Goodness-of-fit Tests", ICML 2016.
 [2] J. Gorham, L. Mackey, "Measuring Sample Quality with Kernels", ICML 2017.
 [3] S. Talts et al., "Validating Bayesian Inference Algorithms with Simulation-Based Calibration", 2018.
+[4] Y. Yao, A. Vehtari, D. Simpson, A. Gelman, "Yes, but Did It Work?: Evaluating Variational Inference", ICML 2018.
 """
 
 from __future__ import annotations
@@ -29,12 +34,23 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_value
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
+from ._checks import _int_at_least
 from .data import Dataset, as_dataset
+from .importance import ImportanceResult, ess, importance_resample, log_evidence, psis
 from .kernels import IMQKernel, RadialKernel
-from .logjoint import ModelLogDensity, latent_sites_from_trace, pack
+from .logjoint import ModelLogDensity, latent_sites_from_trace, pack, unpack
 from .stein import ksd, stein_identity_eigenvalues
 
-__all__ = ["guide_ksd", "plot_sbc", "sbc", "stein_discrepancy", "stein_identity_range"]
+__all__ = [
+    "draws_and_log_densities",
+    "guide_ksd",
+    "importance_diagnostics",
+    "importance_sample_posterior",
+    "plot_sbc",
+    "sbc",
+    "stein_discrepancy",
+    "stein_identity_range",
+]
 
 
 def stein_discrepancy(
@@ -90,12 +106,14 @@ def _packed_draws_and_scores(model, samples, args, kwargs, max_samples) -> tuple
         if got != tuple(site.shape):
             raise ValueError(
                 f"samples[{site.name!r}] has draws of shape {got}, but the site's shape is {tuple(site.shape)}; pass "
-                "Tensor[num_samples, *site_shape] (e.g. mcmc.get_samples(), not group_by_chain=True: flatten the chains)"
+                "Tensor[num_samples, *site_shape] (e.g. mcmc.get_samples(), not group_by_chain=True: flatten the "
+                "chains)"
             )
     counts = {int(samples[s.name].shape[0]) for s in sites}
     if len(counts) > 1:
         raise ValueError(
-            f"the latent sites' samples hold different numbers of draws {sorted(counts)}; pass the same draws of every site"
+            f"the latent sites' samples hold different numbers of draws {sorted(counts)}; pass the same draws of "
+            "every site"
         )
     num = counts.pop()
     if num < 2:
@@ -145,6 +163,89 @@ def guide_ksd(guide, *args, num_samples: int = 500, kernel: RadialKernel | None 
     return float(ksd(z, score, kernel or IMQKernel()))
 
 
+def _frame_log_det(guide, frame) -> Tensor | float:
+    """``log|det L|`` of the guide's frame ``z = m + L u`` (0 without one)."""
+    if guide.whiten is None:
+        return 0.0
+    scale = frame[1] if frame is not None else guide.whiten_scale
+    return torch.linalg.slogdet(scale)[1]
+
+
+@torch.no_grad()
+def draws_and_log_densities(guide, num_samples: int, *args, **kwargs) -> tuple[Tensor, Tensor, Tensor]:
+    """Draws of a guide for the dataset ``(*args, **kwargs)`` with their log density under the guide and the model.
+
+    The guide's sampler must have a density: a ``sample_and_log_prob(noise, context)`` method (as the samplers of
+    :mod:`pyro_stein.flows` have). Both densities are those of the packed unconstrained latents ``z`` (what
+    ``guide.log_density`` evaluates: the model's log joint plus the log-Jacobians of the sites' bijections), the
+    guide's including its frame ``z = m + L u`` (``- log|det L|``), so ``log_p - log_q`` are the importance weights of
+    the draws and their log-mean-exp estimates the model's log evidence. The draws are the sampler's own, before any
+    ``moment_correction`` or ``mcmc_steps`` polish (which have no density).
+
+    :returns: ``(z (num_samples, D), log_q (num_samples,), log_p (num_samples,))``.
+    """
+    num_samples = _int_at_least(num_samples, "num_samples", 2, "an int >= 2")
+    guide.setup(*args, **kwargs)
+    if guide.subsample_plates:
+        raise ValueError(
+            "importance weights need the full-data log joint, but the model subsamples plates "
+            f"{sorted(guide.subsample_plates)}"
+        )
+    sampler = guide.sampler
+    if not callable(getattr(sampler, "sample_and_log_prob", None)):
+        raise TypeError(
+            f"the guide's sampler ({type(sampler).__name__}) has no density (no sample_and_log_prob method); build the "
+            "guide with a sampler from pyro_stein.flows, e.g. AmortizedSteinGuide(model, sampler=FlowSampler(D))"
+        )
+    context, frame = guide.context_and_frame(*args, **kwargs)
+    like = next(sampler.parameters())
+    noise = torch.randn(num_samples, sampler.noise_dim, dtype=like.dtype, device=like.device)
+    u, log_q = sampler.sample_and_log_prob(noise, context)
+    z = guide.unwhiten(u, frame)
+    log_q = log_q - _frame_log_det(guide, frame)
+    log_p = guide.log_density.log_density(z, args, kwargs)
+    return z, log_q, log_p.to(log_q.dtype)
+
+
+def importance_diagnostics(guide, *args, num_samples: int = 2000, **kwargs) -> ImportanceResult:
+    """Importance-sampling diagnostics of a guide (with a density) on the dataset ``(*args, **kwargs)``.
+
+    :returns: an :class:`~pyro_stein.importance.ImportanceResult`: the raw and Pareto-smoothed log weights of
+        ``num_samples`` draws, the Pareto ``k-hat`` (``<= 0.7``: the draws can be trusted, and reweighted; ``> 0.7``:
+        the guide misses part of the posterior, e.g. a mode), the log-evidence estimate ``log mean w`` with its
+        standard error, and the effective sample size of the smoothed weights. Unlike the KSD, ``k-hat`` has a
+        fixed scale: the same thresholds hold for every model and dataset.
+    """
+    _, log_q, log_p = draws_and_log_densities(guide, num_samples, *args, **kwargs)
+    lw = log_p - log_q
+    smoothed, khat = psis(lw)
+    log_z, se = log_evidence(lw)
+    return ImportanceResult(lw, smoothed, khat, log_z, se, ess(smoothed))
+
+
+def importance_sample_posterior(
+    guide, num_samples: int, *args, num_draws: int | None = None, **kwargs
+) -> tuple[dict[str, Tensor], float]:
+    """Posterior draws resampled from a guide's own draws with their Pareto-smoothed importance weights (PSIS).
+
+    Where the guide's ``k-hat`` is at most 0.7, resampling removes most of its remaining error (wrong mode masses,
+    tails too light or too heavy); above, it cannot add mass the guide does not have, and the ``k-hat`` returned says
+    so.
+
+    :param int num_samples: draws to return.
+    :param int num_draws: guide draws to weight (default ``max(2000, 2 num_samples)``); resampling repeats draws, so
+        take several times ``num_samples``.
+    :returns: ``({site: Tensor[num_samples, *site_shape]}, k-hat)`` in constrained space.
+    """
+    num_samples = _int_at_least(num_samples, "num_samples", 1, "a positive int")
+    num_draws = max(2000, 2 * num_samples) if num_draws is None else _int_at_least(num_draws, "num_draws", 2)
+    z, log_q, log_p = draws_and_log_densities(guide, num_draws, *args, **kwargs)
+    lw = log_p - log_q
+    khat = float(psis(lw)[1])
+    z = importance_resample(z, lw, num_samples)
+    return {name: x for name, (_, x) in unpack(z, guide.sites).items()}, khat
+
+
 def sbc(
     guide,
     simulate: Callable[[], tuple[Dataset, dict[str, Tensor]]],
@@ -188,7 +289,8 @@ def sbc(
                 )
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise ValueError(
-                    f"the true value of {name!r} for simulated dataset {i} is not finite ({value.flatten()[:5].tolist()}"
+                    f"the true value of {name!r} for simulated dataset {i} is not finite "
+                    f"({value.flatten()[:5].tolist()}"
                     f"{' ...' if value.numel() > 5 else ''}); a rank against NaN or infinity means nothing: check "
                     "simulate (e.g. a prior draw that overflowed)"
                 )
