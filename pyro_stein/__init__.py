@@ -6,6 +6,7 @@ variational gradient, as a Pyro guide (:class:`AmortizedSteinGuide`) with an Inf
 """
 
 from ._io import CheckpointError
+from .amortization import Amortization
 from .data import Dataset, PriorPredictiveStream
 from .ebm import AmortizedMLE, ContrastiveDivergence, GaussianBernoulliRBM
 from .gan import GAN
@@ -15,11 +16,13 @@ from .infer import AmortizedSVGD, KernelWarning, NonFiniteDatasetWarning, NonFin
 from .kernels import IMQKernel, RadialKernel, RBFKernel
 from .laplace import LaplaceFrameWarning
 from .logjoint import NonFiniteLogJointError
+from .postprocess import HMC, MALA, MomentCorrection
 from .stein import ksd, stein_direction
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Amortization",
     "AmortizedMLE",
     "AmortizedSVGD",
     "AmortizedSteinGuide",
@@ -28,10 +31,13 @@ __all__ = [
     "Dataset",
     "GAN",
     "GaussianBernoulliRBM",
+    "HMC",
     "IMQKernel",
     "KernelWarning",
     "LaplaceFrameWarning",
+    "MALA",
     "ModelParameterWarning",
+    "MomentCorrection",
     "NonFiniteDatasetWarning",
     "NonFiniteLogJointError",
     "NonFiniteUpdateError",

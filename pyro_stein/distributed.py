@@ -24,7 +24,7 @@ and in the script::
 
 Why explicit collectives rather than :class:`torch.nn.parallel.DistributedDataParallel`: the
 forward pass of the guide runs inside the driver in two pieces (``guide.encode`` then
-``guide.draw``), the guide's own methods and :class:`~pyro_stein.guide.SamplerDistribution` read
+``guide.draw``), the guide's own methods and :class:`~pyro_stein.construction.SamplerDistribution` read
 attributes of ``guide.sampler`` (``noise_dim``, ``latent_dim``) that a DDP wrapper hides, and DDP
 would rename every parameter (``sampler.module.*``), which changes the keys of ``state_dict``,
 of the Pyro param store and of the optimiser state, so checkpoints would not load across world
@@ -38,7 +38,6 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,10 +46,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ._checks import _int_at_least
 from .data import Dataset, as_dataset
-from .guide import AmortizedSteinGuide, _int_at_least
-from .infer import AmortizedSVGD, _fitted_standardization, _register_params
+from .guide import AmortizedSteinGuide
+from .infer import AmortizedSVGD
 from .logjoint import NonFiniteLogJointError
+from .updates import register_params
 
 __all__ = [
     "DistributedAmortizedSVGD",
@@ -238,10 +239,11 @@ class DistributedAmortizedSVGD(AmortizedSVGD):
     * before the first update (after ``guide.setup``), rank 0's parameters *and buffers* (e.g.
       the encoder's feature standardisation, which setup fits on each rank's first dataset) are
       broadcast to all ranks;
-    * each update, every rank runs :meth:`AmortizedSVGD._update` on its own datasets; just before
-      the optimiser step one ``all_reduce`` sums ``[B_r * grad_r, has_grad_r, B_r, failed_r]`` and
-      the gradient used is ``sum_r B_r grad_r / sum_r B_r`` (the single-process gradient on all
-      ``sum_r B_r`` datasets). The returned ``KSD^2`` diagnostic is this rank's own;
+    * each update, every rank runs the update of :class:`~pyro_stein.AmortizedSVGD` on its own datasets; just
+      before the optimiser step (:meth:`reduce_gradients`) one ``all_reduce`` sums
+      ``[B_r * grad_r, has_grad_r, B_r, failed_r]`` and the gradient used is ``sum_r B_r grad_r / sum_r B_r``
+      (the single-process gradient on all ``sum_r B_r`` datasets). The returned ``KSD^2`` diagnostic is this
+      rank's own;
     * if any rank fails (non-finite log joint or gradient), every rank raises and no rank
       updates, so the ranks neither diverge nor hang in a collective.
 
@@ -253,6 +255,8 @@ class DistributedAmortizedSVGD(AmortizedSVGD):
         super().__init__(*args, **kwargs)
         self.datasets_seen = 0
         self._synced = False
+        self._synced_now = False  # whether this update broadcast the parameters (redone if it fails)
+        self._weight = 0.0
 
     @property
     def rank(self) -> int:
@@ -267,39 +271,29 @@ class DistributedAmortizedSVGD(AmortizedSVGD):
         broadcast_module(self.guide)
         self._synced = True
 
-    # The base class's _update does loss, backward, a finiteness check and then calls self.optim(params).
-    # It is reused unchanged: for the duration of one update self.optim is swapped for _reduce_then_step,
-    # which averages the gradients over ranks before the real optimiser step. A rank whose local update
-    # raises (non-finite log joint or gradient) still joins that step's one all_reduce, flagged as
-    # failed, so every rank raises together instead of the others hanging in the collective.
-    def _update(self, datasets: Sequence[Dataset]) -> Tensor:
-        guide = self.guide
-        guide.setup(*datasets[0].args, **datasets[0].kwargs)
-        with ExitStack() as undo:
-            refit = not self._synced and getattr(guide, "_standardization_pending", False)
-            if refit:  # each rank on its own batch; rank 0's is broadcast next; undone, as in AmortizedSVGD, on failure
-                undo.enter_context(_fitted_standardization(guide, datasets))
-            if not self._synced:
-                self.sync_parameters()
-            real_optim, self._weight, self._reduced = self.optim, float(len(datasets)), False
-            self.optim = lambda params: self._reduce_then_step(real_optim, params)
-            self._real_optim = real_optim  # whose state the base class's all-or-nothing update snapshots
-            try:
-                return super()._update(datasets)
-            except Exception:
-                if _active() and not self._reduced:
-                    self._all_reduce_grads(failed=True)  # let the other ranks know, then raise here too
-                if refit:
-                    self._synced = False  # the standardisation is fitted and broadcast again next time
-                raise
-            finally:
-                self.optim = real_optim
-                self._real_optim = None
+    # The base class's update runs the whole step; two hooks make it data-parallel. before_update broadcasts rank
+    # 0's parameters and buffers before the first update (after each rank fitted the standardisation of a fresh
+    # guide on its own batch). reduce_gradients, called just before the optimiser step, averages the gradients over
+    # ranks with one all_reduce. A rank whose update raises before that (non-finite log joint or gradient) still
+    # joins the step's all_reduce, flagged as failed (step_failed), so every rank raises together instead of the
+    # others hanging in the collective.
+    _step_counters = ("num_steps", "datasets_seen")
+
+    def before_update(self, datasets: Sequence[Dataset]) -> None:
+        self._weight = float(len(datasets))
+        self._synced_now = not self._synced
+        if not self._synced:
+            self.sync_parameters()
+
+    def step_failed(self) -> None:
+        if _active():
+            self._all_reduce_grads(failed=True)  # let the other ranks know, then raise here too
+        if self._synced_now:
+            self._synced = False  # the standardisation is fitted and broadcast again next time
 
     def _all_reduce_grads(self, failed: bool = False) -> tuple[float, list[Tensor]]:
         """Sum ``[B * grad, has_grad, B, failed]`` over ranks; returns (total B, params with a gradient)."""
-        self._reduced = True
-        params = _register_params(self.guide)
+        params = register_params(self.guide, self.guide.param_prefix)
         like = params[0]
         w = self._weight
         grads = [torch.zeros_like(p) if (failed or p.grad is None) else p.grad * w for p in params]
@@ -326,16 +320,16 @@ class DistributedAmortizedSVGD(AmortizedSVGD):
             offset += p.numel()
         return total, with_grad
 
-    def _reduce_then_step(self, real_optim, params: list[Tensor]) -> None:
-        self._weight = float(
-            self._num_used
-        )  # datasets in this rank's loss (those left out for non-finite values excluded)
+    def reduce_gradients(self, params: list[Tensor], num_datasets: int) -> list[Tensor]:
+        """Average the gradients over ranks, weighted by the datasets in each rank's loss (those left out for
+        non-finite values excluded); counts the datasets of all ranks in :attr:`datasets_seen`."""
+        self._weight = float(num_datasets)
         if _active():
             total, params = self._all_reduce_grads()
         else:
             total = self._weight
-        real_optim(params)
         self.datasets_seen += int(round(total))
+        return params
 
     def run(self, *args, progress_bar: bool = True, **kwargs) -> list[float]:
         """As :meth:`AmortizedSVGD.run`; ``batch_size`` is per rank and only rank 0 shows progress."""

@@ -1,15 +1,19 @@
-"""The Infer-style driver: amortized Stein variational gradient descent, shaped like :class:`pyro.infer.SVI`."""
+"""The Infer-style driver: amortized Stein variational gradient descent, shaped like :class:`pyro.infer.SVI`.
+
+One step is one pipeline (:meth:`AmortizedSVGD.step`): the datasets, their frames and encodings, the particles
+drawn from the guide, the model's log density and score at them, the Stein direction (:func:`stein_update`, a
+function of the particles, their scores and the kernel), and the all-or-nothing optimiser update of the guide's
+parameters (:mod:`pyro_stein.updates`). :meth:`AmortizedSVGD.reduce_gradients` is the hook where a data-parallel
+driver (:class:`~pyro_stein.distributed.DistributedAmortizedSVGD`) averages the gradients over processes.
+"""
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
-import signal
-import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import pyro
@@ -19,7 +23,7 @@ from pyro.optim import PyroOptim
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._checks import _CheckedOption
+from ._checks import _CheckedOption, _int_at_least
 from .data import (
     Dataset,
     LastDataset,
@@ -29,10 +33,25 @@ from .data import (
     as_dataset,
     iterate_batches,
 )
-from .guide import AmortizedSteinGuide, _int_at_least, _IntOption, _refuse_half_precision_once
-from .kernels import RadialKernel, RBFKernel
+from .frames import adaptive_frame
+from .guide import AmortizedSteinGuide
+from .health import TrainingWarning, collapse_problem
+from .health import history_problems as _history_problems
+from .kernels import KernelMatrices, RadialKernel, RBFKernel
 from .logjoint import ModelLogDensity, NonFiniteLogJointError, all_finite, finite_sets
+from .postprocess import HMC
 from .stein import ksd_from_matrices, stein_direction_from_matrices
+from .tracing import _refuse_half_precision_once
+from .updates import (
+    NonFiniteUpdateError,
+    UpdateTransaction,
+    _all_finite,
+    _optimiser_description,
+    _snapshot,
+    deferred_interrupt,
+    register_params,
+    unregister_params,
+)
 
 __all__ = [
     "AmortizedSVGD",
@@ -42,28 +61,16 @@ __all__ = [
     "TrainingWarning",
     "default_optim",
     "refine",
+    "stein_update",
 ]
 
 DEFAULT_NUM_STEPS = 1500
 DEFAULT_LR = (1e-2, 1e-3)  # ClippedAdam's learning rate, decayed geometrically from the first to the second over a run
-# the adaptive frame: an exponential moving average of the particles' mean and covariance, shrunk towards its diagonal
-_FRAME_DECAY = 0.9
-_FRAME_SHRINK = 0.1
-# health checks at the end of run(): windows of the KSD history, and the collapse statistic's threshold
-_HEALTH_WINDOWS = 10
-_COLLAPSE_THRESHOLD = 0.25
-_HEALTH_DRAWS = 2000
-AUTO_POLISH = (10, 5)  # (mcmc_steps, mcmc_leapfrog) run() sets on a guide whose draws fail the collapse check
-_HEALTH_MIN_STEPS = 200  # shorter runs are too noisy to judge from the KSD history
+AUTO_POLISH = HMC(steps=10, leapfrog=5)  # what run() adds to the post-processing of a guide whose draws collapsed
 
 
 class NonFiniteDatasetWarning(UserWarning):
     """Datasets were left out of an amortized training step because their log joint was not finite."""
-
-
-class TrainingWarning(UserWarning):
-    """:meth:`AmortizedSVGD.run` ended in a state that should not be trusted: it diverged, the Stein discrepancy had
-    not settled, or the draws' spread collapsed below the posterior's. The message says what to do."""
 
 
 def default_optim(num_steps: int = DEFAULT_NUM_STEPS) -> pyro.optim.ClippedAdam:
@@ -79,10 +86,6 @@ class KernelWarning(UserWarning):
     """The kernel gave non-finite values (e.g. a custom profile's second derivative), so the step's KSD is NaN."""
 
 
-class NonFiniteUpdateError(ValueError):
-    """An optimiser step made guide parameters NaN or infinite (e.g. an infinite learning rate); the step was undone."""
-
-
 class _ChoiceOption(_CheckedOption):
     """An :class:`AmortizedSVGD` option that takes one of a few values (compared by type and value), checked whenever
     it is set (``svgd.<name> = value``), with an error naming the option."""
@@ -96,144 +99,15 @@ class _ChoiceOption(_CheckedOption):
         return value
 
 
-def _snapshot(obj):
-    """A copy of nested dicts, lists and tuples with every tensor cloned (detached): later steps do not change it."""
-    if isinstance(obj, Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _snapshot(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_snapshot(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_snapshot(v) for v in obj)
-    return copy.deepcopy(obj)
+class _IntOption(_CheckedOption):
+    """An option held as an ``int`` >= ``lo``, checked (and converted, e.g. from ``numpy.int64``) whenever it is
+    set, in the constructor or later as ``svgd.<name> = value``, with an error naming the option."""
 
+    def __init__(self, lo: int, expected: str | None = None, owner: str = "svgd"):
+        self.lo, self.expected, self.owner = lo, expected, owner
 
-@contextmanager
-def _deferred_interrupt() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block has finished, then raise it as
-    ``KeyboardInterrupt``: an optimiser step is never cut between two parameters. Only in the main thread, and
-    only while SIGINT has Python's default handler (a handler of the caller's own is left alone)."""
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield
-        return
-    caught: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        if caught:
-            raise KeyboardInterrupt
-
-
-def _torch_optimizer(obj):
-    """The torch optimiser a PyroOptim keeps for a parameter (a scheduler's optimiser for a PyroLRScheduler)."""
-    return obj if isinstance(obj, torch.optim.Optimizer) else getattr(obj, "optimizer", obj)
-
-
-def _all_finite(params: Sequence[Tensor]) -> bool:
-    """Whether every parameter is finite: one fused norm per parameter and one host sync; a non-finite norm (also
-    from an overflow of large finite values) is confirmed element by element."""
-    if not params:
-        return True
-    try:
-        if bool(torch.isfinite(torch.stack(torch._foreach_norm(list(params))).sum())):
-            return True
-    except (RuntimeError, TypeError):  # e.g. parameters on several devices
-        pass
-    return all(bool(torch.isfinite(p).all()) for p in params)
-
-
-class _UpdateTransaction:
-    """The parameters' values and the optimiser's state for them, taken before an optimiser step, so that a step
-    that fails part-way (an exception, ``KeyboardInterrupt`` included) or leaves non-finite values is undone
-    completely: every parameter and its optimiser state (moments, step counts, a decayed learning rate) back at
-    step k, and optimisers created by the failed step forgotten.
-
-    A torch optimiser keeps what a step changes in ``state[param]`` and in its ``param_groups``' hyperparameters
-    (e.g. ClippedAdam's decayed learning rate); those are copied (tensors cloned), nothing else is."""
-
-    def __init__(self, optim: PyroOptim, params: Sequence[Tensor]):
-        self.optim = optim
-        self.params = list(params)
-        self.values = [p.detach().clone() for p in self.params]
-        self.states = {}
-        for p in self.params:
-            obj = optim.optim_objs.get(p)
-            if obj is None:
-                continue
-            opt = _torch_optimizer(obj)
-            state = opt.state.get(p)
-            self.states[
-                p
-            ] = (  # hyperparameters are numbers, tuples or None: replaced by a step, never changed in place
-                None
-                if state is None
-                else {
-                    k: v.clone() if isinstance(v, Tensor) else _snapshot(v) if isinstance(v, (list, dict)) else v
-                    for k, v in state.items()
-                },
-                [dict(group) for group in opt.param_groups],
-            )
-        self.waiting = dict(optim._state_waiting_to_be_consumed)
-
-    def rollback(self) -> None:
-        with torch.no_grad():
-            for p, v in zip(self.params, self.values):
-                p.copy_(v)
-        for p in self.params:
-            if p in self.states:
-                opt = _torch_optimizer(self.optim.optim_objs[p])
-                state, groups = self.states[p]
-                if state is None:
-                    opt.state.pop(p, None)
-                else:
-                    opt.state[p] = state
-                for group, saved in zip(opt.param_groups, groups):
-                    group.update((k, v) for k, v in saved.items() if k != "params")
-            elif p in self.optim.optim_objs:
-                del self.optim.optim_objs[p]
-                self.optim.grad_clip.pop(p, None)
-        self.optim._state_waiting_to_be_consumed.clear()
-        self.optim._state_waiting_to_be_consumed.update(self.waiting)
-
-
-def _optimiser_description(optim: PyroOptim, params: Sequence[Tensor]) -> str:
-    """``"Adam (lr=0.001)"``: the torch optimiser behind a PyroOptim and its learning rate, for messages."""
-    for p in params:
-        obj = optim.optim_objs.get(p)
-        if obj is None:
-            continue
-        opt = _torch_optimizer(obj)
-        groups = getattr(opt, "param_groups", None) or [{}]
-        return f"{type(opt).__name__} (lr={groups[0].get('lr', '?')})"
-    ctor = getattr(optim, "pt_optim_constructor", None)
-    args = optim.pt_optim_args if isinstance(getattr(optim, "pt_optim_args", None), dict) else {}
-    return f"{getattr(ctor, '__name__', type(optim).__name__)} (lr={args.get('lr', '?')})"
-
-
-def _register_params(guide: AmortizedSteinGuide) -> list[Tensor]:
-    """Name the guide's parameters in Pyro's param store (so PyroOptim state is keyed by name)."""
-    store = pyro.get_param_store()
-    params = []
-    for name, p in guide.named_parameters():
-        full = f"{guide._pyro_name}$$${name}"
-        if store._params.get(full) is not p:
-            store._params[full] = p
-            store._param_to_name[p] = full
-        params.append(p)
-    return params
-
-
-def _unregister_params(guide: AmortizedSteinGuide) -> None:
-    """Remove the names :func:`_register_params` gave the guide's parameters (the guide keeps its weights)."""
-    store = pyro.get_param_store()
-    for name in [n for n in store._params if n.startswith(f"{guide._pyro_name}$$$")]:
-        store._param_to_name.pop(store._params.pop(name), None)
+    def check(self, value) -> int:
+        return _int_at_least(value, f"{self.owner}.{self.name}", self.lo, self.expected)
 
 
 @contextmanager
@@ -249,7 +123,7 @@ def _fitted_standardization(guide: AmortizedSteinGuide, datasets: Sequence[Datas
         with torch.no_grad():
             for name, b in guide.named_buffers():
                 b.copy_(saved[name])
-        guide._standardization_pending = True
+        guide.encoding.standardization_pending = True
         raise
 
 
@@ -258,38 +132,47 @@ def _is_step_count(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _history_problems(history: Sequence[float]) -> list[str]:
-    """What the KSD history of a run says went wrong: divergence, or no settling (messages; empty when healthy).
+# ------------------------------------------------------------------------------------------ the step's maths
+def stein_update(
+    z: Tensor,
+    score: Tensor,
+    kernel: RadialKernel,
+    leave_one_out: bool = True,
+    variance: bool = False,
+    frame_moments: tuple[Tensor, Tensor] | None = None,
+    adaptive: bool = False,
+) -> tuple[Tensor, Tensor, KernelMatrices, tuple[Tensor, Tensor] | None]:
+    """The Stein direction at particles ``z`` (``(n, D)``, or ``(B, n, D)``: one set per dataset) with scores
+    ``score``: ``(phi, KSD^2, kernel matrices, adaptive frame moments)``.
 
-    The history is cut into 10 windows; their medians are compared. Diverged: a non-finite value, or a last window
-    whose median exceeds the best window's by 100x. Not settled: the last window's median more than 5x the best's,
-    or the last two windows' medians more than 2x apart (a discrepancy that still moves)."""
-    if not history:
-        return []
-    values = torch.tensor(history, dtype=torch.float64)
-    if not torch.isfinite(values).all():
-        first = int((~torch.isfinite(values)).nonzero()[0, 0])
-        return [
-            f"the Stein discrepancy became non-finite at step {first} of this run: training diverged. Lower the "
-            "learning rate (the optimiser's lr) or check the model for values outside its supports."
-        ]
-    if len(history) < _HEALTH_MIN_STEPS:
-        return []
-    medians = torch.stack([w.abs().median() for w in values.tensor_split(_HEALTH_WINDOWS)])
-    best, last, before = float(medians.min()), float(medians[-1]), float(medians[-2])
-    tiny = torch.finfo(torch.float64).tiny
-    if last > 100 * max(best, tiny):
-        return [
-            f"the Stein discrepancy ended {last / max(best, tiny):.3g}x above its best window median: training "
-            "diverged. Lower the learning rate (the optimiser's lr)."
-        ]
-    if last > 5 * max(best, tiny) or max(last, before) > 2 * max(min(last, before), tiny):
-        return [
-            f"the Stein discrepancy had not settled by the end of training (median of the last tenth of the "
-            f"steps {last:.3g}, of the tenth before {before:.3g}, best tenth {best:.3g}). Train longer, or lower "
-            "the learning rate if it swings."
-        ]
-    return []
+    ``adaptive``: the direction in the particles' own affine frame (:func:`~pyro_stein.frames.adaptive_frame`, from
+    ``frame_moments`` and ``z``), mapped back (affine invariant). ``variance``: each dataset's direction times its
+    particles' per-coordinate variance (each dataset moves in units of its own posterior sd)."""
+    moments = None
+    if adaptive:
+        loc, scale, moments = adaptive_frame(z, frame_moments)
+        z = torch.linalg.solve_triangular(scale, (z - loc).T, upper=False).T  # L^{-1} (z - m)
+        score = score @ scale  # L^T grad_z log p
+    km = kernel.matrices(z)
+    phi = stein_direction_from_matrices(z, score, km, leave_one_out)
+    stat = ksd_from_matrices(z, score, km)
+    if adaptive:
+        phi = phi @ scale.T  # L phi_u: the direction for z
+    if variance:
+        phi = phi * z.var(-2, keepdim=True)
+    return phi, stat, km, moments
+
+
+def surrogate_loss(z: Tensor, phi: Tensor, stat: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor, int]:
+    """``(loss, mean KSD^2, datasets used)``: the loss ``-mean <z, stopgrad(phi)>`` whose gradient moves the
+    sampler's weights along ``sum_i (d z_i / d eta)^T phi_i``; with ``keep`` (``(B,)`` bool), the datasets left out
+    contribute nothing and the means are over the others."""
+    if keep is None:
+        return -(z * phi).sum(-1).mean(), stat.mean().detach(), (z.shape[0] if z.dim() == 3 else 1)
+    used = int(keep.sum())
+    stat = (torch.where(keep, stat, torch.zeros_like(stat)).sum() / used).detach()
+    per_dataset = (z * phi).sum(-1).mean(-1)
+    return -torch.where(keep, per_dataset, torch.zeros_like(per_dataset)).sum() / used, stat, used
 
 
 class AmortizedSVGD:
@@ -406,7 +289,7 @@ class AmortizedSVGD:
         if not self.guide.subsample_plates:
             return {}
         model = self.guide.inference_model
-        tr = poutine.block(poutine.trace(poutine.condition(model, self.guide._init_values())).get_trace)(
+        tr = poutine.block(poutine.trace(poutine.condition(model, self.guide.init_values())).get_trace)(
             *d.args, **d.kwargs
         )
         return {name: tr.nodes[name]["value"] for name in self.guide.subsample_plates if name in tr.nodes}
@@ -464,66 +347,85 @@ class AmortizedSVGD:
         return finite
 
     def _update(self, datasets: Sequence[Dataset]) -> Tensor:
+        """One update on a batch of datasets; returns the KSD (see :meth:`_move`). The first update of a fresh
+        amortized guide fits its standardisation on this batch, undone if the update fails."""
         guide = self.guide
         for i, d in enumerate(datasets):
             _refuse_half_precision_once(d, i if len(datasets) > 1 else None)
         guide.setup(*datasets[0].args, **datasets[0].kwargs)
         if not guide.amortized:  # one dataset, checked once: latent shapes of the data the guide was set up with
-            guide._check_dataset(datasets[0])
+            guide.check_dataset(datasets[0])
         if self._log_density is None:
             # the guide's own model: the user's, or it with a funnel's sites non-centred (see AmortizedSteinGuide)
             self._log_density = ModelLogDensity(
                 guide.inference_model, guide.sites, guide.vectorize, record_graph=self.record_graph
             )
-        params = _register_params(guide)
-        if not getattr(guide, "_standardization_pending", False):
-            return self._move(guide, params, datasets)
-        with _fitted_standardization(guide, datasets):
-            return self._move(guide, params, datasets)
+        params = register_params(guide, guide.param_prefix)
+        with ExitStack() as stack:
+            if guide.standardization_pending:
+                stack.enter_context(_fitted_standardization(guide, datasets))
+            self.before_update(datasets)
+            self._reduced = False
+            try:
+                return self._move(guide, params, datasets)
+            except Exception:
+                if not self._reduced:
+                    self.step_failed()
+                raise
 
-    def _move(self, guide: AmortizedSteinGuide, params: list[Tensor], datasets: Sequence[Dataset]) -> Tensor:
-        """The update itself (see :meth:`_update`)."""
-        frame = guide.frames(datasets) if guide.per_dataset_frames else None  # per-dataset frames: amortized only
-        if guide.amortized:
-            z = guide.draw_whitened(self.num_particles, guide._contexts(datasets, frame))  # (B, n, D)
-        else:
-            if len(datasets) != 1:
-                raise ValueError("a non-amortized guide trains on one dataset; build the guide with amortized=True")
-            z = guide.draw_whitened(self.num_particles)  # (n, D)
-        # the sampler's outputs; without `whiten` they are the unconstrained latents themselves
-        x = guide.unwhiten(z.detach(), frame)
+    def before_update(self, datasets: Sequence[Dataset]) -> None:
+        """A hook called before each update, after the guide is set up (and, on the first update of a fresh
+        amortized guide, after its standardisation is fitted on ``datasets``). Does nothing here;
+        :class:`~pyro_stein.distributed.DistributedAmortizedSVGD` broadcasts rank 0's parameters before the first."""
+
+    def reduce_gradients(self, params: list[Tensor], num_datasets: int) -> list[Tensor]:
+        """A hook called after the backward pass, just before the optimiser step (inside its all-or-nothing
+        transaction): ``params`` have gradients computed from ``num_datasets`` datasets; returns the parameters to
+        update. Returns ``params`` here; :class:`~pyro_stein.distributed.DistributedAmortizedSVGD` averages the
+        gradients over processes."""
+        return params
+
+    def step_failed(self) -> None:
+        """A hook called when an update raises before :meth:`reduce_gradients` was reached (e.g. a non-finite log
+        joint); the error is raised after it. Does nothing here; a data-parallel driver lets the other processes
+        know."""
+
+    def _log_density_and_score(self, x: Tensor, datasets: Sequence[Dataset]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The log densities and scores at the particles ``x``, and which datasets of a batch are kept (``None``:
+        all; see :meth:`_drop_nonfinite`), the scores of the others zeroed."""
         plates = [self._plates_for(d) for d in datasets]
         lp, raw = self._scores(x, datasets, plates)
         keep = self._drop_nonfinite(x, lp, raw, datasets, plates) if raw.dim() == 3 else None
         if keep is not None:
             raw = torch.where(keep[:, None, None], raw, torch.zeros_like(raw))
-        score = guide.whiten_score(raw, frame)
-        zd = z.detach()
-        adaptive = guide.adaptive_frame and not guide.amortized
-        if adaptive:  # the direction in the particles' own affine frame, mapped back (affine invariant)
-            loc, scale, moments = self._adaptive_frame(zd)
-            zd = torch.linalg.solve_triangular(scale, (zd - loc).T, upper=False).T  # L^{-1} (z - m)
-            score = score @ scale  # L^T grad_z log p
-        km = self.kernel.matrices(zd)
-        self._last_kernel_matrices = km
-        phi = stein_direction_from_matrices(zd, score, km, self.leave_one_out)
-        stat = ksd_from_matrices(zd, score, km)
-        if adaptive:
-            phi = phi @ scale.T  # L phi_u: the direction for z
-        if self.precondition == "variance" or (
+        return lp, raw, keep
+
+    def _move(self, guide: AmortizedSteinGuide, params: list[Tensor], datasets: Sequence[Dataset]) -> Tensor:
+        """The update as a pipeline: the datasets' frames and encodings, the particles, the log density and score at
+        them, the Stein direction, the optimiser step. Returns the particles' KSD (mean over the datasets used)."""
+        frame = guide.frames(datasets) if guide.per_dataset_frames else None  # per-dataset frames: amortized only
+        if guide.amortized:
+            z = guide.draw_whitened(self.num_particles, guide.contexts(datasets, frame))  # (B, n, D)
+        else:
+            if len(datasets) != 1:
+                raise ValueError("a non-amortized guide trains on one dataset; build the guide with amortized=True")
+            z = guide.draw_whitened(self.num_particles)  # (n, D)
+        # the sampler's outputs; without a frame they are the unconstrained latents themselves
+        lp, raw, keep = self._log_density_and_score(guide.unwhiten(z.detach(), frame), datasets)
+        variance = self.precondition == "variance" or (
             self.precondition == "auto" and guide.amortized and guide.whiten is None
-        ):
-            # per-dataset, per-coordinate scale: each dataset moves in units of its own posterior sd
-            phi = phi * zd.var(-2, keepdim=True)
-        if keep is None:
-            self._num_used = len(datasets)
-            stat = stat.mean().detach()
-            loss = -(z * phi).sum(-1).mean()
-        else:  # the datasets left out contribute nothing; the loss and KSD are means over the others
-            self._num_used = int(keep.sum())
-            stat = (torch.where(keep, stat, torch.zeros_like(stat)).sum() / self._num_used).detach()
-            per_dataset = (z * phi).sum(-1).mean(-1)
-            loss = -torch.where(keep, per_dataset, torch.zeros_like(per_dataset)).sum() / self._num_used
+        )
+        phi, stat, km, moments = stein_update(
+            z.detach(),
+            guide.whiten_score(raw, frame),
+            self.kernel,
+            self.leave_one_out,
+            variance,
+            self._frame_moments,
+            adaptive=guide.adaptive_frame and not guide.amortized,
+        )
+        self._last_kernel_matrices = km
+        loss, stat, self._num_used = surrogate_loss(z, phi, stat, keep)
         for p in params:
             p.grad = None
         loss.backward()
@@ -536,27 +438,30 @@ class AmortizedSVGD:
                 f"non-finite gradient for guide parameters {bad}; the parameters were not updated"
             )
         self._apply_update(guide, params)
-        if adaptive:  # kept only once the step has succeeded
+        if moments is not None:  # the adaptive frame's moments, kept only once the step has succeeded
             self._frame_moments = moments
         return stat
+
+    # counters that an undone optimiser step restores (a subclass may add its own)
+    _step_counters: tuple[str, ...] = ("num_steps",)
 
     def _apply_update(self, guide: AmortizedSteinGuide, params: list[Tensor]) -> None:
         """The optimiser step, all or nothing: a Ctrl-C during it is held until it has finished (every parameter
         at step k + 1), and an exception inside it, or non-finite parameters after it, undo it (every parameter
         and its optimiser state at step k; :class:`NonFiniteUpdateError` naming the optimiser and learning rate)."""
-        optim = self.__dict__.get("_real_optim") or self.optim  # DistributedAmortizedSVGD wraps self.optim
-        with _deferred_interrupt():
-            update = _UpdateTransaction(optim, params)
-            counters = {k: self.__dict__[k] for k in ("num_steps", "datasets_seen") if k in self.__dict__}
+        with deferred_interrupt():
+            update = UpdateTransaction(self.optim, params)
+            counters = {k: self.__dict__[k] for k in self._step_counters if k in self.__dict__}
             try:
-                self.optim([p for p in params if p.grad is not None])
+                self._reduced = True
+                self.optim(self.reduce_gradients([p for p in params if p.grad is not None], self._num_used))
                 if not _all_finite(params):
                     names = {p: n for n, p in guide.named_parameters()}
                     bad = [names.get(p, "?") for p in params if not bool(torch.isfinite(p).all())]
                     raise NonFiniteUpdateError(
-                        f"the optimiser step of {_optimiser_description(optim, params)} made guide parameters {bad} "
-                        "NaN or infinite; the step was undone (parameters and optimiser state as before it). Lower "
-                        "the learning rate (it must be finite; e.g. pyro.optim.Adam({'lr': 1e-3}))"
+                        f"the optimiser step of {_optimiser_description(self.optim, params)} made guide parameters "
+                        f"{bad} NaN or infinite; the step was undone (parameters and optimiser state as before it). "
+                        "Lower the learning rate (it must be finite; e.g. pyro.optim.Adam({'lr': 1e-3}))"
                     )
             except BaseException:
                 update.rollback()
@@ -582,39 +487,14 @@ class AmortizedSVGD:
             if bad:
                 self._warned_kernel = True
                 warnings.warn(
-                    f"step {self.num_steps - 1}: the KSD this step returns is {value} because the kernel {self.kernel!r} "
-                    f"gives non-finite values of {', '.join(bad)} at some particle pairs: check its profile(). The "
-                    "parameters were updated with finite values; further non-finite KSDs are not warned about.",
+                    f"step {self.num_steps - 1}: the KSD this step returns is {value} because the kernel "
+                    f"{self.kernel!r} gives non-finite values of {', '.join(bad)} at some particle pairs: check its "
+                    "profile(). The parameters were updated with finite values; further non-finite KSDs are not "
+                    "warned about.",
                     KernelWarning,
                     stacklevel=3,
                 )
         return value
-
-    def _adaptive_frame(self, z: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-        """``(m, L, moments)``, ``L`` lower triangular: the frame of a guide with an adaptive frame, from a moving average of the
-        particles' mean and covariance (shrunk towards its diagonal), updated with this step's particles ``z``.
-
-        The Stein direction is computed on ``u = L^{-1} (z - m)`` with the score ``L^T grad_z log p`` and mapped back
-        as ``L phi(u)``: the same fixed point (the posterior), but a step that scales with the particles' own spread
-        and correlation, so that badly scaled and strongly correlated posteriors train as well as whitened ones."""
-        mean = z.mean(0)
-        centred = z - mean
-        cov = centred.T @ centred / max(1, z.shape[0] - 1)
-        if self._frame_moments is None or self._frame_moments[0].shape != mean.shape:
-            moments = (mean, cov)
-        else:
-            m0, c0 = self._frame_moments
-            a = _FRAME_DECAY
-            moments = (a * m0 + (1 - a) * mean, a * c0 + (1 - a) * cov)
-        loc, cov = moments
-        diag = cov.diagonal()
-        shrunk = (1 - _FRAME_SHRINK) * cov + _FRAME_SHRINK * torch.diag(diag)
-        floor = torch.finfo(z.dtype).eps * diag.abs().max().clamp_min(torch.finfo(z.dtype).tiny)
-        shrunk = shrunk + torch.diag(torch.full_like(diag, float(floor)))
-        chol, info = torch.linalg.cholesky_ex(shrunk)
-        if info != 0:  # numerically not positive definite: the diagonal alone
-            chol = torch.diag(diag.clamp_min(float(floor)).sqrt())
-        return loc, chol, moments  # the moments are kept (self._frame_moments) only once the step succeeds
 
     def step(self, *args, **kwargs) -> float:
         """One update on the dataset given by the model's ``*args, **kwargs``.
@@ -670,9 +550,9 @@ class AmortizedSVGD:
             every later draw comes out corrected at no extra cost.
         :param bool check_health: at the end, raise a :class:`TrainingWarning` when the run diverged, when its Stein
             discrepancy had not settled, or (a guide fitted to one dataset) when the draws' spread has collapsed
-            below the posterior's (then, unless ``guide.mcmc_steps`` was set, the guide's ``sample_posterior``
-            polishes its draws with 10 HMC steps of 5 leapfrogs from then on) (measured with Stein's identity ``E[s (z - m)^T] = -I`` at 2,000 draws: one batched model
-            evaluation).
+            below the posterior's (measured with Stein's identity ``E[s (z - m)^T] = -I`` at 2,000 draws: one batched
+            model evaluation); then, unless its ``postprocess`` has an MCMC polish, the guide's ``sample_posterior``
+            polishes its draws with ``HMC(steps=10, leapfrog=5)`` from then on (:meth:`AmortizedSteinGuide.add_polish`).
         """
         if num_steps is None and args and _is_step_count(args[0]):
             warnings.warn(
@@ -707,14 +587,13 @@ class AmortizedSVGD:
         single = batches is None and not self.guide.amortized and bool(history)
         problems = _history_problems(history) if check_health else []
         if check_health and single:  # judged on the trained sampler, before calibrate() corrects its moments
-            collapse = self._collapse_problem(args, kwargs)
+            collapse = collapse_problem(self.guide, lambda z: self._evaluate(z, args, kwargs))
             if collapse:
-                guide = self.guide
-                if guide.mcmc_steps == 0:  # the draws fail Stein's identity: polish them unless the user chose
-                    guide.mcmc_steps, guide.mcmc_leapfrog = AUTO_POLISH
+                # the draws fail Stein's identity: polish them from now on, unless the user chose a polish
+                if self.guide.add_polish(AUTO_POLISH):
                     collapse += (
-                        f" From now on sample_posterior polishes this guide's draws with {AUTO_POLISH[0]} "
-                        f"HMC steps of {AUTO_POLISH[1]} leapfrogs (guide.mcmc_steps = 0 turns it off)."
+                        f" From now on sample_posterior polishes this guide's draws with {AUTO_POLISH.steps} HMC "
+                        f"steps of {AUTO_POLISH.leapfrog} leapfrogs (guide.postprocess = [] turns it off)."
                     )
                 problems.append(collapse)
         if calibrate and single:
@@ -727,61 +606,10 @@ class AmortizedSVGD:
             warnings.warn(message, TrainingWarning, stacklevel=2)
         return history
 
-    @torch.no_grad()
-    def _collapse_problem(self, args: tuple, kwargs: dict) -> str | None:
-        """A message when the guide's draws are far narrower than the posterior in some direction, else ``None``.
-
-        For any distribution ``p`` (with tails that vanish), ``E_p[s (z - m)^T] = -I`` (Stein's identity, ``s`` the
-        score). In the draws' own whitened coordinates ``u = L^{-1} (z - m)`` (``L L^T`` their covariance, score
-        ``L^T s``), ``M = -E[s_u u^T]`` is ``I`` at the posterior; for a Gaussian posterior and draws narrower by a
-        factor ``r`` along a direction, ``M`` has the eigenvalue ``r^2`` there. An eigenvalue of its symmetric part
-        below 0.25 (``r`` below about 0.5; Monte Carlo noise at 2,000 draws is a few hundredths per eigenvalue in 10
-        dimensions) flags a collapse; affine invariant, so correlated posteriors are judged like independent ones.
-        """
-        guide = self.guide
-        rng = pyro.util.get_rng_state()  # the check must not change the random stream of the training that follows
-        try:
-            z = guide.draw(_HEALTH_DRAWS)
-            with guide._full_data():
-                lp, score = self._log_density.log_density_and_score(z, args, kwargs, check=False)
-        finally:
-            pyro.util.set_rng_state(rng)
-        ok = torch.isfinite(lp) & torch.isfinite(score).all(-1)
-        if int(ok.sum()) < _HEALTH_DRAWS // 2:
-            return (
-                f"after training, {_HEALTH_DRAWS - int(ok.sum())} of {_HEALTH_DRAWS} draws have a non-finite log "
-                "joint or score: the guide puts mass where the model has none. Train longer or lower the learning "
-                "rate, and check the model's supports."
-            )
-        z, score = z[ok].double(), score[ok].double()
-        zc = z - z.mean(0)
-        chol, info = torch.linalg.cholesky_ex(zc.T @ zc / (z.shape[0] - 1))
-        if info != 0:  # a degenerate direction: the draws have no spread there at all
-            return (
-                "the guide's draws have no spread in some direction (their covariance is singular): training "
-                "collapsed. Train longer, use more particles, or check the model's parameterisation."
-            )
-        u = torch.linalg.solve_triangular(chol, zc.T, upper=False).T
-        m = -(((score - score.mean(0)) @ chol).T @ u) / (z.shape[0] - 1)  # as stein_identity_eigenvalues
-        evals, evecs = torch.linalg.eigh(0.5 * (m + m.T))
-        if not float(evals[0]) < _COLLAPSE_THRESHOLD:
-            return None
-        direction = (chol @ evecs[:, 0]).abs()  # the collapsed direction in the latent coordinates
-        names = sorted(
-            {
-                s.name
-                for s in guide.sites
-                for i in (direction > 0.3 * direction.max()).nonzero().flatten().tolist()
-                if s.offset <= i < s.offset + s.size
-            }
-        )
-        return (
-            f"the guide's draws are narrower than the posterior along a direction of site(s) {names}: Stein's "
-            f"identity gives a squared sd ratio of about {float(evals[0]):.2g} there (1 at the posterior). For a "
-            "centred hierarchical model (a funnel), a non-centred parameterisation "
-            "(pyro.infer.reparam.LocScaleReparam) trains better; otherwise train longer or use more particles. "
-            "The calibration at the end of run() corrects the draws' mean, not their spread."
-        )
+    def _evaluate(self, z: Tensor, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
+        """The log density and score at particles ``z`` ``(n, D)`` of one dataset, on all its data, unchecked."""
+        with self.guide.full_data():
+            return self._log_density.log_density_and_score(z, args, kwargs, check=False)
 
     def get_state(self) -> dict:
         """The optimiser state, keyed by parameter name (see :meth:`set_state`): a snapshot (tensors copied),
@@ -830,15 +658,13 @@ def refine(
         raise TypeError(f"refine needs an AmortizedSteinGuide, got {type(guide).__name__}")
     model = guide.model
     guide.setup(*args, **kwargs)
-    refined = copy.deepcopy(guide)  # AutoGuide.__getstate__ drops the model reference: restore it on both
-    guide._model = (model,)
-    refined._model = (model,)
-    refined._pyro_name = f"{guide._pyro_name}_refined{id(refined)}"
+    refined = guide.copy()
+    refined.param_prefix = f"{guide.param_prefix}_refined{id(refined)}"
     optim = optim or pyro.optim.Adam({"lr": 1e-3})
     try:
         AmortizedSVGD(model, refined, optim, kernel=kernel, num_particles=num_particles, precondition=precondition).run(
             *args, num_steps=num_steps, progress_bar=progress_bar, check_health=False, **kwargs
         )
     finally:  # one refine per dataset must not pile copies up in Pyro's param store
-        _unregister_params(refined)
+        unregister_params(refined.param_prefix)
     return refined

@@ -8,10 +8,13 @@ import pytest
 import torch
 
 from pyro_stein import (
+    MALA,
+    Amortization,
     AmortizedSteinGuide,
     AmortizedSVGD,
     Dataset,
     LaplaceFrameWarning,
+    MomentCorrection,
     NonFiniteLogJointError,
     PriorPredictiveStream,
     RBFKernel,
@@ -84,15 +87,15 @@ def exact_regression(d):
 def train(model, make_args, steps, site, batch_size=8, num_particles=32, lr=3e-3, small=False):
     pyro.set_rng_seed(0)
     stream = PriorPredictiveStream(model, make_args, obs_kwargs={"y": "y"})
-    kw = {}
+    kw = {"amortized": True}
     if small:  # compact networks: a 1-D posterior family needs little capacity and trains faster
         like = tensor(0.0)  # user-built networks must live where the model's values live
-        # the feature-mean pass-through (AmortizedSteinGuide(mean_features=True) for the default encoder)
+        # the feature-mean pass-through (Amortization(mean_features=True) for the default encoder)
         kw = dict(
-            encoder=DeepSetEncoder(1, output_dim=8, hidden_dim=32, mean_features=True).to(like),
+            amortized=Amortization(encoder=DeepSetEncoder(1, output_dim=8, hidden_dim=32, mean_features=True).to(like)),
             sampler=GaussianResidualSampler(1, context_dim=8, hidden_dim=32, init_scale=0.3).to(like),
         )
-    guide = AmortizedSteinGuide(model, amortized=True, **kw)
+    guide = AmortizedSteinGuide(model, **kw)
     first = stream.sample()
     guide.setup(*first.args, **first.kwargs)
     optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.1 ** (1 / steps)})
@@ -140,8 +143,9 @@ def test_amortized_accuracy_with_moment_correction_on_a_non_gaussian_family():
     held_out = [stream.sample() for _ in range(20)]
     errs = {}
     for k in (0, 2):
-        guide.moment_correction = k
-        batch = guide.sample_posterior_batch(4000, held_out)["lam"]
+        batch = guide.sample_posterior_batch(4000, held_out, postprocess=[MomentCorrection(rounds=k)] if k else [])[
+            "lam"
+        ]
         worst_mean = worst_sd = 0.0
         for d, draws in zip(held_out, batch):
             post = dist.Gamma(2.0 + d.kwargs["y"].sum(), 1.0 + d.args[0])
@@ -231,7 +235,7 @@ def test_guide_mean_features_option_builds_and_saves_the_default_encoder(mean_fe
     stream = PriorPredictiveStream(regression_model, make_regression_args, {"y": "y"})
     d = stream.sample()
     guide = AmortizedSteinGuide(
-        regression_model, amortized=True, context_dim=16, whiten=whiten, mean_features=mean_features
+        regression_model, amortized=Amortization(context_dim=16, mean_features=mean_features), whiten=whiten
     ).setup(*d.args, **d.kwargs)
     on = mean_features if mean_features is not None else whiten is None
     assert guide.mean_features is on and guide.encoder.mean_features == on
@@ -255,18 +259,19 @@ def test_mean_features_default_is_off_with_a_user_encoder_or_without_amortizatio
     """The default (None) never conflicts: off for a non-amortized guide and for a user-supplied encoder."""
     assert AmortizedSteinGuide(mean_model).mean_features is False
     assert (
-        AmortizedSteinGuide(mean_model, amortized=True, encoder=DeepSetEncoder(1, output_dim=8)).mean_features is False
+        AmortizedSteinGuide(mean_model, amortized=Amortization(encoder=DeepSetEncoder(1, output_dim=8))).mean_features
+        is False
     )
     assert AmortizedSteinGuide(mean_model, amortized=True).mean_features is True
 
 
 def test_mean_features_argument_errors():
     with pytest.raises(TypeError, match="mean_features must be a bool"):
-        AmortizedSteinGuide(mean_model, amortized=True, mean_features=1)
+        Amortization(mean_features=1)
     with pytest.raises(ValueError, match="pass amortized=True"):
         AmortizedSteinGuide(mean_model, mean_features=True)
     with pytest.raises(ValueError, match=r"DeepSetEncoder\(\.\.\., mean_features=True\)"):
-        AmortizedSteinGuide(mean_model, amortized=True, mean_features=True, encoder=DeepSetEncoder(1, output_dim=8))
+        Amortization(mean_features=True, encoder=DeepSetEncoder(1, output_dim=8))
 
 
 def test_feature_standardisation_is_refit_on_the_first_training_batch_only(tmp_path):
@@ -394,7 +399,9 @@ def test_malformed_datasets_get_clear_errors():
         with pyro.plate("obs", x.shape[0]):
             pyro.sample("y", dist.Normal(beta * x[:, 0], 1.0), obs=y)
 
-    pairs = AmortizedSteinGuide(wide_model, amortized=True, dataset_fn=lambda x, y=None: torch.cat([x, y[:, None]], -1))
+    pairs = AmortizedSteinGuide(
+        wide_model, amortized=Amortization(dataset_fn=lambda x, y=None: torch.cat([x, y[:, None]], -1))
+    )
     x1 = torch.randn(7, 1).to(tensor(0.0))
     pairs.setup(x1, y=torch.zeros(7).to(x1))
     with pytest.raises(ValueError, match="width 3.*width 2"):
@@ -440,7 +447,7 @@ def test_a_failed_first_step_leaves_the_standardisation_unfitted():
     with pytest.raises(NonFiniteLogJointError, match="every dataset of this batch is non-finite"):
         svgd.step_batch(bad)
     assert all(torch.equal(before[k], v) for k, v in guide.named_buffers()), "the failed step changed buffers"
-    assert guide._standardization_pending
+    assert guide.standardization_pending
     svgd.step_batch(good)
     fresh = AmortizedSteinGuide(penalised_mean_model, amortized=True).setup(*good[0].args, **good[0].kwargs)
     fresh.fit_standardization(good)
@@ -482,8 +489,9 @@ def test_guide_moved_to_another_dtype_keeps_working_and_casts_features():
     stream = PriorPredictiveStream(regression_model, make_regression_args, {"y": "y"})
     d = stream.sample()
     moved = Dataset(d.args[0].to(other), y=d.kwargs["y"].to(other))
-    for kw in [{}, {"whiten": "laplace"}, {"dataset_fn": lambda x, y=None: torch.stack([x, y], -1).round().long()}]:
-        guide = AmortizedSteinGuide(regression_model, amortized=True, **kw).setup(*d.args, **d.kwargs)
+    to_ints = Amortization(dataset_fn=lambda x, y=None: torch.stack([x, y], -1).round().long())
+    for kw in [{"amortized": True}, {"amortized": True, "whiten": "laplace"}, {"amortized": to_ints}]:
+        guide = AmortizedSteinGuide(regression_model, **kw).setup(*d.args, **d.kwargs)
         guide.to(other)
         beta = guide.sample_posterior(5, *moved.args, **moved.kwargs)["beta"]
         assert beta.dtype == other and torch.isfinite(beta).all(), kw
@@ -551,7 +559,7 @@ def test_laplace_frames_make_an_untrained_amortized_guide_exact_on_gaussian_post
     worst_mean, worst_sd = _worst_errors(guide.sample_posterior_batch(4000, held)["beta"], exact)
     assert worst_mean < 0.08, f"worst |mean error| {worst_mean:.3f} sd, bound 0.08 (5 MC s.e.)"
     assert worst_sd < 0.055, f"worst |sd ratio - 1| {worst_sd:.3f}, bound 0.055 (5 MC s.e.)"
-    key = ("laplace", guide._cache_token)
+    key = ("laplace", guide.encoding.token)
     assert all(key in d.cache for d in held), "each dataset's frame is cached on it"
     loc, scale = guide.frames(held)
     assert loc.shape == (10, 1) and scale.shape == (10, 1, 1)
@@ -565,8 +573,8 @@ def test_laplace_frames_make_an_untrained_amortized_guide_exact_on_gaussian_post
     assert abs((pred.mean() - m) / s) < 0.08 and abs(pred.std() / s - 1) < 0.055
     # under Predictive(parallel=True) the guide runs inside a vectorizing plate; its feature read-out and frame
     # search evaluate the model as if on its own (the plate's dim would otherwise shift the model's plates)
-    for rounds, steps in [(0, 0), (1, 2)]:
-        guide.moment_correction, guide.mcmc_steps = rounds, steps
+    for steps in [(), (MomentCorrection(), MALA(steps=2))]:
+        guide.postprocess = steps  # (Predictive's draws are not post-processed)
         par = pyro.infer.Predictive(regression_model, guide=guide, num_samples=4000, parallel=True)(*d.args, **d.kwargs)
         assert par["y"].shape == (4000, len(d.args[0])), f"parallel Predictive of y: shape {tuple(par['y'].shape)}"
         beta = par["beta"].reshape(-1)
@@ -574,11 +582,11 @@ def test_laplace_frames_make_an_untrained_amortized_guide_exact_on_gaussian_post
             f"parallel Predictive: mean error {float((beta.mean() - m) / s):.3f} sd (bound 0.08, 5 MC s.e.), "
             f"sd ratio {float(beta.std() / s):.3f} (bound 1 +- 0.055, 5 MC s.e.)"
         )
-    guide.moment_correction, guide.mcmc_steps = 0, 0
+    guide.postprocess = ()
     assert math.isfinite(guide_ksd(guide, *d.args, **d.kwargs)), "the KSD flag draws in the dataset's frame"
     guide.save(tmp_path / "g.pt")
     loaded = AmortizedSteinGuide.load(tmp_path / "g.pt", regression_model, *d.args, **d.kwargs)
-    assert loaded.per_dataset_frames and loaded.laplace_evaluations == 50
+    assert loaded.per_dataset_frames and loaded.amortization.laplace_evaluations == 50
     again = loaded.sample_posterior(4000, *d.args, **d.kwargs)["beta"]
     assert abs((again.mean() - m) / s) < 0.08 and abs(again.std() / s - 1) < 0.055
 
@@ -594,9 +602,8 @@ def test_laplace_frames_with_training_fix_a_skewed_family():
     like = tensor(0.0)
     guide = AmortizedSteinGuide(
         poisson_model,
-        amortized=True,
+        amortized=Amortization(encoder=DeepSetEncoder(1, output_dim=8, hidden_dim=32).to(like)),
         whiten="laplace",
-        encoder=DeepSetEncoder(1, output_dim=8, hidden_dim=32).to(like),
         # the context: the 8-wide encoding, then the frame summary (mode and log sd of the one latent)
         sampler=GaussianResidualSampler(1, context_dim=8 + 2, hidden_dim=32, init_scale=1.0).to(like),
     )
@@ -627,7 +634,7 @@ def test_laplace_frame_summary_is_part_of_the_context(tmp_path):
     pyro.set_rng_seed(0)
     stream = PriorPredictiveStream(regression_model, make_regression_args, {"y": "y"})
     batch = [stream.sample() for _ in range(8)]
-    guide = AmortizedSteinGuide(regression_model, amortized=True, whiten="laplace", context_dim=6)
+    guide = AmortizedSteinGuide(regression_model, amortized=Amortization(context_dim=6), whiten="laplace")
     svgd = AmortizedSVGD(regression_model, guide, pyro.optim.Adam({"lr": 1e-3}), num_particles=8)
     svgd.step_batch(batch)
     loc, scale = guide.frames(batch)
@@ -679,7 +686,7 @@ def test_an_unconverged_frame_search_warns_once_and_is_counted():
     cap and the fixes), later ones are counted in ``num_unconverged_frames``; the frames are still returned."""
     pyro.set_rng_seed(0)
     datasets = [Dataset(5, y=10.0 * torch.randn(5).to(tensor(0.0))) for _ in range(3)]
-    guide = AmortizedSteinGuide(centred_scale_model, amortized=True, whiten="laplace", laplace_evaluations=5)
+    guide = AmortizedSteinGuide(centred_scale_model, amortized=Amortization(laplace_evaluations=5), whiten="laplace")
     guide.setup(*datasets[0].args, **datasets[0].kwargs)
     with pytest.warns(LaplaceFrameWarning, match=r"3 of 3 dataset\(s\).*laplace_evaluations=5.*non-centred"):
         loc, scale = guide.frames(datasets)
@@ -703,15 +710,15 @@ def test_an_unconverged_frame_search_warns_once_and_is_counted():
 def test_one_frame_search_per_new_dataset(monkeypatch):
     """sample_posterior, get_posterior and guide_ksd on a new dataset search its Laplace frame once, not once for
     the context and again for the draws."""
-    import pyro_stein.guide as guide_module
+    import pyro_stein.amortization as amortization_module
 
     pyro.set_rng_seed(0)
     stream = PriorPredictiveStream(regression_model, make_regression_args, {"y": "y"})
     d = stream.sample()
     guide = AmortizedSteinGuide(regression_model, amortized=True, whiten="laplace").setup(*d.args, **d.kwargs)
     calls = []
-    real = guide_module.laplace_frames
-    monkeypatch.setattr(guide_module, "laplace_frames", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = amortization_module.laplace_frames
+    monkeypatch.setattr(amortization_module, "laplace_frames", lambda *a, **k: calls.append(1) or real(*a, **k))
     for use in (
         lambda e: guide.sample_posterior(10, *e.args, **e.kwargs),
         lambda e: guide.get_posterior(*e.args, **e.kwargs).rsample(),
@@ -727,7 +734,7 @@ def test_a_dataset_modified_in_place_gets_fresh_features_and_frame(whiten):
     """What the guide caches on a Dataset (encoder features, Laplace frame) is dropped when its data change in place:
     the draws then match those for a fresh Dataset holding the new data (before, the old posterior came back)."""
     y = tensor(torch.linspace(-1.0, 1.0, 8))
-    guide = AmortizedSteinGuide(mean_model, amortized=True, whiten=whiten, moment_correction=1)
+    guide = AmortizedSteinGuide(mean_model, amortized=True, whiten=whiten, postprocess=[MomentCorrection()])
     d = Dataset(8, y=y)
     guide.sample_posterior_batch(500, [d])  # fills the cache
     y.add_(10.0)
@@ -742,11 +749,11 @@ def test_a_dataset_modified_in_place_gets_fresh_features_and_frame(whiten):
 def test_repeated_calls_on_the_same_data_search_the_frame_once(monkeypatch):
     """Sequential Predictive calls the guide once per draw with the same argument objects: the Laplace frame is found
     once (it was searched again for every draw); an in-place change of the data gives a new search."""
-    import pyro_stein.guide as guide_module
+    import pyro_stein.amortization as amortization_module
 
     calls = []
-    original = guide_module.laplace_frames
-    monkeypatch.setattr(guide_module, "laplace_frames", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = amortization_module.laplace_frames
+    monkeypatch.setattr(amortization_module, "laplace_frames", lambda *a, **k: calls.append(1) or original(*a, **k))
     y = tensor(torch.linspace(-1.0, 1.0, 8))
     guide = AmortizedSteinGuide(mean_model, amortized=True, whiten="laplace")
     pyro.infer.Predictive(mean_model, guide=guide, num_samples=20, parallel=False)(8, y=y)

@@ -10,7 +10,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
-from pyro_stein import Dataset
+from pyro_stein import Dataset, MomentCorrection
 from pyro_stein.arviz import to_inference_data, to_inference_data_batch
 
 from .conftest import DEVICE, DTYPE
@@ -513,7 +513,9 @@ def test_export_with_an_improper_uniform_prior():
             pyro.sample("x", dist.Normal(m, 1.0), obs=x)
 
     x = _t(np.linspace(-1.0, 3.0, 12))
-    idata = to_inference_data(AmortizedSteinGuide(flat_model, moment_correction=1), flat_model, x, num_samples=200)
+    idata = to_inference_data(
+        AmortizedSteinGuide(flat_model, postprocess=[MomentCorrection()]), flat_model, x, num_samples=200
+    )
     assert idata["posterior"]["m"].shape == (1, 200)
     # one correction round makes the (Gaussian) posterior N(mean x, 1/12) exact from the untrained sampler
     np.testing.assert_allclose(float(idata["posterior"]["m"].mean()), float(x.mean()), atol=5 / np.sqrt(12 * 200))

@@ -12,7 +12,7 @@ import torch
 from pyro.infer import Predictive
 from torch.distributions import constraints
 
-from pyro_stein import AmortizedSteinGuide, AmortizedSVGD
+from pyro_stein import HMC, MALA, AmortizedSteinGuide, AmortizedSVGD, MomentCorrection
 from pyro_stein.infer import DEFAULT_NUM_STEPS, TrainingWarning, _history_problems
 
 from .conftest import DEVICE, tensor
@@ -125,7 +125,7 @@ def test_run_calibrates_a_single_dataset_guide_and_sampling_is_raw():
     y = tensor([1.0, 2.0, 0.5, 3.0, -0.4, 2.2])
     pyro.set_rng_seed(0)
     guide = AmortizedSteinGuide(conjugate_model)
-    assert (guide.moment_correction, guide.mcmc_steps) == (0, 0), "sample_posterior costs one forward pass"
+    assert guide.postprocess == (), "sample_posterior costs one forward pass"
     loc = None
     svgd = AmortizedSVGD(conjugate_model, guide)
     svgd.run(y, num_steps=300, progress_bar=False, calibrate=False, check_health=False)
@@ -167,7 +167,7 @@ def test_default_polish_after_minibatch_training_uses_the_full_data():
     g = torch.Generator().manual_seed(0)
     y = (1.5 + 2.0 * torch.randn(200, generator=g)).to(device=DEVICE, dtype=torch.get_default_dtype())
     pyro.set_rng_seed(0)
-    guide = AmortizedSteinGuide(conjugate_model, moment_correction=2, mcmc_steps=2, mcmc_leapfrog=5)
+    guide = AmortizedSteinGuide(conjugate_model, postprocess=[MomentCorrection(rounds=2), HMC(steps=2, leapfrog=5)])
     AmortizedSVGD(conjugate_model, guide).run(y, 10, num_steps=300, progress_bar=False, check_health=False)
     mean, sd = conjugate_posterior(y)
     mu = guide.sample_posterior(4000, y, 10)["mu"]
@@ -236,12 +236,12 @@ def test_collapsed_draws_are_reported():
     guide = AmortizedSteinGuide(centred_schools, whiten=None)
     with pytest.warns(TrainingWarning, match=r"narrower than the posterior.*polishes this guide's draws"):
         AmortizedSVGD(centred_schools, guide).run(sigma, y, num_steps=600, progress_bar=False)
-    assert (guide.mcmc_steps, guide.mcmc_leapfrog) == (10, 5), "a collapsed guide's draws are polished from then on"
-    kept = AmortizedSteinGuide(centred_schools, whiten=None, mcmc_steps=2)
+    assert guide.postprocess == (HMC(steps=10, leapfrog=5),), "a collapsed guide's draws are polished from then on"
+    kept = AmortizedSteinGuide(centred_schools, whiten=None, postprocess=[MALA(steps=2)])
     pyro.set_rng_seed(0)
     with pytest.warns(TrainingWarning, match=r"narrower than the posterior"):
         AmortizedSVGD(centred_schools, kept).run(sigma, y, num_steps=600, progress_bar=False)
-    assert kept.mcmc_steps == 2, "a polish the user chose is left alone"
+    assert kept.postprocess == (MALA(steps=2),), "a polish the user chose is left alone"
 
 
 def test_health_checks_leave_the_random_stream_alone():

@@ -22,7 +22,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_stein import AmortizedSteinGuide, AmortizedSVGD, Dataset, PriorPredictiveStream
+from pyro_stein import Amortization, AmortizedSteinGuide, AmortizedSVGD, Dataset, PriorPredictiveStream
 from pyro_stein.distributed import (
     DistributedAmortizedSVGD,
     cleanup_distributed,
@@ -64,7 +64,7 @@ def make_guide():
         return AmortizedSteinGuide(mean_model, amortized=True)
     enc = DeepSetEncoder(1, output_dim=8, hidden_dim=32)
     sampler = GaussianResidualSampler(1, context_dim=8, hidden_dim=32, init_scale=0.3)
-    return AmortizedSteinGuide(mean_model, amortized=True, encoder=enc, sampler=sampler)
+    return AmortizedSteinGuide(mean_model, amortized=Amortization(encoder=enc), sampler=sampler)
 
 
 def make_svgd(guide, steps):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import pyro_stein.guide as guide_module
-from pyro_stein import AmortizedSteinGuide, AmortizedSVGD, CheckpointError, Dataset
+from pyro_stein import Amortization, AmortizedSteinGuide, AmortizedSVGD, CheckpointError, Dataset
 from pyro_stein.distributed import DistributedAmortizedSVGD, load_checkpoint
 
 from .conftest import DEVICE
@@ -187,7 +187,7 @@ def test_newer_guide_format_version_is_refused_naming_both(guide_file):
     payload = torch.load(path, weights_only=True)
     payload["format_version"] = 99
     torch.save(payload, path)
-    with pytest.raises(CheckpointError, match=r"guide.pt.*format_version 99.*format_version 2"):
+    with pytest.raises(CheckpointError, match=r"guide.pt.*format_version 99.*format_version 3"):
         AmortizedSteinGuide.load(path, poisson_model, y)
 
 
@@ -207,7 +207,8 @@ def test_newer_distributed_format_version_is_refused_naming_both(dist_file):
         ("num_summary_samples", 0, "num_summary_samples"),
         ("context_dim", -1, "context_dim"),
         ("whiten", "pca", "whiten"),
-        ("correction_samples", 10**12, "correction_samples"),
+        ("postprocess", [{"name": "MALA", "steps": 2, "num_draws": 10**12}], "num_draws"),
+        ("postprocess", [{"name": "Langevin", "steps": 2}], "postprocess"),
         ("amortized", "yes", "amortized"),
         ("sites", [["lam", [], "x"]], "sites"),
     ],
@@ -219,6 +220,24 @@ def test_guide_config_out_of_range_is_refused(guide_file, key, value, fragment):
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match=f"guide.pt.*{fragment}"):
         AmortizedSteinGuide.load(path, poisson_model, y)
+
+
+def test_guide_config_of_format_2_out_of_range_is_refused(guide_file):
+    """A file of format 2 states its post-processing as the options of that version: checked as before."""
+    _, y, path = guide_file
+    payload = torch.load(path, weights_only=True)
+    payload["format_version"] = 2
+    del payload["config"]["postprocess"]
+    payload["config"]["correction_samples"] = 10**12
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="guide.pt.*correction_samples"):
+        AmortizedSteinGuide.load(path, poisson_model, y)
+    payload["config"]["correction_samples"] = 500
+    payload["config"]["mcmc_steps"] = 3
+    torch.save(payload, path)
+    from pyro_stein import MALA
+
+    assert AmortizedSteinGuide.load(path, poisson_model, y).postprocess == (MALA(steps=3, num_draws=500),)
 
 
 def test_oversized_network_config_is_refused_before_any_network_is_built(guide_file, monkeypatch):
@@ -306,7 +325,9 @@ def test_laplace_guide_with_custom_init_draws_the_same_after_save_load(tmp_path)
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", pyro_stein_laplace_warning())
-        g1 = AmortizedSteinGuide(model, amortized=True, whiten="laplace", laplace_evaluations=2, init_loc_fn=init)
+        g1 = AmortizedSteinGuide(
+            model, amortized=Amortization(laplace_evaluations=2), whiten="laplace", init_loc_fn=init
+        )
         g1.setup(y)
         g1.save(tmp_path / "g.pt")
         g2 = AmortizedSteinGuide.load(tmp_path / "g.pt", model, y)
@@ -332,7 +353,7 @@ def test_load_refuses_guide_options_as_model_keywords(guide_file):
 def test_load_asks_for_a_custom_dataset_fn(tmp_path):
     y = torch.randn(9, device=DEVICE)
     fn = lambda n, y=None: y[:, None]
-    g1 = AmortizedSteinGuide(mean_model, amortized=True, dataset_fn=fn).setup(9, y=y)
+    g1 = AmortizedSteinGuide(mean_model, amortized=Amortization(dataset_fn=fn)).setup(9, y=y)
     g1.save(tmp_path / "a.pt")
     with pytest.raises(ValueError, match="custom dataset_fn; pass the same function as dataset_fn="):
         AmortizedSteinGuide.load(tmp_path / "a.pt", mean_model, 9, y=y)
@@ -778,11 +799,12 @@ def test_ragged_batch_is_encoded_in_groups_not_padded_to_the_largest(monkeypatch
         return real(self, features, mask)
 
     monkeypatch.setattr(type(guide.encoder), "forward", spy)
-    grouped = guide._contexts(datasets)
+    grouped = guide.contexts(datasets)
     assert max(b * n for b, n, _ in seen) == 5000, f"padded far beyond the real rows: {seen}"
     from pyro_stein.data import collate_features
 
-    padded = real(guide.encoder, *collate_features([guide._features_of(d) for d in datasets])[:2])
+    like = next(guide.sampler.parameters())
+    padded = real(guide.encoder, *collate_features([guide.encoding.features(d, like) for d in datasets])[:2])
     assert torch.allclose(grouped, padded, rtol=1e-6, atol=1e-8)
 
 

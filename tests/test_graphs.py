@@ -9,7 +9,7 @@ import pyro.poutine as poutine
 import pytest
 import torch
 
-from pyro_stein import AmortizedSteinGuide, AmortizedSVGD, NonFiniteLogJointError
+from pyro_stein import HMC, AmortizedSteinGuide, AmortizedSVGD, NonFiniteLogJointError
 from pyro_stein.graphs import GraphedLogDensity, RecordedGraphWarning
 from pyro_stein.logjoint import ModelLogDensity, latent_sites_from_trace
 
@@ -600,7 +600,7 @@ def test_shared_recording_never_returns_its_input_or_a_stored_constant():
 def test_guide_draws_through_shared_recordings_and_can_be_told_not_to(tmp_path):
     pyro.set_rng_seed(0)
     args, kwargs = _hier_data(0)
-    guide = AmortizedSteinGuide(hierarchical, amortized=True, mcmc_steps=2, mcmc_leapfrog=3)
+    guide = AmortizedSteinGuide(hierarchical, amortized=True, postprocess=[HMC(steps=2, leapfrog=3)])
     guide.setup(*args, **kwargs)
     for seed in range(4):  # 2 x 3 leapfrog evaluations per call at the same particle shape
         a, k = _hier_data(seed)

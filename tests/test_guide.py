@@ -409,7 +409,7 @@ def test_bad_driver_arguments():
     "kwargs, error, message",
     [
         ({"encoder": 3, "amortized": True}, TypeError, "encoder must be a torch.nn.Module"),
-        ({"amortized": "yes"}, TypeError, "amortized must be True or False, got 'yes'"),
+        ({"amortized": "yes"}, TypeError, "amortized must be True, False or an Amortization(...), got 'yes'"),
         ({"create_plates": 3}, TypeError, "create_plates must be a callable"),
         ({"init_scale": "a"}, TypeError, "init_scale must be a positive number, got 'a'"),
         ({"init_scale": 0.0}, ValueError, "init_scale must be positive"),
@@ -490,178 +490,11 @@ def test_kernel_choice_is_used():
         assert math.isfinite(svgd.step(X, y))
 
 
-# ---------------------------------------------------------------- Stein moment correction in the guide
+# ---------------------------------------------------------------- frames of concentrated posteriors
 def linear_gaussian_model(X, y=None):
     w = pyro.sample("w", dist.Normal(X.new_zeros(X.shape[-1]), 1.0).to_event(1))
     with pyro.plate("data", X.shape[0]):
         return pyro.sample("y", dist.Normal(X @ w, 0.5), obs=y)
-
-
-def test_moment_correction_makes_an_untrained_guide_exact_on_a_gaussian_posterior():
-    X, _ = data(n=40, d=3)
-    y = X @ tensor([1.0, -2.0, 0.5]) + 0.5 * torch.randn(
-        40, dtype=X.dtype, generator=torch.Generator().manual_seed(1)
-    ).to(X)
-    cov = torch.linalg.inv(torch.eye(3, dtype=X.dtype, device=X.device) + X.T @ X / 0.25)
-    mean = cov @ X.T @ y / 0.25
-    guide = AmortizedSteinGuide(
-        linear_gaussian_model, moment_correction=1, correction_samples=2000, whiten=None, mcmc_steps=0
-    )
-    w = guide.sample_posterior(2000, X, y)["w"]  # no training: the sampler is N(0, 0.1^2 I)
-    # the posterior is Gaussian and the scores linear, so one round is exact up to rounding
-    tol = 1e-8 if X.dtype == torch.float64 else 1e-3
-    assert torch.allclose(w.mean(0), mean, atol=tol, rtol=0), f"{w.mean(0)} vs exact {mean}"
-    assert torch.allclose(torch.cov(w.T), cov, atol=tol, rtol=0)
-    guide.moment_correction = 0
-    w0 = guide.sample_posterior(2000, X, y)["w"]
-    assert ((w0.mean(0) - mean).abs() / cov.diagonal().sqrt()).max() > 10, "without the correction it is far off"
-
-
-def test_moment_correction_argument_errors_and_persistence(tmp_path):
-    with pytest.raises(ValueError, match="moment_correction must be an int >= 0"):
-        AmortizedSteinGuide(linear_gaussian_model, moment_correction=-1)
-    with pytest.raises(ValueError, match="correction_samples"):
-        AmortizedSteinGuide(linear_gaussian_model, correction_samples=1)
-    X, y = data(n=10, d=2)
-    guide = AmortizedSteinGuide(linear_gaussian_model, moment_correction=2, correction_samples=300).setup(X, y)
-    guide.save(tmp_path / "g.pt")
-    loaded = AmortizedSteinGuide.load(tmp_path / "g.pt", linear_gaussian_model, X, y)
-    assert (loaded.moment_correction, loaded.correction_samples) == (2, 300)
-    assert loaded.sample_posterior(7, X, y)["w"].shape == (7, 2)
-
-
-def _gaussian_posterior(X, y):
-    cov = torch.linalg.inv(torch.eye(X.shape[-1], dtype=X.dtype, device=X.device) + X.T @ X / 0.25)
-    return cov @ X.T @ y / 0.25, cov
-
-
-@pytest.mark.parametrize("leapfrog", [1, 4], ids=["mala", "hmc"])
-def test_mcmc_steps_keep_exact_draws_exact_per_dataset_in_a_batch(leapfrog):
-    """Wiring of ``mcmc_steps`` (MALA, or HMC with ``mcmc_leapfrog=4``): the (exact) corrected draws of each dataset
-    are polished under that dataset's own posterior; polishing under another dataset's posterior would move them
-    several sd."""
-    from pyro_stein import Dataset
-
-    g = torch.Generator().manual_seed(3)
-    sets = []
-    for n, w in ((40, [1.0, -2.0, 0.5]), (25, [-1.5, 0.0, 2.0])):
-        X = torch.randn(n, 3, generator=g, dtype=torch.float64).to(tensor(0.0))
-        sets.append(Dataset(X, y=X @ tensor(w) + 0.5 * torch.randn(n, generator=g, dtype=torch.float64).to(X)))
-    guide = AmortizedSteinGuide(
-        linear_gaussian_model,
-        amortized=True,
-        moment_correction=1,
-        correction_samples=2000,
-        mcmc_steps=10 if leapfrog == 1 else 3,
-        mcmc_leapfrog=leapfrog,
-    )
-    torch.manual_seed(0)
-    w = guide.sample_posterior_batch(2000, sets)["w"]
-    for i, d in enumerate(sets):
-        mean, cov = _gaussian_posterior(d.args[0], d.kwargs["y"])
-        sd = cov.diagonal().sqrt()
-        z = ((w[i].mean(0) - mean).abs() / (sd / math.sqrt(2000))).max()
-        ratio = w[i].std(0) / sd
-        # i.i.d. chains: s.e. of the mean sd/sqrt(n); of the sd ratio ~ 1/sqrt(2n) = 0.016
-        assert z < 5 and (ratio - 1).abs().max() < 5 / math.sqrt(2 * 2000), (
-            f"dataset {i}: mean error {z:.2f} Monte Carlo s.e. (limit 5), sd ratios {ratio.tolist()} (limit 1 +- 0.079)"
-        )
-    torch.manual_seed(0)
-    guide.mcmc_steps = 0
-    assert not torch.equal(guide.sample_posterior_batch(2000, sets)["w"], w), "mcmc_steps had no effect"
-
-
-@pytest.mark.parametrize("leapfrog", [1, 3], ids=["mala", "hmc"])
-def test_polish_reuses_the_corrections_last_evaluation(leapfrog):
-    """After ``moment_correction`` the polish starts from the log density and score the correction already has:
-    ``mcmc_steps`` MALA steps cost exactly ``mcmc_steps`` more model evaluations (HMC: ``mcmc_steps * L``)."""
-    X, y = data(n=30, d=2)
-    guide = AmortizedSteinGuide(linear_gaussian_model, moment_correction=1, mcmc_leapfrog=leapfrog).setup(X, y)
-    ld = guide.log_density
-    original, calls = ld.log_density_and_score, []
-
-    def counted(*a, **k):
-        calls.append(1)
-        return original(*a, **k)
-
-    ld.log_density_and_score = counted
-    counts = []
-    for steps in (0, 4):
-        guide.mcmc_steps = steps
-        calls.clear()
-        guide.sample_posterior(500, X, y)
-        counts.append(len(calls))
-    assert counts[1] - counts[0] == 4 * leapfrog, f"model evaluations without / with the polish: {counts}"
-
-
-@pytest.mark.parametrize("correction", [0, 1])
-def test_small_requests_are_polished_within_a_full_population(correction):
-    """The MCMC preconditioner is the covariance of the draws polished, so ``sample_posterior(k)`` with ``k`` below
-    ``correction_samples`` polishes ``correction_samples`` draws and returns the first ``k`` (2 draws alone would
-    give a degenerate preconditioner, 1 an error)."""
-    X, y = data(n=30, d=2)
-    guide = AmortizedSteinGuide(
-        linear_gaussian_model, moment_correction=correction, correction_samples=300, mcmc_steps=3, mcmc_leapfrog=1
-    ).setup(X, y)
-    draws = []
-    for k in (1, 2, 300):
-        torch.manual_seed(0)
-        draws.append(guide.sample_posterior(k, X, y)["w"])
-    assert [tuple(d.shape) for d in draws] == [(1, 2), (2, 2), (300, 2)]
-    assert torch.equal(draws[0], draws[2][:1]) and torch.equal(draws[1], draws[2][:2])
-
-
-def test_mcmc_steps_argument_errors_and_persistence(tmp_path):
-    for bad in (-1, 1.5, True):
-        with pytest.raises(ValueError, match="mcmc_steps must be an int >= 0"):
-            AmortizedSteinGuide(linear_gaussian_model, mcmc_steps=bad)
-    for bad in (0, 2.0, True):
-        with pytest.raises(ValueError, match="mcmc_leapfrog must be an int >= 1"):
-            AmortizedSteinGuide(linear_gaussian_model, mcmc_leapfrog=bad)
-    X, y = data(n=10, d=2)
-    guide = AmortizedSteinGuide(linear_gaussian_model, mcmc_steps=3, mcmc_leapfrog=2).setup(X, y)
-    guide.save(tmp_path / "g.pt")
-    loaded = AmortizedSteinGuide.load(tmp_path / "g.pt", linear_gaussian_model, X, y)
-    assert loaded.mcmc_steps == 3 and loaded.mcmc_leapfrog == 2
-    with pytest.raises(ValueError, match=r"guide.mcmc_leapfrog must be an int >= 1 \(1: MALA steps\), got 0"):
-        loaded.mcmc_leapfrog = 0  # set after construction: checked too
-    assert loaded.mcmc_leapfrog == 2
-    assert loaded.sample_posterior(7, X, y)["w"].shape == (7, 2)
-
-
-@pytest.mark.parametrize(
-    "option, bad",
-    [
-        ("moment_correction", -1),
-        ("moment_correction", 1.5),
-        ("correction_samples", 2.5),
-        ("correction_samples", -5),
-        ("mcmc_steps", "3"),
-        ("laplace_evaluations", 0),
-    ],
-)
-def test_options_set_after_construction_are_checked(option, bad):
-    """The README sets these as attributes; a bad value was accepted silently (moment_correction=-1 drew
-    correction_samples draws and corrected nothing) or failed later with a message not naming it."""
-    guide = AmortizedSteinGuide(linear_gaussian_model)
-    before = getattr(guide, option)
-    with pytest.raises(ValueError, match=rf"guide.{option} must be an int >= \d+"):
-        setattr(guide, option, bad)
-    assert getattr(guide, option) == before
-
-
-def test_integer_options_of_any_integer_type_are_held_as_ints():
-    """numpy and 0-d tensor integers were accepted by the constructor but stored as they were, so the polish
-    rejected np.int64 later and a tensor broke the construction."""
-    np = pytest.importorskip("numpy")
-    X, y = data(n=10, d=2)
-    guide = AmortizedSteinGuide(
-        linear_gaussian_model, mcmc_steps=np.int64(2), mcmc_leapfrog=np.int64(2), moment_correction=torch.tensor(1)
-    ).setup(X, y)
-    assert (guide.mcmc_steps, guide.mcmc_leapfrog, guide.moment_correction) == (2, 2, 1)
-    assert all(type(v) is int for v in (guide.mcmc_steps, guide.mcmc_leapfrog, guide.moment_correction))
-    guide.correction_samples = np.int32(50)
-    assert type(guide.correction_samples) is int and guide.sample_posterior(5, X, y)["w"].shape == (5, 2)
 
 
 def _concentrated_linear_data():
@@ -707,7 +540,7 @@ def test_whiten_laplace_trains_where_the_raw_frame_fails():
     errs, ratios = {}, {}
     for whiten in ("laplace", None):
         pyro.set_rng_seed(0)
-        guide = AmortizedSteinGuide(concentrated_model, whiten=whiten, moment_correction=0, mcmc_steps=0)
+        guide = AmortizedSteinGuide(concentrated_model, whiten=whiten)
         AmortizedSVGD(concentrated_model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=32).run(
             X, y, num_steps=300, progress_bar=False
         )

@@ -1,13 +1,14 @@
 """Devices, dtypes, save/load, resume and reproducibility."""
 
 import math
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_stein import AmortizedSteinGuide, AmortizedSVGD
+from pyro_stein import AmortizedSteinGuide, AmortizedSVGD, Dataset
 
 from .conftest import DEVICE
 
@@ -156,3 +157,49 @@ def test_move_trained_guide_between_cpu_and_gpu(tmp_path):
     g_gpu.save(tmp_path / "g2.pt")
     g_cpu = AmortizedSteinGuide.load(tmp_path / "g2.pt", model, y, map_location="cpu")
     assert g_cpu.sample_posterior(5, y)["lam"].device.type == "cpu"
+
+
+# ------------------------------------------------------------------------------------------ files of format 2
+FORMAT2 = Path(__file__).resolve().parent / "data"
+
+
+def _format2_poisson_model(y):
+    lam = pyro.sample("lam", dist.Gamma(torch.tensor(3.0, dtype=y.dtype, device=y.device), 1.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Poisson(lam), obs=y)
+
+
+def _format2_mean_model(n, y=None):
+    mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, device=DEVICE), torch.tensor(1.0, device=DEVICE)))
+    s = pyro.sample("s", dist.HalfNormal(torch.tensor(1.0, device=DEVICE)))
+    with pyro.plate("obs", n):
+        return pyro.sample("y", dist.Normal(mu, s), obs=y)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the stored draws were made on a CPU")
+def test_guide_files_of_format_2_load_and_draw_what_they_drew():
+    """Files written by the version before the post-processing steps (format 2, float64, on a CPU): a calibrated
+    guide with moment_correction=1, correction_samples=300, mcmc_steps=2, mcmc_leapfrog=3, and an amortized
+    whiten='laplace' guide with a custom encoder, laplace_evaluations=20 and moment_correction=1. Loaded, they hold
+    those options as post-processing steps and draw exactly what the saved guides drew at the same seeds."""
+    from pyro_stein import HMC, MomentCorrection
+    from pyro_stein.nn import DeepSetEncoder
+
+    expected = torch.load(FORMAT2 / "format2_expected_draws.pt", weights_only=True)
+    y = torch.tensor([2.0, 4.0, 3.0, 5.0, 1.0, 0.0, 3.0], dtype=torch.float64)
+    g1 = AmortizedSteinGuide.load(FORMAT2 / "guide_format2.pt", _format2_poisson_model, y)
+    assert g1.postprocess == (MomentCorrection(rounds=1, num_draws=300), HMC(steps=2, leapfrog=3, num_draws=300))
+    assert g1.whiten == "affine"
+    pyro.set_rng_seed(1)
+    assert torch.equal(g1.sample_posterior(40, y)["lam"], expected["single"]["lam"])
+
+    sets = [Dataset(*args, **kwargs) for args, kwargs in expected["sets"]]
+    encoder = DeepSetEncoder(1, output_dim=4, hidden_dim=8).double()
+    g2 = AmortizedSteinGuide.load(
+        FORMAT2 / "amortized_guide_format2.pt", _format2_mean_model, *sets[0].args, encoder=encoder, **sets[0].kwargs
+    )
+    assert g2.amortization.laplace_evaluations == 20 and g2.amortization.encoder is encoder
+    assert g2.postprocess == (MomentCorrection(rounds=1),)
+    pyro.set_rng_seed(3)
+    draws = g2.sample_posterior_batch(30, sets[:2])
+    assert all(torch.equal(draws[k], expected["amortized"][k]) for k in ("mu", "s"))
