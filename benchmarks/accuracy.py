@@ -17,8 +17,8 @@ from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNorm
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible, init_to_value
 
 from pyro_stein import AmortizedSteinGuide, AmortizedSVGD
-from pyro_stein.guide import _first_tensor, init_to_mean_or_feasible
 from pyro_stein.infer import TrainingWarning
+from pyro_stein.tracing import _first_tensor, init_to_mean_or_feasible
 
 from .metrics import c2st, sd_ratio, standardized_mean_error, worst_ratio
 from .models import REFERENCE_NAMES, load_reference, load_sbibm
@@ -142,18 +142,13 @@ def _trained_default(ref, cfg):
 def _draw_costs(guide, ref, n: int = 1000) -> dict:
     """Median ms of ``sample_posterior(n)`` with the default post-processing and with raw draws (after a warm-up)."""
 
-    def call():
-        guide.sample_posterior(n, *ref.args, **ref.kwargs)
+    def call(postprocess=None):  # None: the guide's own post-processing
+        guide.sample_posterior(n, *ref.args, postprocess=postprocess, **ref.kwargs)
 
-    polish = guide.moment_correction, guide.mcmc_steps
     call()
     out = {"draw_ms_default": _median_ms(call, DRAW_TIMING_REPEATS)}
-    guide.moment_correction, guide.mcmc_steps = 0, 0
-    try:
-        call()
-        out["draw_ms_raw"] = _median_ms(call, DRAW_TIMING_REPEATS)
-    finally:
-        guide.moment_correction, guide.mcmc_steps = polish
+    call([])
+    out["draw_ms_raw"] = _median_ms(lambda: call([]), DRAW_TIMING_REPEATS)
     return out
 
 
@@ -173,18 +168,13 @@ def fit_asg(ref, cfg):
 def fit_asg_raw(ref, cfg):
     """The same trained guide, its sampler's own draws (no moment correction, no MCMC polish)."""
     guide, wall, _ = _trained_default(ref, cfg)
-    polish = guide.moment_correction, guide.mcmc_steps
-    guide.moment_correction, guide.mcmc_steps = 0, 0
-    try:
-        return guide.sample_posterior(cfg["draws"], *ref.args, **ref.kwargs)
-    finally:
-        guide.moment_correction, guide.mcmc_steps = polish
+    return guide.sample_posterior(cfg["draws"], *ref.args, postprocess=[], **ref.kwargs)
 
 
 def fit_asg_previous(ref, cfg):
     """What the usage example did before the defaults: no frame, 1500 steps, raw draws."""
     t0 = time.perf_counter()
-    guide = AmortizedSteinGuide(ref.model, whiten=None, moment_correction=0, mcmc_steps=0)
+    guide = AmortizedSteinGuide(ref.model, whiten=None)
     svgd = AmortizedSVGD(ref.model, guide, pyro.optim.ClippedAdam({"lr": 1e-2, "lrd": 0.9985}), num_particles=64)
     steps = PREVIOUS_STEPS if cfg["asg_steps"] is None else min(PREVIOUS_STEPS, cfg["asg_steps"])
     svgd.run(*ref.args, num_steps=steps, progress_bar=False, check_health=False, **ref.kwargs)
@@ -348,7 +338,7 @@ def run(mode: str, out: Path, posteriors: str | None = None, methods=METHODS) ->
         + f"), sample_posterior with its default post-processing; {cfg['draws']} draws. train_s: training "
         "alone; draw_ms_default / draw_ms_raw: median ms of sample_posterior(1000) with the default "
         "post-processing / without it",
-        RAW: "the same trained guide, its sampler's own draws (moment_correction=0, mcmc_steps=0); wall includes the training",
+        RAW: "the same trained guide, its sampler's own draws (postprocess=[]); wall includes the training",
         PREVIOUS: f"the usage example before the defaults: whiten=None, {PREVIOUS_STEPS} steps x 64 particles, ClippedAdam lr 1e-2, lrd 0.9985, raw draws",
         "AutoNormal / AutoMultivariateNormal / AutoIAFNormal": f"{cfg['svi_steps']} SVI steps, Trace_ELBO (1 particle), ClippedAdam lr 1e-2 -> 1e-3; {cfg['draws']} draws",
         "pyro.infer.SVGD": f"{cfg['svgd_steps']} steps, {cfg['svgd_particles']} particles (= draws), RBFSteinKernel, ClippedAdam lr 5e-2 -> 5e-3, max_plate_nesting=1",

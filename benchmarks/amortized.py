@@ -13,7 +13,17 @@ import torch
 from pyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
-from pyro_stein import AmortizedSteinGuide, AmortizedSVGD, Dataset, PriorPredictiveStream, refine
+from pyro_stein import (
+    HMC,
+    MALA,
+    Amortization,
+    AmortizedSteinGuide,
+    AmortizedSVGD,
+    Dataset,
+    MomentCorrection,
+    PriorPredictiveStream,
+    refine,
+)
 
 from .metrics import sd_ratio, standardized_mean_error, worst_ratio
 from .report import machine_info, write_json
@@ -54,7 +64,7 @@ CONFIG = {
 }
 NUM_DRAWS = 1000
 CORRECTION_ROUNDS = 2
-MCMC_STEPS = 10  # the "polished" method: the corrected draws, then this many MALA steps (guide.mcmc_steps)
+MCMC_STEPS = 10  # the "polished" method: the corrected draws, then this many MALA steps (MALA(steps=...))
 HMC_STEPS, HMC_LEAPFROG = 2, 5  # "polished_hmc": the same 10 evaluations as 2 HMC steps of 5 leapfrogs
 # "polished_hmc3": one more HMC step (15 evaluations). A sweep of the polish on family (b) (one guide trained
 # as in the full mode, the 20 held-out datasets, exact moments): 2 rounds + 2 x 5 met both targets on 19/20 datasets,
@@ -69,7 +79,8 @@ FEW_CORRECTION_ROUNDS = 1
 # (`record_graph`, one per shape of the arguments, shared by every dataset of that shape) exist; its wall time is
 # reported next to training.
 PREPARE_CALLS = 4
-# the timed methods after "amortized": method -> (correction rounds, mcmc_steps, mcmc_leapfrog) of `sample_posterior`
+# the timed methods after "amortized": method -> (correction rounds, MCMC steps, leapfrogs per step; 1: MALA), the
+# post-processing of `sample_posterior` (see _post_processing)
 TIMED_POLISH = {
     "corrected": (CORRECTION_ROUNDS, 0, 1),
     "polished": (CORRECTION_ROUNDS, MCMC_STEPS, 1),
@@ -348,25 +359,31 @@ def _timed(fn, repeats=1):
     return out, statistics.median(times)
 
 
+def _post_processing(rounds: int, mcmc_steps: int = 0, leapfrog: int = 1) -> list:
+    """The post-processing steps of ``rounds`` correction rounds and ``mcmc_steps`` MALA (``leapfrog == 1``) or HMC
+    steps."""
+    steps = [MomentCorrection(rounds=rounds)] if rounds else []
+    if mcmc_steps:
+        steps.append(MALA(steps=mcmc_steps) if leapfrog == 1 else HMC(steps=mcmc_steps, leapfrog=leapfrog))
+    return steps
+
+
 def _timed_draws(guide, d, repeats: int, rounds: int = 0, mcmc_steps: int = 0, warmup: bool = False, leapfrog: int = 1):
-    """``NUM_DRAWS`` draws for dataset ``d`` with the given post-processing, and the median wall time of
-    ``repeats`` calls (after one untimed call when ``warmup``); the guide's settings are reset to none.
+    """``NUM_DRAWS`` draws for dataset ``d`` with the given post-processing (:func:`_post_processing`), and the median
+    wall time of ``repeats`` calls (after one untimed call when ``warmup``).
 
     Each call gets new copies of ``d``'s tensors (made before the timing): a guide reuses the features and
     Laplace frame of the argument objects it saw last, and the time wanted is a new dataset's."""
     copies = iter([Dataset(*d.args, **d.kwargs).map_tensors(torch.clone) for _ in range(repeats + warmup)])
-    guide.moment_correction, guide.mcmc_steps, guide.mcmc_leapfrog = rounds, mcmc_steps, leapfrog
+    steps = _post_processing(rounds, mcmc_steps, leapfrog)
 
     def call():
         e = next(copies)
-        return guide.sample_posterior(NUM_DRAWS, *e.args, **e.kwargs)
+        return guide.sample_posterior(NUM_DRAWS, *e.args, postprocess=steps, **e.kwargs)
 
-    try:
-        if warmup:
-            call()
-        return _timed(call, repeats)
-    finally:
-        guide.moment_correction, guide.mcmc_steps, guide.mcmc_leapfrog = 0, 0, 1
+    if warmup:
+        call()
+    return _timed(call, repeats)
 
 
 SBIBM_CONFIG = {  # part "amortized_sbibm": the guide trained once per task on the prior predictive
@@ -478,7 +495,7 @@ def _sbibm(cfg, result):
             else:
                 dataset_fn = lambda obs=None: obs.reshape(1, -1)  # noqa: E731
             guide = AmortizedSteinGuide(
-                m, amortized=True, dataset_fn=dataset_fn, mean_features=SBIBM_GUIDE["mean_features"]
+                m, amortized=Amortization(dataset_fn=dataset_fn, mean_features=SBIBM_GUIDE["mean_features"])
             )
             svgd = AmortizedSVGD(
                 m,
@@ -496,9 +513,11 @@ def _sbibm(cfg, result):
                 ref = load_sbibm(task, i)
                 refd = ref.flat_draws()[: cfg["draws"]]
                 for kind, rounds in SBIBM_KINDS.items():
-                    guide.moment_correction = rounds
+                    steps = _post_processing(rounds)
                     t1 = time.perf_counter()
-                    draws = ref.flatten(guide.sample_posterior(cfg["draws"], *ref.args, **ref.kwargs))
+                    draws = ref.flatten(
+                        guide.sample_posterior(cfg["draws"], *ref.args, postprocess=steps, **ref.kwargs)
+                    )
                     wall = time.perf_counter() - t1
                     rows[kind].append(
                         {
@@ -509,7 +528,6 @@ def _sbibm(cfg, result):
                         }
                     )
                 speed.append(_sbibm_speed(m, guide, ref, refd, cfg, i))
-            guide.moment_correction = 0
             out[task] = {
                 "steps": steps,
                 "batch_size": batch,
@@ -556,9 +574,9 @@ def run_sbibm(mode: str, out: Path) -> dict:
 METHOD_LABELS = {
     "amortized": "amortized (one sample_posterior call)",
     "corrected": f"amortized + {CORRECTION_ROUNDS} Stein moment-correction rounds",
-    "polished": f"amortized + {CORRECTION_ROUNDS} correction rounds + {MCMC_STEPS} MALA steps (mcmc_steps)",
+    "polished": f"amortized + {CORRECTION_ROUNDS} correction rounds + {MCMC_STEPS} MALA steps (MALA)",
     "polished_hmc": f"amortized + {CORRECTION_ROUNDS} correction rounds + {HMC_STEPS} HMC steps x {HMC_LEAPFROG} "
-    "leapfrogs (mcmc_leapfrog)",
+    "leapfrogs (HMC)",
     "polished_hmc3": f"amortized + {CORRECTION_ROUNDS} correction rounds + {HMC_LONG_STEPS} HMC steps x {HMC_LEAPFROG} "
     "leapfrogs",
     "polished_hmc3_r1": f"amortized + {FEW_CORRECTION_ROUNDS} correction round + {HMC_LONG_STEPS} HMC steps x "
@@ -750,15 +768,15 @@ def _run_family(name: str, mode: str, out: Path) -> dict:
     result["notes"] = (
         f"{fam['description']} One amortized guide is trained once on fresh simulated datasets; the held-out datasets "
         f"are new prior-predictive draws. Per new dataset, {NUM_DRAWS} draws: amortized = median of 5 "
-        f"`sample_posterior` calls after one warm-up call; corrected = the same with `moment_correction="
-        f"{CORRECTION_ROUNDS}` (median of 3); polished = the same plus `mcmc_steps={MCMC_STEPS}` (median of 3); "
-        f"polished (HMC) = the same with `mcmc_steps={HMC_STEPS}, mcmc_leapfrog={HMC_LEAPFROG}` (the same "
+        f"`sample_posterior` calls after one warm-up call; corrected = the same with `postprocess=[MomentCorrection("
+        f"rounds={CORRECTION_ROUNDS})]` (median of 3); polished = the same plus `MALA(steps={MCMC_STEPS})` (median of "
+        f"3); polished (HMC) = the same with `HMC(steps={HMC_STEPS}, leapfrog={HMC_LEAPFROG})` instead (the same "
         f"{HMC_STEPS * HMC_LEAPFROG} evaluations; median of 3); polished (HMC, 3 steps) = the same with "
-        f"`mcmc_steps={HMC_LONG_STEPS}` ({HMC_LONG_STEPS * HMC_LEAPFROG} evaluations; median of 3); polished (HMC, 3 "
-        f"steps, {FEW_CORRECTION_ROUNDS} round) = the same with `moment_correction={FEW_CORRECTION_ROUNDS}` "
+        f"`HMC(steps={HMC_LONG_STEPS})` ({HMC_LONG_STEPS * HMC_LEAPFROG} evaluations; median of 3); polished (HMC, 3 "
+        f"steps, {FEW_CORRECTION_ROUNDS} round) = the same with `MomentCorrection(rounds={FEW_CORRECTION_ROUNDS})` "
         "(median of 3); "
         + "".join(
-            f"{labels[m]} = `moment_correction={r}, mcmc_steps={k}, mcmc_leapfrog={lf}` (median of 3); "
+            f"{labels[m]} = `postprocess=[MomentCorrection(rounds={r}), HMC(steps={k}, leapfrog={lf})]` (median of 3); "
             for m, (r, k, lf) in fam.get("extra_polish", {}).items()
         )
         + (

@@ -30,9 +30,9 @@ def _child(rows: int, small: int) -> dict:
 
     torch.set_num_threads(1)
     if os.environ.get("PYRO_STEIN_PAD_RAGGED"):  # for comparison: pad every batch to its largest dataset
-        import pyro_stein.guide
+        import pyro_stein.amortization
 
-        pyro_stein.guide._size_groups = lambda sizes, slack=0: [list(range(len(sizes)))]
+        pyro_stein.amortization.size_groups = lambda sizes, slack=0: [list(range(len(sizes)))]
 
     def model(n, y=None):
         mu = pyro.sample("mu", dist.Normal(torch.zeros(()), 1.0))
