@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
@@ -50,6 +51,23 @@ class Targets(NamedTuple):
 
     batch: Callable[[Tensor], Evaluation]
     each: Sequence[Callable[[Tensor], Evaluation]]
+
+    @classmethod
+    def of(cls, log_density, datasets: Sequence, context: Callable = nullcontext) -> Targets:
+        """The posteriors of ``datasets`` (:class:`~pyro_stein.data.Dataset`) under ``log_density`` (a
+        :class:`~pyro_stein.logjoint.ModelLogDensity`), evaluated unchecked inside ``context()`` (e.g. the full
+        data of a model that subsamples)."""
+
+        def batch(x):
+            with context():
+                return log_density.log_density_and_score_batch(x, datasets, check=False)
+
+        def one(x, d):
+            with context():
+                lp, score = log_density.log_density_and_score(x, d.args, d.kwargs, check=False)
+            return lp.to(x.dtype), score.to(x.dtype)  # a model may compute in another precision than its draws
+
+        return cls(batch, [lambda x, d=d: one(x, d) for d in datasets])
 
 
 def _inf_if_not_finite(x: Tensor) -> Tensor:

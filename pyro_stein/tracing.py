@@ -190,6 +190,15 @@ def conditioned_trace(model: Callable, values: dict, args: tuple, kwargs: dict):
     return poutine.block(poutine.trace(poutine.condition(model, values)).get_trace)(*args, **kwargs)
 
 
+def require_full_data(subsample_plates: dict, feature: str, fix: str) -> None:
+    """Raise a ``ValueError`` saying that ``feature`` needs the full-data log density when the model subsamples."""
+    if subsample_plates:
+        raise ValueError(
+            f"{feature} needs the full-data log density, but the model subsamples plates "
+            f"{sorted(subsample_plates)}; {fix} or do not subsample"
+        )
+
+
 def check_sites(trace) -> None:
     """Refuse a model the guide cannot handle: a discrete latent site, a latent site in a subsampled plate, or a
     support with no bijection to real space (a ``ValueError`` naming the site and saying what to do)."""

@@ -249,7 +249,9 @@ def test_oversized_network_config_is_refused_before_any_network_is_built(guide_f
     def no_build(*a, **k):
         raise AssertionError("a network was built before the checkpoint was checked")
 
-    monkeypatch.setattr(AmortizedSteinGuide, "_build_networks", no_build)
+    from pyro_stein.construction import GuideSetUp
+
+    monkeypatch.setattr(GuideSetUp, "networks", no_build)
     with pytest.raises(CheckpointError, match=r"guide.pt.*do not match the sampler.*15000"):
         AmortizedSteinGuide.load(path, poisson_model, y)
 
