@@ -132,6 +132,80 @@ def _is_step_count(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _check_parts(model, guide, optim, kernel) -> None:
+    """Type errors naming the argument, for :class:`AmortizedSVGD`'s model, guide, optimiser and kernel."""
+    if not callable(model):
+        raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
+    if not isinstance(guide, AmortizedSteinGuide):
+        raise TypeError(f"guide must be a pyro_stein.AmortizedSteinGuide, got {type(guide).__name__}")
+    if optim is not None and not isinstance(optim, PyroOptim):
+        raise TypeError(
+            f"optim must be a pyro.optim.PyroOptim (e.g. pyro.optim.Adam({{'lr': 1e-3}}) or "
+            f"pyro.optim.ClippedAdam(...)), got {type(optim).__name__}"
+        )
+    if kernel is not None and not isinstance(kernel, RadialKernel):
+        raise TypeError(f"kernel must be a pyro_stein RadialKernel (e.g. RBFKernel()), got {type(kernel).__name__}")
+
+
+def _batches(datasets, batch_size: int, args: tuple, kwargs: dict) -> Iterator:
+    """The batches of :meth:`AmortizedSVGD.run`'s ``datasets`` (a collection, a stream or an iterator of batches)."""
+    if args or kwargs:
+        raise ValueError("pass either datasets=... or the model's *args/**kwargs to run(), not both")
+    _dataset_sequence(datasets)
+    batch_size = _check_batch_size(batch_size)
+    if isinstance(datasets, PriorPredictiveStream):
+        return datasets.batches(batch_size)
+    if isinstance(datasets, Iterator):
+        return datasets
+    return iterate_batches(datasets, batch_size)
+
+
+def _after_training(
+    guide: AmortizedSteinGuide, history, single: bool, evaluate, calibrate: bool, check_health: bool, args, kwargs
+) -> list[str]:
+    """The end of :meth:`AmortizedSVGD.run`: the health checks' messages (``check_health``) and, for a guide fitted
+    to one dataset (``single``), the collapse check (which adds :data:`AUTO_POLISH` to a collapsed guide's
+    post-processing unless it has a polish) and the calibration (``calibrate``), neither changing the random stream
+    of later training."""
+    problems = _history_problems(history) if check_health else []
+    if check_health and single:  # judged on the trained sampler, before calibrate() corrects its moments
+        collapse = collapse_problem(guide, evaluate)
+        if collapse:
+            # the draws fail Stein's identity: polish them from now on, unless the user chose a polish
+            if guide.add_polish(AUTO_POLISH):
+                collapse += (
+                    f" From now on sample_posterior polishes this guide's draws with {AUTO_POLISH.steps} HMC "
+                    f"steps of {AUTO_POLISH.leapfrog} leapfrogs (guide.postprocess = [] turns it off)."
+                )
+            problems.append(collapse)
+    if calibrate and single:
+        rng = pyro.util.get_rng_state()  # the calibration must not change the random stream of later training
+        try:
+            guide.calibrate(*args, **kwargs)
+        finally:
+            pyro.util.set_rng_state(rng)
+    return problems
+
+
+def _why_not_finite(log_density: ModelLogDensity, z: Tensor, d: Dataset, plates: dict) -> str:
+    """Why the log density or score of dataset ``d`` is not finite at particles ``z``: a checked evaluation names the
+    offending particle's sites (only for a message)."""
+    try:
+        log_density.log_density_and_score(z.detach(), d.args, d.kwargs, plates)
+    except NonFiniteLogJointError as e:
+        return str(e)
+    return "the score is not finite at a particle"
+
+
+def _kernel_problems(km: KernelMatrices) -> list[str]:
+    """Which of the kernel matrices (value, first and second derivative) hold non-finite values."""
+    return [
+        name
+        for name, t in (("k", km.k), ("dk (first derivative)", km.dk), ("d2k (second derivative)", km.d2k))
+        if not bool(torch.isfinite(t).all())
+    ]
+
+
 # ------------------------------------------------------------------------------------------ the step's maths
 def stein_update(
     z: Tensor,
@@ -245,34 +319,14 @@ class AmortizedSVGD:
         precondition: str | None = "auto",
         record_graph: bool = True,
     ):
-        if not callable(model):
-            raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
-        if not isinstance(guide, AmortizedSteinGuide):
-            raise TypeError(f"guide must be a pyro_stein.AmortizedSteinGuide, got {type(guide).__name__}")
+        _check_parts(model, guide, optim, kernel)
         self._default_optim = optim is None
-        optim = default_optim() if optim is None else optim
-        if not isinstance(optim, PyroOptim):
-            raise TypeError(
-                f"optim must be a pyro.optim.PyroOptim (e.g. pyro.optim.Adam({{'lr': 1e-3}}) or "
-                f"pyro.optim.ClippedAdam(...)), got {type(optim).__name__}"
-            )
-        kernel = RBFKernel() if kernel is None else kernel
-        if not isinstance(kernel, RadialKernel):
-            raise TypeError(f"kernel must be a pyro_stein RadialKernel (e.g. RBFKernel()), got {type(kernel).__name__}")
-        self.model = model
-        self.guide = guide
-        self.optim = optim
-        self.kernel = kernel
-        self.num_particles = num_particles  # checked, here and when set later (see the class attribute)
-        if not isinstance(leave_one_out, bool):
-            raise TypeError(f"leave_one_out must be True or False, got {leave_one_out!r}")
-        self.leave_one_out = leave_one_out
-        if precondition not in ("auto", "variance", None):
-            raise ValueError(f"precondition must be 'auto', 'variance' or None, got {precondition!r}")
-        self.precondition = precondition
-        if not isinstance(record_graph, bool):
-            raise TypeError(f"record_graph must be True or False, got {record_graph!r}")
-        self.record_graph = record_graph
+        self.model, self.guide = model, guide
+        self.optim = default_optim() if optim is None else optim
+        self.kernel = RBFKernel() if kernel is None else kernel
+        # checked, here and when set later (see the class attributes)
+        self.num_particles, self.leave_one_out = num_particles, leave_one_out
+        self.precondition, self.record_graph = precondition, record_graph
         self.num_steps = 0
         self.num_dropped_datasets = 0  # datasets left out of a step for a non-finite log joint (see _drop_nonfinite)
         self._warned_nonfinite = False
@@ -322,15 +376,7 @@ class AmortizedSVGD:
             return None
         first = int((~finite).nonzero()[0, 0])
         dropped = int((~finite).sum())
-
-        def why() -> str:  # a checked evaluation names the offending particle's sites (only for a message)
-            d = datasets[first]
-            try:
-                self._log_density.log_density_and_score(z[first].detach(), d.args, d.kwargs, plates[first])
-            except NonFiniteLogJointError as e:
-                return str(e)
-            return "the score is not finite at a particle"
-
+        why = lambda: _why_not_finite(self._log_density, z[first], datasets[first], plates[first])  # noqa: E731
         if dropped == len(datasets):
             raise NonFiniteLogJointError(f"every dataset of this batch is non-finite; dataset {first}: {why()}")
         self.num_dropped_datasets += dropped
@@ -479,11 +525,7 @@ class AmortizedSVGD:
         value = float(stat)
         km = self._last_kernel_matrices
         if not math.isfinite(value) and not self._warned_kernel and km is not None:
-            bad = [
-                name
-                for name, t in (("k", km.k), ("dk (first derivative)", km.dk), ("d2k (second derivative)", km.d2k))
-                if not bool(torch.isfinite(t).all())
-            ]
+            bad = _kernel_problems(km)
             if bad:
                 self._warned_kernel = True
                 warnings.warn(
@@ -565,18 +607,7 @@ class AmortizedSVGD:
         num_steps = DEFAULT_NUM_STEPS if num_steps is None else _int_at_least(num_steps, "num_steps", 0)
         if self._default_optim and self.num_steps == 0 and num_steps > 0:  # the schedule spans this run
             self.optim = default_optim(num_steps)
-        batches: Iterator | None = None
-        if datasets is not None:
-            if args or kwargs:
-                raise ValueError("pass either datasets=... or the model's *args/**kwargs to run(), not both")
-            _dataset_sequence(datasets)
-            batch_size = _check_batch_size(batch_size)
-            if isinstance(datasets, PriorPredictiveStream):
-                batches = datasets.batches(batch_size)
-            elif isinstance(datasets, Iterator):
-                batches = datasets
-            else:
-                batches = iterate_batches(datasets, batch_size)
+        batches = None if datasets is None else _batches(datasets, batch_size, args, kwargs)
         history = []
         with tqdm(total=num_steps, disable=not progress_bar, desc="AmortizedSVGD") as bar:
             for _ in range(num_steps):
@@ -585,31 +616,15 @@ class AmortizedSVGD:
                 bar.set_postfix(ksd=f"{loss:.3g}", refresh=False)
                 bar.update()
         single = batches is None and not self.guide.amortized and bool(history)
-        problems = _history_problems(history) if check_health else []
-        if check_health and single:  # judged on the trained sampler, before calibrate() corrects its moments
-            collapse = collapse_problem(self.guide, lambda z: self._evaluate(z, args, kwargs))
-            if collapse:
-                # the draws fail Stein's identity: polish them from now on, unless the user chose a polish
-                if self.guide.add_polish(AUTO_POLISH):
-                    collapse += (
-                        f" From now on sample_posterior polishes this guide's draws with {AUTO_POLISH.steps} HMC "
-                        f"steps of {AUTO_POLISH.leapfrog} leapfrogs (guide.postprocess = [] turns it off)."
-                    )
-                problems.append(collapse)
-        if calibrate and single:
-            rng = pyro.util.get_rng_state()  # the calibration must not change the random stream of later training
-            try:
-                self.guide.calibrate(*args, **kwargs)
-            finally:
-                pyro.util.set_rng_state(rng)
+
+        def evaluate(z):  # the log density and score at draws of the one dataset, on all its data
+            with self.guide.full_data():
+                return self._log_density.log_density_and_score(z, args, kwargs, check=False)
+
+        problems = _after_training(self.guide, history, single, evaluate, calibrate, check_health, args, kwargs)
         for message in problems:
             warnings.warn(message, TrainingWarning, stacklevel=2)
         return history
-
-    def _evaluate(self, z: Tensor, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
-        """The log density and score at particles ``z`` ``(n, D)`` of one dataset, on all its data, unchecked."""
-        with self.guide.full_data():
-            return self._log_density.log_density_and_score(z, args, kwargs, check=False)
 
     def get_state(self) -> dict:
         """The optimiser state, keyed by parameter name (see :meth:`set_state`): a snapshot (tensors copied),
