@@ -368,6 +368,40 @@ def _is_deterministic(site: dict) -> bool:
     return site["type"] == "sample" and bool(site["infer"].get("_deterministic", False))
 
 
+def masked_out_anchor(sites: Sequence[LatentSite], read_masked: dict | None, u: Tensor, trace) -> Tensor | None:
+    """``-|u_k|^2 / 2`` summed over the unconstrained entries of latent sites that a mask removes from the
+    model (``poutine.mask``, ``fn.mask``, e.g. the ``{name}_unobserved`` entries at observed positions
+    that ``obs_mask`` creates).
+
+    Those entries have no density at all, so without a term of their own they would drift without
+    bound and swamp the kernel's bandwidth. A standard normal on them (in unconstrained space) makes
+    the joint proper and leaves the posterior of everything else unchanged: the model never reads
+    them. Their draws are that standard normal, mapped to the support. Masked-out entries that the
+    model does read (a prior masked to make it flat, its value used by the likelihood) get nothing:
+    their density is what the rest of the model says (``read_masked``: ``{site: bool mask of its entries}``, as
+    :meth:`ModelLogDensity._probe_masked_reads` finds them). ``None`` when no latent is masked.
+    """
+    total = None
+    for s in sites:
+        node = trace.nodes.get(s.name)
+        if node is None:
+            continue
+        mask = site_mask(node)
+        if mask is None:
+            continue
+        uu = u[s.offset : s.offset + s.size].reshape(s.unconstrained_shape)
+        off = (~mask.to(u.device)).reshape(mask.shape + (1,) * (uu.dim() - mask.dim())).to(u.dtype)
+        read = (read_masked or {}).get(s.name)
+        if read is not None:
+            off = off * (~read).to(u.dtype)
+        term = -0.5 * (off * uu.square()).sum()
+        total = term if total is None else total + term
+    return total
+
+
+# ---- many particles ------------------------------------------------------------------
+
+
 class ModelLogDensity:
     """Batched unnormalized log density of a Pyro model in unconstrained space.
 
@@ -408,7 +442,7 @@ class ModelLogDensity:
         self.dim = sum(s.size for s in self.sites)
         self._by_name = {s.name: s for s in self.sites}
         self._identity = {s.name for s in self.sites if _is_identity(s.transform)}
-        # masked-out latent entries that the model reads elsewhere get no standard normal (see _masked_out_anchor);
+        # masked-out latent entries that the model reads elsewhere get no standard normal (see masked_out_anchor);
         # found by one probe at the first evaluation (None: not probed yet)
         self._read_masked: dict[str, Tensor] | None = None
         # repeated calls with the same arguments: replayed from a recorded graph (see pyro_stein.graphs)
@@ -466,7 +500,7 @@ class ModelLogDensity:
         data, ladj = self._condition_data(u, plates)
         trace = self._trace(data, args, kwargs)
         lp = trace_log_prob_sum(trace) + ladj
-        anchor = self._masked_out_anchor(u, trace)
+        anchor = masked_out_anchor(self.sites, self._read_masked, u, trace)
         return lp if anchor is None else lp + anchor
 
     def _graph_callbacks(self) -> tuple[Callable, Callable]:
@@ -515,36 +549,6 @@ class ModelLogDensity:
             if bool(read[s.offset : s.offset + s.size].any())
         }
 
-    def _masked_out_anchor(self, u: Tensor, trace) -> Tensor | None:
-        """``-|u_k|^2 / 2`` summed over the unconstrained entries of latent sites that a mask removes from the
-        model (``poutine.mask``, ``fn.mask``, e.g. the ``{name}_unobserved`` entries at observed positions
-        that ``obs_mask`` creates).
-
-        Those entries have no density at all, so without a term of their own they would drift without
-        bound and swamp the kernel's bandwidth. A standard normal on them (in unconstrained space) makes
-        the joint proper and leaves the posterior of everything else unchanged: the model never reads
-        them. Their draws are that standard normal, mapped to the support. Masked-out entries that the
-        model does read (a prior masked to make it flat, its value used by the likelihood) get nothing:
-        their density is what the rest of the model says. ``None`` when no latent is masked.
-        """
-        total = None
-        for s in self.sites:
-            node = trace.nodes.get(s.name)
-            if node is None:
-                continue
-            mask = site_mask(node)
-            if mask is None:
-                continue
-            uu = u[s.offset : s.offset + s.size].reshape(s.unconstrained_shape)
-            off = (~mask.to(u.device)).reshape(mask.shape + (1,) * (uu.dim() - mask.dim())).to(u.dtype)
-            read = (self._read_masked or {}).get(s.name)
-            if read is not None:
-                off = off * (~read).to(u.dtype)
-            term = -0.5 * (off * uu.square()).sum()
-            total = term if total is None else total + term
-        return total
-
-    # ---- many particles ------------------------------------------------------------------
     def _map(self, fn: Callable[[Tensor], Any], u: Tensor) -> Any:
         """Apply a one-particle function to every row of ``u`` (shape ``(P, D)``); an error the model raises
         comes back as a :class:`ModelEvaluationError` that says where to look (chained to the original)."""
