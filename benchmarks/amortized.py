@@ -513,10 +513,10 @@ def _sbibm(cfg, result):
                 ref = load_sbibm(task, i)
                 refd = ref.flat_draws()[: cfg["draws"]]
                 for kind, rounds in SBIBM_KINDS.items():
-                    steps = _post_processing(rounds)
+                    post = _post_processing(rounds)
                     t1 = time.perf_counter()
                     draws = ref.flatten(
-                        guide.sample_posterior(cfg["draws"], *ref.args, postprocess=steps, **ref.kwargs)
+                        guide.sample_posterior(cfg["draws"], *ref.args, postprocess=post, **ref.kwargs)
                     )
                     wall = time.perf_counter() - t1
                     rows[kind].append(
