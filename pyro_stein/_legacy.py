@@ -136,6 +136,17 @@ class AmortizationAttribute:
         guide._set_amortization(config)
 
 
+class MeanFeaturesAttribute(AmortizationAttribute):
+    """``guide.mean_features``: whether the default encoder passes the feature means to the sampler (its default
+    decided for the guide's frame; reading it does not warn). Setting it, as earlier versions allowed before set-up,
+    sets the guide's :class:`Amortization`, with a ``FutureWarning``."""
+
+    def __get__(self, guide, objtype=None):
+        if guide is None:
+            return self
+        return guide.amortized and guide._amortization.resolved_mean_features(guide.frame.whiten)
+
+
 def legacy_values_of(steps, remembered: dict | None) -> dict:
     """The old options' values: those last set through them, or else those that describe ``steps``."""
     return dict(remembered) if remembered is not None else legacy_values(steps)

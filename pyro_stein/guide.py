@@ -18,7 +18,13 @@ from torch import Tensor, nn
 
 from . import postprocess as _post
 from ._checks import _int_at_least
-from ._legacy import AmortizationAttribute, PostprocessAttribute, constructor_options, legacy_values_of
+from ._legacy import (
+    AmortizationAttribute,
+    MeanFeaturesAttribute,
+    PostprocessAttribute,
+    constructor_options,
+    legacy_values_of,
+)
 from .amortization import Amortization, read_features
 from .autoguide import SamplerGuide, _On
 from .construction import GuideSetUp, SamplerDistribution
@@ -132,6 +138,7 @@ class AmortizedSteinGuide(SamplerGuide):
     dataset_fn = AmortizationAttribute()
     context_dim = AmortizationAttribute()
     laplace_evaluations = AmortizationAttribute()
+    mean_features = MeanFeaturesAttribute()  # reading it does not warn
 
     def __init__(
         self,
@@ -210,11 +217,6 @@ class AmortizedSteinGuide(SamplerGuide):
         self._amortization = config
         if self.encoding is not None:
             self.encoding.config = config
-
-    @property
-    def mean_features(self) -> bool:
-        """Whether the default encoder passes the feature means to the sampler (see :class:`Amortization`)."""
-        return self.amortized and self._amortization.resolved_mean_features(self.frame.whiten)
 
     @property
     def per_dataset_frames(self) -> bool:

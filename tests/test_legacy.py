@@ -154,3 +154,12 @@ def test_a_user_chosen_old_polish_is_left_alone_by_the_health_check():
     assert guide.add_polish(HMC(steps=10, leapfrog=5)) and guide.postprocess == (HMC(num_draws=300),)
     svgd = AmortizedSVGD(linear_gaussian_model, AmortizedSteinGuide(linear_gaussian_model))
     assert svgd.guide.add_polish(HMC()) and svgd.guide.postprocess == (HMC(),)
+
+
+def test_mean_features_reads_without_a_warning_and_sets_with_one():
+    guide = AmortizedSteinGuide(mean_model, amortized=True)
+    assert guide.mean_features is True  # the default for an amortized guide without a frame
+    with pytest.warns(FutureWarning, match=r"setting guide.mean_features.*Amortization\(mean_features"):
+        guide.mean_features = False
+    assert guide.mean_features is False and guide.amortization.mean_features is False
+    assert AmortizedSteinGuide(mean_model).mean_features is False
