@@ -515,9 +515,7 @@ def _sbibm(cfg, result):
                 for kind, rounds in SBIBM_KINDS.items():
                     post = _post_processing(rounds)
                     t1 = time.perf_counter()
-                    draws = ref.flatten(
-                        guide.sample_posterior(cfg["draws"], *ref.args, postprocess=post, **ref.kwargs)
-                    )
+                    draws = ref.flatten(guide.sample_posterior(cfg["draws"], *ref.args, postprocess=post, **ref.kwargs))
                     wall = time.perf_counter() - t1
                     rows[kind].append(
                         {
