@@ -39,7 +39,7 @@ import pyro.distributions as dist
 import torch
 
 from benchmarks.metrics import c2st
-from pyro_stein import AmortizedSteinGuide, AmortizedSVGD
+from pyro_stein import Amortization, AmortizedSteinGuide, AmortizedSVGD
 from pyro_stein.data import Dataset
 from pyro_stein.diagnostics import draws_and_log_densities
 from pyro_stein.flows import FlowSampler, SymmetrizedSampler
@@ -420,7 +420,7 @@ def run_symmetric(cfg):
     base = FlowSampler(2, context_dim=context_dim + 2, num_layers=2)  # + the 2 passed-through feature means
     sampler = SymmetrizedSampler(base, group)
     guide = AmortizedSteinGuide(
-        sym_model, amortized=True, whiten=None, sampler=sampler, context_dim=context_dim, mean_features=True
+        sym_model, amortized=Amortization(context_dim=context_dim, mean_features=True), whiten=None, sampler=sampler
     )
     svgd = AmortizedSVGD(sym_model, guide, default_optim(cfg["sym_steps"]), num_particles=64)
     t = time.perf_counter()

@@ -61,7 +61,7 @@ def _preconditioner(z: Tensor) -> Tensor:
             what = f"the {n} finite rows of z are all equal"
         raise ValueError(
             f"the MCMC preconditioner is the covariance of the draws to polish, but {what}; pass at least two "
-            "distinct finite draws (the guide polishes at least correction_samples draws per dataset)"
+            "distinct finite draws (the guide polishes at least the steps' num_draws draws per dataset)"
         )
     # jitter relative to each coordinate's own variance (a floor relative to their mean made a coordinate 10^4 times
     # narrower than another wider than its spread, so the chains rejected every step), with a tiny one for none

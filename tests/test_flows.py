@@ -7,7 +7,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_stein import AmortizedSteinGuide, AmortizedSVGD
+from pyro_stein import Amortization, AmortizedSteinGuide, AmortizedSVGD
 from pyro_stein.data import Dataset
 from pyro_stein.diagnostics import draws_and_log_densities, importance_diagnostics, importance_sample_posterior
 from pyro_stein.flows import FlowSampler, MixtureSampler, SymmetrizedSampler, standard_normal_log_prob
@@ -141,7 +141,10 @@ def test_trained_flow_guide_is_reliable_and_resamples():
 def test_amortized_flow_guide_gives_per_dataset_weights():
     pyro.set_rng_seed(0)
     guide = AmortizedSteinGuide(
-        _conjugate_model, amortized=True, whiten="laplace", context_dim=4, sampler=FlowSampler(2, context_dim=4 + 4)
+        _conjugate_model,
+        amortized=Amortization(context_dim=4),
+        whiten="laplace",
+        sampler=FlowSampler(2, context_dim=4 + 4),
     )
     data = [Dataset(torch.randn(8, 2) + k) for k in range(3)]
     for d in data:  # at the start the flow is each dataset's Laplace approximation: exact for this model
