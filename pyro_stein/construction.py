@@ -17,7 +17,7 @@ from torch.distributions import constraints
 
 from .amortization import DatasetEncoding
 from .data import DatasetFeatures
-from .frames import Reparametrise, hierarchical_normal_sites, laplace_frame
+from .frames import Reparametrise, hierarchical_normal_sites, laplace_elbo, laplace_frame
 from .logjoint import LatentSite, ModelLogDensity, VectorizationWarning, latent_sites_from_trace, pack
 from .nn import DeepSetEncoder, GaussianResidualSampler
 from .tracing import (
@@ -169,12 +169,15 @@ class GuideSetUp:
             g.sites, g.subsample_plates, g.deterministic_names = [], {}, []
 
         try:
-            try:
-                self.trace(args, kwargs)
-            except Reparametrise as r:  # whiten="auto" found no mode: set up again with the funnel's sites non-centred
-                undo()
-                g._use_reparam(r.sites, r.reason)
-                self.trace(args, kwargs)
+            for attempt in range(3):  # whiten="auto": the model's own parameterisation, non-centred, perhaps back
+                try:
+                    self.trace(args, kwargs)
+                    break
+                except Reparametrise as r:  # set up again with the funnel's sites non-centred (or centred again)
+                    undo()
+                    if attempt == 2:
+                        raise RuntimeError(f"the automatic frame did not settle ({r.reason})") from None
+                    g._use_reparam(r.sites, r.reason, r.keep_centred)
         except BaseException:
             undo()
             g._use_reparam([], None)
@@ -243,6 +246,15 @@ class GuideSetUp:
 
         return laplace_frame(neg_log_p, init_loc)
 
+    def _laplace_elbo(self, frame: tuple[Tensor, Tensor], args, kwargs) -> float:
+        g = self.guide
+
+        def log_p(x: Tensor) -> Tensor:
+            with g.full_data(), poutine.block():
+                return g.log_density.log_density(x, args, kwargs)
+
+        return laplace_elbo(log_p, *frame)
+
     def networks(self, init_loc: Tensor, args: tuple, kwargs: dict) -> None:
         """Fit (or restore) the frame, then build the dataset encoding, the encoder and the sampler."""
         g = self.guide
@@ -253,6 +265,7 @@ class GuideSetUp:
             restore is not None,
             lambda: self._laplace_frame(init_loc, args, kwargs),
             lambda: [] if g.reparam_sites else self._funnel_sites(args, kwargs),
+            lambda frame: self._laplace_elbo(frame, args, kwargs),
         )
         if g.per_dataset_frames or fixed is not None:
             init_loc = torch.zeros_like(init_loc)  # the sampler starts at the frame's (each dataset's) Laplace approx.

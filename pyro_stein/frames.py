@@ -10,6 +10,7 @@ mode, non-centres a funnel's sites where it has none, and falls back to the adap
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
@@ -18,7 +19,15 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor
 
-__all__ = ["WHITEN_OPTIONS", "Frame", "adaptive_frame", "laplace_frame", "unwhiten", "whiten_score"]
+__all__ = [
+    "WHITEN_OPTIONS",
+    "Frame",
+    "adaptive_frame",
+    "laplace_elbo",
+    "laplace_frame",
+    "unwhiten",
+    "whiten_score",
+]
 
 WHITEN_OPTIONS = ("auto", "laplace", "adaptive", None)
 # the Laplace frame's centre must be a mode: the Newton step from it below this many frame sds
@@ -26,6 +35,10 @@ _MODE_TOLERANCE = 0.05
 # the adaptive frame: an exponential moving average of the particles' mean and covariance, shrunk towards its diagonal
 _FRAME_DECAY = 0.9
 _FRAME_SHRINK = 0.1
+# a centred model with a mode is non-centred only if that raises its Laplace approximation's ELBO by more than this
+# (nats; the ELBO is estimated from _ELBO_DRAWS draws, whose Monte Carlo error is a few hundredths of a nat there)
+_ELBO_MARGIN = 1.0
+_ELBO_DRAWS = 256
 
 FrameTensors = tuple[Tensor, Tensor]  # (m, L)
 
@@ -94,6 +107,25 @@ def laplace_frame(neg_log_p: Callable[[Tensor], Tensor], init_loc: Tensor) -> Fr
     return mode, scale
 
 
+def laplace_elbo(log_p: Callable[[Tensor], Tensor], loc: Tensor, scale: Tensor, num_draws: int = _ELBO_DRAWS) -> float:
+    """The evidence lower bound ``E_q[log p(z) - log q(z)]`` of the Gaussian ``q = N(loc, L L^T)`` (``scale = L``),
+    estimated from ``num_draws`` draws of ``q``; ``log_p`` maps draws ``(n, D)`` to log densities ``(n,)``.
+
+    Any two parameterisations of one model bound the same log evidence, so the higher ELBO marks the Laplace
+    approximation closer to its posterior (in KL). ``-inf`` when a draw has a non-finite log density. The draws are
+    made with a fixed generator, on ``loc``'s device, so the estimate does not touch the global random stream."""
+    d = loc.shape[0]
+    gen = torch.Generator(device=loc.device).manual_seed(0)
+    u = torch.randn(num_draws, d, generator=gen, dtype=loc.dtype, device=loc.device)
+    lp = log_p(unwhiten(u, loc, scale))
+    if not torch.isfinite(lp).all():
+        return float("-inf")
+    # E_q[log p - log q] with log q at the draws (not q's entropy in closed form): exact for a Gaussian p, whatever
+    # the draws, and of lower variance near one
+    log_q = -0.5 * (u * u).sum(-1) - 0.5 * d * math.log(2 * math.pi) - torch.linalg.slogdet(scale)[1]
+    return float((lp.detach() - log_q).mean())  # detached: a model's pyro.param makes lp require grad
+
+
 def adaptive_frame(z: Tensor, moments: FrameTensors | None) -> tuple[Tensor, Tensor, FrameTensors]:
     """``(m, L, moments)``, ``L`` lower triangular: the frame of a guide with an adaptive frame, from a moving average
     of the particles' mean and covariance (shrunk towards its diagonal), updated with this step's particles ``z``
@@ -131,6 +163,7 @@ def hierarchical_normal_sites(model: Callable, values: dict, args: tuple, kwargs
     values = {n: v.detach().clone().requires_grad_(v.is_floating_point()) for n, v in values.items()}
     with torch.enable_grad(), context(), pyro.validation_enabled(False):
         tr = poutine.block(poutine.trace(poutine.condition(model, values)).get_trace)(*args, **kwargs)
+    leaves = [v for v in values.values() if v.requires_grad]
     out = []
     for name, site in tr.nodes.items():
         if site["type"] != "sample" or name not in values:
@@ -138,17 +171,24 @@ def hierarchical_normal_sites(model: Callable, values: dict, args: tuple, kwargs
         fn = site["fn"]
         while isinstance(fn, torch.distributions.Independent):
             fn = fn.base_dist
-        if type(fn) is dist.Normal and (fn.loc.requires_grad or fn.scale.requires_grad):
-            out.append(name)
+        if type(fn) is not dist.Normal:
+            continue
+        # depends on another latent, not merely on a pyro.param (which also requires grad)
+        params = [t.sum() for t in (fn.loc, fn.scale) if isinstance(t, Tensor) and t.requires_grad]
+        if params and leaves:
+            with torch.enable_grad():
+                grads = torch.autograd.grad(params, leaves, allow_unused=True, retain_graph=True)
+            if any(g is not None for g in grads):
+                out.append(name)
     return out
 
 
 class Reparametrise(Exception):
     """Raised inside set-up when ``whiten="auto"`` finds no proper mode and the model has a funnel to non-centre."""
 
-    def __init__(self, sites: list[str], reason: str):
+    def __init__(self, sites: list[str], reason: str, keep_centred: bool = False):
         super().__init__(sites, reason)
-        self.sites, self.reason = sites, reason
+        self.sites, self.reason, self.keep_centred = sites, reason, keep_centred
 
 
 class Frame:
@@ -182,21 +222,36 @@ class Frame:
         self.adaptive = request == "adaptive"
         self.fallback_reason: str | None = None
         self.reparam_sites: list[str] = []
+        # a model with a mode and a funnel's sites: the centred Laplace frame and its ELBO, to compare with the
+        # non-centred one
+        self._centred: FrameTensors | None = None
+        self._centred_elbo = float("-inf")
+        self._keep_centred = False
+        self.compared: tuple[float, float] | None = None  # (centred, non-centred) ELBOs when the non-centred won
 
     def __repr__(self) -> str:
         return f"Frame(request={self.request!r}, whiten={self.whiten!r}, adaptive={self.adaptive})"
 
-    def use_reparam(self, sites: Sequence[str], reason: str | None) -> None:
-        """Record that ``sites`` are non-centred (``reason``: why there was no mode without it)."""
+    def use_reparam(self, sites: Sequence[str], reason: str | None, keep_centred: bool = False) -> None:
+        """Record that ``sites`` are non-centred (``reason``: why there was no mode without it, or ``"compare"``
+        while the two parameterisations' Laplace frames are compared); ``keep_centred``: the comparison kept the
+        model's own parameterisation."""
         self.reparam_sites = list(sites)
-        self.fallback_reason = (
-            None
-            if reason is None
-            else (
+        self._keep_centred = self._keep_centred or keep_centred
+        if reason is None and not keep_centred:  # a set-up that failed: the next one chooses afresh
+            self._centred, self._keep_centred, self.compared = None, False, None
+        if reason is None or keep_centred:
+            self.fallback_reason = None
+        elif reason == "compare":
+            self.fallback_reason = (
+                f"the model's own parameterisation has a mode, but its sites {self.reparam_sites} non-centred "
+                "(LocScaleReparam(centered=0.0)) give a Laplace approximation with a higher evidence lower bound"
+            )
+        else:
+            self.fallback_reason = (
                 f"no proper mode in the model's own parameterisation ({reason}); its sites {self.reparam_sites} were "
                 "non-centred (LocScaleReparam(centered=0.0))"
             )
-        )
 
     def reparametrised(self, model: Callable) -> Callable:
         """``model`` with :attr:`reparam_sites` non-centred (``model`` itself when there are none)."""
@@ -213,13 +268,17 @@ class Frame:
         restored: bool,
         laplace: Callable[[], FrameTensors],
         funnel: Callable[[], list],
+        elbo: Callable[[FrameTensors], float] | None = None,
     ) -> FrameTensors | None:
         """The fixed frame ``(m, L)`` of a non-amortized guide at set-up, or ``None`` without one.
 
         ``laplace()`` fits the Laplace frame (a ``ValueError`` when there is no proper mode); for ``"auto"`` a
         failure tries ``funnel()`` (the sites to non-centre: then :class:`Reparametrise` is raised, for the guide to
-        set up again) and else falls back to the adaptive frame. A ``restored`` guide (loaded from a file) gets a
-        placeholder frame that its saved buffers replace."""
+        set up again) and else falls back to the adaptive frame. Where there is a mode but also a funnel's sites (a
+        centred hierarchical model can have a mode at a degenerate scale, e.g. Neal's funnel), the model is set up
+        non-centred as well and the parameterisation whose Laplace approximation has the higher evidence lower
+        bound ``elbo(frame)`` is kept. A ``restored`` guide (loaded from a file) gets a placeholder frame that its
+        saved buffers replace."""
         if amortized or not (self.whiten is not None or self.request == "auto"):
             return None
         if restored:
@@ -229,16 +288,32 @@ class Frame:
             return loc, torch.eye(init_loc.shape[0], dtype=init_loc.dtype, device=init_loc.device)
         if self.request != "auto":
             return laplace()
-        try:
-            frame = laplace()
+        if self._keep_centred and self._centred is not None:  # back from the comparison: the frame found before
+            frame, self._centred = self._centred, None
             self.whiten, self.adaptive = "laplace", False
             return frame
+        try:
+            frame = laplace()
         except ValueError as e:  # no proper mode: non-centre a funnel's sites, else an adaptive frame
+            if self._centred is not None:  # the centred model had a mode, the non-centred one has none
+                raise Reparametrise([], "the non-centred model has no proper mode", keep_centred=True) from None
             sites = [] if self.reparam_sites else funnel()
             if sites:
                 raise Reparametrise(sites, str(e)) from None
             self.whiten, self.adaptive, self.fallback_reason = None, True, str(e)
             return None
+        if elbo is not None and not self.reparam_sites and not self._keep_centred:
+            sites = funnel()
+            if sites:  # a mode, and a funnel: compare with the non-centred parameterisation's Laplace frame
+                self._centred, self._centred_elbo = frame, elbo(frame)
+                raise Reparametrise(sites, "compare")
+        if self.reparam_sites and self._centred is not None:
+            noncentred = elbo(frame)
+            if not noncentred > self._centred_elbo + _ELBO_MARGIN:
+                raise Reparametrise([], "the centred model's Laplace frame fits as well", keep_centred=True)
+            self.compared, self._centred = (self._centred_elbo, noncentred), None
+        self.whiten, self.adaptive = "laplace", False
+        return frame
 
     def to_dict(self) -> dict:
         """The frame in use, as a checkpoint stores it."""

@@ -253,8 +253,8 @@ class AmortizedSteinGuide(SamplerGuide):
     def _setup_prototype(self, *args, **kwargs):
         GuideSetUp(self).run(args, kwargs)  # trace the model, build the components; all or nothing
 
-    def _use_reparam(self, sites: Sequence[str], reason: str | None) -> None:
-        self.frame.use_reparam(sites, reason)
+    def _use_reparam(self, sites: Sequence[str], reason: str | None, keep_centred: bool = False) -> None:
+        self.frame.use_reparam(sites, reason, keep_centred)
         self._model = self._raw_model = (self.frame.reparametrised(self._user_model),)
 
     def check_dataset(self, dataset: Dataset, position: int | None = None) -> None:

@@ -358,6 +358,7 @@ def test_model_parameters_are_flagged_and_left_alone():
     pyro.clear_param_store()
     with pytest.warns(ModelParameterWarning, match=r"\['shift'\].*keep their current values"):
         guide = AmortizedSteinGuide(model).setup()
+    assert guide.reparam_sites == [], "a loc that is a pyro.param, not a latent, is no funnel"
     AmortizedSVGD(model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=4).step()
     assert float(pyro.param("shift").detach()) == 0.5
 
