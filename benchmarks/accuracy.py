@@ -78,7 +78,8 @@ def _decay(lr0, lr1, steps):
 def _init_values(ref):
     """Values for the sites with an ImproperUniform prior (the flat priors of kidiq's beta, the flat-prior regressions'
     beta and sigma, the HMMs' simplexes and ordered vectors): ``init_to_mean_or_feasible``'s, the image of zero in
-    unconstrained space (zeros for a real beta); other sites fall back to init_to_feasible. ``None`` when there are none."""
+    unconstrained space (zeros for a real beta); other sites fall back to init_to_feasible. ``None`` when there are
+    none."""
     init = init_to_mean_or_feasible(like=_first_tensor([ref.args, ref.kwargs]))
     trace = poutine.trace(InitMessenger(init)(ref.model)).get_trace(*ref.args, **ref.kwargs)
     vals = {
@@ -339,10 +340,14 @@ def run(mode: str, out: Path, posteriors: str | None = None, methods=METHODS) ->
         "alone; draw_ms_default / draw_ms_raw: median ms of sample_posterior(1000) with the default "
         "post-processing / without it",
         RAW: "the same trained guide, its sampler's own draws (postprocess=[]); wall includes the training",
-        PREVIOUS: f"the usage example before the defaults: whiten=None, {PREVIOUS_STEPS} steps x 64 particles, ClippedAdam lr 1e-2, lrd 0.9985, raw draws",
-        "AutoNormal / AutoMultivariateNormal / AutoIAFNormal": f"{cfg['svi_steps']} SVI steps, Trace_ELBO (1 particle), ClippedAdam lr 1e-2 -> 1e-3; {cfg['draws']} draws",
-        "pyro.infer.SVGD": f"{cfg['svgd_steps']} steps, {cfg['svgd_particles']} particles (= draws), RBFSteinKernel, ClippedAdam lr 5e-2 -> 5e-3, max_plate_nesting=1",
-        "NUTS": f"1 chain, {cfg['nuts_warmup']} warmup + {cfg['nuts_samples']} samples (= draws), wall cap {cfg['nuts_cap_s']} s",
+        PREVIOUS: f"the usage example before the defaults: whiten=None, {PREVIOUS_STEPS} steps x 64 particles, "
+        "ClippedAdam lr 1e-2, lrd 0.9985, raw draws",
+        "AutoNormal / AutoMultivariateNormal / AutoIAFNormal": f"{cfg['svi_steps']} SVI steps, Trace_ELBO "
+        f"(1 particle), ClippedAdam lr 1e-2 -> 1e-3; {cfg['draws']} draws",
+        "pyro.infer.SVGD": f"{cfg['svgd_steps']} steps, {cfg['svgd_particles']} particles (= draws), RBFSteinKernel, "
+        "ClippedAdam lr 5e-2 -> 5e-3, max_plate_nesting=1",
+        "NUTS": f"1 chain, {cfg['nuts_warmup']} warmup + {cfg['nuts_samples']} samples (= draws), "
+        f"wall cap {cfg['nuts_cap_s']} s",
     }
     old_dtype = torch.get_default_dtype()
     torch.set_default_dtype(
@@ -387,7 +392,8 @@ def _run_all(result, cfg, posteriors, mode, methods, out, t_start):
             res[meth] = r
             print(
                 f"  {name:45s} {meth:24s} c2st={r.get('c2st', float('nan')):.3f} "
-                f"sme={r.get('worst_std_mean_error', float('nan')):.3f} sdr={r.get('worst_sd_ratio', float('nan')):.3f} "
+                f"sme={r.get('worst_std_mean_error', float('nan')):.3f} "
+                f"sdr={r.get('worst_sd_ratio', float('nan')):.3f} "
                 f"wall={r['wall_s']:.1f}s {r.get('error', '')}",
                 flush=True,
             )

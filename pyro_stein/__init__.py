@@ -2,7 +2,8 @@
 
 Wang & Liu (2016), "Learning to Draw Samples": a neural sampler trained with the Stein
 variational gradient, as a Pyro guide (:class:`AmortizedSteinGuide`) with an Infer-style driver
-(:class:`AmortizedSVGD`), amortized across datasets, and SteinGAN (:mod:`pyro_stein.ebm`) with a GAN baseline (:mod:`pyro_stein.gan`).
+(:class:`AmortizedSVGD`), amortized across datasets, and SteinGAN (:mod:`pyro_stein.ebm`) with a GAN baseline
+(:mod:`pyro_stein.gan`).
 """
 
 from ._io import CheckpointError

@@ -135,7 +135,8 @@ def rich_hierarchy(y):
 
 
 def test_laplace_elbo_of_an_exact_gaussian_is_the_log_evidence():
-    """For ``p(z) = Z N(z; m, S)`` and ``q = N(m, S)``, ``log p - log q = log Z`` at every draw: the estimate is exact."""
+    """For ``p(z) = Z N(z; m, S)`` and ``q = N(m, S)``, ``log p - log q = log Z`` at every draw: the estimate is
+    exact."""
     from pyro_stein.frames import laplace_elbo
 
     loc = tensor([1.0, -2.0, 0.5])

@@ -146,7 +146,8 @@ def _check_accuracy(res, label):
     # guide is off by 3-5 posterior sd in the mean.
     mode = "full" if FULL else "short CI run"
     assert worst_mean < MEAN_TOL, (
-        f"{label}, {mode}: worst |mean error| {worst_mean:.3f} posterior sd, target < {MEAN_TOL} (MC s.e. 0.016); {errs}"
+        f"{label}, {mode}: worst |mean error| {worst_mean:.3f} posterior sd, target < {MEAN_TOL} "
+        f"(MC s.e. 0.016); {errs}"
     )
     assert worst_sd < SD_TOL, (
         f"{label}, {mode}: worst |sd ratio - 1| {worst_sd:.3f}, target < {SD_TOL} (MC s.e. 0.011); {ratios}"
@@ -188,7 +189,8 @@ def test_one_process_same_data_budget_is_accurate_and_agrees(one_rank, two_ranks
     for a, b in zip(r1["ratios"], r2["ratios"]):
         assert abs(a / b - 1) < 2 * SD_TOL, (r1["ratios"], r2["ratios"])
     print(f"\nwall time (launch + import + {STEPS} steps + eval): world size 1 {one_rank['wall_s']:.1f} s, "
-          f"world size 2 {two_ranks['wall_s']:.1f} s; training loop only: {r1['train_s']:.1f} s vs {r2['train_s']:.1f} s")  # fmt: skip
+          f"world size 2 {two_ranks['wall_s']:.1f} s; training loop only: "
+          f"{r1['train_s']:.1f} s vs {r2['train_s']:.1f} s")  # fmt: skip
 
 
 def test_resume_two_rank_checkpoint_in_one_process(two_ranks):

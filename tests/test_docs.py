@@ -43,7 +43,9 @@ def test_docs_build_strict(tmp_path):
     assert (site / "benchmarks" / "report" / "index.html").is_file()
     for script in sorted((ROOT / "tutorials").glob("*.py")):  # each page shows its tutorial's source, not a marker
         html = (site / "tutorials" / script.stem / "index.html").read_text(encoding="utf-8")
-        assert "--8&lt;--" not in html and "--8 &lt; --" not in html, f"{script.stem}: a snippet marker was not expanded"
+        assert "--8&lt;--" not in html and "--8 &lt; --" not in html, (
+            f"{script.stem}: a snippet marker was not expanded"
+        )
         first_def = re.search(r"^def (\w+)", script.read_text(encoding="utf-8"), re.M).group(1)
         assert f">{first_def}<" in html, f"{script.stem}: the page does not render its source (no def {first_def})"
 
@@ -54,6 +56,6 @@ def test_every_tutorial_has_a_gallery_page():
         page = ROOT / "docs" / "tutorials" / f"{script.stem}.md"
         assert page.is_file(), f"tutorials/{script.name} has no page docs/tutorials/{script.stem}.md"
         assert f'--8<-- "tutorials/{script.name}"' in page.read_text(encoding="utf-8"), (
-            f"{page.name} does not include its source with the snippet line --8<-- \"tutorials/{script.name}\""
+            f'{page.name} does not include its source with the snippet line --8<-- "tutorials/{script.name}"'
         )
         assert f"({script.stem}.md)" in gallery, f"the gallery (docs/tutorials/index.md) does not link {script.stem}.md"

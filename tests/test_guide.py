@@ -548,7 +548,8 @@ def test_whiten_laplace_trains_where_the_raw_frame_fails():
         w = guide.sample_posterior(4000, X, y)["w"]
         errs[whiten], ratios[whiten] = ((w.mean(0) - mean).abs() / sd).max(), w.std(0) / sd
     assert errs["laplace"] < 0.2 and ((ratios["laplace"] - 1).abs() < 0.2).all(), (
-        f"whitened: mean error {errs['laplace']:.3f} sd (4000 draws: Monte Carlo s.e. 0.016), sd ratios {ratios['laplace'].tolist()}"
+        f"whitened: mean error {errs['laplace']:.3f} sd (4000 draws: Monte Carlo s.e. 0.016), "
+        f"sd ratios {ratios['laplace'].tolist()}"
     )
     assert errs[None] > 2, f"the raw frame was expected to fail here, mean error {errs[None]:.3f} sd"
 
@@ -588,7 +589,8 @@ def test_whiten_errors_and_persistence(tmp_path):
 @pytest.mark.parametrize("first", ["nan-data", "no-observations"])
 def test_failed_first_setup_leaves_the_guide_unset(first):
     """A first call that fails (a malformed dataset) leaves nothing half-built: the next call with good arguments sets
-    the guide up afresh (a partial setup made every later call fail, or baked the missing observations in as latents)."""
+    the guide up afresh (a partial setup made every later call fail, or baked the missing observations in as
+    latents)."""
     X, y = data(n=20, d=2)
     guide = AmortizedSteinGuide(linear_gaussian_model, amortized=True)
     with pytest.raises(ValueError):
