@@ -409,6 +409,7 @@ def _export(
                 "stein_identity_min": low,
                 "stein_identity_max": high,
             }
+        stein.update(_importance_attrs(guide, args, kwargs, subsampled))
     all_attrs = {
         "inference_library": "pyro",
         "inference_library_version": str(pyro.__version__),
@@ -432,6 +433,25 @@ def _export(
 
 
 _STEIN_DRAWS = 1000  # draws the Stein diagnostics of an export are computed from
+_IMPORTANCE_DRAWS = 2000  # draws the Pareto k-hat and log evidence of an export are computed from
+
+
+def _importance_attrs(guide, args, kwargs, subsampled) -> dict:
+    """``pareto_khat``, ``log_evidence`` and ``log_evidence_se`` of a guide whose sampler has a density (the samplers
+    of :mod:`pyro_stein.flows`), from its own ``_IMPORTANCE_DRAWS`` draws; ``{}`` for other guides, and for a model
+    that subsamples (the weights need the full-data log joint)."""
+    sampler = getattr(guide, "sampler", None)
+    if subsampled or not callable(getattr(sampler, "sample_and_log_prob", None)):
+        return {}
+    from .diagnostics import importance_diagnostics
+
+    with torch.no_grad():
+        result = importance_diagnostics(guide, *args, num_samples=_IMPORTANCE_DRAWS, **kwargs)
+    return {
+        "pareto_khat": float(result.khat),
+        "log_evidence": float(result.log_evidence),
+        "log_evidence_se": float(result.log_evidence_se),
+    }
 
 
 def to_inference_data(
@@ -495,7 +515,12 @@ def to_inference_data(
         ``stein_identity_max``, the extreme eigenvalues of Stein's identity matrix in the draws' own whitened
         coordinates (both about 1 for draws of the posterior; below 0.25 the draws are too narrow in some
         direction, above 4 too wide; see :func:`pyro_stein.diagnostics.stein_identity_range`). Costs two batched
-        evaluations of the model.
+        evaluations of the model. A guide whose sampler has a density (:mod:`pyro_stein.flows`) also gets
+        ``pareto_khat`` (the Pareto k-hat of the importance weights of 2,000 of its draws against the model's log
+        joint: at most 0.7 the draws can be trusted; a calibrated reliability score, see
+        :func:`pyro_stein.diagnostics.importance_diagnostics`), ``log_evidence`` and ``log_evidence_se`` (the
+        importance-sampling estimate of ``log p(data)``, for model comparison). They are attributes, not
+        ``sample_stats`` variables: one number per dataset, computed from the guide's own draws with their density.
     :param kwargs: keyword arguments of the model (and the guide). Names clashing with the
         parameters above cannot be passed; use :func:`to_inference_data_batch` for those.
     :returns: ``arviz.InferenceData`` or ``xarray.DataTree``.

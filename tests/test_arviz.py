@@ -544,3 +544,32 @@ def test_stein_attributes_flag_draws_that_are_too_narrow(r):
         assert abs(attrs["stein_discrepancy"]) < 0.05
     else:
         assert high < 0.25, f"draws 0.3 times as wide must be flagged: {low}, {high}"
+
+
+def test_a_guide_with_a_density_exports_its_pareto_khat_and_log_evidence():
+    """A flow guide on a conjugate Gaussian model, initialised at its exact Laplace approximation (the posterior):
+    every importance weight is the evidence, so k-hat is small and the log evidence is exact (to rounding)."""
+    from pyro_stein import AmortizedSteinGuide
+    from pyro_stein.flows import FlowSampler
+
+    y = _t([0.5, 1.5, -0.2, 0.9])
+
+    def conjugate(y):
+        mu = pyro.sample("mu", dist.Normal(y.new_tensor(0.0), 1.0))
+        with pyro.plate("obs", y.shape[0]):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    guide = AmortizedSteinGuide(conjugate, sampler=FlowSampler(1).to(device=DEVICE, dtype=DTYPE)).setup(y)
+    # the evidence: y ~ N(0, I + 1 1^T)
+    cov = torch.eye(4, dtype=DTYPE, device=DEVICE) + 1.0
+    exact = float(dist.MultivariateNormal(torch.zeros_like(y), cov).log_prob(y))
+    pyro.set_rng_seed(0)
+    attrs = _attrs(to_inference_data(guide, conjugate, y, num_samples=200))
+    tol = 1e-8 if DTYPE == torch.float64 else 1e-3
+    assert abs(attrs["log_evidence"] - exact) < tol, (attrs["log_evidence"], exact)
+    assert attrs["pareto_khat"] <= 0.7 and attrs["log_evidence_se"] < tol
+
+    def plain(y):  # a guide without a density: no such attributes
+        pyro.sample("mu", dist.Normal(y.sum() / 5, 5**-0.5))
+
+    assert "pareto_khat" not in _attrs(to_inference_data(plain, conjugate, y, num_samples=50))
