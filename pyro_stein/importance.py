@@ -10,7 +10,9 @@ Given the log weights ``log w_i = log p(z_i) - log q(z_i)`` of draws ``z_i ~ q``
   al. 2018): below 0.5 the importance-sampling estimates converge fast; up to 0.7 they are usable; above 0.7 ``q``
   misses mass of ``p`` (a mode, a tail) and neither ``q`` nor the reweighted draws should be trusted;
 * :func:`importance_resample`: draws resampled with their smoothed weights (sampling importance resampling);
-* :func:`log_evidence`: the estimate ``log mean w`` of the log normalizing constant of ``p``, with a standard error.
+* :func:`log_evidence`: the estimate ``log mean w`` of the log normalizing constant of ``p``, with a standard error;
+* :func:`importance_masses`: the posterior mass of each of a few regions (the modes of a multimodal posterior), with
+  Monte Carlo standard errors.
 
 All functions take log weights of shape ``(..., n)``: one set of ``n`` draws per leading index (e.g. one per
 dataset of an amortized guide).
@@ -37,6 +39,7 @@ __all__ = [
     "KHAT_OK",
     "ImportanceResult",
     "ess",
+    "importance_masses",
     "importance_resample",
     "log_evidence",
     "pareto_khat",
@@ -185,6 +188,43 @@ def log_evidence(log_weights) -> tuple[Tensor, Tensor]:
     w = torch.exp(lw - log_z.unsqueeze(-1))  # weights relative to their mean
     se = w.std(-1) / math.sqrt(n)
     return log_z, se
+
+
+def importance_masses(labels, log_weights, num_regions: int) -> tuple[Tensor, Tensor]:
+    """The target's mass in each of ``num_regions`` regions from weighted draws, with Monte Carlo standard errors.
+
+    ``labels[i]`` is the region (an int in ``0..num_regions-1``, e.g. the mode nearest the draw) of the draw whose log
+    weight is ``log_weights[i]``. The estimate is the self-normalized importance-sampling one,
+    ``m_k = sum_i W_i 1[label_i = k]`` with ``W`` the normalized weights (pass the :func:`psis` weights to smooth
+    them), and its standard error the delta-method one, ``sqrt(sum_i W_i^2 (1[label_i = k] - m_k)^2)`` (with equal
+    weights: the binomial ``sqrt(m_k (1 - m_k) / n)``). Self-normalization biases ``m_k`` by ``O(1/n)``, well below
+    the standard error for ``n`` in the thousands. Both assume independent draws and a finite variance of the
+    weights: trust them only where :func:`pareto_khat` is at most 0.7. A region no draw reaches gets mass 0 with
+    standard error 0: the estimate cannot see what the proposal misses.
+
+    :param labels: integer tensor ``(n,)``.
+    :param log_weights: ``(n,)`` log weights (any normalization); ``None`` for equal weights (plain draws).
+    :returns: ``(masses (num_regions,), standard errors (num_regions,))``.
+    """
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or labels.is_floating_point():
+        raise ValueError(f"labels must be an integer tensor of shape (n,), got {labels.dtype} {tuple(labels.shape)}")
+    num_regions = int(num_regions)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_regions):
+        raise ValueError(f"labels must lie in 0..{num_regions - 1}")
+    if log_weights is None:
+        w = torch.full(labels.shape, 1.0 / labels.shape[0], dtype=torch.float64, device=labels.device)
+    else:
+        lw = _checked(log_weights).detach().double()
+        if lw.shape != labels.shape:
+            raise ValueError(
+                f"log_weights of shape {tuple(lw.shape)} do not match labels of shape {tuple(labels.shape)}"
+            )
+        w = torch.exp(lw - torch.logsumexp(lw, -1))
+    onehot = torch.nn.functional.one_hot(labels.long(), num_regions).to(w)  # (n, K)
+    masses = w @ onehot
+    se = torch.sqrt(((w * w).unsqueeze(-1) * (onehot - masses) ** 2).sum(0))
+    return masses, se
 
 
 def ess(smoothed_log_weights: Tensor) -> Tensor:

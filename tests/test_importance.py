@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pyro_stein.importance import ess, importance_resample, log_evidence, pareto_khat, psis
+from pyro_stein.importance import ess, importance_masses, importance_resample, log_evidence, pareto_khat, psis
 
 
 def _gaussian_log_weights(sd_target: float, n: int, seed: int = 0, loc_target: float = 0.0) -> tuple:
@@ -87,3 +87,23 @@ def test_infinite_and_invalid_weights():
         psis(torch.tensor([0.0]))
     with pytest.raises(ValueError, match="draws"):
         importance_resample(torch.zeros(3), torch.zeros(4))
+
+
+def test_importance_masses_match_the_truth_within_their_standard_errors():
+    # proposal N(0, 1.5^2), target N(0.5, 1): the mass left of 0 is Phi(-0.5) = 0.3085
+    g = torch.Generator().manual_seed(3)
+    n = 20000
+    x = 1.5 * torch.randn(n, generator=g, dtype=torch.float64)
+    lw = torch.distributions.Normal(0.5, 1.0).log_prob(x) - torch.distributions.Normal(0.0, 1.5).log_prob(x)
+    labels = (x > 0).long()
+    masses, se = importance_masses(labels, psis(lw)[0], 2)
+    truth = torch.tensor([0.3085375387, 1 - 0.3085375387], dtype=torch.float64)
+    assert float(masses.sum()) == pytest.approx(1.0, abs=1e-12)
+    assert ((masses - truth).abs() < 4 * se).all()
+    assert (se > 0.002).all() and (se < 0.01).all()
+    # equal weights: the binomial standard error; an empty region has mass 0 and standard error 0
+    masses, se = importance_masses(torch.tensor([0, 0, 0, 2]), None, 3)
+    torch.testing.assert_close(masses, torch.tensor([0.75, 0.0, 0.25], dtype=torch.float64))
+    torch.testing.assert_close(se, torch.tensor([(0.75 * 0.25 / 4) ** 0.5, 0.0, (0.75 * 0.25 / 4) ** 0.5]).double())
+    with pytest.raises(ValueError, match="labels must lie"):
+        importance_masses(torch.tensor([0, 3]), None, 3)
