@@ -1,10 +1,12 @@
 """``python -m benchmarks [--quick|--full|--smoke] [--out DIR] [--device cuda]
-[--only step_cost,accuracy,amortized,amortized_hier,amortized_sbibm,memory]``.
+[--only step_cost,accuracy,amortized,amortized_hier,amortized_sbibm,memory,multimodal]``.
 
 Writes one JSON file per part into ``--out`` and regenerates ``REPORT.md`` (plus PNG plots) from
 whatever JSON files are there. ``--quick`` (default) finishes in a few minutes on 2 cores;
 ``--full`` is the configuration the committed report is meant to come from; ``--smoke`` is a tiny
-configuration for CI (it only checks that everything runs).
+configuration for CI (it only checks that everything runs). ``multimodal`` (mode discovery on multimodal targets,
+``benchmarks/multimodal.py``) runs only when named in ``--only``; it writes ``multimodal[_smoke].json`` and ``.md``
+(``--full`` runs its quick configuration).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import traceback
 from pathlib import Path
 
 PARTS = ("step_cost", "accuracy", "amortized", "amortized_hier", "amortized_sbibm", "memory")
+OPTIONAL_PARTS = ("multimodal",)  # run only when named in --only
 
 
 def main(argv=None) -> int:
@@ -27,7 +30,11 @@ def main(argv=None) -> int:
     g.add_argument("--quick", dest="mode", action="store_const", const="quick")
     g.add_argument("--full", dest="mode", action="store_const", const="full")
     g.add_argument("--smoke", dest="mode", action="store_const", const="smoke", help="tiny CI configuration")
-    p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument(
+        "--only",
+        default=",".join(PARTS),
+        help=f"comma-separated subset of {','.join(PARTS + OPTIONAL_PARTS)} (default: {','.join(PARTS)})",
+    )
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument(
         "--posteriors",
@@ -43,9 +50,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     mode = a.mode or "quick"
     parts = [s.strip() for s in a.only.split(",") if s.strip()]
-    bad = [s for s in parts if s not in PARTS]
+    bad = [s for s in parts if s not in PARTS + OPTIONAL_PARTS]
     if bad:
-        p.error(f"unknown part(s) {bad}; choose from {list(PARTS)}")
+        p.error(f"unknown part(s) {bad}; choose from {list(PARTS + OPTIONAL_PARTS)}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -71,6 +78,8 @@ def main(argv=None) -> int:
                     from .amortized import run_hier as run
                 elif part == "amortized_sbibm":
                     from .amortized import run_sbibm as run
+                elif part == "multimodal":
+                    from .multimodal import run
                 else:
                     from .memory import run
                 kw = {"posteriors": a.posteriors} if part == "accuracy" else {}
