@@ -815,9 +815,8 @@ def run_mixture_amortized(cfg):
         extra = 1 + (0 if whiten is None else 2 * MIX_K)  # the passed-through data mean (+ the frame summary)
         base = FlowSampler(MIX_K, context_dim=context_dim + extra, num_layers=2)
         sampler = SymmetrizedSampler(base, group) if model is mix_model else base
-        guide = AmortizedSteinGuide(
-            model, amortized=True, whiten=whiten, sampler=sampler, context_dim=context_dim, mean_features=True
-        )
+        amortization = Amortization(context_dim=context_dim, mean_features=True)
+        guide = AmortizedSteinGuide(model, amortized=amortization, whiten=whiten, sampler=sampler)
         svgd = AmortizedSVGD(model, guide, default_optim(steps), num_particles=64)
         t = time.perf_counter()
         if model is mix_model:
