@@ -145,7 +145,8 @@ def stein_identity_range(
 def guide_ksd(guide, *args, num_samples: int = 500, kernel: RadialKernel | None = None, **kwargs) -> float:
     """``KSD^2`` of a guide's draws for the dataset ``(*args, **kwargs)``: a reference-free fit signal.
 
-    It scores the sampler's own draws, before any ``moment_correction`` or ``mcmc_steps`` polish,
+    It scores the sampler's own draws, before any post-processing
+    (:class:`~pyro_stein.MomentCorrection`, :class:`~pyro_stein.MALA`, :class:`~pyro_stein.HMC`),
     so it says how well the trained sampler handles this dataset (large: refine, or retrain on
     datasets like it); polished draws are usually closer to the posterior than it suggests.
 
@@ -180,7 +181,8 @@ def draws_and_log_densities(guide, num_samples: int, *args, **kwargs) -> tuple[T
     ``guide.log_density`` evaluates: the model's log joint plus the log-Jacobians of the sites' bijections), the
     guide's including its frame ``z = m + L u`` (``- log|det L|``), so ``log_p - log_q`` are the importance weights of
     the draws and their log-mean-exp estimates the model's log evidence. The draws are the sampler's own, before any
-    ``moment_correction`` or ``mcmc_steps`` polish (which have no density).
+    post-processing steps (:class:`~pyro_stein.MomentCorrection`, :class:`~pyro_stein.MALA`, :class:`~pyro_stein.HMC`,
+    which have no density).
 
     :returns: ``(z (num_samples, D), log_q (num_samples,), log_p (num_samples,))``.
     """
