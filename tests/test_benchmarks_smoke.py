@@ -146,3 +146,24 @@ def test_benchmarks_multimodal_hook(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmarks.multimodal, "run", lambda mode, out, **kw: calls.append((mode, out)))
     assert main(["--smoke", "--only", "multimodal", "--out", str(tmp_path)]) == 0
     assert calls == [("smoke", tmp_path)] and (tmp_path / "REPORT.md").exists()
+
+
+@pytest.mark.skipif(not (DATA / "posteriordb").is_dir(), reason=f"reference data not found at {DATA}")
+def test_benchmarks_default_cost_smoke(tmp_path):
+    """The training-cost benchmark of the defaults on two posteriors, tiny steps, one repeat."""
+    p = subprocess.run(
+        [sys.executable, "-m", "benchmarks.default_cost", "--smoke", "--repeats", "1", "--only", "sblri-blr,baseball"]
+        + ["--out", str(tmp_path)],
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYRO_STEIN_SHARED_DATA=str(DATA)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, f"benchmarks.default_cost failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    res = json.loads((tmp_path / "default_cost_smoke.json").read_text())
+    assert list(res["results"]) == ["sblri-blr", "baseball"] and res["repeats"] == 1
+    for r in res["results"].values():
+        assert len(r["times_s"]["default"]) == len(r["times_s"]["previous"]) == 1
+        assert r["ratio"] == r["median_default_s"] / r["median_previous_s"] > 0
+    assert "| sblri-blr |" in (tmp_path / "default_cost_smoke.md").read_text()
