@@ -56,10 +56,10 @@ def _latent_dim(ref) -> int:
     return guide.latent_dim
 
 
-def _train(ref, sampler=None) -> tuple[AmortizedSteinGuide, float]:
+def _train(ref, sampler=None, steps: int | None = None) -> tuple[AmortizedSteinGuide, float]:
     t0 = time.perf_counter()
     guide = AmortizedSteinGuide(ref.model) if sampler is None else AmortizedSteinGuide(ref.model, sampler=sampler)
-    AmortizedSVGD(ref.model, guide).run(*ref.args, progress_bar=False, **ref.kwargs)
+    AmortizedSVGD(ref.model, guide).run(*ref.args, num_steps=steps, progress_bar=False, **ref.kwargs)
     return guide, time.perf_counter() - t0
 
 
@@ -74,12 +74,12 @@ def _scored(ref, samples, **extra) -> dict:
     return out
 
 
-def run_posterior(name: str, seed: int, draws: int) -> dict:
+def run_posterior(name: str, seed: int, draws: int, steps: int | None = None) -> dict:
     ref = _load(name)
     res = {}
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    guide, wall = _train(ref)
+    guide, wall = _train(ref, steps=steps)
     res["default"] = _scored(
         ref, guide.sample_posterior(draws, *ref.args, **ref.kwargs), train_s=wall, postprocess=_postprocess(guide)
     )
@@ -88,7 +88,7 @@ def run_posterior(name: str, seed: int, draws: int) -> dict:
     pyro.set_rng_seed(seed)
     D = _latent_dim(ref)
     pyro.set_rng_seed(seed)
-    guide, wall = _train(ref, FlowSampler(D))
+    guide, wall = _train(ref, FlowSampler(D), steps)
     res["flow"] = _scored(
         ref,
         guide.sample_posterior(draws, *ref.args, **ref.kwargs),
@@ -279,6 +279,7 @@ def main(argv=None) -> dict:
     p.add_argument("--posteriors", default=",".join(POSTERIORS))
     p.add_argument("--seeds", default="0")
     p.add_argument("--draws", type=int, default=5000)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the library's)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--amortized", action="store_true", help="family (a) with an amortized flow guide instead")
     p.add_argument("--mode", default="full", help="benchmarks.amortized's mode for --amortized")
@@ -297,7 +298,7 @@ def main(argv=None) -> dict:
     for seed in [int(s) for s in a.seeds.split(",")]:
         for name in [s.strip() for s in a.posteriors.split(",") if s.strip()]:
             try:
-                row = {"posterior": name, "seed": seed, "results": run_posterior(name, seed, a.draws)}
+                row = {"posterior": name, "seed": seed, "results": run_posterior(name, seed, a.draws, a.steps)}
             except Exception as e:  # noqa: BLE001 - record the failure, keep going
                 row = {"posterior": name, "seed": seed, "error": f"{type(e).__name__}: {str(e)[:200]}"}
             result["rows"] = [r for r in result["rows"] if (r["posterior"], r["seed"]) != (name, seed)] + [row]

@@ -167,3 +167,23 @@ def test_benchmarks_default_cost_smoke(tmp_path):
         assert len(r["times_s"]["default"]) == len(r["times_s"]["previous"]) == 1
         assert r["ratio"] == r["median_default_s"] / r["median_previous_s"] > 0
     assert "| sblri-blr |" in (tmp_path / "default_cost_smoke.md").read_text()
+
+
+@pytest.mark.skipif(not (DATA / "posteriordb").is_dir(), reason=f"reference data not found at {DATA}")
+def test_benchmarks_sampler_choice_smoke(tmp_path):
+    """The sampler-choice benchmark (default sampler against the flow and PSIS) on one posterior, tiny steps."""
+    p = subprocess.run(
+        [sys.executable, "-m", "benchmarks.sampler_choice", "--posteriors", "sblri-blr", "--steps", "10"]
+        + ["--draws", "200", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYRO_STEIN_SHARED_DATA=str(DATA)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, f"benchmarks.sampler_choice failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    (row,) = json.loads((tmp_path / "sampler_choice.json").read_text())["rows"]
+    assert "error" not in row, row.get("error")
+    assert set(row["results"]) == {"default", "flow", "flow (raw)", "flow + PSIS"}
+    assert all(0.0 <= r["c2st"] <= 1.0 for r in row["results"].values())
+    assert "| sblri-blr |" in (tmp_path / "sampler_choice.md").read_text()
