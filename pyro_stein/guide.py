@@ -254,8 +254,14 @@ class AmortizedSteinGuide(SamplerGuide):
         GuideSetUp(self).run(args, kwargs)  # trace the model, build the components; all or nothing
 
     def _use_reparam(self, sites: Sequence[str], reason: str | None, keep_centred: bool = False) -> None:
+        from pyro.infer.autoguide.initialization import InitMessenger
+
         self.frame.use_reparam(sites, reason, keep_centred)
-        self._model = self._raw_model = (self.frame.reparametrised(self._user_model),)
+        model = self.frame.reparametrised(self._user_model)
+        self._raw_model = (model,)
+        # Pyro's prototype trace runs self._model: under the initialisation, as AutoContinuous wraps the user's model
+        # (unwrapped, the trace would draw the latents from the prior, at random, and move the random stream)
+        self._model = (InitMessenger(self._init_fn)(model),)
 
     def check_dataset(self, dataset: Dataset, position: int | None = None) -> None:
         """Refuse, once per :class:`~pyro_stein.data.Dataset`, a dataset the guide's draws would not fit: one with

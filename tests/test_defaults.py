@@ -97,6 +97,16 @@ def test_auto_frame_non_centres_a_funnel():
     assert q["theta"].shape == (2, 8) and (q["theta"][0] < q["theta"][1]).all()
 
 
+def test_set_up_again_non_centred_starts_from_the_initialisation():
+    """The second set-up (non-centred) traces the model under the initialisation, as the first: its starting point
+    is the prior mean, not a draw from the prior."""
+    sigma, y = schools_data()
+    guide = AmortizedSteinGuide(centred_schools).setup(sigma, y)
+    assert guide.reparam_sites == ["theta"]
+    init = guide.init_values()
+    assert float(init["mu"]) == 0.0 and (init["theta_decentered"] == 0).all(), init
+
+
 @pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data (posteriordb reference draws)")
 def test_centred_funnel_trains_to_the_reference_posterior():
     """Centred eight schools with no options, against posteriordb's reference draws of the same posterior (10 chains
