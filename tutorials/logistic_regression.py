@@ -135,8 +135,9 @@ def fit_stein(X, y):
     """The same model, an AmortizedSteinGuide in place of AutoNormal, AmortizedSVGD in place of SVI."""
     pyro.clear_param_store()
     pyro.set_rng_seed(SEED)
-    # no options: the guide picks its frame (here the hierarchical prior of w is a funnel, which it non-centres),
-    # the driver its optimiser, learning-rate schedule and number of steps, and run() ends by calibrating the guide
+    # no options: the guide picks its frame (here the Laplace frame: the posterior has a proper mode, and its
+    # Laplace approximation fits better centred than with w non-centred), the driver its optimiser, learning-rate
+    # schedule and number of steps, and run() ends by calibrating the guide
     guide = AmortizedSteinGuide(model)
     svgd = AmortizedSVGD(model, guide)
     # Each step returns the kernelized Stein discrepancy of that step's particles: a noisy,
