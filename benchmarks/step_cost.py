@@ -32,6 +32,9 @@ def logreg(X, y=None):
         pyro.sample("y", dist.Bernoulli(logits=X @ w), obs=y)
 
 
+_REPO_PREFIX = str(Path(__file__).resolve().parents[1]) + "/"
+
+
 def logreg_broadcast(X, y=None):
     """Same model written for pyro.infer.SVGD's particle plate (w has shape (P, 1, D) there)."""
     w = pyro.sample("w", dist.Normal(X.new_zeros(X.shape[-1]), 1.0).to_event(1))
@@ -222,7 +225,7 @@ def _profile(model_name, args, kwargs, n, steps):
     st = pstats.Stats(prof, stream=io.StringIO())
     rows = []
     for (file, line, fn), (_cc, nc, tt, ct, _) in st.stats.items():
-        short = file.split("site-packages/")[-1].split("/work/main/")[-1]
+        short = file.split("site-packages/")[-1].split(_REPO_PREFIX)[-1]  # package-relative, no machine path
         rows.append({"function": f"{short}:{line}({fn})", "ncalls": nc, "tottime": tt, "cumtime": ct})
     by_cum = sorted(rows, key=lambda r: -r["cumtime"])
     by_tot = sorted(rows, key=lambda r: -r["tottime"])
