@@ -35,7 +35,7 @@ from .data import (
 )
 from .frames import adaptive_frame
 from .guide import AmortizedSteinGuide
-from .health import TrainingWarning, collapse_problem
+from .health import TrainingWarning, collapse_problem, hmc_shift_problem
 from .health import history_problems as _history_problems
 from .kernels import KernelMatrices, RadialKernel, RBFKernel
 from .logjoint import ModelLogDensity, NonFiniteLogJointError, all_finite, finite_sets
@@ -184,6 +184,15 @@ def _after_training(
             guide.calibrate(*args, **kwargs)
         finally:
             pyro.util.set_rng_state(rng)
+    if check_health and single and not guide.postprocess:  # judged on the final sampler, calibrated
+        shift = hmc_shift_problem(guide, evaluate)
+        if shift:
+            if guide.add_polish(AUTO_POLISH):
+                shift += (
+                    f" From now on sample_posterior polishes this guide's draws with {AUTO_POLISH.steps} HMC "
+                    f"steps of {AUTO_POLISH.leapfrog} leapfrogs (guide.postprocess = [] turns it off)."
+                )
+            problems.append(shift)
     return problems
 
 
