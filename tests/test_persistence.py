@@ -32,8 +32,9 @@ def train(model, y, steps, guide=None, state=None):
     svgd = AmortizedSVGD(model, guide, pyro.optim.ClippedAdam({"lr": 1e-2, "lrd": 0.999}), num_particles=16)
     if state is not None:
         svgd.set_state(state)
-    # chunks of one training: the calibration that ends a run would shift the frame between chunks
-    svgd.run(y, num_steps=steps, progress_bar=False, calibrate=False)
+    # chunks of one training: the calibration and the health checks' polish that end a run would change the guide
+    # between chunks
+    svgd.run(y, num_steps=steps, progress_bar=False, calibrate=False, check_health=False)
     return guide, svgd
 
 
