@@ -64,6 +64,12 @@ def history_problems(history: Sequence[float]) -> list[str]:
     return []
 
 
+def _site_names(guide, mask: Tensor) -> list[str]:
+    """The sorted names of the guide's sites that hold the coordinates of the packed latent vector where ``mask``."""
+    coords = mask.nonzero().flatten().tolist()
+    return sorted({s.name for s in guide.sites for i in coords if s.offset <= i < s.offset + s.size})
+
+
 @torch.no_grad()
 def collapse_problem(guide, evaluate: Callable[[Tensor], tuple[Tensor, Tensor]]) -> str | None:
     """A message when the draws of a guide fitted to one dataset are far narrower than the posterior in some
@@ -103,14 +109,7 @@ def collapse_problem(guide, evaluate: Callable[[Tensor], tuple[Tensor, Tensor]])
     if not float(evals[0]) < _COLLAPSE_THRESHOLD:
         return None
     direction = (chol @ evecs[:, 0]).abs()  # the collapsed direction in the latent coordinates
-    names = sorted(
-        {
-            s.name
-            for s in guide.sites
-            for i in (direction > 0.3 * direction.max()).nonzero().flatten().tolist()
-            if s.offset <= i < s.offset + s.size
-        }
-    )
+    names = _site_names(guide, direction > 0.3 * direction.max())
     return (
         f"the guide's draws are narrower than the posterior along a direction of site(s) {names}: Stein's "
         f"identity gives a squared sd ratio of about {float(evals[0]):.2g} there (1 at the posterior). For a "
@@ -158,9 +157,7 @@ def hmc_shift_problem(guide, evaluate: Callable[[Tensor], tuple[Tensor, Tensor]]
     if not bool(bad.any()):
         return None
     i = int((shift + (ratio.log().abs())).argmax())
-    names = sorted(
-        {s.name for s in guide.sites for j in bad.nonzero().flatten().tolist() if s.offset <= j < s.offset + s.size}
-    )
+    names = _site_names(guide, bad)
     return (
         f"a few HMC steps (which leave the posterior invariant) moved the guide's draws of site(s) {names}: by up to "
         f"{float(shift[i]):.2g} of their sd in the mean and a factor {float(ratio[i]):.2g} in the sd, so the trained "

@@ -164,20 +164,14 @@ def _after_training(
     guide: AmortizedSteinGuide, history, single: bool, evaluate, calibrate: bool, check_health: bool, args, kwargs
 ) -> list[str]:
     """The end of :meth:`AmortizedSVGD.run`: the health checks' messages (``check_health``) and, for a guide fitted
-    to one dataset (``single``), the collapse check (which adds :data:`AUTO_POLISH` to a collapsed guide's
-    post-processing unless it has a polish) and the calibration (``calibrate``), neither changing the random stream
-    of later training."""
+    to one dataset (``single``), the collapse check, the calibration (``calibrate``) and the HMC check of the
+    calibrated draws (either check adds :data:`AUTO_POLISH` to the guide's post-processing unless it has a polish),
+    none changing the random stream of later training."""
     problems = _history_problems(history) if check_health else []
     if check_health and single:  # judged on the trained sampler, before calibrate() corrects its moments
         collapse = collapse_problem(guide, evaluate)
-        if collapse:
-            # the draws fail Stein's identity: polish them from now on, unless the user chose a polish
-            if guide.add_polish(AUTO_POLISH):
-                collapse += (
-                    f" From now on sample_posterior polishes this guide's draws with {AUTO_POLISH.steps} HMC "
-                    f"steps of {AUTO_POLISH.leapfrog} leapfrogs (guide.postprocess = [] turns it off)."
-                )
-            problems.append(collapse)
+        if collapse:  # the draws fail Stein's identity
+            problems.append(_polish_from_now_on(guide, collapse))
     if calibrate and single:
         rng = pyro.util.get_rng_state()  # the calibration must not change the random stream of later training
         try:
@@ -187,13 +181,19 @@ def _after_training(
     if check_health and single and not guide.postprocess:  # judged on the final sampler, calibrated
         shift = hmc_shift_problem(guide, evaluate)
         if shift:
-            if guide.add_polish(AUTO_POLISH):
-                shift += (
-                    f" From now on sample_posterior polishes this guide's draws with {AUTO_POLISH.steps} HMC "
-                    f"steps of {AUTO_POLISH.leapfrog} leapfrogs (guide.postprocess = [] turns it off)."
-                )
-            problems.append(shift)
+            problems.append(_polish_from_now_on(guide, shift))
     return problems
+
+
+def _polish_from_now_on(guide: AmortizedSteinGuide, problem: str) -> str:
+    """Add :data:`AUTO_POLISH` to the guide's post-processing, unless the user chose a polish, and say so after the
+    health check's ``problem``."""
+    if not guide.add_polish(AUTO_POLISH):
+        return problem
+    return (
+        f"{problem} From now on sample_posterior polishes this guide's draws with {AUTO_POLISH.steps} HMC steps of "
+        f"{AUTO_POLISH.leapfrog} leapfrogs (guide.postprocess = [] turns it off)."
+    )
 
 
 def _why_not_finite(log_density: ModelLogDensity, z: Tensor, d: Dataset, plates: dict) -> str:
