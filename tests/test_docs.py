@@ -19,6 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 120
 
 
+def _tutorials() -> list[Path]:
+    """The tutorial scripts (``tutorials/_common.py`` holds their shared helpers, not a tutorial)."""
+    return sorted(p for p in (ROOT / "tutorials").glob("*.py") if not p.name.startswith("_"))
+
+
 def _installed(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
@@ -41,7 +46,7 @@ def test_docs_build_strict(tmp_path):
     site = tmp_path / "site"
     assert (site / "api" / "guide" / "index.html").is_file()
     assert (site / "benchmarks" / "report" / "index.html").is_file()
-    for script in sorted((ROOT / "tutorials").glob("*.py")):  # each page shows its tutorial's source, not a marker
+    for script in _tutorials():  # each page shows its tutorial's source, not a marker
         html = (site / "tutorials" / script.stem / "index.html").read_text(encoding="utf-8")
         assert "--8&lt;--" not in html and "--8 &lt; --" not in html, (
             f"{script.stem}: a snippet marker was not expanded"
@@ -52,7 +57,7 @@ def test_docs_build_strict(tmp_path):
 
 def test_every_tutorial_has_a_gallery_page():
     gallery = (ROOT / "docs" / "tutorials" / "index.md").read_text(encoding="utf-8")
-    for script in sorted((ROOT / "tutorials").glob("*.py")):
+    for script in _tutorials():
         page = ROOT / "docs" / "tutorials" / f"{script.stem}.md"
         assert page.is_file(), f"tutorials/{script.name} has no page docs/tutorials/{script.stem}.md"
         assert f'--8<-- "tutorials/{script.name}"' in page.read_text(encoding="utf-8"), (

@@ -38,13 +38,9 @@ is the Gamma-Poisson test in ``tests/test_amortized.py`` and the benchmarks' C2S
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import os
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import matplotlib
 
@@ -53,6 +49,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
+from _common import CI, output_dir  # noqa: E402  (tutorials/_common.py)
 from pyro.infer import MCMC, NUTS  # noqa: E402
 
 from pyro_stein import (  # noqa: E402
@@ -67,21 +64,9 @@ from pyro_stein import (  # noqa: E402
 from pyro_stein.diagnostics import guide_ksd  # noqa: E402
 
 # ---------------------------------------------------------------------------- settings
-CI = bool(os.environ.get("CI"))
 
 
-def output_dir(name: str) -> Path:
-    """``--out DIR`` if given, else ``pyro_stein_tutorials/<name>`` under the system's temporary folder."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="folder for figures and tables (default: a temporary one)")
-    out = parser.parse_args().out
-    if out is not None:
-        return out
-    base = Path(tempfile.gettempdir()) / "pyro_stein_tutorials"
-    return base / "ci" / name if CI else base / name
-
-
-OUT = output_dir("amortized_datasets")
+OUT = output_dir("amortized_datasets", __doc__.splitlines()[0])
 
 TRAIN_STEPS = 30 if CI else 1500  # AmortizedSVGD steps
 BATCH_SIZE = 8  # datasets per step

@@ -33,13 +33,9 @@ dimension ``school``; passing ``coords={"school": [...]}`` labels it with the sc
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import os
-import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import matplotlib
 
@@ -50,6 +46,7 @@ import numpy as np  # noqa: E402
 import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
+from _common import CI, output_dir  # noqa: E402  (tutorials/_common.py)
 from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO  # noqa: E402
 from pyro.infer.autoguide import AutoNormal  # noqa: E402
 
@@ -58,21 +55,9 @@ from pyro_stein.arviz import to_inference_data  # noqa: E402
 from pyro_stein.diagnostics import stein_discrepancy  # noqa: E402
 
 # ---------------------------------------------------------------------------- settings
-CI = bool(os.environ.get("CI"))
 
 
-def output_dir(name: str) -> Path:
-    """``--out DIR`` if given, else ``pyro_stein_tutorials/<name>`` under the system's temporary folder."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="folder for figures and tables (default: a temporary one)")
-    out = parser.parse_args().out
-    if out is not None:
-        return out
-    base = Path(tempfile.gettempdir()) / "pyro_stein_tutorials"
-    return base / "ci" / name if CI else base / name
-
-
-OUT = output_dir("arviz_export")
+OUT = output_dir("arviz_export", __doc__.splitlines()[0])
 
 SVI_STEPS = 200 if CI else 5000  # AutoNormal + Trace_ELBO
 STEIN_STEPS = 100 if CI else 3000  # AmortizedSVGD

@@ -35,14 +35,10 @@ estimate, so the printout also gives the noise floor of these numbers.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import math
-import os
-import tempfile
 import time
-from pathlib import Path
 
 import matplotlib
 
@@ -53,6 +49,7 @@ import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import pyro.poutine as poutine  # noqa: E402
 import torch  # noqa: E402
+from _common import CI, output_dir  # noqa: E402  (tutorials/_common.py)
 from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO  # noqa: E402
 from pyro.infer.autoguide import AutoNormal  # noqa: E402
 from pyro.ops.stats import effective_sample_size  # noqa: E402
@@ -62,21 +59,9 @@ from pyro_stein import AmortizedSteinGuide, AmortizedSVGD  # noqa: E402
 from pyro_stein.infer import DEFAULT_NUM_STEPS
 
 # ---------------------------------------------------------------------------- settings
-CI = bool(os.environ.get("CI"))
 
 
-def output_dir(name: str) -> Path:
-    """``--out DIR`` if given, else ``pyro_stein_tutorials/<name>`` under the system's temporary folder."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="folder for figures and tables (default: a temporary one)")
-    out = parser.parse_args().out
-    if out is not None:
-        return out
-    base = Path(tempfile.gettempdir()) / "pyro_stein_tutorials"
-    return base / "ci" / name if CI else base / name
-
-
-OUT = output_dir("logistic_regression")
+OUT = output_dir("logistic_regression", __doc__.splitlines()[0])
 
 SVI_STEPS = 100 if CI else 3000  # AutoNormal + Trace_ELBO
 STEIN_STEPS = 100 if CI else DEFAULT_NUM_STEPS  # AmortizedSVGD: run()'s default outside the smoke mode

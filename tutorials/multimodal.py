@@ -20,12 +20,8 @@ finds one of them. This tutorial
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-import tempfile
 import warnings
-from pathlib import Path
 
 import matplotlib
 
@@ -34,6 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
+from _common import CI, output_dir  # noqa: E402  (tutorials/_common.py)
 
 from pyro_stein import AmortizedSteinGuide, AmortizedSVGD  # noqa: E402
 from pyro_stein.diagnostics import draws_and_log_densities, importance_diagnostics  # noqa: E402
@@ -41,21 +38,7 @@ from pyro_stein.flows import FlowSampler  # noqa: E402
 from pyro_stein.importance import psis  # noqa: E402
 from pyro_stein.modes import find_modes, fit_mixture, mixture_from_modes  # noqa: E402
 
-CI = bool(os.environ.get("CI"))
-
-
-def output_dir(name: str) -> Path:
-    """``--out DIR`` if given, else ``pyro_stein_tutorials/<name>`` under the system's temporary folder."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="folder for figures and tables (default: a temporary one)")
-    out = parser.parse_args().out
-    if out is not None:
-        return out
-    base = Path(tempfile.gettempdir()) / "pyro_stein_tutorials"
-    return base / "ci" / name if CI else base / name
-
-
-OUT = output_dir("multimodal")
+OUT = output_dir("multimodal", __doc__.splitlines()[0])
 STEPS = 20 if CI else 400  # training steps of each guide
 DRAWS = 500 if CI else 4000  # draws for k-hat, the log evidence and the mode masses
 

@@ -45,12 +45,9 @@ figures ``steingan_digits_samples.png`` and ``steingan_digits_latent_walk.png``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -60,6 +57,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import CI, output_dir  # noqa: E402  (tutorials/_common.py)
 from sklearn.datasets import load_digits  # noqa: E402
 
 from pyro_stein.ebm import AmortizedMLE, ContrastiveDivergence, GaussianBernoulliRBM, MLPSampler  # noqa: E402
@@ -68,21 +66,7 @@ from pyro_stein.ebm import AmortizedMLE, ContrastiveDivergence, GaussianBernoull
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import steingan_digits as classifier_test  # noqa: E402
 
-CI = bool(os.environ.get("CI"))
-
-
-def output_dir(name: str) -> Path:
-    """``--out DIR`` if given, else ``pyro_stein_tutorials/<name>`` under the system's temporary folder."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="folder for figures and tables (default: a temporary one)")
-    out = parser.parse_args().out
-    if out is not None:
-        return out
-    base = Path(tempfile.gettempdir()) / "pyro_stein_tutorials"
-    return base / "ci" / name if CI else base / name
-
-
-OUT = output_dir("steingan_digits")
+OUT = output_dir("steingan_digits", __doc__.splitlines()[0])
 STEPS = 30 if CI else 1500
 COND_STEPS = 30 if CI else 2500
 SEEDS = [0] if CI else [0, 1, 2]
