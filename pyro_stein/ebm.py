@@ -596,6 +596,17 @@ def _check_labels(labels: Tensor | None, n: int, name: str = "labels") -> None:
         raise ValueError(f"{name} must have shape (batch,) = ({n},), got {tuple(labels.shape)}")
 
 
+def _one_per_example(out, x: Tensor, what: str, example: str = "") -> Tensor:
+    """``out`` if it holds one number per row of ``x`` (shape ``(batch,)``), else a ``ValueError`` saying ``what``."""
+    if not isinstance(out, Tensor) or out.shape != (x.shape[0],):
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"{what}, shape (batch,) = ({x.shape[0]},), got {shape}; if it returns (batch, 1), squeeze the last "
+            f"dimension{example}"
+        )
+    return out
+
+
 class _NeuralSampling:
     """What :class:`AmortizedMLE` and :class:`~pyro_stein.gan.GAN` share about their noise-to-data network (the
     SteinGAN *sampler*, the GAN *generator*): drawing from it, labels for a class-conditional one, and the checks of a
@@ -776,13 +787,7 @@ class AmortizedMLE(_NeuralSampling):
 
     def _energy(self, x: Tensor, y: Tensor | None) -> Tensor:
         e = self.energy(x) if y is None else self.energy(x, y)
-        if not isinstance(e, Tensor) or e.shape != (x.shape[0],):
-            shape = tuple(e.shape) if isinstance(e, Tensor) else type(e).__name__
-            raise ValueError(
-                f"energy must return one energy per example, shape (batch,) = ({x.shape[0]},), got {shape}; "
-                "if it returns (batch, 1), squeeze the last dimension, e.g. `return out.squeeze(-1)`"
-            )
-        return e
+        return _one_per_example(e, x, "energy must return one energy per example", ", e.g. `return out.squeeze(-1)`")
 
     def score(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         """``-grad_x E(x[, y])`` at detached ``x`` (no gradient reaches the energy's parameters)."""

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import _int_at_least
-from .ebm import _NeuralSampling, _run_batches, _takes_labels
+from .ebm import _NeuralSampling, _one_per_example, _run_batches, _takes_labels
 
 __all__ = ["GAN"]
 
@@ -103,13 +103,7 @@ class GAN(_NeuralSampling):
 
     def _logits(self, x: Tensor, y: Tensor | None) -> Tensor:
         d = self.discriminator(x) if y is None else self.discriminator(x, y)
-        if not isinstance(d, Tensor) or d.shape != (x.shape[0],):
-            shape = tuple(d.shape) if isinstance(d, Tensor) else type(d).__name__
-            raise ValueError(
-                f"discriminator must return one logit per example, shape (batch,) = ({x.shape[0]},), got {shape}; "
-                "if it returns (batch, 1), squeeze the last dimension"
-            )
-        return d
+        return _one_per_example(d, x, "discriminator must return one logit per example")
 
     # -- public API ----------------------------------------------------------------------
     def step(self, data_batch: Tensor, labels: Tensor | None = None) -> dict[str, float]:
