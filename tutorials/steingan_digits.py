@@ -58,7 +58,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _common import CI, output_dir  # noqa: E402  (tutorials/_common.py)
-from sklearn.datasets import load_digits  # noqa: E402
 
 from pyro_stein.ebm import AmortizedMLE, ContrastiveDivergence, GaussianBernoulliRBM, MLPSampler  # noqa: E402
 
@@ -79,16 +78,10 @@ EXACT = "exact-sample MLE (reference)"
 
 
 def load_data():
-    digits = load_digits()
-    X, y = digits.data.astype(np.float64), digits.target
-    rs = np.random.RandomState(0)
-    perm = rs.permutation(len(X))
-    Xd = (X + rs.uniform(size=X.shape)) / 17.0
-    tr, te = perm[:1297], perm[1297:]
-    mu, sd = Xd[tr].mean(0), Xd[tr].std(0)
-    Z = torch.tensor((Xd - mu) / sd, dtype=torch.float32)
-    Y = torch.tensor(y, dtype=torch.long)
-    return Z[tr], Y[tr], Z[te], Y[te], mu, sd
+    """The classifier test's split and standardisation (``classifier_test.load_data``), as float32/long tensors."""
+    x_tr, y_tr, x_te, y_te, mu, sd = classifier_test.load_data()
+    f, i = (lambda a: torch.tensor(a, dtype=torch.float32)), (lambda a: torch.tensor(a, dtype=torch.long))
+    return f(x_tr), i(y_tr), f(x_te), i(y_te), mu, sd
 
 
 def make_amle(rbm, repulsive, conditional=False):
