@@ -623,6 +623,26 @@ def _accuracy_summary(rows: list, m: str) -> dict:
     }
 
 
+def train_on_family(model, fam: dict, cfg: dict, make_guide):
+    """Train the guide ``make_guide()`` on family ``fam``'s prior-predictive stream as this benchmark does (seed 0,
+    ClippedAdam decayed 10x over ``cfg["steps"]``): ``(guide, stream, KSD history, training seconds)``."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    stream = PriorPredictiveStream(model, fam["make_args"], obs_kwargs={"y": "y"})
+    guide = make_guide()
+    steps = cfg["steps"]
+    svgd = AmortizedSVGD(
+        model,
+        guide,
+        pyro.optim.ClippedAdam({"lr": fam["lr"], "lrd": 0.1 ** (1 / steps)}),
+        num_particles=cfg["particles"],
+        **fam["svgd_kwargs"],
+    )
+    t0 = time.perf_counter()
+    hist = svgd.run(datasets=stream, batch_size=cfg["batch"], num_steps=steps, progress_bar=False)
+    return guide, stream, hist, time.perf_counter() - t0
+
+
 def _run_family(name: str, mode: str, out: Path) -> dict:
     t_start = time.perf_counter()
     fam, cfg = FAMILIES[name], CONFIG[mode]
@@ -640,21 +660,10 @@ def _run_family(name: str, mode: str, out: Path) -> dict:
         "size_label": fam["size"],
         "correction_rounds": CORRECTION_ROUNDS,
     }
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    stream = PriorPredictiveStream(model, fam["make_args"], obs_kwargs={"y": "y"})
-    guide = AmortizedSteinGuide(model, amortized=True, **fam["guide_kwargs"])
-    steps = cfg["steps"]
-    svgd = AmortizedSVGD(
-        model,
-        guide,
-        pyro.optim.ClippedAdam({"lr": fam["lr"], "lrd": 0.1 ** (1 / steps)}),
-        num_particles=cfg["particles"],
-        **fam["svgd_kwargs"],
+    guide, stream, hist, train = train_on_family(
+        model, fam, cfg, lambda: AmortizedSteinGuide(model, amortized=True, **fam["guide_kwargs"])
     )
-    t0 = time.perf_counter()
-    hist = svgd.run(datasets=stream, batch_size=cfg["batch"], num_steps=steps, progress_bar=False)
-    train = time.perf_counter() - t0
+    steps = cfg["steps"]
     result["training"] = {
         "steps": steps,
         "lr": fam["lr"],

@@ -121,21 +121,15 @@ def run_amortized(out: Path, mode: str = "full") -> dict:
     d0 = stream.sample()
     probe.setup(*d0.args, **d0.kwargs)
     D, C = probe.latent_dim, probe.sampler.context_dim
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    stream = PriorPredictiveStream(model, fam["make_args"], obs_kwargs={"y": "y"})
-    guide = AmortizedSteinGuide(model, amortized=True, sampler=FlowSampler(D, context_dim=C), **fam["guide_kwargs"])
-    steps = cfg["steps"]
-    svgd = AmortizedSVGD(
+    guide, stream, _, train = am.train_on_family(
         model,
-        guide,
-        pyro.optim.ClippedAdam({"lr": fam["lr"], "lrd": 0.1 ** (1 / steps)}),
-        num_particles=cfg["particles"],
-        **fam["svgd_kwargs"],
+        fam,
+        cfg,
+        lambda: AmortizedSteinGuide(
+            model, amortized=True, sampler=FlowSampler(D, context_dim=C), **fam["guide_kwargs"]
+        ),
     )
-    t0 = time.perf_counter()
-    svgd.run(datasets=stream, batch_size=cfg["batch"], num_steps=steps, progress_bar=False)
-    train = time.perf_counter() - t0
+    steps = cfg["steps"]
     print(f"amortized flow guide (D={D}, context {C}): {steps} steps in {train:.1f} s", flush=True)
     baseline_path = Path(__file__).parent / "results" / "amortized.json"
     baseline = json.loads(baseline_path.read_text()) if baseline_path.exists() else None
