@@ -230,3 +230,17 @@ def config_choice(path, cfg: dict, key: str, choices: tuple, default: Any = ...)
             path, f"config[{key!r}] = {v!r} is not one of {list(choices)}: the file is corrupt or was altered"
         )
     return v
+
+
+def check_format_version(path, version, newest: int, written_by: str = "") -> int:
+    """``version`` (a file's ``format_version``) if this pyro_stein reads it, else a :class:`CheckpointError`:
+    corrupt when not a positive int, too new when above ``newest`` (``written_by``: who wrote it, for the message)."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(path, f"has format_version {version!r}, not a positive int: the file is corrupt")
+    if version > newest:
+        raise CheckpointError(
+            path,
+            f"has format_version {version}{written_by}, but this pyro_stein reads format_version {newest} and older: "
+            "upgrade pyro_stein to load it",
+        )
+    return version

@@ -386,7 +386,7 @@ def _checked_checkpoint(path, state: Any, guide: AmortizedSteinGuide) -> None:
     """Check a loaded checkpoint before anything is changed: its format and version, the guide's tensors (names,
     shapes and dtype of ``guide``'s own, finite) and the optimiser state (finite, its counters ints >= 0).
     Raises :class:`~pyro_stein.CheckpointError` naming the file."""
-    from ._io import CheckpointError, check_finite_tensors, check_tensor_dict
+    from ._io import CheckpointError, check_finite_tensors, check_format_version, check_tensor_dict
 
     if (
         not isinstance(state, dict)
@@ -397,15 +397,7 @@ def _checked_checkpoint(path, state: Any, guide: AmortizedSteinGuide) -> None:
     fmt = state.get("format", _CHECKPOINT_FORMAT)  # files written before the format was recorded lack it
     if fmt != _CHECKPOINT_FORMAT:
         raise CheckpointError(path, f"has format {fmt!r}, not {_CHECKPOINT_FORMAT!r}")
-    version = state.get("format_version", 1)
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise CheckpointError(path, f"has format_version {version!r}, not a positive int: the file is corrupt")
-    if version > _CHECKPOINT_VERSION:
-        raise CheckpointError(
-            path,
-            f"has format_version {version}, but this pyro_stein reads format_version "
-            f"{_CHECKPOINT_VERSION} and older: upgrade pyro_stein to load it",
-        )
+    check_format_version(path, state.get("format_version", 1), _CHECKPOINT_VERSION)
     own = guide.state_dict(keep_vars=True)
     check_tensor_dict(
         path, state["guide"], "guide", integer_ok=lambda key: key in own and not own[key].is_floating_point()

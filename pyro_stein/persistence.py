@@ -169,19 +169,12 @@ def checked_payload(path, payload) -> dict:
     version, the configuration's types and ranges, the tensors (float32 or float64, one dtype, finite), and that
     the networks the configuration describes have exactly the file's weights' names and shapes (built on the
     ``meta`` device: nothing is allocated). Raises :class:`~pyro_stein.CheckpointError` naming the file."""
-    from ._io import CheckpointError, check_tensor_dict, config_choice, config_float, config_int
+    from ._io import CheckpointError, check_format_version, check_tensor_dict, config_choice, config_float, config_int
 
     if not isinstance(payload, dict) or payload.get("format") != "pyro_stein.AmortizedSteinGuide":
         raise CheckpointError(path, "is not a file written by AmortizedSteinGuide.save()")
-    version = payload.get("format_version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise CheckpointError(path, f"has format_version {version!r}, not a positive int: the file is corrupt")
-    if version > FORMAT_VERSION:
-        raise CheckpointError(
-            path,
-            f"has format_version {version} (written by pyro_stein {payload.get('pyro_stein_version')!s}), but "
-            f"this pyro_stein reads format_version {FORMAT_VERSION} and older: upgrade pyro_stein to load it",
-        )
+    written_by = f" (written by pyro_stein {payload.get('pyro_stein_version')!s})"
+    version = check_format_version(path, payload.get("format_version"), FORMAT_VERSION, written_by)
     cfg = payload.get("config")
     if not isinstance(cfg, dict):
         raise CheckpointError(path, "lacks its config dict: the file is corrupt")
