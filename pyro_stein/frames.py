@@ -32,6 +32,10 @@ __all__ = [
 WHITEN_OPTIONS = ("auto", "laplace", "adaptive", None)
 # the Laplace frame's centre must be a mode: the Newton step from it below this many frame sds
 _MODE_TOLERANCE = 0.05
+# the mode search: up to this many L-BFGS runs of 200 iterations; after a step to a non-finite log density it
+# restarts from the best point with a first step 10 times shorter, down to _SEARCH_MIN_LR
+_SEARCH_ROUNDS = 5
+_SEARCH_MIN_LR = 1e-3
 # the adaptive frame: an exponential moving average of the particles' mean and covariance, shrunk towards its diagonal
 _FRAME_DECAY = 0.9
 _FRAME_SHRINK = 0.1
@@ -41,6 +45,10 @@ _ELBO_MARGIN = 1.0
 _ELBO_DRAWS = 256
 
 FrameTensors = tuple[Tensor, Tensor]  # (m, L)
+
+
+class _NonFinite(Exception):
+    """The mode search's objective is not finite at the point tried."""
 
 
 def unwhiten(u: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
@@ -64,18 +72,36 @@ def laplace_frame(neg_log_p: Callable[[Tensor], Tensor], init_loc: Tensor) -> Fr
     the Hessian is not positive definite, or the Newton step from the point found is not small (an unbounded
     direction, as the scale of a centred hierarchical model running to 0)."""
     z = init_loc.detach().clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([z], max_iter=200, line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=0.0)
+    best = [math.inf, z.detach().clone()]  # the lowest finite value met, and where
 
     def closure():
         opt.zero_grad()
         loss = neg_log_p(z)
+        if not torch.isfinite(loss.detach()):  # L-BFGS cannot recover from a non-finite value: back off instead
+            raise _NonFinite
         loss.backward()
+        value = float(loss.detach())
+        if value < best[0]:
+            best[0], best[1] = value, z.detach().clone()
         return loss
 
     with torch.enable_grad():
         try:
-            for _ in range(5):
-                opt.step(closure)
+            lr, outer = 1.0, 0
+            while outer < _SEARCH_ROUNDS:
+                opt = torch.optim.LBFGS(
+                    [z], lr=lr, max_iter=200, line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=0.0
+                )
+                try:
+                    for _ in range(_SEARCH_ROUNDS - outer):
+                        opt.step(closure)
+                        outer += 1
+                except _NonFinite:  # a line search stepped where the log density is not finite: restart from the
+                    with torch.no_grad():  # best point with a shorter first step, a few times at most
+                        z.copy_(best[1])
+                    if lr <= _SEARCH_MIN_LR:
+                        break
+                    lr, outer = lr / 10, outer + 1
         except RuntimeError as e:  # e.g. an overflow inside L-BFGS when the log density grows without bound
             raise ValueError(
                 f"whiten='laplace': the mode search failed ({str(e).splitlines()[0]}); the posterior may have no "

@@ -144,6 +144,27 @@ def rich_hierarchy(y):
         pyro.sample("y", dist.Normal(theta.unsqueeze(-1), 0.3).to_event(1), obs=y)
 
 
+def test_mode_search_backs_off_from_a_non_finite_log_density():
+    """A line search that steps where the log density is not finite (here: beyond z = 3, as a model whose rate
+    overflows) restarts from the best point with a shorter step and still finds the mode, log 3 in each coordinate
+    of -sum(exp(z) - 3 z), with L L^T = H^{-1} = I / 3."""
+    from pyro_stein.frames import laplace_frame
+
+    tried_outside = []
+
+    def neg_log_p(z):
+        value = (z.exp() - 3 * z).sum()
+        if (z > 3).any():
+            tried_outside.append(1)
+            return value * float("nan")
+        return value
+
+    mode, scale = laplace_frame(neg_log_p, tensor([-5.0, -5.0, -5.0]))
+    assert tried_outside, "the case must make the search step outside the finite region"
+    assert torch.allclose(mode, tensor([math.log(3.0)] * 3), atol=1e-6), mode
+    assert torch.allclose(scale @ scale.T, tensor(torch.eye(3)) / 3, atol=1e-6), scale
+
+
 def test_laplace_elbo_of_an_exact_gaussian_is_the_log_evidence():
     """For ``p(z) = Z N(z; m, S)`` and ``q = N(m, S)``, ``log p - log q = log Z`` at every draw: the estimate is
     exact."""
