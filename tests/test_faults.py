@@ -926,6 +926,36 @@ def test_many_particles_on_large_data_are_evaluated_in_chunks(vectorize):
     assert torch.allclose(lp, whole[0]) and torch.allclose(score, whole[1])
 
 
+def test_many_particles_on_cpu_are_evaluated_in_cache_sized_chunks():
+    """On CPU, particles beyond the cache budget go in pieces of about cpu_chunk_min_rows rows or more; on another
+    device only the memory budget splits them. The values are those of one call."""
+    from pyro_stein.logjoint import ModelLogDensity
+
+    X = torch.randn(200, 3, device=DEVICE)
+    y = torch.randn(200, device=DEVICE)
+    guide = AmortizedSteinGuide(regression).setup(X, y)
+    u = torch.randn(103, 3, device=DEVICE)
+    whole = ModelLogDensity(regression, guide.sites, "vmap")
+    whole.cpu_chunk_elements = 1 << 40
+    expected = whole.log_density_and_score(u, (X, y))
+    ld = ModelLogDensity(regression, guide.sites, "vmap")
+    ld.cpu_chunk_elements, ld.cpu_chunk_min_rows = 600 * 10, 20  # 10 particles x 600 elements (X), at least 20
+    seen = []
+    real = ld._map
+
+    def spy(fn, v):
+        seen.append(v.shape[0])
+        return real(fn, v)
+
+    ld._map = spy
+    lp, score = ld.log_density_and_score(u, (X, y))
+    if DEVICE.type == "cpu":  # 10 rows fit the budget; pieces of (nearly) equal size of at most 20 rows
+        assert 10 < max(seen) <= 20, seen
+    else:
+        assert seen == [103], seen
+    assert torch.allclose(lp, expected[0]) and torch.allclose(score, expected[1])
+
+
 GLOBAL_SCALE = torch.tensor(1.0)
 
 
