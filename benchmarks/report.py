@@ -332,7 +332,8 @@ _AUTOGUIDES = ("AutoNormal", "AutoMultivariateNormal", "AutoIAFNormal")
 
 def _accuracy_summary(d: dict) -> list[str]:
     """The no-options path against Pyro's autoguides, with its targets, per posterior (when the run has it)."""
-    ours, previous = "AmortizedSteinGuide", "AmortizedSteinGuide (previous default)"
+    ours = "AmortizedSteinGuide"
+    cost = (d.get("default_cost") or {}).get("results", {})  # the training-cost benchmark's medians, if it ran
     if not any(ours in v for v in d["results"].values()):
         return []
     header = [
@@ -345,7 +346,7 @@ def _accuracy_summary(d: dict) -> list[str]:
         "C2ST <= 0.55",
         "sds within 15 %",
         "<= best autoguide + 0.01",
-        "train time / previous",
+        "training time / previous (medians)",
         "1,000 draws / raw",
     ]
     rows, met = [], {"c2st": 0, "sd": 0, "peer": 0, "n": 0}
@@ -365,7 +366,7 @@ def _accuracy_summary(d: dict) -> list[str]:
         met["n"] += 1
         for k, v in ok.items():
             met[k] += bool(v)
-        prev = (methods.get(previous) or {}).get("train_s")
+        ratio = (cost.get(post) or {}).get("ratio")
         rows.append(
             [
                 post,
@@ -377,7 +378,7 @@ def _accuracy_summary(d: dict) -> list[str]:
                 "yes" if ok["c2st"] else "**no**",
                 "yes" if ok["sd"] else "**no**",
                 "yes" if ok["peer"] else "**no**",
-                f"{r['train_s'] / prev:.2f}" if prev and r.get("train_s") else "",
+                f"{ratio:.2f}" if ratio is not None else "",
                 f"{r['draw_ms_default'] / r['draw_ms_raw']:.1f}" if r.get("draw_ms_raw") else "",
             ]
         )
@@ -386,10 +387,11 @@ def _accuracy_summary(d: dict) -> list[str]:
         "",
         "`AmortizedSteinGuide(model)`, `AmortizedSVGD(model, guide)`, `run(*args)`, `sample_posterior`. Targets: C2ST "
         "<= 0.55, every marginal sd within 15 %, C2ST no higher than the best of AutoNormal, AutoMultivariateNormal "
-        "and AutoIAFNormal (a difference within 0.01 counts as a tie). Train time / previous: the training time of "
+        "and AutoIAFNormal (a difference within 0.01 counts as a tie). Training time / previous: the training time of "
         "the no-options path over that of the usage example before the defaults (1500 steps, no frame, no "
-        "calibration); 1,000 draws / raw: `sample_posterior(1000)` with the default post-processing over the same "
-        "without it (medians of 5).",
+        "calibration), medians of interleaved repeats from `default_cost.json` (`python -m benchmarks.default_cost`; "
+        "the single training times above are too noisy for a ratio); 1,000 draws / raw: `sample_posterior(1000)` "
+        "with the default post-processing over the same without it (medians of 5).",
         "",
     ]
     s.append(_table(header, rows))
@@ -736,6 +738,8 @@ def build_report(out: Path) -> Path:
         )
     }
     gpu_part = parts.pop("step_cost_cuda")
+    if parts["accuracy"] is not None:  # its summary shows the training-cost benchmark's ratios
+        parts["accuracy"] = dict(parts["accuracy"], default_cost=load_json(out, "default_cost"))
     info = next((p["machine"] for p in parts.values() if p and "machine" in p), machine_info())
     lines = ["# pyro_stein benchmarks", ""]
     lines.append(
