@@ -187,6 +187,12 @@ def draws_and_log_densities(guide, num_samples: int, *args, **kwargs) -> tuple[T
     :returns: ``(z (num_samples, D), log_q (num_samples,), log_p (num_samples,))``.
     """
     num_samples = _int_at_least(num_samples, "num_samples", 2, "an int >= 2")
+    return _density_draws(guide, num_samples, args, kwargs)
+
+
+def _density_draws(guide, num_samples: int, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`draws_and_log_densities` with gradients: ``log_q`` and ``log_p`` are differentiable in the sampler's
+    parameters (through the reparametrised draws)."""
     guide.setup(*args, **kwargs)
     if guide.subsample_plates:
         raise ValueError(

@@ -10,6 +10,8 @@ particles see. Three ways to reach the others:
   :func:`reweight_mixture`): many gradient ascents from prior draws, the distinct optima kept with their Laplace
   approximations, one flow per mode started at its Laplace approximation and trained with the Stein direction in its
   own frame, then the mixture weights re-estimated from importance weights against the model's log joint.
+* **Balancing the masses** (:func:`elbo_refine`): after annealing, the Stein direction keeps the split of mass
+  between modes that the sampler had when they separated; maximising the ELBO on the sampler's density moves it.
 * **Known symmetries** (:class:`~pyro_stein.flows.SymmetrizedSampler`): where the posterior is invariant under sign
   flips or relabellings, one mode found is all of them.
 
@@ -37,6 +39,7 @@ __all__ = [
     "Modes",
     "Tempered",
     "anneal",
+    "elbo_refine",
     "find_modes",
     "fit_mixture",
     "mixture_from_modes",
@@ -322,6 +325,59 @@ def reweight_mixture(guide, *args, num_samples: int = 4000, rounds: int = 3, **k
         # a floor keeps every component drawn (so a later round can raise it again); the density accounts for it
         mix.set_log_weights(torch.logaddexp(log_w, torch.full_like(log_w, math.log(1e-3 / len(log_w)))))
     return float(khat)
+
+
+def elbo_refine(guide, *args, num_steps: int = 3000, num_samples: int = 256, lr: float = 3e-3, **kwargs) -> list[float]:
+    """Refine a guide whose sampler has a density by maximising the ELBO ``E_q[log p(z) - log q(z)]`` with
+    reparametrised draws: the step that fixes the masses of modes that annealing found.
+
+    The Stein direction moves draws within a mode but hardly between modes (a draw would have to cross the low
+    density between them), so an annealed sampler keeps the split of mass it had when the modes separated. The
+    ELBO's gradient acts on the sampler's density directly: a mode with too much mass has ``log q > log p`` on its
+    draws, and the gradient lowers it there. ``num_steps`` Adam steps of ``num_samples`` draws, the learning rate
+    decaying from ``lr`` to 0 on a cosine. A step whose loss or gradient is not finite is skipped (no parameter
+    moves); more than a tenth of the steps skipped raises a ``ValueError``. For one dataset (not an amortized guide).
+
+    :returns: the negative ELBO estimate of each step (``nan`` for a skipped step), in nats.
+    """
+    from .diagnostics import _density_draws
+
+    if guide.amortized:
+        raise ValueError("elbo_refine fits one dataset's posterior; got an amortized guide")
+    num_steps = _int_at_least(num_steps, "num_steps", 1)
+    num_samples = _int_at_least(num_samples, "num_samples", 2, "an int >= 2")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise TypeError(f"lr must be a positive number, got {type(lr).__name__}")
+    if not lr > 0:
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    guide.setup(*args, **kwargs)
+    params = [p for p in guide.sampler.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, num_steps)
+    history, skipped = [], 0
+    for _ in range(num_steps):
+        opt.zero_grad()
+        with torch.enable_grad():
+            _, log_q, log_p = _density_draws(guide, num_samples, args, kwargs)
+            loss = (log_q - log_p).mean()
+            if torch.isfinite(loss):
+                loss.backward()
+        finite = bool(torch.isfinite(loss)) and all(
+            p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params
+        )
+        if finite:
+            opt.step()
+        else:
+            skipped += 1
+            if skipped > num_steps // 10:
+                raise ValueError(
+                    f"elbo_refine: {skipped} steps had a non-finite loss or gradient (the sampler puts draws where the "
+                    "model's log density is not finite); lower lr, or train the guide with the Stein direction first"
+                )
+        schedule.step()
+        history.append(float(loss.detach()) if finite else math.nan)
+    opt.zero_grad()
+    return history
 
 
 def _whiten(guide, z: Tensor) -> Tensor:

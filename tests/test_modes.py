@@ -11,7 +11,15 @@ from pyro_stein import AmortizedSteinGuide, AmortizedSVGD
 from pyro_stein.diagnostics import draws_and_log_densities, importance_diagnostics
 from pyro_stein.flows import FlowSampler, MixtureSampler, SymmetrizedSampler
 from pyro_stein.importance import psis
-from pyro_stein.modes import Tempered, anneal, find_modes, fit_mixture, mixture_from_modes, reweight_mixture
+from pyro_stein.modes import (
+    Tempered,
+    anneal,
+    elbo_refine,
+    find_modes,
+    fit_mixture,
+    mixture_from_modes,
+    reweight_mixture,
+)
 
 
 def _sym_model(y):
@@ -96,3 +104,39 @@ def test_symmetrized_sampler_covers_the_modes_one_start_misses():
     z, _, _ = draws_and_log_densities(guide, 4000, y)
     masses = _orthant_masses(z, psis(torch.zeros(4000))[0])
     assert float(((masses - 0.25).abs() / 0.25).max()) < 0.2
+
+
+def _conjugate_model(y):
+    x = pyro.sample("x", dist.Normal(torch.zeros(()), 1.0))
+    pyro.sample("y", dist.Normal(x, 1.0), obs=y)
+
+
+def test_elbo_refine_fits_an_exact_gaussian_posterior_and_its_evidence():
+    """x ~ N(0, 1), y | x ~ N(x, 1), y = 1: the posterior is N(0.5, 0.5) and log Z = log N(1; 0, 2). A flow started
+    far off (mean 0, sd 3) ends at the posterior. Tolerances from Monte Carlo error: 4,000 draws give the mean to
+    0.011 and the variance to 0.011 (one s.e.), and log Z from exact weights to well under 0.01."""
+    pyro.set_rng_seed(0)
+    y = torch.tensor(1.0)
+    guide = AmortizedSteinGuide(_conjugate_model, sampler=FlowSampler(1, num_layers=1, init_scale=3.0), whiten=None)
+    history = elbo_refine(guide, y, num_steps=1000, num_samples=128, lr=1e-2)
+    assert len(history) == 1000 and all(math.isfinite(h) for h in history)
+    z, log_q, log_p = draws_and_log_densities(guide, 4000, y)
+    log_z = float(dist.Normal(0.0, math.sqrt(2.0)).log_prob(y))
+    assert float(z.mean()) == pytest.approx(0.5, abs=0.05), "mean off by more than 4.5 Monte Carlo s.e."
+    assert float(z.var()) == pytest.approx(0.5, abs=0.05), "variance off by more than 4.5 Monte Carlo s.e."
+    assert float(torch.logsumexp(log_p - log_q, 0) - math.log(4000)) == pytest.approx(log_z, abs=0.02)
+    assert -history[-1] == pytest.approx(log_z, abs=0.1), "the last step's ELBO estimate (128 draws)"
+
+
+def test_elbo_refine_rejects_what_it_cannot_fit():
+    y = torch.tensor(1.0)
+    plain = AmortizedSteinGuide(_conjugate_model, whiten=None)
+    with pytest.raises(TypeError, match="no density"):
+        elbo_refine(plain, y, num_steps=1)
+    guide = AmortizedSteinGuide(_conjugate_model, sampler=FlowSampler(1, num_layers=1), whiten=None)
+    with pytest.raises(TypeError, match="lr"):
+        elbo_refine(guide, y, lr="fast")
+    with pytest.raises(ValueError, match="lr"):
+        elbo_refine(guide, y, lr=0.0)
+    with pytest.raises(ValueError, match="num_steps"):
+        elbo_refine(guide, y, num_steps=0)
