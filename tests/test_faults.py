@@ -902,17 +902,16 @@ def test_custom_sampler_with_an_integer_buffer_round_trips(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ memory
-@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
-def test_many_particles_on_large_data_are_evaluated_in_chunks(vectorize):
-    from pyro_stein.logjoint import ModelLogDensity
-
+def _chunking_case():
+    """A regression on 200 rows (X: 600 elements), its guide's sites and 103 particles."""
     X = torch.randn(200, 3, device=DEVICE)
     y = torch.randn(200, device=DEVICE)
     guide = AmortizedSteinGuide(regression).setup(X, y)
-    u = torch.randn(103, 3, device=DEVICE)
-    whole = ModelLogDensity(regression, guide.sites, vectorize).log_density_and_score(u, (X, y))
-    ld = ModelLogDensity(regression, guide.sites, vectorize)
-    ld.chunk_elements = 600 * 10  # 10 particles x 600 elements (X)
+    return (X, y), guide.sites, torch.randn(103, 3, device=DEVICE)
+
+
+def _rows_per_call(ld, u, args):
+    """``ld.log_density_and_score(u, args)`` and the number of particles each model evaluation took."""
     seen = []
     real = ld._map
 
@@ -921,7 +920,18 @@ def test_many_particles_on_large_data_are_evaluated_in_chunks(vectorize):
         return real(fn, v)
 
     ld._map = spy
-    lp, score = ld.log_density_and_score(u, (X, y))
+    return ld.log_density_and_score(u, args), seen
+
+
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+def test_many_particles_on_large_data_are_evaluated_in_chunks(vectorize):
+    from pyro_stein.logjoint import ModelLogDensity
+
+    args, sites, u = _chunking_case()
+    whole = ModelLogDensity(regression, sites, vectorize).log_density_and_score(u, args)
+    ld = ModelLogDensity(regression, sites, vectorize)
+    ld.chunk_elements = 600 * 10  # 10 particles x 600 elements (X)
+    (lp, score), seen = _rows_per_call(ld, u, args)
     assert max(seen) <= 10 and lp.shape == (103,) and score.shape == (103, 3)
     assert torch.allclose(lp, whole[0]) and torch.allclose(score, whole[1])
 
@@ -931,24 +941,13 @@ def test_many_particles_on_cpu_are_evaluated_in_cache_sized_chunks():
     device only the memory budget splits them. The values are those of one call."""
     from pyro_stein.logjoint import ModelLogDensity
 
-    X = torch.randn(200, 3, device=DEVICE)
-    y = torch.randn(200, device=DEVICE)
-    guide = AmortizedSteinGuide(regression).setup(X, y)
-    u = torch.randn(103, 3, device=DEVICE)
-    whole = ModelLogDensity(regression, guide.sites, "vmap")
+    args, sites, u = _chunking_case()
+    whole = ModelLogDensity(regression, sites, "vmap")
     whole.cpu_chunk_elements = 1 << 40
-    expected = whole.log_density_and_score(u, (X, y))
-    ld = ModelLogDensity(regression, guide.sites, "vmap")
+    expected = whole.log_density_and_score(u, args)
+    ld = ModelLogDensity(regression, sites, "vmap")
     ld.cpu_chunk_elements, ld.cpu_chunk_min_rows = 600 * 10, 20  # 10 particles x 600 elements (X), at least 20
-    seen = []
-    real = ld._map
-
-    def spy(fn, v):
-        seen.append(v.shape[0])
-        return real(fn, v)
-
-    ld._map = spy
-    lp, score = ld.log_density_and_score(u, (X, y))
+    (lp, score), seen = _rows_per_call(ld, u, args)
     if DEVICE.type == "cpu":  # 10 rows fit the budget; pieces of (nearly) equal size of at most 20 rows
         assert 10 < max(seen) <= 20, seen
     else:
