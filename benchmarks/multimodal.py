@@ -87,7 +87,7 @@ CONFIG = {
         "anneal_steps": 1500,
         "funnel_steps": 800,
         "mw_steps": 800,
-        "mw_refine_steps": 3000,
+        "mw_refine_steps": 6000,
         "svi_steps": 1500,
         "nuts": (300, 500),
         "sym_train": 128,
