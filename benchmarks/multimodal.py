@@ -695,17 +695,11 @@ def run_mixture(cfg):
     guide = AmortizedSteinGuide(mix_model, sampler=FlowSampler(MIX_K, num_layers=2))
     fit(mix_model, guide)
     kw = {"args": (y,), "regions": regions, "log_z_true": log_z_true, "identified": identified}
-    rows.append(
-        _stein_row(
-            "pyro_stein FlowSampler (Laplace frame, one mode)",
-            guide,
-            exact,
-            n,
-            cfg,
-            seconds=time.perf_counter() - t,
-            **kw,
-        )
-    )
+
+    def stein_row(name, guide, seconds):  # a fit with a density on the unordered model, with its mode masses
+        rows.append(_stein_row(name, guide, exact, n, cfg, seconds=seconds, **kw))
+
+    stein_row("pyro_stein FlowSampler (Laplace frame, one mode)", guide, time.perf_counter() - t)
 
     # mode searches: one mode starts (b), all of them make (d)
     t = time.perf_counter()
@@ -722,32 +716,20 @@ def run_mixture(cfg):
     sampler.symmetrize = False  # train the base alone, in its mode
     fit(mix_model, guide)
     sampler.symmetrize = True
-    rows.append(
-        _stein_row(
-            f"pyro_stein SymmetrizedSampler ({num_modes} relabellings of a FlowSampler)",
-            guide,
-            exact,
-            n,
-            cfg,
-            seconds=search_seconds + time.perf_counter() - t,
-            **kw,
-        )
+    stein_row(
+        f"pyro_stein SymmetrizedSampler ({num_modes} relabellings of a FlowSampler)",
+        guide,
+        search_seconds + time.perf_counter() - t,
     )
 
     # (d) a mixture of one FlowSampler per mode found
     t = time.perf_counter()
     guide = AmortizedSteinGuide(mix_model, sampler=mixture_from_modes(modes, num_layers=2), whiten=None)
     fit_mixture(guide, y, num_steps=max(2, steps // 2), num_particles=32)
-    rows.append(
-        _stein_row(
-            f"pyro_stein mixture of {modes.locs.shape[0]} mode searches (FlowSampler each)",
-            guide,
-            exact,
-            n,
-            cfg,
-            seconds=search_seconds + time.perf_counter() - t,
-            **kw,
-        )
+    stein_row(
+        f"pyro_stein mixture of {modes.locs.shape[0]} mode searches (FlowSampler each)",
+        guide,
+        search_seconds + time.perf_counter() - t,
     )
 
     # (c) the ordering constraint: one mode; the draws relabelled at random for the unordered comparison

@@ -20,17 +20,19 @@ from benchmarks.amortized import FAMILIES, _accuracy_summary, _compare, _methods
 DATA = Path(os.environ.get("PYRO_STEIN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
-def _run(args, out):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def _run(args, out, module="benchmarks"):
+    """``python -m <module> *args --out out`` from the repository root on one thread; fails the test on a non-zero
+    exit, with the end of its output."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYRO_STEIN_SHARED_DATA=str(DATA))
     p = subprocess.run(
-        [sys.executable, "-m", "benchmarks", *args, "--out", str(out)],
+        [sys.executable, "-m", module, *args, "--out", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert p.returncode == 0, f"benchmarks failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    assert p.returncode == 0, f"{module} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
 
 
@@ -109,16 +111,7 @@ def test_the_sd_target_is_tested_on_every_dimension():
 def test_benchmarks_multimodal_smoke(tmp_path):
     """The multimodal benchmark's own methods on the 25-Gaussian mixture and the label-switching mixture model (tiny
     steps, no peers), through the ``python -m benchmarks --only multimodal`` hook."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run(
-        [sys.executable, "-m", "benchmarks.multimodal", "--smoke", "--only", "gmm25,mixture", "--out", str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert p.returncode == 0, f"benchmarks.multimodal failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    _run(["--smoke", "--only", "gmm25,mixture"], tmp_path, module="benchmarks.multimodal")
     res = json.loads((tmp_path / "multimodal_smoke.json").read_text())
     assert res["mode"] == "smoke" and [r["target"] for r in res["results"]] == ["gmm25", "mixture3"]
     gmm, mix = res["results"]
@@ -151,16 +144,7 @@ def test_benchmarks_multimodal_hook(tmp_path, monkeypatch):
 @pytest.mark.skipif(not (DATA / "posteriordb").is_dir(), reason=f"reference data not found at {DATA}")
 def test_benchmarks_default_cost_smoke(tmp_path):
     """The training-cost benchmark of the defaults on two posteriors, tiny steps, one repeat."""
-    p = subprocess.run(
-        [sys.executable, "-m", "benchmarks.default_cost", "--smoke", "--repeats", "1", "--only", "sblri-blr,baseball"]
-        + ["--out", str(tmp_path)],
-        cwd=ROOT,
-        env=dict(os.environ, OMP_NUM_THREADS="1", PYRO_STEIN_SHARED_DATA=str(DATA)),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert p.returncode == 0, f"benchmarks.default_cost failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    _run(["--smoke", "--repeats", "1", "--only", "sblri-blr,baseball"], tmp_path, module="benchmarks.default_cost")
     res = json.loads((tmp_path / "default_cost_smoke.json").read_text())
     assert list(res["results"]) == ["sblri-blr", "baseball"] and res["repeats"] == 1
     for r in res["results"].values():
@@ -172,16 +156,8 @@ def test_benchmarks_default_cost_smoke(tmp_path):
 @pytest.mark.skipif(not (DATA / "posteriordb").is_dir(), reason=f"reference data not found at {DATA}")
 def test_benchmarks_sampler_choice_smoke(tmp_path):
     """The sampler-choice benchmark (default sampler against the flow and PSIS) on one posterior, tiny steps."""
-    p = subprocess.run(
-        [sys.executable, "-m", "benchmarks.sampler_choice", "--posteriors", "sblri-blr", "--steps", "10"]
-        + ["--draws", "200", "--out", str(tmp_path)],
-        cwd=ROOT,
-        env=dict(os.environ, OMP_NUM_THREADS="1", PYRO_STEIN_SHARED_DATA=str(DATA)),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert p.returncode == 0, f"benchmarks.sampler_choice failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    args = ["--posteriors", "sblri-blr", "--steps", "10", "--draws", "200"]
+    _run(args, tmp_path, module="benchmarks.sampler_choice")
     (row,) = json.loads((tmp_path / "sampler_choice.json").read_text())["rows"]
     assert "error" not in row, row.get("error")
     assert set(row["results"]) == {"default", "flow", "flow (raw)", "flow + PSIS"}
