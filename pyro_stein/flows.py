@@ -47,7 +47,10 @@ from .nn import mlp
 __all__ = ["FlowSampler", "MixtureSampler", "SymmetrizedSampler", "standard_normal_log_prob"]
 
 _MIN_DERIVATIVE = 1e-3
-# softplus(_D0) + min_derivative = 1: a spline whose raw parameters are all zero is the identity
+# _MIN_DERIVATIVE + softplus(_D0) = 1: a spline whose raw parameters are all zero is the identity. The minimum is
+# added here, not by Pyro's spline (which is passed 0): Pyro sets the derivative at the interval's two ends to
+# 1 - its min_derivative, which would leave a spline at zero parameters 0.1 % off the identity in its outer bins and
+# with a kink where it meets the identity tails
 _D0 = math.log(math.expm1(1.0 - _MIN_DERIVATIVE))
 
 
@@ -89,14 +92,13 @@ class _SplineLayer(nn.Module):
             h = self.raw.expand(batch + self.raw.shape)
         h = h.reshape(h.shape[:-1] + (len(self.b), 3 * self.bins - 1))
         K = self.bins
-        return F.softmax(h[..., :K], -1), F.softmax(h[..., K : 2 * K], -1), F.softplus(h[..., 2 * K :] + _D0)
+        derivatives = _MIN_DERIVATIVE + F.softplus(h[..., 2 * K :] + _D0)
+        return F.softmax(h[..., :K], -1), F.softmax(h[..., K : 2 * K], -1), derivatives
 
     def forward(self, x: Tensor, context: Tensor | None, inverse: bool = False) -> tuple[Tensor, Tensor]:
         xa, xb = x[..., self.a], x[..., self.b]
         w, h, d = self._params(xa, _broadcast_context(x, context), x.shape[:-1])
-        yb, ld = _monotonic_rational_spline(
-            xb, w, h, d, None, inverse=inverse, bound=self.bound, min_derivative=_MIN_DERIVATIVE
-        )
+        yb, ld = _monotonic_rational_spline(xb, w, h, d, None, inverse=inverse, bound=self.bound, min_derivative=0.0)
         return torch.cat([xa, yb], -1)[..., self.inverse_order], ld.sum(-1)
 
 

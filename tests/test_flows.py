@@ -56,6 +56,18 @@ def test_flow_starts_at_its_affine_map_and_broadcasts_contexts():
         f(noise)
 
 
+def test_flow_at_init_is_its_affine_map_up_to_the_ends_of_the_spline_interval():
+    """Every spline at zero parameters is the identity on the whole interval, outer bins included (Pyro's spline
+    puts a derivative of 1 - min_derivative at the interval's ends unless the minimum is added outside it), so the
+    map is exactly the affine one and its log density exactly Gaussian, also for noise near and beyond the ends."""
+    f = FlowSampler(2, init_scale=0.3, bound=5.0)
+    g = torch.linspace(-6.0, 6.0, 241)
+    noise = torch.cartesian_prod(g, g.flip(0))
+    z, log_q = f.sample_and_log_prob(noise)
+    torch.testing.assert_close(z, 0.3 * noise)
+    torch.testing.assert_close(log_q, dist.Normal(0.0, 0.3).log_prob(z).sum(-1))
+
+
 def _grid_mass(log_prob, half=14.0, n=281):
     g = torch.linspace(-half, half, n)
     pts = torch.cartesian_prod(g, g)
