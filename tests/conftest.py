@@ -6,6 +6,7 @@ when no CUDA device is present.
 """
 
 import os
+import zlib
 from pathlib import Path
 
 import pyro
@@ -29,12 +30,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _pyro_state():
-    """Fresh param store, default dtype and validation for every test."""
+def _pyro_state(request):
+    """Fresh param store, default dtype and validation for every test, and random streams seeded from the test's
+    id (a CRC-32 of it): a test draws the same numbers whichever tests ran before it in its worker, so its result
+    does not depend on pytest-xdist's order."""
     old_dtype = torch.get_default_dtype()
     torch.set_default_dtype(DTYPE)
     pyro.clear_param_store()
     pyro.enable_validation(True)
+    pyro.set_rng_seed(zlib.crc32(request.node.nodeid.encode()))
     yield
     pyro.clear_param_store()
     torch.set_default_dtype(old_dtype)
