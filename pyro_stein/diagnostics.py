@@ -259,8 +259,6 @@ def importance_diagnostics(guide, *args, num_samples: int = 2000, defensive: flo
 def _defensive_log_weights(guide, num_samples: int, num_prior: int, args: tuple, kwargs: dict) -> Tensor:
     """``log p - log r`` of ``num_samples - num_prior`` guide draws and ``num_prior`` prior draws, ``r`` the
     defensive mixture of :func:`importance_diagnostics` with the prior's share ``num_prior / num_samples``."""
-    from .modes import Tempered
-
     z_q, _, log_p_q = draws_and_log_densities(guide, num_samples - num_prior, *args, **kwargs)
     with guide.full_data(), poutine.block():  # the model's prior: its latent sites drawn, its data kept
         traces = [poutine.trace(guide.inference_model).get_trace(*args, **kwargs) for _ in range(num_prior)]
@@ -274,7 +272,12 @@ def _defensive_log_weights(guide, num_samples: int, num_prior: int, args: tuple,
         m, L = guide._frame(frame)
         u = torch.linalg.solve_triangular(L, (z - m).T, upper=False).T
     log_q = guide.sampler.log_prob(u, context) - _frame_log_det(guide, frame)
-    prior_density = ModelLogDensity(Tempered(guide.inference_model, 0.0), guide.sites, guide.vectorize)
+    # the prior's density: the model with its observed sites (likelihood and pyro.factor terms) hidden, so that a
+    # likelihood of 0 (a prior draw outside the data's support) leaves the prior's density as it is
+    prior_model = poutine.block(
+        guide.inference_model, hide_fn=lambda msg: msg["type"] == "sample" and msg["is_observed"]
+    )
+    prior_density = ModelLogDensity(prior_model, guide.sites, guide.vectorize)
     log_p0 = prior_density.log_density(z, args, kwargs).to(z.dtype)
     share = num_prior / num_samples
     log_r = torch.logaddexp(math.log1p(-share) + log_q, math.log(share) + log_p0)
