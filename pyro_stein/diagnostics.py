@@ -259,19 +259,20 @@ def importance_diagnostics(guide, *args, num_samples: int = 2000, defensive: flo
 def _defensive_log_weights(guide, num_samples: int, num_prior: int, args: tuple, kwargs: dict) -> Tensor:
     """``log p - log r`` of ``num_samples - num_prior`` guide draws and ``num_prior`` prior draws, ``r`` the
     defensive mixture of :func:`importance_diagnostics` with the prior's share ``num_prior / num_samples``."""
-    z_q, _, log_p_q = draws_and_log_densities(guide, num_samples - num_prior, *args, **kwargs)
+    z_q, log_q_q, log_p_q = draws_and_log_densities(guide, num_samples - num_prior, *args, **kwargs)
     with guide.full_data(), poutine.block():  # the model's prior: its latent sites drawn, its data kept
         traces = [poutine.trace(guide.inference_model).get_trace(*args, **kwargs) for _ in range(num_prior)]
     prior = {s.name: torch.stack([t.nodes[s.name]["value"].detach() for t in traces]) for s in guide.sites}
     z_0 = pack(prior, guide.sites).to(z_q)
     log_p_0 = guide.log_density.log_density(z_0, args, kwargs).to(z_q.dtype)
-    z = torch.cat([z_q, z_0])
+    # the guide's density at the prior draws (at its own draws it came with them): the sampler's at the whitened point
     context, frame = guide.context_and_frame(*args, **kwargs)
-    u = z
+    u_0 = z_0
     if guide.whiten is not None:
         m, L = guide._frame(frame)
-        u = torch.linalg.solve_triangular(L, (z - m).T, upper=False).T
-    log_q = guide.sampler.log_prob(u, context) - _frame_log_det(guide, frame)
+        u_0 = torch.linalg.solve_triangular(L, (z_0 - m).T, upper=False).T
+    log_q_0 = guide.sampler.log_prob(u_0, context) - _frame_log_det(guide, frame)
+    z, log_q = torch.cat([z_q, z_0]), torch.cat([log_q_q, log_q_0])
     # the prior's density: the model with its observed sites (likelihood and pyro.factor terms) hidden, so that a
     # likelihood of 0 (a prior draw outside the data's support) leaves the prior's density as it is
     prior_model = poutine.block(
