@@ -37,6 +37,7 @@ from torch import Tensor
 
 from ._checks import _int_at_least
 from .data import Dataset, as_dataset
+from .frames import whiten
 from .importance import ImportanceResult, ess, importance_resample, log_evidence, psis
 from .kernels import IMQKernel, RadialKernel
 from .logjoint import ModelLogDensity, latent_sites_from_trace, pack, unpack
@@ -269,8 +270,7 @@ def _defensive_log_weights(guide, num_samples: int, num_prior: int, args: tuple,
     context, frame = guide.context_and_frame(*args, **kwargs)
     u_0 = z_0
     if guide.whiten is not None:
-        m, L = guide._frame(frame)
-        u_0 = torch.linalg.solve_triangular(L, (z_0 - m).T, upper=False).T
+        u_0 = whiten(z_0, *guide._frame(frame))
     log_q_0 = guide.sampler.log_prob(u_0, context) - _frame_log_det(guide, frame)
     z, log_q = torch.cat([z_q, z_0]), torch.cat([log_q_q, log_q_0])
     # the prior's density: the model with its observed sites (likelihood and pyro.factor terms) hidden, so that a

@@ -59,6 +59,14 @@ def unwhiten(u: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
     return loc.unsqueeze(-2) + u @ scale.transpose(-1, -2)
 
 
+def whiten(z: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
+    """``L^{-1} (z - m)`` (rows): the inverse of :func:`unwhiten`, with the same shapes, for any invertible ``L`` (the
+    Laplace frame's is upper triangular, an adaptive frame's lower)."""
+    if loc.dim() > 1:
+        loc = loc.unsqueeze(-2)
+    return torch.linalg.solve(scale.transpose(-1, -2), z - loc, left=False)
+
+
 def whiten_score(score: Tensor, scale: Tensor) -> Tensor:
     """The score with respect to ``u`` (rows): ``L^T grad_z log p``."""
     return score @ scale

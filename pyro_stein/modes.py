@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ._checks import _int_at_least
 from .flows import FlowSampler, MixtureSampler
+from .frames import whiten
 from .importance import psis
 from .kernels import RadialKernel, RBFKernel
 from .logjoint import pack
@@ -381,5 +382,4 @@ def elbo_refine(guide, *args, num_steps: int = 3000, num_samples: int = 256, lr:
 
 
 def _whiten(guide, z: Tensor) -> Tensor:
-    loc, scale = guide.whiten_loc, guide.whiten_scale
-    return torch.linalg.solve(scale, (z - loc).T).T
+    return whiten(z, guide.whiten_loc, guide.whiten_scale)
