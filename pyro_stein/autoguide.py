@@ -18,7 +18,7 @@ from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoContinuous
 from torch import Tensor
 
-from .frames import unwhiten, whiten_score
+from .frames import unwhiten, whiten, whiten_score
 from .logjoint import full_data, unpack
 
 __all__ = ["SamplerGuide"]
@@ -95,6 +95,11 @@ class SamplerGuide(AutoContinuous):
         :param frame: ``(m, L)`` from :meth:`frames` for an amortized guide (shapes ``(B, D)``, ``(B, D, D)`` for
             ``u`` of shape ``(B, n, D)``, or one dataset's ``(D,)``, ``(D, D)``)."""
         return u if self.whiten is None else unwhiten(u, *self._frame(frame))
+
+    def whiten_latents(self, z: Tensor, frame: FrameTensors | None = None) -> Tensor:
+        """The sampler's outputs that :meth:`unwhiten` maps to the unconstrained latents ``z``: ``L^{-1} (z - m)``
+        (identity without a frame), for ``frame`` as in :meth:`unwhiten`."""
+        return z if self.whiten is None else whiten(z, *self._frame(frame))
 
     def whiten_score(self, score: Tensor, frame: FrameTensors | None = None) -> Tensor:
         """The score with respect to the sampler's outputs ``u``: ``L^T grad_z log p`` (rows)."""

@@ -37,7 +37,6 @@ from torch import Tensor
 
 from ._checks import _int_at_least
 from .data import Dataset, as_dataset
-from .frames import whiten
 from .importance import ImportanceResult, ess, importance_resample, log_evidence, psis
 from .kernels import IMQKernel, RadialKernel
 from .logjoint import ModelLogDensity, latent_sites_from_trace, pack, unpack
@@ -270,10 +269,7 @@ def _defensive_log_weights(guide, num_samples: int, num_prior: int, args: tuple,
     log_p_0 = guide.log_density.log_density(z_0, args, kwargs).to(z_q.dtype)
     # the guide's density at the prior draws (at its own draws it came with them): the sampler's at the whitened point
     context, frame = guide.context_and_frame(*args, **kwargs)
-    u_0 = z_0
-    if guide.whiten is not None:
-        u_0 = whiten(z_0, *guide._frame(frame))
-    log_q_0 = guide.sampler.log_prob(u_0, context) - _frame_log_det(guide, frame)
+    log_q_0 = guide.sampler.log_prob(guide.whiten_latents(z_0, frame), context) - _frame_log_det(guide, frame)
     z, log_q = torch.cat([z_q, z_0]), torch.cat([log_q_q, log_q_0])
     # the prior's density: the model with its observed sites (likelihood and pyro.factor terms) hidden, so that a
     # likelihood of 0 (a prior draw outside the data's support) leaves the prior's density as it is

@@ -30,7 +30,6 @@ from torch import Tensor
 
 from ._checks import _int_at_least
 from .flows import FlowSampler, MixtureSampler
-from .frames import whiten
 from .importance import psis
 from .kernels import RadialKernel, RBFKernel
 from .logjoint import pack
@@ -320,7 +319,7 @@ def reweight_mixture(guide, *args, num_samples: int = 4000, rounds: int = 3, **k
     for _ in range(_int_at_least(rounds, "rounds", 1)):
         z, log_q, log_p = draws_and_log_densities(guide, num_samples, *args, **kwargs)
         smoothed, khat = psis(log_p - log_q)
-        u = z if guide.whiten is None else _whiten(guide, z)
+        u = guide.whiten_latents(z)
         resp = torch.log_softmax(mix.component_log_probs(u), -1)
         log_w = torch.logsumexp(smoothed.unsqueeze(-1) + resp, 0)
         # a floor keeps every component drawn (so a later round can raise it again); the density accounts for it
@@ -379,7 +378,3 @@ def elbo_refine(guide, *args, num_steps: int = 3000, num_samples: int = 256, lr:
         history.append(float(loss.detach()) if finite else math.nan)
     opt.zero_grad()
     return history
-
-
-def _whiten(guide, z: Tensor) -> Tensor:
-    return whiten(z, guide.whiten_loc, guide.whiten_scale)
