@@ -7,7 +7,8 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_stein import AmortizedSteinGuide, AmortizedSVGD
+from pyro_stein import Amortization, AmortizedSteinGuide, AmortizedSVGD
+from pyro_stein.data import Dataset
 from pyro_stein.diagnostics import draws_and_log_densities, importance_diagnostics
 from pyro_stein.flows import FlowSampler, MixtureSampler, SymmetrizedSampler
 from pyro_stein.importance import psis
@@ -171,6 +172,73 @@ def test_elbo_refine_fits_an_exact_gaussian_posterior_and_its_evidence():
     assert -history[-1] == pytest.approx(log_z, abs=0.1), "the last step's ELBO estimate (128 draws)"
 
 
+def _conjugate_data_model(y):
+    x = pyro.sample("x", dist.Normal(torch.zeros(()), 1.0))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("y", dist.Normal(x, 1.0), obs=y)
+
+
+@pytest.mark.parametrize("whiten", [None, "laplace"])
+def test_amortized_elbo_refine_fits_exact_posteriors_of_new_datasets(whiten):
+    """x ~ N(0, 1), y_i | x ~ N(x, 1), five observations: the posterior is N(sum(y) / 6, 1 / 6), and mean(y) reaches
+    the flow's context. An amortized flow started too narrow (scale 0.3 against a posterior sd of 0.41) and refined
+    on 64 prior-predictive datasets alone ends at the exact posterior of held-out datasets. 4,000 draws give the mean
+    to 0.016 posterior sds and the variance to 2.2 % (one Monte Carlo s.e.); the tolerances are 4 s.e. plus an
+    amortization allowance of 0.05 sd for the mean and 5 % for the variance."""
+    pyro.set_rng_seed(0)
+    n = 5
+    train = [Dataset(torch.randn(()) + torch.randn(n)) for _ in range(64)]
+    extra = 1 if whiten is None else 3  # the data mean (+ the frame summary: loc and the scale's diagonal)
+    guide = AmortizedSteinGuide(
+        _conjugate_data_model,
+        amortized=Amortization(context_dim=4, mean_features=True),
+        sampler=FlowSampler(1, context_dim=4 + extra, num_layers=0, init_scale=0.3),
+        whiten=whiten,
+    )
+    history = elbo_refine(guide, datasets=train, num_steps=300, num_samples=64, lr=1e-2)
+    assert len(history) == 300 and all(math.isfinite(h) for h in history)
+    var = 1 / (n + 1)
+    for y in (torch.tensor([-1.5, -0.5, -1.0, -2.0, -0.2]), torch.zeros(n), torch.tensor([1.0, 2.0, 0.5, 1.5, 1.2])):
+        z, _, _ = draws_and_log_densities(guide, 4000, y)
+        error = (float(z.mean()) - float(y.sum()) / (n + 1)) / math.sqrt(var)
+        assert abs(error) < 4 * 0.016 + 0.05, f"mean off by {error:.3f} posterior sds (4 MC s.e. + 0.05)"
+        assert float(z.var()) / var == pytest.approx(1.0, abs=4 * 0.022 + 0.05), "variance (4 MC s.e. + 5 %)"
+
+
+def test_amortized_elbo_refine_has_the_gradient_of_the_negative_elbo():
+    """The batched surrogate (the model's score held fixed at the draws) has the gradient of the average negative
+    ELBO computed with a graph through the model, for the same noise."""
+    from pyro_stein.modes import _amortized_negative_elbo
+
+    pyro.set_rng_seed(0)
+    datasets = [Dataset(torch.randn(4) + k) for k in range(3)]
+    guide = AmortizedSteinGuide(
+        _conjugate_data_model,
+        amortized=Amortization(context_dim=4, mean_features=True),
+        sampler=FlowSampler(1, context_dim=5, num_layers=0),
+        whiten=None,
+    )
+    guide.setup(*datasets[0].args)
+    guide.fit_standardization(datasets)
+    params = [p for p in guide.parameters() if p.requires_grad]
+    torch.manual_seed(1)
+    value, surrogate = _amortized_negative_elbo(guide, datasets, 16)
+    batched = torch.autograd.grad(surrogate, params, allow_unused=True)
+    torch.manual_seed(1)
+    noise = torch.randn(len(datasets), 16, 1)
+    losses = []
+    for d, eps in zip(datasets, noise):
+        u, log_q = guide.sampler.sample_and_log_prob(eps, guide.context(*d.args))
+        losses.append((log_q - guide.log_density.log_density(u, d.args, d.kwargs)).mean())
+    direct = torch.stack(losses).mean()
+    assert float(value) == pytest.approx(float(direct.detach()), rel=1e-10)
+    for g, h in zip(batched, torch.autograd.grad(direct, params, allow_unused=True)):
+        if g is None or h is None:
+            assert g is None and h is None
+        else:
+            torch.testing.assert_close(g, h)
+
+
 def test_elbo_refine_rejects_what_it_cannot_fit():
     y = torch.tensor(1.0)
     plain = AmortizedSteinGuide(_conjugate_model, whiten=None)
@@ -183,3 +251,15 @@ def test_elbo_refine_rejects_what_it_cannot_fit():
         elbo_refine(guide, y, lr=0.0)
     with pytest.raises(ValueError, match="num_steps"):
         elbo_refine(guide, y, num_steps=0)
+    with pytest.raises(ValueError, match="amortized guide"):
+        elbo_refine(guide, datasets=[Dataset(y)], num_steps=1)
+    amortized = AmortizedSteinGuide(
+        _conjugate_data_model,
+        amortized=Amortization(context_dim=2),
+        sampler=FlowSampler(1, context_dim=2, num_layers=0),
+        whiten=None,
+    )
+    with pytest.raises(ValueError, match="datasets=\\[...\\]"):
+        elbo_refine(amortized, torch.zeros(3), num_steps=1)
+    with pytest.raises(ValueError, match="not both"):
+        elbo_refine(amortized, torch.zeros(3), datasets=[Dataset(torch.zeros(3))], num_steps=1)
