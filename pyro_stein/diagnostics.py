@@ -191,6 +191,16 @@ def draws_and_log_densities(guide, num_samples: int, *args, **kwargs) -> tuple[T
     return _density_draws(guide, num_samples, args, kwargs)
 
 
+def _require_density(guide) -> None:
+    """Raise a ``TypeError`` unless the (set-up) guide's sampler has a density."""
+    sampler = guide.sampler
+    if not callable(getattr(sampler, "sample_and_log_prob", None)):
+        raise TypeError(
+            f"the guide's sampler ({type(sampler).__name__}) has no density (no sample_and_log_prob method); build the "
+            "guide with a sampler from pyro_stein.flows, e.g. AmortizedSteinGuide(model, sampler=FlowSampler(D))"
+        )
+
+
 def _density_draws(guide, num_samples: int, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`draws_and_log_densities` with gradients: ``log_q`` and ``log_p`` are differentiable in the sampler's
     parameters (through the reparametrised draws)."""
@@ -200,12 +210,8 @@ def _density_draws(guide, num_samples: int, args: tuple, kwargs: dict) -> tuple[
             "importance weights need the full-data log joint, but the model subsamples plates "
             f"{sorted(guide.subsample_plates)}"
         )
+    _require_density(guide)
     sampler = guide.sampler
-    if not callable(getattr(sampler, "sample_and_log_prob", None)):
-        raise TypeError(
-            f"the guide's sampler ({type(sampler).__name__}) has no density (no sample_and_log_prob method); build the "
-            "guide with a sampler from pyro_stein.flows, e.g. AmortizedSteinGuide(model, sampler=FlowSampler(D))"
-        )
     context, frame = guide.context_and_frame(*args, **kwargs)
     like = next(sampler.parameters())
     noise = torch.randn(num_samples, sampler.noise_dim, dtype=like.dtype, device=like.device)

@@ -388,7 +388,7 @@ def elbo_refine(
     :returns: the negative ELBO estimate of each step (``nan`` for a skipped step), in nats; with ``datasets``, the
         average over the step's datasets.
     """
-    from .diagnostics import _density_draws
+    from .diagnostics import _density_draws, _require_density
     from .infer import _batches
 
     num_steps = _int_at_least(num_steps, "num_steps", 1)
@@ -403,6 +403,7 @@ def elbo_refine(
                 "elbo_refine of an amortized guide needs its training datasets: elbo_refine(guide, datasets=[...])"
             )
         guide.setup(*args, **kwargs)
+        _require_density(guide)
         batches = None
         params = [p for p in guide.sampler.parameters() if p.requires_grad]
     else:
@@ -414,6 +415,7 @@ def elbo_refine(
         batches = _batches(datasets, batch_size, args, kwargs)
         first = next(batches)
         guide.setup(*first[0].args, **first[0].kwargs)
+        _require_density(guide)
         if guide.standardization_pending:  # a guide not trained yet: its encoder standardised as training would
             guide.fit_standardization(first)
         params = [p for p in guide.parameters() if p.requires_grad]

@@ -263,3 +263,6 @@ def test_elbo_refine_rejects_what_it_cannot_fit():
         elbo_refine(amortized, torch.zeros(3), num_steps=1)
     with pytest.raises(ValueError, match="not both"):
         elbo_refine(amortized, torch.zeros(3), datasets=[Dataset(torch.zeros(3))], num_steps=1)
+    no_density = AmortizedSteinGuide(_conjugate_data_model, amortized=Amortization(context_dim=2), whiten=None)
+    with pytest.raises(TypeError, match="no density"):
+        elbo_refine(no_density, datasets=[Dataset(torch.zeros(3))], num_steps=1)
