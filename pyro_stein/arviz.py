@@ -433,7 +433,7 @@ def _export(
 
 
 _STEIN_DRAWS = 1000  # draws the Stein diagnostics of an export are computed from
-_IMPORTANCE_DRAWS = 2000  # draws the Pareto k-hat and log evidence of an export are computed from
+_IMPORTANCE_DRAWS = 10000  # draws the Pareto k-hat and log evidence of an export are computed from
 
 
 def _importance_attrs(guide, args, kwargs, subsampled) -> dict:
@@ -516,7 +516,7 @@ def to_inference_data(
         coordinates (both about 1 for draws of the posterior; below 0.25 the draws are too narrow in some
         direction, above 4 too wide; see :func:`pyro_stein.diagnostics.stein_identity_range`). Costs two batched
         evaluations of the model. A guide whose sampler has a density (:mod:`pyro_stein.flows`) also gets
-        ``pareto_khat`` (the Pareto k-hat of the importance weights of 2,000 of its draws against the model's log
+        ``pareto_khat`` (the Pareto k-hat of the importance weights of 10,000 of its draws against the model's log
         joint: at most 0.7 the draws can be trusted; a calibrated reliability score, see
         :func:`pyro_stein.diagnostics.importance_diagnostics`), ``log_evidence`` and ``log_evidence_se`` (the
         importance-sampling estimate of ``log p(data)``, for model comparison). They are attributes, not
