@@ -329,17 +329,30 @@ def reweight_mixture(guide, *args, num_samples: int = 4000, rounds: int = 3, **k
     return float(khat)
 
 
+def _dataset_batch(batch) -> list:
+    """One batch of :func:`elbo_refine`'s datasets as :class:`~pyro_stein.data.Dataset` objects."""
+    from .data import _dataset_sequence, as_dataset
+
+    batch = [as_dataset(d) for d in _dataset_sequence(batch, "each batch of datasets")]
+    if not batch:
+        raise ValueError("elbo_refine got an empty batch of datasets")
+    return batch
+
+
+def _require_full_data(guide) -> None:
+    if guide.subsample_plates:
+        raise ValueError(
+            "elbo_refine needs the full-data log joint, but the model subsamples plates "
+            f"{sorted(guide.subsample_plates)}: build the model without subsampling for the refinement"
+        )
+
+
 def _amortized_negative_elbo(guide, datasets, num_samples: int) -> tuple[Tensor, Tensor]:
     """The negative ELBO of an amortized guide averaged over ``datasets``, and a surrogate with the same gradient in
     the guide's parameters: ``log q(z) - s(z) . z`` with the model's score ``s`` at the reparametrised draws ``z``
     held fixed, so that the model is evaluated once for the whole batch, without a graph through it."""
     from .diagnostics import _frame_log_det
 
-    if guide.subsample_plates:
-        raise ValueError(
-            "elbo_refine needs the full-data log joint, but the model subsamples plates "
-            f"{sorted(guide.subsample_plates)}"
-        )
     sampler = guide.sampler
     frame = guide.frames(datasets) if guide.per_dataset_frames else None
     context = guide.contexts(datasets, frame)
@@ -384,7 +397,8 @@ def elbo_refine(
         :class:`~pyro_stein.data.PriorPredictiveStream` or an iterator of batches, as for
         :meth:`~pyro_stein.AmortizedSVGD.run`); each step averages the ELBO over ``batch_size`` of them and moves the
         encoder and the sampler. Leave ``None`` to refine a guide fitted to the one dataset ``(*args, **kwargs)``.
-    :param int batch_size: datasets per step when ``datasets`` is given.
+    :param int batch_size: datasets per step when ``datasets`` is a collection or a stream (an iterator of batches
+        sets its own).
     :returns: the negative ELBO estimate of each step (``nan`` for a skipped step), in nats; with ``datasets``, the
         average over the step's datasets.
     """
@@ -412,10 +426,11 @@ def elbo_refine(
                 "elbo_refine(guide, datasets=...) refines an amortized guide; this guide fits one dataset: pass it as "
                 "elbo_refine(guide, *args, **kwargs)"
             )
-        batches = _batches(datasets, batch_size, args, kwargs)
+        batches = map(_dataset_batch, _batches(datasets, batch_size, args, kwargs))
         first = next(batches)
         guide.setup(*first[0].args, **first[0].kwargs)
         _require_density(guide)
+        _require_full_data(guide)
         if guide.standardization_pending:  # a guide not trained yet: its encoder standardised as training would
             guide.fit_standardization(first)
         params = [p for p in guide.parameters() if p.requires_grad]
