@@ -350,22 +350,38 @@ def _require_full_data(guide) -> None:
 def _amortized_negative_elbo(guide, datasets, num_samples: int) -> tuple[Tensor, Tensor]:
     """The negative ELBO of an amortized guide averaged over ``datasets``, and a surrogate with the same gradient in
     the guide's parameters: ``log q(z) - s(z) . z`` with the model's score ``s`` at the reparametrised draws ``z``
-    held fixed, so that the model is evaluated once for the whole batch, without a graph through it."""
+    held fixed, so that the model is evaluated once for the whole batch, without a graph through it.
+
+    A dataset whose value or score is not finite at some draw is left out of both (as a training step leaves it
+    out); when none is finite, both are ``nan``."""
     from .diagnostics import _frame_log_det
 
     sampler = guide.sampler
-    frame = guide.frames(datasets) if guide.per_dataset_frames else None
-    context = guide.contexts(datasets, frame)
     like = guide._like()
     noise = torch.randn(len(datasets), num_samples, sampler.noise_dim, dtype=like.dtype, device=like.device)
-    u, log_q = sampler.sample_and_log_prob(noise, context.unsqueeze(-2))
-    z = guide.unwhiten(u, frame)
-    log_det = _frame_log_det(guide, frame)
-    log_q = log_q - (log_det.unsqueeze(-1) if isinstance(log_det, Tensor) else log_det)
+
+    def draws(batch, eps):  # the unconstrained draws and their log density under the guide, with a graph
+        frame = guide.frames(batch) if guide.per_dataset_frames else None
+        u, log_q = sampler.sample_and_log_prob(eps, guide.contexts(batch, frame).unsqueeze(-2))
+        log_det = _frame_log_det(guide, frame)
+        return guide.unwhiten(u, frame), log_q - (log_det.unsqueeze(-1) if isinstance(log_det, Tensor) else log_det)
+
+    z, log_q = draws(datasets, noise)
     log_p, score = guide.log_density.log_density_and_score_batch(z.detach(), datasets, check=False)
     log_p, score = log_p.to(log_q.dtype), score.to(z.dtype)
+    values = (log_q - log_p).detach()
+    keep = torch.isfinite(values).all(-1) & torch.isfinite(score).flatten(1).all(-1)
+    if not bool(keep.all()):
+        # the kept datasets' draws again, on their own: a dataset left out must not reach the gradient at all (its
+        # encoder inputs may be infinite, and 0 * inf in a weight's gradient is nan)
+        kept = [d for d, k in zip(datasets, keep.tolist()) if k]
+        if not kept:
+            nan = values.new_full((), math.nan)
+            return nan, nan
+        score, values = score[keep], values[keep]
+        z, log_q = draws(kept, noise[keep])
     surrogate = (log_q - (score * z).sum(-1)).mean()
-    return (log_q - log_p).mean().detach(), surrogate
+    return values.mean(), surrogate
 
 
 def elbo_refine(
@@ -400,7 +416,8 @@ def elbo_refine(
     :param int batch_size: datasets per step when ``datasets`` is a collection or a stream (an iterator of batches
         sets its own).
     :returns: the negative ELBO estimate of each step (``nan`` for a skipped step), in nats; with ``datasets``, the
-        average over the step's datasets.
+        average over the step's datasets. A dataset whose model log density or score is not finite at some draw is
+        left out of its step, as in training; a step none of whose datasets is finite is skipped.
     """
     from .diagnostics import _density_draws, _require_density
     from .infer import _batches

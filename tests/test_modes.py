@@ -276,6 +276,39 @@ def test_amortized_elbo_refine_takes_batches_of_argument_tuples_and_refuses_subs
     assert subsampled.standardization_pending, "the refused call left the encoder's standardisation as it was"
 
 
+def test_amortized_elbo_refine_leaves_out_a_dataset_that_is_not_finite():
+    """A dataset whose log joint overflows (observations of 1e200) is left out of the step, which still moves the
+    guide on the others, as a training step does; a batch of such datasets only is skipped."""
+    from pyro_stein.modes import _amortized_negative_elbo
+
+    pyro.set_rng_seed(0)
+    good = [Dataset(torch.randn(4) + k) for k in range(3)]
+    guide = AmortizedSteinGuide(
+        _conjugate_data_model,
+        amortized=Amortization(context_dim=4, mean_features=True),
+        sampler=FlowSampler(1, context_dim=5, num_layers=0),
+        whiten=None,
+    )
+    guide.setup(*good[0].args)
+    guide.fit_standardization(good)
+    bad = Dataset(torch.full((4,), 1e200))
+    torch.manual_seed(1)
+    value, surrogate = _amortized_negative_elbo(guide, [*good, bad], 16)
+    torch.manual_seed(1)
+    expected, _ = _amortized_negative_elbo(guide, good, 16)
+    assert math.isfinite(float(value)) and math.isfinite(float(surrogate.detach()))
+    assert float(value) == pytest.approx(float(expected), rel=1e-10), "the mean over the finite datasets"
+    params = [p for p in guide.parameters() if p.requires_grad]
+    assert all(
+        bool(torch.isfinite(g).all())
+        for g in torch.autograd.grad(surrogate, params, allow_unused=True)
+        if g is not None
+    )
+    batches = iter([[good[0], bad]] * 19 + [[bad]])  # one skipped step of 20: within the tenth allowed
+    history = elbo_refine(guide, datasets=batches, num_steps=20, num_samples=8)
+    assert all(math.isfinite(h) for h in history[:19]) and math.isnan(history[19])
+
+
 def test_elbo_refine_rejects_what_it_cannot_fit():
     y = torch.tensor(1.0)
     plain = AmortizedSteinGuide(_conjugate_model, whiten=None)
