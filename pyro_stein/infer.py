@@ -489,6 +489,10 @@ class AmortizedSVGD:
             bad = [n for n, p in guide.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
             for p in params:
                 p.grad = None
+            if keep is not None and not bool(keep.all()):
+                # a left-out dataset's particles can be infinite (its encoder's inputs overflow), and its zero weight
+                # in the loss then puts 0 * inf = nan into the shared weights' gradients: the step on the kept alone
+                return self._move(guide, params, [d for d, k in zip(datasets, keep.tolist()) if k])
             raise NonFiniteLogJointError(
                 f"non-finite gradient for guide parameters {bad}; the parameters were not updated"
             )

@@ -370,6 +370,29 @@ def test_a_dataset_with_an_infinite_log_joint_but_finite_score_is_left_out():
         svgd.step_batch([bad, bad])
 
 
+def test_a_dataset_whose_encoding_overflows_is_left_out_and_the_rest_trains():
+    """Observations at the dtype's largest number overflow the encoder: that dataset's particles are not finite, and
+    its zero weight in the loss would put 0 * inf = nan into the encoder's gradients. It is left out with a warning
+    and the step runs on the other datasets; the parameters stay finite and move."""
+    from pyro_stein import NonFiniteDatasetWarning
+
+    y = [torch.randn(6).to(tensor(0.0)) for _ in range(2)]
+    good1, good2 = Dataset(6, 0.5, y=y[0]), Dataset(6, 0.5, y=y[1])
+    overflow = Dataset(6, 0.5, y=torch.full((6,), torch.finfo(tensor(0.0).dtype).max, dtype=tensor(0.0).dtype))
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AmortizedSteinGuide(penalised_mean_model, amortized=True).setup(*good1.args, **good1.kwargs)
+    svgd = AmortizedSVGD(penalised_mean_model, guide, pyro.optim.Adam({"lr": 1e-2}), num_particles=8)
+    svgd.step_batch([good1, good2])
+    before = {k: v.clone() for k, v in guide.state_dict().items()}
+    with pytest.warns(NonFiniteDatasetWarning, match=r"1 of 3 datasets left out"):
+        ksd2 = svgd.step_batch([good1, overflow, good2])
+    after = guide.state_dict()
+    assert math.isfinite(ksd2) and svgd.num_dropped_datasets == 1
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the finite datasets must still train"
+
+
 def test_per_dataset_kernels_never_mix_particles():
     """Each dataset gets its own (n x n) kernel: the kernel sees particles shaped (B, n, D)."""
     seen = []
