@@ -125,6 +125,15 @@ def _dataset_sequence(datasets: Any, arg: str = "datasets") -> Any:
     return datasets
 
 
+def dataset_batch(batch: Any, caller: str) -> list[Dataset]:
+    """One batch of datasets as :class:`Dataset` objects; ``caller`` names the function in the error for an empty
+    batch."""
+    batch = [as_dataset(d) for d in _dataset_sequence(batch)]
+    if not batch:
+        raise ValueError(f"{caller} got an empty batch of datasets; it needs at least one dataset")
+    return batch
+
+
 class DatasetFeatures(NamedTuple):
     """Padded per-observation features ``(B, N_max, F)`` and a boolean mask ``(B, N_max)``."""
 

@@ -41,6 +41,7 @@ from .importance import ImportanceResult, ess, importance_resample, log_evidence
 from .kernels import IMQKernel, RadialKernel
 from .logjoint import ModelLogDensity, latent_sites_from_trace, pack, unpack
 from .stein import ksd, stein_identity_eigenvalues
+from .tracing import require_full_data
 
 __all__ = [
     "draws_and_log_densities",
@@ -201,23 +202,28 @@ def _require_density(guide) -> None:
         )
 
 
+def _draws_with_density(guide, noise: Tensor, context: Tensor | None, frame) -> tuple[Tensor, Tensor]:
+    """The unconstrained draws of a guide with a density for ``noise`` and their log density (the frame's Jacobian
+    included), differentiable in the guide's parameters: noise ``(n, D)`` with one dataset's context and frame, or
+    ``(B, n, D)`` with contexts ``(B, 1, C)`` and frames per dataset (``guide.frames``)."""
+    u, log_q = guide.sampler.sample_and_log_prob(noise, context)
+    log_det = _frame_log_det(guide, frame)
+    if isinstance(log_det, Tensor) and log_det.dim():  # one per dataset
+        log_det = log_det.unsqueeze(-1)
+    return guide.unwhiten(u, frame), log_q - log_det
+
+
 def _density_draws(guide, num_samples: int, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`draws_and_log_densities` with gradients: ``log_q`` and ``log_p`` are differentiable in the sampler's
     parameters (through the reparametrised draws)."""
     guide.setup(*args, **kwargs)
-    if guide.subsample_plates:
-        raise ValueError(
-            "importance weights need the full-data log joint, but the model subsamples plates "
-            f"{sorted(guide.subsample_plates)}"
-        )
+    require_full_data(guide.subsample_plates, "importance weighting", "pass the full data")
     _require_density(guide)
     sampler = guide.sampler
     context, frame = guide.context_and_frame(*args, **kwargs)
     like = next(sampler.parameters())
     noise = torch.randn(num_samples, sampler.noise_dim, dtype=like.dtype, device=like.device)
-    u, log_q = sampler.sample_and_log_prob(noise, context)
-    z = guide.unwhiten(u, frame)
-    log_q = log_q - _frame_log_det(guide, frame)
+    z, log_q = _draws_with_density(guide, noise, context, frame)
     log_p = guide.log_density.log_density(z, args, kwargs)
     return z, log_q, log_p.to(log_q.dtype)
 

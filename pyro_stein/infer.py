@@ -30,7 +30,7 @@ from .data import (
     PriorPredictiveStream,
     _check_batch_size,
     _dataset_sequence,
-    as_dataset,
+    dataset_batch,
     iterate_batches,
 )
 from .frames import adaptive_frame
@@ -486,13 +486,13 @@ class AmortizedSVGD:
         loss.backward()
         grads = [p.grad for p in params if p.grad is not None]
         if not torch.stack([torch.isfinite(g).all() for g in grads]).all():  # one host sync, not one per parameter
-            bad = [n for n, p in guide.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-            for p in params:
-                p.grad = None
             if keep is not None and not bool(keep.all()):
                 # a left-out dataset's particles can be infinite (its encoder's inputs overflow), and its zero weight
                 # in the loss then puts 0 * inf = nan into the shared weights' gradients: the step on the kept alone
                 return self._move(guide, params, [d for d, k in zip(datasets, keep.tolist()) if k])
+            bad = [n for n, p in guide.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+            for p in params:
+                p.grad = None
             raise NonFiniteLogJointError(
                 f"non-finite gradient for guide parameters {bad}; the parameters were not updated"
             )
@@ -575,10 +575,7 @@ class AmortizedSVGD:
         non-finite it raises :class:`~pyro_stein.logjoint.NonFiniteLogJointError` naming the sites,
         the guide's parameters unchanged.
         """
-        datasets = [as_dataset(d) for d in _dataset_sequence(datasets)]
-        if not datasets:
-            raise ValueError("step_batch needs at least one dataset")
-        return self._checked_ksd(self._update(datasets))
+        return self._checked_ksd(self._update(dataset_batch(datasets, "step_batch")))
 
     def run(
         self,

@@ -31,11 +31,13 @@ from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
 from ._checks import _int_at_least
+from .data import dataset_batch
 from .flows import FlowSampler, MixtureSampler
 from .importance import psis
 from .kernels import RadialKernel, RBFKernel
 from .logjoint import pack
 from .stein import ksd_from_matrices, stein_direction_from_matrices
+from .tracing import require_full_data
 
 __all__ = [
     "Modes",
@@ -329,24 +331,6 @@ def reweight_mixture(guide, *args, num_samples: int = 4000, rounds: int = 3, **k
     return float(khat)
 
 
-def _dataset_batch(batch) -> list:
-    """One batch of :func:`elbo_refine`'s datasets as :class:`~pyro_stein.data.Dataset` objects."""
-    from .data import _dataset_sequence, as_dataset
-
-    batch = [as_dataset(d) for d in _dataset_sequence(batch, "each batch of datasets")]
-    if not batch:
-        raise ValueError("elbo_refine got an empty batch of datasets")
-    return batch
-
-
-def _require_full_data(guide) -> None:
-    if guide.subsample_plates:
-        raise ValueError(
-            "elbo_refine needs the full-data log joint, but the model subsamples plates "
-            f"{sorted(guide.subsample_plates)}: build the model without subsampling for the refinement"
-        )
-
-
 def _amortized_negative_elbo(guide, datasets, num_samples: int) -> tuple[Tensor, Tensor]:
     """The negative ELBO of an amortized guide averaged over ``datasets``, and a surrogate with the same gradient in
     the guide's parameters: ``log q(z) - s(z) . z`` with the model's score ``s`` at the reparametrised draws ``z``
@@ -354,7 +338,7 @@ def _amortized_negative_elbo(guide, datasets, num_samples: int) -> tuple[Tensor,
 
     A dataset whose value or score is not finite at some draw is left out of both (as a training step leaves it
     out); when none is finite, both are ``nan``."""
-    from .diagnostics import _frame_log_det
+    from .diagnostics import _draws_with_density
 
     sampler = guide.sampler
     like = guide._like()
@@ -362,9 +346,7 @@ def _amortized_negative_elbo(guide, datasets, num_samples: int) -> tuple[Tensor,
 
     def draws(batch, eps):  # the unconstrained draws and their log density under the guide, with a graph
         frame = guide.frames(batch) if guide.per_dataset_frames else None
-        u, log_q = sampler.sample_and_log_prob(eps, guide.contexts(batch, frame).unsqueeze(-2))
-        log_det = _frame_log_det(guide, frame)
-        return guide.unwhiten(u, frame), log_q - (log_det.unsqueeze(-1) if isinstance(log_det, Tensor) else log_det)
+        return _draws_with_density(guide, eps, guide.contexts(batch, frame).unsqueeze(-2), frame)
 
     z, log_q = draws(datasets, noise)
     log_p, score = guide.log_density.log_density_and_score_batch(z.detach(), datasets, check=False)
@@ -443,11 +425,11 @@ def elbo_refine(
                 "elbo_refine(guide, datasets=...) refines an amortized guide; this guide fits one dataset: pass it as "
                 "elbo_refine(guide, *args, **kwargs)"
             )
-        batches = map(_dataset_batch, _batches(datasets, batch_size, args, kwargs))
+        batches = (dataset_batch(b, "elbo_refine") for b in _batches(datasets, batch_size, args, kwargs))
         first = next(batches)
         guide.setup(*first[0].args, **first[0].kwargs)
         _require_density(guide)
-        _require_full_data(guide)
+        require_full_data(guide.subsample_plates, "elbo_refine", "pass the full data")
         if guide.standardization_pending:  # a guide not trained yet: its encoder standardised as training would
             guide.fit_standardization(first)
         params = [p for p in guide.parameters() if p.requires_grad]
