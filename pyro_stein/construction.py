@@ -94,7 +94,8 @@ def build_encoder(
 
     ``user``: the user's encoder (checked to live where ``like`` does); otherwise a
     :class:`~pyro_stein.nn.DeepSetEncoder` for features ``feats`` of one example dataset, of width ``context_dim``
-    (plus the feature means with ``mean_features``), or as ``saved`` (its config in a checkpoint)."""
+    (plus the feature means with ``mean_features``), squashing outlying features, or as ``saved`` (its config in a
+    checkpoint)."""
     if user is not None:
         _check_module_placement("encoder", user, like)
         return user, False
@@ -103,6 +104,7 @@ def build_encoder(
         "feature_dim": F,
         "output_dim": context_dim + (F if mean_features else 0),
         "mean_features": mean_features,
+        "squash": True,
     }
     encoder = DeepSetEncoder(**cfg)
     encoder.to(dtype=like.dtype, device=like.device)

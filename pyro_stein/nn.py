@@ -154,6 +154,16 @@ class GaussianResidualSampler(nn.Module):
         return z + self.residual(torch.cat([noise, context.expand(noise.shape[:-1] + context.shape[-1:])], -1))
 
 
+SQUASH_THRESHOLD = 10.0  # standardised features beyond it are outliers: DeepSetEncoder(squash=True) squashes them
+
+
+def squash_outliers(x: Tensor, threshold: float = SQUASH_THRESHOLD) -> Tensor:
+    """``x`` on ``[-t, t]``; beyond, ``sign(x) (t + log(1 + |x| - t))``: continuous, with slope 1 at ``+-t``, then
+    logarithmic, so that an outlier of ``10^6`` standard deviations moves the result by about 21, not by ``10^6``."""
+    excess = (x.abs() - threshold).clamp(min=0)  # clamped: the unselected branch's gradient stays finite
+    return torch.where(excess > 0, x.sign() * (threshold + torch.log1p(excess)), x)
+
+
 class DeepSetEncoder(nn.Module):
     """Permutation-invariant encoder of a dataset: ``[rho([mean_i phi(x_i), log n]), log n]``, or with
     ``mean_features=True`` ``[rho([mean_i phi(x_i), log n]), mean_i x_i, log n]``.
@@ -161,7 +171,9 @@ class DeepSetEncoder(nn.Module):
     Accepts a batch of datasets of different sizes padded to a common length with a boolean
     ``mask`` (``True`` for real observations). Features are standardised with fixed statistics
     (:meth:`set_standardization`, called by the guide on its first training batch) so the
-    encoder sees inputs of unit scale whatever the data's units.
+    encoder sees inputs of unit scale whatever the data's units. With ``squash=True`` (the guide's default encoder)
+    standardised values beyond ``+-10`` are squashed logarithmically (:func:`squash_outliers`), so that an outlying
+    observation, such as a draw of a heavy-tailed likelihood, moves the encoding by the log of its size.
 
     :param int feature_dim: width of one observation's feature vector.
     :param int output_dim: dimension of the dataset encoding.
@@ -172,6 +184,9 @@ class DeepSetEncoder(nn.Module):
         ``output_dim - F - 1``). A posterior whose location is linear in a feature mean (a Gaussian
         or Poisson mean, a proportion) then reaches the sampler along a linear path, which
         extrapolates to datasets at the edge of the training range where ``rho`` alone bends.
+    :param bool squash: squash standardised features beyond ``+-10`` (default ``False``; the guide builds its
+        default encoder with ``True``, and encoders saved before this option existed load with ``False``, as they
+        were trained).
 
     References: M. Zaheer et al., "Deep Sets", NeurIPS 2017.
     """
@@ -183,9 +198,12 @@ class DeepSetEncoder(nn.Module):
         hidden_dim: int = 128,
         num_layers: int = 2,
         mean_features: bool = False,
+        squash: bool = False,
     ):
         super().__init__()
         feature_dim = _int_at_least(feature_dim, "feature_dim", 1, "a positive int")
+        if not isinstance(squash, bool):
+            raise TypeError(f"squash must be a bool, got {type(squash).__name__}")
         passed = feature_dim + 1 if mean_features else 1  # coordinates passed through: the feature means, log n
         output_dim = _int_at_least(
             output_dim,
@@ -203,10 +221,12 @@ class DeepSetEncoder(nn.Module):
             "hidden_dim": hidden_dim,
             "num_layers": num_layers,
             "mean_features": bool(mean_features),
+            "squash": squash,
         }
         self.feature_dim = feature_dim
         self.output_dim = output_dim
         self.mean_features = bool(mean_features)
+        self.squash = squash
         self.phi = mlp(feature_dim, hidden_dim, hidden_dim, num_layers)
         # the last context coordinate is log n itself: dataset size is the main driver of posterior
         # concentration, and passing it through lets the sampler's heads scale draws by it directly
@@ -255,6 +275,8 @@ class DeepSetEncoder(nn.Module):
         def mean(v: Tensor) -> Tensor:  # over the real rows; padding may hold anything, even NaN
             return torch.where(real, v, torch.zeros_like(v)).sum(-2) / count
 
+        if self.squash:
+            x = squash_outliers(x)
         parts = [self.rho(torch.cat([mean(self.phi(x)), count.log()], -1))]
         if self.mean_features:
             parts.append(mean(x))

@@ -292,6 +292,8 @@ def checked_payload(path, payload) -> dict:
                 )
         else:
             config_choice(path, net, "mean_features", (True, False), False)
+            # encoders saved before the squash existed were trained without it
+            net["squash"] = config_choice(path, net, "squash", (True, False), False)
         try:
             with torch.device("meta"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")

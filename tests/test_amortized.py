@@ -22,7 +22,7 @@ from pyro_stein import (
 )
 from pyro_stein.data import collate_features
 from pyro_stein.diagnostics import guide_ksd, sbc
-from pyro_stein.nn import DeepSetEncoder, GaussianResidualSampler
+from pyro_stein.nn import DeepSetEncoder, GaussianResidualSampler, squash_outliers
 
 from .conftest import tensor
 
@@ -223,6 +223,66 @@ def test_mean_features_pass_the_masked_feature_means_through():
     assert _equal_up_to_rounding(enc(long[torch.randperm(10)].unsqueeze(0))[0], out[1])
     with pytest.raises(ValueError, match="output_dim must be an int >= 5 .*3 before it the feature means"):
         DeepSetEncoder(3, output_dim=4, mean_features=True)
+
+
+def test_squash_outliers_values_and_gradient():
+    """Identity on [-10, 10]; beyond, sign(x) (10 + log(1 + |x| - 10)) (hand-derived values), with a gradient that is
+    continuous at +-10 (gradcheck on both sides and at the joins) and finite at every point."""
+    x = torch.tensor([-1e6, -30.0, -10.0, -1.0, 0.0, 9.5, 10.0, 12.0]).to(tensor(0.0))
+    want = [-(10 + math.log1p(1e6 - 10)), -(10 + math.log(21.0)), -10.0, -1.0, 0.0, 9.5, 10.0, 10 + math.log(3.0)]
+    assert torch.allclose(squash_outliers(x), torch.tensor(want).to(x))
+    points = torch.tensor([-50.0, -10.0, -9.9, 0.3, 10.0, 10.2, 40.0], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(squash_outliers, (points,))
+    x = x.clone().requires_grad_()
+    squash_outliers(x).sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.equal(x.grad[2:7], torch.ones(5).to(x))
+
+
+def test_encoder_squashes_outlying_standardised_features():
+    """squash=True: standardised features beyond +-10 are squashed before phi and the feature-mean pass-through
+    (the pass-through shows it exactly); within +-10 the encoder is the unsquashed one. The guide's default encoder
+    squashes; a DeepSetEncoder built by hand does not unless asked."""
+    torch.manual_seed(0)
+    enc = DeepSetEncoder(1, output_dim=8, mean_features=True, squash=True).to(tensor(0.0))
+    enc.set_standardization(torch.randn(1, 50, 1).to(tensor(0.0)) * 2 + 1)
+    plain = DeepSetEncoder(1, output_dim=8, mean_features=True).to(tensor(0.0))
+    plain.load_state_dict(enc.state_dict())
+    assert enc.squash and enc.config["squash"] and not plain.squash and plain.config["squash"] is False
+    loc, scale = enc.feature_loc, enc.feature_scale
+    z = torch.tensor([[-1.0], [0.5], [9.0], [-2.5]]).to(tensor(0.0))
+    assert torch.equal(enc((z * scale + loc).unsqueeze(0)), plain((z * scale + loc).unsqueeze(0)))
+    z[0, 0] = 1e6
+    out = enc((z * scale + loc).unsqueeze(0))[0]
+    assert _equal_up_to_rounding(out, plain((squash_outliers(z) * scale + loc).unsqueeze(0))[0])
+    assert torch.allclose(out[6], squash_outliers(z).mean()) and out[7] == math.log(4)
+    assert torch.allclose(plain((z * scale + loc).unsqueeze(0))[0, 6], z.mean()), "squash=False: linear"
+    with pytest.raises(TypeError, match="squash must be a bool"):
+        DeepSetEncoder(1, output_dim=8, squash=1)
+    d = Dataset(5, y=torch.randn(5).to(tensor(0.0)))
+    assert AmortizedSteinGuide(mean_model, amortized=True).setup(*d.args, **d.kwargs).encoder.squash
+
+
+def test_an_encoder_saved_before_the_squash_loads_without_it(tmp_path):
+    """save/load keeps the squash; a file from before it (no such key: the encoder was trained without it) loads
+    with squash=False and the context it was trained with."""
+    pyro.set_rng_seed(0)
+    stream = PriorPredictiveStream(regression_model, make_regression_args, {"y": "y"})
+    d0, d = stream.sample(), stream.sample()
+    d.kwargs["y"][0] = 1e6  # an outlier, so that the squash changes the encoding
+    guide = AmortizedSteinGuide(regression_model, amortized=Amortization(context_dim=8)).setup(*d0.args, **d0.kwargs)
+    guide.save(tmp_path / "g.pt")
+    loaded = AmortizedSteinGuide.load(tmp_path / "g.pt", regression_model, *d.args, **d.kwargs)
+    assert loaded.encoder.squash and torch.equal(
+        loaded.context(*d.args, **d.kwargs), guide.context(*d.args, **d.kwargs)
+    )
+    payload = torch.load(tmp_path / "g.pt", weights_only=True)
+    del payload["config"]["encoder"]["squash"]
+    torch.save(payload, tmp_path / "old.pt")
+    old = AmortizedSteinGuide.load(tmp_path / "old.pt", regression_model, *d.args, **d.kwargs)
+    assert not old.encoder.squash
+    assert not torch.allclose(old.context(*d.args, **d.kwargs), loaded.context(*d.args, **d.kwargs))
+    guide.encoder.squash = False
+    assert torch.equal(old.context(*d.args, **d.kwargs), guide.context(*d.args, **d.kwargs))
 
 
 @pytest.mark.parametrize("whiten", [None, "laplace"])
