@@ -159,7 +159,7 @@ SQUASH_THRESHOLD = 10.0  # standardised features beyond it are outliers: DeepSet
 
 def squash_outliers(x: Tensor, threshold: float = SQUASH_THRESHOLD) -> Tensor:
     """``x`` on ``[-t, t]``; beyond, ``sign(x) (t + log(1 + |x| - t))``: continuous, with slope 1 at ``+-t``, then
-    logarithmic, so that an outlier of ``10^6`` standard deviations moves the result by about 21, not by ``10^6``."""
+    logarithmic, so that an outlier of ``10^6`` standard deviations maps to about 24, not to ``10^6``."""
     excess = (x.abs() - threshold).clamp(min=0)  # clamped: the unselected branch's gradient stays finite
     return torch.where(excess > 0, x.sign() * (threshold + torch.log1p(excess)), x)
 
